@@ -1,0 +1,68 @@
+"""The `farense` command: a thin layer over the library, one module per area in farense/commands/.
+
+Each command module has `register(subparsers)`, which adds its sub-commands with
+`set_defaults(handler=fn)`; a handler takes the parsed arguments and returns an exit code.
+Errors farense raises on purpose print one clear message and exit with their own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .errors import FarenseError
+
+# Areas in the order `farense --help` lists them; a module that is missing is skipped so that a
+# partial install still answers `--help`.
+COMMAND_MODULES = (
+    "farense.commands.run",
+    "farense.commands.train",
+    "farense.commands.evaluate",
+    "farense.commands.disk",
+    "farense.commands.observe",
+    "farense.commands.config",
+    "farense.commands.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="farense",
+        description="Resumable, disk-guarded LoRA/QLoRA fine-tuning for MLX, orchestrated by Prefect.",
+    )
+    parser.add_argument("--workspace", help="Directory that relative paths in configs resolve against (default: cwd).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workspace:
+        os.environ["FARENSE_WORKSPACE"] = os.path.abspath(args.workspace)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except FarenseError as e:
+        print(f"farense: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("farense: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,762 @@
+"""Experiment configs: TOML files loaded into frozen, typed, validated objects.
+
+A config may `extends = "other.toml"` (or a list, applied left to right) so that V2 reads as V1
+plus its changes. Every problem in a file is gathered and reported at once, naming the file,
+the key and what is expected, before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import orjson
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------- sizes
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30,
+    "t": 10**12, "tb": 10**12, "tib": 2**40,
+    "p": 10**15, "pb": 10**15, "pib": 2**50,
+}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string such as "20GB", "512MiB", "1.5 GB"."""
+    if isinstance(value, bool):
+        raise ValueError("a size, not a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size must not be negative")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"a size such as 20GB, 512MiB or a number of bytes, got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_size(n: float) -> str:
+    """Human-readable bytes (decimal units, as disks are sold and `df -H` prints)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class Size(int):
+    """A byte count that a config may write as "20GB"."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = _f("", "Local model directory (Hugging Face layout) or a Hugging Face repo id.")
+    quantize_bits: int = _f(0, "Quantize the base model on load: 0 keeps it as stored, 4 or 8 for QLoRA.")
+    quantize_group_size: int = _f(64, "Group size for on-load quantization (32, 64 or 128).")
+    trust_remote_code: bool = _f(False, "Allow tokenizer code shipped with the model.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.path:
+            out.append("model.path: expected a model directory or a Hugging Face repo id, got nothing")
+        if self.quantize_bits not in (0, 4, 8):
+            out.append(f"model.quantize_bits: expected 0, 4 or 8, got {self.quantize_bits}")
+        if self.quantize_group_size not in (32, 64, 128):
+            out.append(f"model.quantize_group_size: expected 32, 64 or 128, got {self.quantize_group_size}")
+        return out
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = _f("", "Directory with train.jsonl, valid.jsonl and test.jsonl (mlx-lm formats).")
+    chat_feature: str = _f("messages", "Key of the chat messages list in chat data.")
+    prompt_feature: str = _f("prompt", "Key of the prompt in prompt/completion data.")
+    completion_feature: str = _f("completion", "Key of the completion in prompt/completion data.")
+    text_feature: str = _f("text", "Key of the text in plain-text data.")
+
+    def problems(self) -> list[str]:
+        return [] if self.dir else ["data.dir: expected a directory with train.jsonl and valid.jsonl, got nothing"]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    type: str = _f("lora", "Adapter type: lora or dora.")
+    rank: int = _f(8, "LoRA rank (r).")
+    scale: float = _f(20.0, "LoRA scale (mlx-lm's name; other frameworks call alpha/r the scale).")
+    dropout: float = _f(0.0, "Dropout on the LoRA input, 0 <= dropout < 1.")
+    num_layers: int = _f(16, "How many of the last transformer blocks get adapters (-1: all).")
+    keys: list[str] = _f([], "Module keys to adapt (e.g. self_attn.q_proj); empty: every linear layer, as mlx-lm does.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.type not in ("lora", "dora"):
+            out.append(f"lora.type: expected 'lora' or 'dora', got {self.type!r}")
+        if self.rank < 1:
+            out.append(f"lora.rank: expected an integer >= 1, got {self.rank}")
+        if self.scale <= 0:
+            out.append(f"lora.scale: expected a number > 0, got {self.scale}")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"lora.dropout: expected 0 <= dropout < 1, got {self.dropout}")
+        if self.num_layers == 0 or self.num_layers < -1:
+            out.append(f"lora.num_layers: expected a positive number of layers or -1 for all, got {self.num_layers}")
+        return out
+
+
+SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adam", "adamw")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int = _f(4, "Examples per micro-batch (split across ranks in distributed runs).")
+    grad_accumulation: int = _f(1, "Micro-batches accumulated into one optimizer step.")
+    learning_rate: float = _f(1e-5, "Peak learning rate.")
+    schedule: str = _f("constant", "Learning-rate schedule after warm-up: constant, cosine or linear decay.")
+    warmup_steps: int = _f(0, "Optimizer steps of linear warm-up from 0 to learning_rate.")
+    min_learning_rate: float = _f(0.0, "Learning rate at the end of a cosine or linear decay.")
+    optimizer: str = _f("adam", "adam or adamw.")
+    weight_decay: float = _f(0.0, "Weight decay (adamw only).")
+    iters: int = _f(0, "Optimizer steps to run; set this or epochs, not both.")
+    epochs: int = _f(0, "Passes over the training split; set this or iters, not both.")
+    max_seq_length: int = _f(2048, "Longer examples are truncated (data validation counts them).")
+    seed: int = _f(0, "Seed for weights init, dropout and the data order.")
+    grad_checkpoint: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    mask_prompt: bool = _f(False, "Compute the loss on the answer only.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.batch_size < 1:
+            out.append(f"training.batch_size: expected an integer >= 1, got {self.batch_size}")
+        if self.grad_accumulation < 1:
+            out.append(f"training.grad_accumulation: expected an integer >= 1, got {self.grad_accumulation}")
+        if not self.learning_rate > 0:
+            out.append(f"training.learning_rate: expected a number > 0, got {self.learning_rate}")
+        if self.schedule not in SCHEDULES:
+            out.append(f"training.schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            out.append(f"training.warmup_steps: expected an integer >= 0, got {self.warmup_steps}")
+        if self.min_learning_rate < 0 or self.min_learning_rate > self.learning_rate:
+            out.append(
+                f"training.min_learning_rate: expected 0 <= min_learning_rate <= learning_rate "
+                f"({self.learning_rate}), got {self.min_learning_rate}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            out.append(f"training.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.weight_decay < 0:
+            out.append(f"training.weight_decay: expected a number >= 0, got {self.weight_decay}")
+        if self.iters < 0 or self.epochs < 0:
+            out.append("training.iters / training.epochs: expected numbers >= 0")
+        elif (self.iters > 0) == (self.epochs > 0):
+            out.append(
+                f"training.iters / training.epochs: set exactly one of them to a positive number "
+                f"(got iters={self.iters}, epochs={self.epochs})"
+            )
+        if self.warmup_steps and self.iters and self.warmup_steps >= self.iters:
+            out.append(f"training.warmup_steps: expected fewer than training.iters ({self.iters}), got {self.warmup_steps}")
+        if self.max_seq_length < 8:
+            out.append(f"training.max_seq_length: expected an integer >= 8, got {self.max_seq_length}")
+        if self.seed < 0:
+            out.append(f"training.seed: expected an integer >= 0, got {self.seed}")
+        return out
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    every_steps: int = _f(50, "Optimizer steps between validation passes (and the last step).")
+    batches: int = _f(-1, "Validation batches per pass; -1 uses the whole validation split.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.every_steps < 1:
+            out.append(f"validation.every_steps: expected an integer >= 1, got {self.every_steps}")
+        if self.batches == 0 or self.batches < -1:
+            out.append(f"validation.batches: expected a positive number or -1 for all, got {self.batches}")
+        return out
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    patience: int = _f(0, "Validations without an improvement larger than min_delta before stopping; 0 disables.")
+    min_delta: float = _f(0.0, "Smallest decrease in validation loss that counts as an improvement.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.patience < 0:
+            out.append(f"early_stopping.patience: expected an integer >= 0 (0 disables), got {self.patience}")
+        if self.min_delta < 0:
+            out.append(f"early_stopping.min_delta: expected a number >= 0, got {self.min_delta}")
+        return out
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = _f(200, "Optimizer steps between full checkpoints.")
+    keep_last: int = _f(3, "Newest checkpoints kept by retention (the best is kept besides).")
+    keep_best: bool = _f(True, "Always keep the checkpoint with the best validation loss.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.every_steps < 1:
+            out.append(f"checkpoint.every_steps: expected an integer >= 1, got {self.every_steps}")
+        if self.keep_last < 1:
+            out.append(f"checkpoint.keep_last: expected an integer >= 1 (the latest is needed to resume), got {self.keep_last}")
+        return out
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    low_used_percent: float = _f(85.0, "Low watermark: warn and prune to policy above this share used...")
+    low_free: Size = _f(Size(20 * 10**9), "...or below this much free, whichever is stricter.")
+    high_used_percent: float = _f(90.0, "High watermark: prune to latest + best above this share used...")
+    high_free: Size = _f(Size(10 * 10**9), "...or below this much free.")
+    flood_used_percent: float = _f(95.0, "Flood: write nothing, pause the run, above this share used...")
+    flood_free: Size = _f(Size(5 * 10**9), "...or below this much free (or below the next checkpoint + reserve).")
+    reserve: Size = _f(Size(1 * 10**9), "Space always left free for the system, added to every estimate.")
+    hysteresis_percent: float = _f(2.0, "Leave a level only when usage falls this many points below it.")
+    check_interval_seconds: float = _f(60.0, "Seconds between watermark checks during training.")
+
+    def problems(self) -> list[str]:
+        out = []
+        pcts = [("low_used_percent", self.low_used_percent), ("high_used_percent", self.high_used_percent),
+                ("flood_used_percent", self.flood_used_percent)]
+        for key, v in pcts:
+            if not 0 < v <= 100:
+                out.append(f"disk.{key}: expected a percentage in (0, 100], got {v}")
+        if not self.low_used_percent <= self.high_used_percent <= self.flood_used_percent:
+            out.append(
+                "disk: expected low_used_percent <= high_used_percent <= flood_used_percent, got "
+                f"{self.low_used_percent} / {self.high_used_percent} / {self.flood_used_percent}"
+            )
+        if not self.low_free >= self.high_free >= self.flood_free:
+            out.append(
+                "disk: expected low_free >= high_free >= flood_free, got "
+                f"{format_size(self.low_free)} / {format_size(self.high_free)} / {format_size(self.flood_free)}"
+            )
+        if not 0 <= self.hysteresis_percent < 50:
+            out.append(f"disk.hysteresis_percent: expected 0 <= value < 50, got {self.hysteresis_percent}")
+        if self.check_interval_seconds <= 0:
+            out.append(f"disk.check_interval_seconds: expected a number > 0, got {self.check_interval_seconds}")
+        return out
+
+
+@dataclass(frozen=True)
+class OverfittingConfig:
+    excelente_below: float = _f(0.05, "Gap (val - train loss) below this is EXCELENTE.")
+    bom_below: float = _f(0.15, "Below this BOM (the seed's target).")
+    moderado_below: float = _f(0.30, "Below this MODERADO; at or above it CRÍTICO.")
+
+    def problems(self) -> list[str]:
+        if not 0 < self.excelente_below <= self.bom_below <= self.moderado_below:
+            return [
+                "overfitting: expected 0 < excelente_below <= bom_below <= moderado_below, got "
+                f"{self.excelente_below} / {self.bom_below} / {self.moderado_below}"
+            ]
+        return []
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    max_new_tokens: int = _f(64, "Tokens generated per test answer (greedy).")
+    batch_size: int = _f(8, "Prompts generated together.")
+    max_examples: int = _f(0, "Evaluate at most this many test examples; 0 for all.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_new_tokens < 1:
+            out.append(f"evaluation.max_new_tokens: expected an integer >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            out.append(f"evaluation.batch_size: expected an integer >= 1, got {self.batch_size}")
+        if self.max_examples < 0:
+            out.append(f"evaluation.max_examples: expected an integer >= 0 (0 for all), got {self.max_examples}")
+        return out
+
+
+@dataclass(frozen=True)
+class DecisionConfig:
+    max_gap: float = _f(0.15, "A candidate is preferred only if its train/validation gap is below this.")
+    min_f1: float = _f(0.93, "F1 at or above this means ready for production.")
+    max_f1_drop: float = _f(0.01, "A candidate may trail the incumbent's F1 by at most this much.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_gap <= 0:
+            out.append(f"decision.max_gap: expected a number > 0, got {self.max_gap}")
+        if not 0 <= self.min_f1 <= 1:
+            out.append(f"decision.min_f1: expected a number in [0, 1], got {self.min_f1}")
+        if not 0 <= self.max_f1_drop <= 1:
+            out.append(f"decision.max_f1_drop: expected a number in [0, 1], got {self.max_f1_drop}")
+        return out
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    runs_dir: str = _f("runs", "Where run directories live (checkpoints, metrics, adapters).")
+    production_dir: str = _f("production", "Where releases live; production/current points at one.")
+    run_name: str = _f("", "Run directory name; empty uses the config's name.")
+
+    def problems(self) -> list[str]:
+        if self.run_name and not re.fullmatch(r"[A-Za-z0-9._-]+", self.run_name):
+            return [f"output.run_name: expected letters, digits, '.', '_' or '-', got {self.run_name!r}"]
+        return []
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": LoraConfig,
+    "training": TrainingConfig,
+    "validation": ValidationConfig,
+    "early_stopping": EarlyStoppingConfig,
+    "checkpoint": CheckpointConfig,
+    "disk": DiskConfig,
+    "overfitting": OverfittingConfig,
+    "evaluation": EvaluationConfig,
+    "decision": DecisionConfig,
+    "output": OutputConfig,
+}
+TOP_LEVEL_KEYS = ("name", "description", "extends")
+
+# Sections whose fields change what training computes; the fingerprint covers them only.
+FINGERPRINT_SECTIONS = ("model", "data", "lora", "training", "validation", "early_stopping")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One resolved experiment: what to train, how, and where its files go."""
+
+    name: str
+    description: str
+    source: str
+    chain: tuple[str, ...]
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig
+    training: TrainingConfig
+    validation: ValidationConfig
+    early_stopping: EarlyStoppingConfig
+    checkpoint: CheckpointConfig
+    disk: DiskConfig
+    overfitting: OverfittingConfig
+    evaluation: EvaluationConfig
+    decision: DecisionConfig
+    output: OutputConfig
+    workspace: str = "."
+
+    # ---- derived paths (relative paths resolve against the workspace)
+
+    def resolve(self, value: str) -> Path:
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else Path(self.workspace) / p
+
+    @property
+    def run_name(self) -> str:
+        return self.output.run_name or self.name
+
+    @property
+    def run_dir(self) -> Path:
+        return self.resolve(self.output.runs_dir) / self.run_name
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.resolve(self.output.runs_dir)
+
+    @property
+    def production_dir(self) -> Path:
+        return self.resolve(self.output.production_dir)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.data.dir)
+
+    @property
+    def model_is_local(self) -> bool:
+        """A path-like value (or an existing directory) is local; anything else is a hub repo id."""
+        v = self.model.path
+        return v.startswith((".", "/", "~")) or v.count("/") != 1 or self.resolve(v).exists()
+
+    @property
+    def model_path(self) -> str:
+        return str(self.resolve(self.model.path)) if self.model_is_local else self.model.path
+
+    # ---- serialisation
+
+    def sections(self) -> dict[str, dict[str, Any]]:
+        return {name: _section_dict(getattr(self, name)) for name in SECTIONS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, **self.sections()}
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The fields that change training, flattened as `section.key`."""
+        out = {}
+        for sec in FINGERPRINT_SECTIONS:
+            for k, v in _section_dict(getattr(self, sec)).items():
+                out[f"{sec}.{k}"] = v
+        # Paths enter the fingerprint as written, so moving a workspace does not change it.
+        return out
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 (16 hex) of the training fields; recorded by every run and checkpoint."""
+        blob = orjson.dumps(self.fingerprint_fields(), option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def with_overrides(self, **sections: Mapping[str, Any]) -> "ExperimentConfig":
+        """A copy with some fields replaced, validated again (used by tests and overlays)."""
+        data = self.to_dict()
+        for sec, values in sections.items():
+            data[sec] = {**data[sec], **values}
+        return build_config(data, source=self.source, chain=self.chain, workspace=self.workspace)
+
+
+def _section_dict(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = list(v) if isinstance(v, (list, tuple)) else (int(v) if isinstance(v, Size) else v)
+    return out
+
+
+def field_help(section: str, key: str) -> str:
+    for f in dataclasses.fields(SECTIONS[section]):
+        if f.name == key:
+            return f.metadata.get("help", "")
+    return ""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    if tp is Size:
+        return "a size (bytes, or a string such as '20GB')"
+    if typing.get_origin(tp) in (list, tuple):
+        return "a list of strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Check a TOML value against a field type; raise ValueError with what is expected."""
+    if tp is Size:
+        return Size(parse_size(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(tp) in (list, tuple):
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    raise ValueError(f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def build_config(
+    data: Mapping[str, Any], *, source: str = "<dict>", chain: tuple[str, ...] = (), workspace: str | os.PathLike = "."
+) -> ExperimentConfig:
+    """Typed, validated config from a merged mapping; every problem is reported at once."""
+    problems: list[str] = []
+    known = set(SECTIONS) | set(TOP_LEVEL_KEYS)
+    for key in data:
+        if key not in known:
+            problems.append(f"{key}: unknown key{_did_you_mean(key, known)}")
+    built: dict[str, Any] = {}
+    for sec, cls in SECTIONS.items():
+        raw = data.get(sec, {})
+        if not isinstance(raw, Mapping):
+            problems.append(f"{sec}: expected a table [{sec}], got {type(raw).__name__}")
+            raw = {}
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for key, value in raw.items():
+            if key not in hints:
+                problems.append(f"{sec}.{key}: unknown key{_did_you_mean(key, names)}")
+                continue
+            try:
+                kwargs[key] = _coerce(value, hints[key])
+            except ValueError as e:
+                problems.append(f"{sec}.{key}: {e}")
+        obj = cls(**kwargs)
+        problems.extend(obj.problems())
+        built[sec] = obj
+    name = data.get("name", "")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name or "x"):
+        problems.append(f"name: expected letters, digits, '.', '_' or '-', got {name!r}")
+    if not problems:
+        problems.extend(_cross_problems(built))
+    if problems:
+        raise ConfigError(problems, source=source)
+    return ExperimentConfig(
+        name=name or Path(source).stem,
+        description=str(data.get("description", "")),
+        source=source,
+        chain=chain,
+        workspace=str(workspace),
+        **built,
+    )
+
+
+def _cross_problems(s: dict[str, Any]) -> list[str]:
+    out = []
+    t, ck, v = s["training"], s["checkpoint"], s["validation"]
+    if t.iters and ck.every_steps > t.iters:
+        out.append(
+            f"checkpoint.every_steps: {ck.every_steps} is more than training.iters ({t.iters}); "
+            "no checkpoint would be written before the end"
+        )
+    if t.iters and v.every_steps > t.iters:
+        out.append(f"validation.every_steps: {v.every_steps} is more than training.iters ({t.iters})")
+    return out
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"file not found: {path}", source=str(path)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"TOML syntax error: {e}", source=str(path)) from None
+
+
+def _load_merged(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    path = path.resolve()
+    if path in seen:
+        cycle = " -> ".join(p.name for p in (*seen, path))
+        raise ConfigError(f"extends: circular inheritance ({cycle})", source=str(path))
+    data = _read_toml(path)
+    parents = data.pop("extends", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"extends: expected a file name or a list of them, got {parents!r}", source=str(path))
+    merged: dict[str, Any] = {}
+    chain: tuple[str, ...] = ()
+    for parent in parents:
+        ppath = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+        if not ppath.suffix:
+            ppath = ppath.with_suffix(".toml")
+        if not ppath.exists():
+            raise ConfigError(f"extends: parent config {parent!r} not found (looked for {ppath})", source=str(path))
+        pdata, pchain = _load_merged(ppath, (*seen, path))
+        merged = _deep_merge(merged, pdata)
+        chain += pchain
+    merged.pop("name", None)  # a child is named by its own file unless it says otherwise
+    merged = _deep_merge(merged, data)
+    return merged, (*chain, str(path))
+
+
+def default_config_dir() -> Path:
+    """configs/ of the workspace if it has one, else the one in this source checkout."""
+    env = os.environ.get("FARENSE_CONFIG_DIR")
+    if env:
+        return Path(env)
+    local = Path.cwd() / "configs"
+    if local.is_dir():
+        return local
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def find_config(name_or_path: str, config_dir: Path | None = None) -> Path:
+    """`v2` -> configs/v2.toml; a path is taken as it is."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists() or os.sep in name_or_path:
+        return p
+    d = config_dir or default_config_dir()
+    cand = d / f"{name_or_path}.toml"
+    if cand.exists():
+        return cand
+    known = sorted(x.stem for x in d.glob("*.toml")) if d.is_dir() else []
+    hint = _did_you_mean(name_or_path, known)
+    raise ConfigError(
+        f"no config named {name_or_path!r} in {d}{hint}; known: {', '.join(known) or 'none'}", source=str(cand)
+    )
+
+
+def find_overlay(name_or_path: str, config_dir: Path | None = None) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        return p
+    d = (config_dir or default_config_dir()) / "overlays"
+    cand = d / f"{name_or_path}.toml"
+    if not cand.exists():
+        known = sorted(x.stem for x in d.glob("*.toml")) if d.is_dir() else []
+        raise ConfigError(f"no overlay named {name_or_path!r} in {d}; known: {', '.join(known) or 'none'}", source=str(cand))
+    return cand
+
+
+def load_config(
+    name_or_path: str | os.PathLike,
+    *,
+    overlays: typing.Sequence[str] = (),
+    workspace: str | os.PathLike | None = None,
+    config_dir: Path | None = None,
+) -> ExperimentConfig:
+    """Read, merge (extends, then overlays) and validate a config; cheap, imports nothing heavy."""
+    path = find_config(str(name_or_path), config_dir)
+    merged, chain = _load_merged(path, ())
+    merged.setdefault("name", path.stem)
+    for ov in overlays:
+        opath = find_overlay(ov, config_dir)
+        odata, ochain = _load_merged(opath, ())
+        odata.pop("name", None)
+        merged = _deep_merge(merged, odata)
+        chain += ochain
+    ws = Path(workspace) if workspace is not None else Path(os.environ.get("FARENSE_WORKSPACE", Path.cwd()))
+    return build_config(merged, source=str(path), chain=chain, workspace=ws.resolve())
+
+
+def config_from_json(path: Path, *, workspace: str | os.PathLike | None = None) -> ExperimentConfig:
+    """The config a run recorded in its config.json."""
+    data = orjson.loads(Path(path).read_bytes())
+    meta = data.pop("_meta", {})
+    ws = workspace if workspace is not None else meta.get("workspace", ".")
+    return build_config(data, source=meta.get("source", str(path)), chain=tuple(meta.get("chain", ())), workspace=ws)
+
+
+def config_to_json(config: ExperimentConfig) -> bytes:
+    payload = config.to_dict()
+    payload["_meta"] = {
+        "source": config.source,
+        "chain": list(config.chain),
+        "workspace": config.workspace,
+        "fingerprint": config.fingerprint,
+    }
+    return orjson.dumps(payload, option=orjson.OPT_INDENT_2)
+
+
+def config_to_toml(config: ExperimentConfig) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(config.to_dict())
+
+
+def flatten(config: ExperimentConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": config.name, "description": config.description}
+    for sec, values in config.sections().items():
+        for k, v in values.items():
+            out[f"{sec}.{k}"] = v
+    return out
+
+
+def diff_configs(a: ExperimentConfig, b: ExperimentConfig) -> list[tuple[str, Any, Any]]:
+    """Every field whose value differs, as (dotted key, a's value, b's value)."""
+    fa, fb = flatten(a), flatten(b)
+    return [(k, fa.get(k), fb.get(k)) for k in fa if fa.get(k) != fb.get(k)]
+
+
+def fingerprint_diff(recorded: Mapping[str, Any], config: ExperimentConfig) -> list[tuple[str, Any, Any]]:
+    """Training fields that differ between a checkpoint's recorded fields and a config."""
+    now = config.fingerprint_fields()
+    keys = sorted(set(recorded) | set(now))
+    return [(k, recorded.get(k), now.get(k)) for k in keys if recorded.get(k) != now.get(k)]
+
+
+__all__ = [
+    "ExperimentConfig",
+    "ModelConfig",
+    "DataConfig",
+    "LoraConfig",
+    "TrainingConfig",
+    "ValidationConfig",
+    "EarlyStoppingConfig",
+    "CheckpointConfig",
+    "DiskConfig",
+    "OverfittingConfig",
+    "EvaluationConfig",
+    "DecisionConfig",
+    "OutputConfig",
+    "load_config",
+    "build_config",
+    "diff_configs",
+    "fingerprint_diff",
+    "parse_size",
+    "format_size",
+]
+
+
+
+def check_model_path(config: ExperimentConfig) -> list[str]:
+    """Problems with the model location, found without loading anything."""
+    if config.model_is_local:
+        p = Path(config.model_path)
+        if not p.is_dir():
+            return [f"model.path: model directory not found: {p} (for the demo model run `farense demo init`)"]
+        if not (p / "config.json").exists():
+            return [f"model.path: {p} has no config.json (expected a Hugging Face layout model directory)"]
+        if not any(p.glob("*.safetensors")):
+            return [f"model.path: {p} has no *.safetensors weights"]
+        return []
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(config.model.path, "config.json")
+        except Exception:  # a hub library problem is not the user's config error
+            cached = None
+        if not isinstance(cached, str):
+            return [
+                f"model.path: {config.model.path!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
+                "forbids downloading it"
+            ]
+    return []
+
+
+def check_inputs(config: ExperimentConfig) -> None:
+    """Fail before any heavy work if the model or the data files are missing."""
+    problems = check_model_path(config)
+    d = config.data_dir
+    if not d.is_dir():
+        problems.append(f"data.dir: directory not found: {d} (expected train.jsonl, valid.jsonl, test.jsonl)")
+    else:
+        for split in ("train", "valid"):
+            if not (d / f"{split}.jsonl").exists():
+                problems.append(f"data.dir: {d / (split + '.jsonl')} not found (the {split} split is required)")
+    if problems:
+        raise ConfigError(problems, source=config.source)

@@ -1,0 +1,112 @@
+"""Where a run keeps its files: one place that names every path, so no module guesses.
+
+    <runs_dir>/<run_name>/
+        run.lock                 fcntl.flock held by the live trainer (farense.locks)
+        run_state.json           state (RunState), pid, step, updated_at, message
+        config.json              the resolved config the run was started with
+        checkpoints/
+            step-00000200/       a committed checkpoint (MANIFEST.json written last)
+            step-00000400.tmp-<hex>/   a write in progress (never read)
+        adapters/                best adapters: adapters.safetensors + adapter_config.json
+        metrics.jsonl            one orjson line per step
+        training_metrics.json    the seed's names for metrics and summary
+        training_metrics.csv
+        training_summary.json
+        evaluation/              evaluation_report.json, evaluation_summary.csv, plots
+    <production_dir>/
+        releases/<release-id>/   immutable release directories
+        current -> releases/<release-id>
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CHECKPOINT_PREFIX = "step-"
+TMP_MARK = ".tmp-"
+MANIFEST_NAME = "MANIFEST.json"
+_CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def parse_checkpoint_name(name: str) -> int | None:
+    """The step of a committed checkpoint directory name, None for anything else."""
+    m = _CHECKPOINT_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def is_temporary(name: str) -> bool:
+    return TMP_MARK in name
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every path of one run."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "run.lock"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "run_state.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapters(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def metrics_jsonl(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def metrics_json(self) -> Path:
+        return self.root / "training_metrics.json"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.root / "training_metrics.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "training_summary.json"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+
+@dataclass(frozen=True)
+class ProductionPaths:
+    root: Path
+
+    @property
+    def releases(self) -> Path:
+        return self.root / "releases"
+
+    @property
+    def current(self) -> Path:
+        return self.root / "current"
