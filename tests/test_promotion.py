@@ -1,0 +1,237 @@
+"""Promotion: immutable releases, an atomic `current` switch that survives SIGKILL, rollback, refusal."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import orjson
+import pytest
+
+from farense.config import DecisionConfig
+from farense.decision import compare_and_decide, decide, incumbent_from_production, load_report, report_from_run
+from farense.errors import DecisionRefused, FarenseError, RunLocked
+from farense.fsutil import sha256_file
+from farense.promotion import (
+    LOCK_NAME,
+    STEPS,
+    Release,
+    current_release,
+    list_releases,
+    promote,
+    read_history,
+    rollback,
+    verify_release,
+)
+
+from test_decision import make_fake_run
+
+T = DecisionConfig(max_gap=0.15, min_f1=0.93, max_f1_drop=0.01)
+T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def decided_run(ws: Path, name: str, *, incumbent: Path | None = None, **kw) -> Path:
+    """A fake evaluated run with its decision.json (against `incumbent`, a run or production dir)."""
+    run = make_fake_run(ws, name, adapters=f"adapters of {name}".encode() * 50, **kw)
+    inc = load_report(incumbent) if incumbent is not None else None
+    compare_and_decide(inc, report_from_run(run), T, out_dir=run / "evaluation")
+    return run
+
+
+@pytest.fixture
+def ws(tmp_path) -> Path:
+    return tmp_path
+
+
+def prod_of(ws: Path) -> Path:
+    return ws / "production"
+
+
+def test_promote_builds_an_immutable_release_and_switches_current(ws):
+    run = decided_run(ws, "v2")
+    rel = promote(run, None, prod_of(ws), now=T0)
+    assert rel.id == f"20250601T120000Z-v2-{sha256_file(run / 'adapters' / 'adapters.safetensors')[:8]}"
+    current = prod_of(ws) / "current"
+    assert current.is_symlink() and os.readlink(current) == f"releases/{rel.id}"  # relative: the dir can move
+    assert current_release(prod_of(ws)).id == rel.id
+    names = sorted(str(p.relative_to(rel.path)) for p in rel.path.rglob("*") if p.is_file())
+    assert names == ["adapters/adapter_config.json", "adapters/adapters.safetensors", "config.json", "decision.json",
+                     "evaluation_report.json", "release.json", "training_summary.json"]
+    assert (rel.path / "adapters" / "adapters.safetensors").read_bytes() == (run / "adapters" / "adapters.safetensors").read_bytes()
+    m = rel.manifest
+    assert m["format"] == "farense.release/1" and m["previous"] is None and m["forced"] is False
+    assert m["decision"]["preferred"] and m["metrics"]["f1"] == 0.95
+    assert set(m["files"]) == set(names) - {"release.json"}
+    verify_release(rel)
+    assert not os.access(rel.path / "config.json", os.W_OK) or os.geteuid() == 0
+    assert stat.S_IMODE((rel.path / "config.json").stat().st_mode) == 0o444
+    assert [e["action"] for e in read_history(prod_of(ws))] == ["promote"]
+    assert [r.id for r in list_releases(prod_of(ws))] == [rel.id]
+
+
+def test_production_dir_defaults_to_the_runs_config(ws):
+    run = decided_run(ws, "v2")
+    rel = promote(run, now=T0)
+    assert rel.path.parent.parent == (ws / "production").resolve()  # v2.toml: production_dir = "production"
+
+
+def test_refused_when_the_decision_says_no_and_says_why(ws):
+    run = decided_run(ws, "v2", f1=0.90, gap=0.2, gap_status="MODERADO")
+    with pytest.raises(DecisionRefused) as e:
+        promote(run, None, prod_of(ws), now=T0)
+    msg = str(e.value)
+    assert "promotion of v2 refused" in msg
+    assert "gap_below_max failed: gap 0.2000 >= 0.15 (MODERADO)" in msg
+    assert "f1_at_least_min failed: F1 0.9000 < 0.93" in msg
+    assert "ready_for_production failed" in msg and "--force" in msg
+    assert e.value.exit_code == 4
+    assert not (prod_of(ws) / "current").exists()
+    forced = promote(run, None, prod_of(ws), force=True, now=T0)
+    assert current_release(prod_of(ws)).id == forced.id
+    assert forced.forced and any("gap_below_max" in r for r in forced.manifest["refusal_overridden"])
+
+
+def test_refused_without_a_decision_or_with_a_stale_one(ws):
+    run = make_fake_run(ws, "v2")
+    with pytest.raises(DecisionRefused, match="no decision found"):
+        promote(run, None, prod_of(ws))
+    compare_and_decide(None, report_from_run(run), T, out_dir=run / "evaluation")
+    report = run / "evaluation" / "evaluation_report.json"
+    report.write_bytes(report.read_bytes().replace(b'"examples":10', b'"examples":11'))  # evaluated again
+    with pytest.raises(DecisionRefused, match="different evaluation of v2"):
+        promote(run, None, prod_of(ws))
+
+
+def test_second_promotion_keeps_the_previous_release_and_rollback_returns_to_it(ws):
+    v1 = decided_run(ws, "v1", config="v1")
+    r1 = promote(v1, None, prod_of(ws), now=T0)
+    # V2 decided against what production serves now
+    v2 = decided_run(ws, "v2", incumbent=prod_of(ws), f1=0.945)
+    d = orjson.loads((v2 / "evaluation" / "decision.json").read_bytes())
+    assert d["incumbent"]["release_id"] == r1.id and d["promote"]
+    r2 = promote(v2, None, prod_of(ws), now=T0 + timedelta(hours=1))
+    assert r2.previous == r1.id and current_release(prod_of(ws)).id == r2.id
+    assert [r.id for r in list_releases(prod_of(ws))] == [r1.id, r2.id]
+
+    back = rollback(prod_of(ws), now=T0 + timedelta(hours=2))
+    assert back.id == r1.id and current_release(prod_of(ws)).id == r1.id
+    assert r2.path.is_dir()  # nothing is deleted
+    with pytest.raises(FarenseError, match="first one promoted.*no previous release"):
+        rollback(prod_of(ws))
+    assert rollback(prod_of(ws), to=r2.id).id == r2.id
+    assert [(e["action"], e["release"], e["previous"]) for e in read_history(prod_of(ws))] == [
+        ("promote", r1.id, None), ("promote", r2.id, r1.id), ("rollback", r1.id, r2.id), ("rollback", r2.id, r1.id)]
+    with pytest.raises(FarenseError, match="no release 'nope'"):
+        rollback(prod_of(ws), to="nope")
+
+
+def test_rollback_with_nothing_in_production(ws):
+    with pytest.raises(FarenseError, match="nothing to roll back"):
+        rollback(prod_of(ws))
+
+
+def test_rollback_refuses_a_release_that_does_not_verify(ws):
+    r1 = promote(decided_run(ws, "v1", config="v1"), None, prod_of(ws), now=T0)
+    promote(decided_run(ws, "v2"), None, prod_of(ws), now=T0 + timedelta(hours=1))
+    target = r1.path / "adapters" / "adapters.safetensors"
+    os.chmod(target, 0o644)
+    target.write_bytes(b"bit rot")
+    with pytest.raises(FarenseError, match="does not verify.*adapters/adapters.safetensors"):
+        rollback(prod_of(ws))
+    assert current_release(prod_of(ws)).run_name == "v2"
+
+
+def test_same_adapters_are_not_promoted_twice(ws):
+    run = decided_run(ws, "v2")
+    r1 = promote(run, None, prod_of(ws), now=T0)
+    again = promote(run, None, prod_of(ws), now=T0 + timedelta(minutes=1))
+    assert again.id == r1.id and len(list_releases(prod_of(ws))) == 1
+    forced = promote(run, None, prod_of(ws), force=True, now=T0)  # same second: the id gets a suffix
+    assert forced.id == r1.id + "-2" and forced.previous == r1.id
+
+
+def test_incumbent_is_read_from_the_production_release(ws):
+    promote(decided_run(ws, "v1", config="v1", f1=0.97), None, prod_of(ws), now=T0)
+    inc = incumbent_from_production(prod_of(ws))
+    assert inc.kind == "release" and inc.f1 == 0.97 and inc.train_val_gap == 0.10
+    cand = report_from_run(make_fake_run(ws, "v2", f1=0.955))
+    d = decide(cand, inc, T)
+    assert not d.preferred and "trails production" in d.rule("f1_not_meaningfully_below_incumbent").explanation
+    assert incumbent_from_production(ws / "empty") is None
+
+
+def test_concurrent_promotion_is_refused_while_the_lock_is_held(ws):
+    run = decided_run(ws, "v2")
+    prod_of(ws).mkdir()
+    fd = os.open(prod_of(ws) / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(RunLocked, match="another promotion or rollback"):
+            promote(run, None, prod_of(ws))
+    finally:
+        os.close(fd)
+    assert promote(run, None, prod_of(ws)).run_name == "v2"
+
+
+# --------------------------------------------------------------------------- SIGKILL between steps
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from farense.promotion import promote
+    run, prod, stop_at, marker = sys.argv[1:5]
+
+    def hook(step):
+        if step == stop_at:
+            Path(marker).write_text(step)
+            time.sleep(120)  # the parent SIGKILLs us here
+
+    promote(Path(run), None, Path(prod), hook=hook)
+    """
+)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_promotion_killed_between_steps_leaves_a_whole_release_in_production(ws, step):
+    old = promote(decided_run(ws, "v1", config="v1"), None, prod_of(ws), now=T0)
+    new_run = decided_run(ws, "v2")
+    marker = ws / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(new_run), str(prod_of(ws)), step, str(marker)])
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert proc.poll() is None, f"promotion exited with {proc.returncode} before {step}"
+            assert time.monotonic() < deadline, f"promotion never reached {step}"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    cur = current_release(prod_of(ws))
+    if step == "switched":  # the swap itself is one rename: past it, production is the new release, whole
+        assert cur.run_name == "v2" and cur.previous == old.id
+        verify_release(cur)
+        assert [e["release"] for e in read_history(prod_of(ws))] == [old.id]  # the log lags; current is the truth
+        assert rollback(prod_of(ws)).id == old.id
+        return
+    assert cur.id == old.id
+    verify_release(cur)
+    leftovers = [p.name for p in (prod_of(ws) / "releases").iterdir() if ".tmp-" in p.name]
+    leftovers += [p.name for p in prod_of(ws).iterdir() if p.name.startswith("current.tmp-")]
+    assert leftovers if step != "release-committed" else not leftovers
+    # The next promotion cleans up and succeeds.
+    again = promote(new_run, None, prod_of(ws), now=T0 + timedelta(days=1))
+    assert current_release(prod_of(ws)).id == again.id and again.previous == old.id
+    assert not [p for p in (prod_of(ws) / "releases").iterdir() if ".tmp-" in p.name]
+    assert not [p for p in prod_of(ws).iterdir() if p.name.startswith("current.tmp-")]
+    assert Release.read(again.path).run_name == "v2"
