@@ -1,0 +1,25 @@
+"""Fault-injection points for the crash tests: a named place in the trainer where a test process
+can be made to stop and wait, so that a real SIGKILL lands exactly there.
+
+Inactive unless FARENSE_FAULT="<point>:<step>" is set in the environment (tests only).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def fault_point(name: str, step: int) -> None:
+    """If this is the requested point, announce it (stderr and FARENSE_FAULT_MARKER) and wait to be killed."""
+    want = os.environ.get("FARENSE_FAULT")
+    if not want or want != f"{name}:{step}":
+        return
+    marker = os.environ.get("FARENSE_FAULT_MARKER")
+    if marker:
+        Path(marker).write_text(f"{name}:{step}:{os.getpid()}\n")
+    print(f"FARENSE-FAULT-POINT {name}:{step} pid={os.getpid()}", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)

@@ -1,0 +1,81 @@
+"""Training metrics: one orjson line per optimizer step, plus the seed's JSON/CSV/summary files.
+
+metrics.jsonl is the source of truth; on resume it is cut back to the checkpoint's step so that a
+resumed run's history equals an uninterrupted one's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import orjson
+
+CSV_COLUMNS = (
+    "step", "epoch", "train_loss", "val_loss", "gap", "gap_status", "learning_rate",
+    "tokens", "tokens_per_second", "peak_memory_gb", "elapsed_seconds",
+)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every complete line of a metrics file (a line torn by a crash is ignored)."""
+    rows: list[dict[str, Any]] = []
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return rows
+    for line in data.splitlines():
+        try:
+            rows.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            continue
+    return rows
+
+
+class MetricsLog:
+    """Appends step rows; rank 0 only. Lines are flushed (not fsynced: metrics are rebuilt on resume)."""
+
+    def __init__(self, path: Path, *, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._fh: io.BufferedWriter | None = None
+
+    def truncate_after(self, step: int) -> list[dict[str, Any]]:
+        """Drop rows after `step` (work a crash threw away); returns the kept rows."""
+        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        if self.enabled:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+            os.replace(tmp, self.path)
+        return rows
+
+    def append(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "ab")
+        self._fh.write(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def write_seed_files(rows: Iterable[dict[str, Any]], json_path: Path, csv_path: Path) -> None:
+    """training_metrics.json and training_metrics.csv, as the seed named them."""
+    from .fsutil import atomic_write_bytes
+
+    rows = list(rows)
+    atomic_write_bytes(json_path, orjson.dumps({"history": rows}, option=orjson.OPT_INDENT_2))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+    atomic_write_bytes(csv_path, buf.getvalue().encode())
