@@ -39,14 +39,14 @@ _UNITS = {
 def parse_size(value: int | str) -> int:
     """Bytes from an int or a string such as "20GB", "512MiB", "1.5 GB"."""
     if isinstance(value, bool):
-        raise ValueError("a size, not a boolean")
+        raise ValueError("expected a size (bytes, or a string such as '20GB'), got a boolean")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError("a size must not be negative")
+            raise ValueError(f"expected a size >= 0, got {value}")
         return value
     m = _SIZE_RE.match(str(value))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"a size such as 20GB, 512MiB or a number of bytes, got {value!r}")
+        raise ValueError(f"expected a size such as 20GB, 512MiB or a number of bytes, got {value!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -159,7 +159,7 @@ class TrainingConfig:
             out.append(f"training.schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup_steps < 0:
             out.append(f"training.warmup_steps: expected an integer >= 0, got {self.warmup_steps}")
-        if self.min_learning_rate < 0 or self.min_learning_rate > self.learning_rate:
+        if self.min_learning_rate < 0 or 0 < self.learning_rate < self.min_learning_rate:  # a bad lr is reported once
             out.append(
                 f"training.min_learning_rate: expected 0 <= min_learning_rate <= learning_rate "
                 f"({self.learning_rate}), got {self.min_learning_rate}"
@@ -456,6 +456,12 @@ def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _unknown_key(key: str, options: typing.Iterable[str]) -> str:
+    options = list(options)
+    hint = _did_you_mean(key.rsplit(".", 1)[-1], options)
+    return f"{key}: unknown key{hint}" if hint else f"{key}: unknown key; expected one of {', '.join(options)}"
+
+
 def _type_name(tp: Any) -> str:
     if tp is Size:
         return "a size (bytes, or a string such as '20GB')"
@@ -487,14 +493,23 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 
 def build_config(
-    data: Mapping[str, Any], *, source: str = "<dict>", chain: tuple[str, ...] = (), workspace: str | os.PathLike = "."
+    data: Mapping[str, Any],
+    *,
+    source: str = "<dict>",
+    chain: tuple[str, ...] = (),
+    workspace: str | os.PathLike = ".",
+    origins: Mapping[str, str] | None = None,
 ) -> ExperimentConfig:
-    """Typed, validated config from a merged mapping; every problem is reported at once."""
+    """Typed, validated config from a merged mapping; every problem is reported at once.
+
+    `origins` maps `section.key` to the file that set it, so that a bad value inherited from a
+    parent or an overlay is reported against that file too.
+    """
     problems: list[str] = []
-    known = set(SECTIONS) | set(TOP_LEVEL_KEYS)
+    known = [*SECTIONS, *TOP_LEVEL_KEYS]
     for key in data:
         if key not in known:
-            problems.append(f"{key}: unknown key{_did_you_mean(key, known)}")
+            problems.append(_unknown_key(key, known))
     built: dict[str, Any] = {}
     for sec, cls in SECTIONS.items():
         raw = data.get(sec, {})
@@ -506,7 +521,7 @@ def build_config(
         kwargs = {}
         for key, value in raw.items():
             if key not in hints:
-                problems.append(f"{sec}.{key}: unknown key{_did_you_mean(key, names)}")
+                problems.append(_unknown_key(f"{sec}.{key}", names))
                 continue
             try:
                 kwargs[key] = _coerce(value, hints[key])
@@ -521,7 +536,7 @@ def build_config(
     if not problems:
         problems.extend(_cross_problems(built))
     if problems:
-        raise ConfigError(problems, source=source)
+        raise ConfigError([_with_origin(p, origins, source) for p in problems], source=source)
     return ExperimentConfig(
         name=name or Path(source).stem,
         description=str(data.get("description", "")),
@@ -530,6 +545,23 @@ def build_config(
         workspace=str(workspace),
         **built,
     )
+
+
+def _with_origin(problem: str, origins: Mapping[str, str] | None, source: str) -> str:
+    key = problem.split(":", 1)[0]
+    where = (origins or {}).get(key)
+    if where and Path(where).resolve() != Path(source).resolve():
+        return f"{problem} [set in {where}]"
+    return problem
+
+
+def _origins_of(data: Mapping[str, Any], path: Path) -> dict[str, str]:
+    out = {}
+    for k, v in data.items():
+        for kk in v if isinstance(v, Mapping) else ():
+            out[f"{k}.{kk}"] = str(path)
+        out[k] = str(path)
+    return out
 
 
 def _cross_problems(s: dict[str, Any]) -> list[str]:
@@ -565,7 +597,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"TOML syntax error: {e}", source=str(path)) from None
 
 
-def _load_merged(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], tuple[str, ...]]:
+def _load_merged(
+    path: Path, seen: tuple[Path, ...]
+) -> tuple[dict[str, Any], tuple[str, ...], dict[str, str]]:
+    """The merged mapping of a file and its parents, the files in order, and who set each key."""
     path = path.resolve()
     if path in seen:
         cycle = " -> ".join(p.name for p in (*seen, path))
@@ -578,18 +613,20 @@ def _load_merged(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], tu
         raise ConfigError(f"extends: expected a file name or a list of them, got {parents!r}", source=str(path))
     merged: dict[str, Any] = {}
     chain: tuple[str, ...] = ()
+    origins: dict[str, str] = {}
     for parent in parents:
         ppath = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
         if not ppath.suffix:
             ppath = ppath.with_suffix(".toml")
         if not ppath.exists():
             raise ConfigError(f"extends: parent config {parent!r} not found (looked for {ppath})", source=str(path))
-        pdata, pchain = _load_merged(ppath, (*seen, path))
+        pdata, pchain, porigins = _load_merged(ppath, (*seen, path))
         merged = _deep_merge(merged, pdata)
         chain += pchain
+        origins |= porigins
     merged.pop("name", None)  # a child is named by its own file unless it says otherwise
     merged = _deep_merge(merged, data)
-    return merged, (*chain, str(path))
+    return merged, (*chain, str(path)), origins | _origins_of(data, path)
 
 
 def default_config_dir() -> Path:
@@ -640,16 +677,17 @@ def load_config(
 ) -> ExperimentConfig:
     """Read, merge (extends, then overlays) and validate a config; cheap, imports nothing heavy."""
     path = find_config(str(name_or_path), config_dir)
-    merged, chain = _load_merged(path, ())
+    merged, chain, origins = _load_merged(path, ())
     merged.setdefault("name", path.stem)
     for ov in overlays:
         opath = find_overlay(ov, config_dir)
-        odata, ochain = _load_merged(opath, ())
+        odata, ochain, oorigins = _load_merged(opath, ())
         odata.pop("name", None)
         merged = _deep_merge(merged, odata)
         chain += ochain
+        origins |= oorigins
     ws = Path(workspace) if workspace is not None else Path(os.environ.get("FARENSE_WORKSPACE", Path.cwd()))
-    return build_config(merged, source=str(path), chain=chain, workspace=ws.resolve())
+    return build_config(merged, source=str(path), chain=chain, workspace=ws.resolve(), origins=origins)
 
 
 def config_from_json(path: Path, *, workspace: str | os.PathLike | None = None) -> ExperimentConfig:
@@ -718,6 +756,7 @@ __all__ = [
     "fingerprint_diff",
     "parse_size",
     "format_size",
+    "check_world_size",
 ]
 
 
@@ -746,6 +785,19 @@ def check_model_path(config: ExperimentConfig) -> list[str]:
                 "forbids downloading it"
             ]
     return []
+
+
+def check_world_size(config: ExperimentConfig, world_size: int) -> None:
+    """Refuse a distributed run whose ranks cannot share each micro-batch equally."""
+    if world_size < 1:
+        raise ConfigError(f"world size: expected an integer >= 1, got {world_size}", source=config.source)
+    bs = config.training.batch_size
+    if bs % world_size:
+        raise ConfigError(
+            f"training.batch_size: {bs} examples cannot be split equally across {world_size} ranks; "
+            f"expected a multiple of {world_size}",
+            source=config.source,
+        )
 
 
 def check_inputs(config: ExperimentConfig) -> None:

@@ -128,7 +128,7 @@ def validate_data(config: ExperimentConfig, *, require_test: bool = False) -> tu
             continue
         examples, fmt = read_split(path, config.data, problems)
         if not examples and split in required:
-            problems.append(f"{path}: the {split} split is empty")
+            problems.append(f"{path}: the {split} split is empty (expected at least one valid example)")
         reports[split] = SplitReport(split, path, len(examples), fmt)
         loaded[split] = examples
     fmts = {r.format for r in reports.values() if r.format}
@@ -138,13 +138,14 @@ def validate_data(config: ExperimentConfig, *, require_test: bool = False) -> tu
     t = config.training
     if train and train.examples and train.examples < t.batch_size:
         problems.append(
-            f"{train.path}: {train.examples} examples cannot fill one batch of training.batch_size={t.batch_size}"
+            f"{train.path}: {train.examples} examples cannot fill one batch of training.batch_size={t.batch_size}; "
+            f"expected at least {t.batch_size} examples (or a smaller batch_size)"
         )
     valid = reports.get("valid")
     if valid and valid.examples and valid.examples < t.batch_size:
         problems.append(
             f"{valid.path}: {valid.examples} examples cannot fill one validation batch of "
-            f"training.batch_size={t.batch_size}"
+            f"training.batch_size={t.batch_size}; expected at least {t.batch_size} examples (or a smaller batch_size)"
         )
     if problems:
         raise DataError(problems)

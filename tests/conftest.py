@@ -1,0 +1,90 @@
+"""Shared fixtures: the repository's configs, small data directories, a stand-in model directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+def _chat_example(i: int) -> dict[str, Any]:
+    return {"messages": [
+        {"role": "system", "content": "Responde em português."},
+        {"role": "user", "content": f"Pergunta {i}?"},
+        {"role": "assistant", "content": f"Resposta {i}."},
+    ]}
+
+
+def _write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
+    """One JSON value per line; a str row is written as it is (for malformed lines)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in rows]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def chat_example() -> Callable[[int], dict[str, Any]]:
+    """A valid chat example numbered i (system, user, assistant)."""
+    return _chat_example
+
+
+@pytest.fixture
+def write_jsonl() -> Callable[[Path, Iterable[Any]], Path]:
+    """Write rows as JSONL; a str row is written as it is (for malformed lines)."""
+    return _write_jsonl
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A valid chat data directory: 8 train, 4 valid, 4 test examples."""
+    d = tmp_path / "data"
+    _write_jsonl(d / "train.jsonl", (_chat_example(i) for i in range(8)))
+    _write_jsonl(d / "valid.jsonl", (_chat_example(i) for i in range(8, 12)))
+    _write_jsonl(d / "test.jsonl", (_chat_example(i) for i in range(12, 16)))
+    return d
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A directory that passes the model-path check (config.json and a weights file); not loadable."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    (d / "model.safetensors").write_bytes(b"\0" * 8)
+    return d
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, model_dir: Path, data_dir: Path) -> Callable[..., Path]:
+    """Write a config that extends configs/v1.toml with the local model and data, plus overrides.
+
+    `write_config({"lora": {"rank": 0}})` -> path of exp.toml; `raw=` writes text as it is.
+    """
+    import tomli_w
+
+    def write(overrides: dict[str, Any] | None = None, *, name: str = "exp", raw: str | None = None) -> Path:
+        path = tmp_path / f"{name}.toml"
+        if raw is not None:
+            path.write_text(raw)
+            return path
+        doc: dict[str, Any] = {
+            "extends": str(CONFIGS / "v1.toml"),
+            "name": name,
+            "model": {"path": str(model_dir)},
+            "data": {"dir": str(data_dir)},
+        }
+        for sec, values in (overrides or {}).items():
+            if isinstance(values, dict):
+                doc[sec] = {**doc.get(sec, {}), **values}
+            else:
+                doc[sec] = values
+        path.write_text(tomli_w.dumps(doc))
+        return path
+
+    return write
