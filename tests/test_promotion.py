@@ -235,3 +235,63 @@ def test_promotion_killed_between_steps_leaves_a_whole_release_in_production(ws,
     assert not [p for p in (prod_of(ws) / "releases").iterdir() if ".tmp-" in p.name]
     assert not [p for p in prod_of(ws).iterdir() if p.name.startswith("current.tmp-")]
     assert Release.read(again.path).run_name == "v2"
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def test_commands_compare_promote_rollback(ws, capsys):
+    from farense.cli import main
+
+    prod = str(prod_of(ws))
+    v1 = make_fake_run(ws, "v1", f1=0.9602, precision=0.9402, recall=0.9810, gap=2.27, gap_status="CRÍTICO",
+                       config="v1", adapters=b"v1" * 100)
+    v2 = make_fake_run(ws, "v2", f1=0.955, gap=0.12, adapters=b"v2" * 100)
+
+    # V1 alone: decided against an empty production, refused (gap 2.27), then forced.
+    assert main(["promote", str(v1), "--production", prod]) == 4
+    err = capsys.readouterr().err
+    assert "refused" in err and "gap_below_max failed: gap 2.2700 >= 0.15 (CRÍTICO)" in err and "--force" in err
+    assert main(["promote", str(v1), "--production", prod, "--force"]) == 0
+    assert "promoted despite the decision" in capsys.readouterr().err
+
+    assert main(["compare", str(v1), str(v2)]) == 0
+    out = capsys.readouterr().out
+    assert "F1\t0.9602\t0.9550\t-0.0052\tv1" in out  # plain tab-separated output off a terminal
+    assert "v2 is preferred and ready for production" in out
+    for name in ("comparison.json", "comparison.md", "decision.json"):
+        assert (v2 / "evaluation" / name).is_file()
+
+    assert main(["promote", str(v2), "--production", prod]) == 0
+    out = capsys.readouterr().out
+    assert "using " in out and "v2 vs v1" in out and "promoted v2" in out and "farense rollback" in out
+    assert current_release(prod_of(ws)).run_name == "v2"
+    assert main(["promote", str(v2), "--production", prod]) == 0
+    assert "already in production" in capsys.readouterr().out
+
+    assert main(["compare", "production", str(v2), "--production", prod, "--json"]) == 0
+    data = orjson.loads(capsys.readouterr().out)
+    assert data["comparison"]["a"]["kind"] == "release" and data["decision"]["promote"]
+
+    assert main(["releases", "--production", prod, "--json"]) == 0
+    listed = orjson.loads(capsys.readouterr().out)
+    assert [(r["run_name"], r["current"], r["forced"]) for r in listed] == [("v1", False, True), ("v2", True, False)]
+
+    assert main(["rollback", "--production", prod]) == 0
+    assert "rolled back" in capsys.readouterr().out
+    assert current_release(prod_of(ws)).run_name == "v1"
+    assert main(["rollback", "--production", prod]) == 1
+    assert "no previous release" in capsys.readouterr().err
+
+
+def test_command_resolves_a_config_name_to_its_run(ws, capsys, monkeypatch):
+    from farense.cli import main
+
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("FARENSE_WORKSPACE", str(ws))
+    monkeypatch.setenv("FARENSE_CONFIG_DIR", str(Path(__file__).resolve().parent.parent / "configs"))
+    make_fake_run(ws, "v2")  # at <ws>/runs/v2, where configs/v2.toml puts it
+    assert main(["promote", "v2"]) == 0
+    assert current_release(ws / "production").run_name == "v2"
+    assert main(["promote", "v1"]) == 1
+    assert "no run of v1" in capsys.readouterr().err
