@@ -84,6 +84,9 @@ def plot_loss_curves(metrics_rows: Iterable[Mapping[str, Any]], summary: Mapping
         title += f"\ngap at best step {gap:.3f} ({summary.get('gap_status', '?')})"
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss (cross-entropy per token)")
     ax.grid(True, alpha=0.3)
     if train or val:
