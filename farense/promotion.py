@@ -30,7 +30,18 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
-from .decision import DECISION_NAME, RELEASE_MANIFEST, REPORT_NAME, Decision, iso, read_decision
+from .config import DecisionConfig
+from .decision import (
+    DECISION_NAME,
+    RELEASE_MANIFEST,
+    REPORT_NAME,
+    Decision,
+    compare_and_decide,
+    incumbent_from_production,
+    iso,
+    read_decision,
+    report_from_run,
+)
 from .errors import DecisionRefused, FarenseError, RunLocked
 from .fsutil import atomic_write_json, fsync_dir, fsync_file, sha256_file
 from .layout import TMP_MARK, ProductionPaths, RunPaths
@@ -234,6 +245,31 @@ def _refusal_reasons(run: RunPaths, decision: Decision | None, decision_path: Pa
     for r in decision.failed_rules:
         reasons.append(f"{r.name} failed: {r.explanation}")
     return reasons
+
+
+@dataclass(frozen=True)
+class DecisionChoice:
+    """The decision a promotion follows, and whether it was made just now."""
+
+    path: Path
+    decision: Decision
+    reused: bool
+
+
+def ensure_decision(run_dir: Path, production_dir: Path, thresholds: DecisionConfig) -> DecisionChoice:
+    """The run's decision.json when it was made from the run's current evaluation (e.g. by
+    `farense compare v1 v2`); otherwise a new decision against what production serves now, written
+    (with the comparison) into the run's evaluation directory."""
+    run = RunPaths(Path(run_dir))
+    path = run.evaluation / DECISION_NAME
+    report = run.evaluation / REPORT_NAME
+    if path.exists() and report.exists():
+        existing = read_decision(path)
+        if existing.input_sha256("candidate", "evaluation_report") == sha256_file(report):
+            return DecisionChoice(path, existing, True)
+    out = compare_and_decide(incumbent_from_production(production_dir), report_from_run(run.root), thresholds,
+                             out_dir=run.evaluation)
+    return DecisionChoice(out.files["decision"], out.decision, False)
 
 
 def _release_id(run_name: str, short: str, when: datetime, releases: Path) -> str:

@@ -295,3 +295,20 @@ def test_command_resolves_a_config_name_to_its_run(ws, capsys, monkeypatch):
     assert current_release(ws / "production").run_name == "v2"
     assert main(["promote", "v1"]) == 1
     assert "no run of v1" in capsys.readouterr().err
+
+
+def test_ensure_decision_reuses_a_fresh_one_and_otherwise_decides_against_production(ws):
+    from farense.promotion import ensure_decision
+
+    r1 = promote(decided_run(ws, "v1", config="v1", f1=0.97), None, prod_of(ws), now=T0)
+    v2 = make_fake_run(ws, "v2", f1=0.955)
+    made = ensure_decision(v2, prod_of(ws), T)
+    assert not made.reused and made.decision.incumbent["release_id"] == r1.id
+    assert not made.decision.preferred  # trails production's 0.97 by more than 0.01
+    assert (v2 / "evaluation" / "comparison.md").is_file()
+    again = ensure_decision(v2, prod_of(ws), T)
+    assert again.reused and again.decision.decided_at == made.decision.decided_at
+    report = v2 / "evaluation" / "evaluation_report.json"
+    report.write_bytes(report.read_bytes().replace(b'"f1":0.955', b'"f1":0.975'))  # evaluated again
+    redone = ensure_decision(v2, prod_of(ws), T)
+    assert not redone.reused and redone.decision.promote

@@ -123,25 +123,22 @@ def compare_cmd(args: argparse.Namespace) -> int:
 
 
 def promote_cmd(args: argparse.Namespace) -> int:
-    from ..decision import DECISION_NAME, compare_and_decide, incumbent_from_production, read_decision, report_from_run
-    from ..fsutil import sha256_file
-    from ..promotion import current_release, promote
+    from ..promotion import current_release, ensure_decision, promote
 
     run_dir, config = resolve_run(args.run, args)
     paths = RunPaths(run_dir)
     prod = _production_dir(args, config)
-    decision_path = Path(args.decision) if args.decision else paths.evaluation / DECISION_NAME
-    if not args.decision:
-        report = paths.evaluation / "evaluation_report.json"
-        d = read_decision(decision_path) if decision_path.exists() and report.exists() else None
-        if d is not None and d.input_sha256("candidate", "evaluation_report") == sha256_file(report):
-            inc = d.incumbent["name"] if d.incumbent else "no incumbent"
-            print(f"using {decision_path} ({paths.name} vs {inc}, decided {d.decided_at})")
+    if args.decision:
+        decision_path = Path(args.decision)
+    else:
+        choice = ensure_decision(run_dir, prod, config.decision)
+        decision_path, d = choice.path, choice.decision
+        if choice.reused:
+            vs = d.incumbent["name"] if d.incumbent else "no incumbent"
+            print(f"using {decision_path} ({paths.name} vs {vs}, decided {d.decided_at})")
         else:
-            incumbent = incumbent_from_production(prod)
-            out = compare_and_decide(incumbent, report_from_run(run_dir), config.decision, out_dir=paths.evaluation)
-            vs = f"production release {incumbent.release_id}" if incumbent else "no release in production"
-            print(f"decided {paths.name} against {vs}: {out.decision.verdict}")
+            vs = f"production release {d.incumbent['release_id']}" if d.incumbent else "no release in production"
+            print(f"decided {paths.name} against {vs}: {d.verdict}")
     before = current_release(prod)
     rel = promote(run_dir, decision_path, prod, force=args.force)
     if before is not None and rel.id == before.id:
