@@ -392,6 +392,21 @@ class CheckpointStore:
         with self._lock:
             return self._delete(self.directory / checkpoint_name(step))
 
+    def discard_after(self, step: int | None) -> builtins.list[Path]:
+        """Delete every checkpoint directory newer than `step` (all if None), manifest or not.
+
+        A resuming trainer calls this with the step it resumes from: anything newer failed to
+        verify, and its name must be free for the step to be written again.
+        """
+        if self.rank != 0:
+            return []
+        gone = []
+        with self._lock:
+            for s, path in self._committed_dirs():
+                if (step is None or s > step) and self._delete(path):
+                    gone.append(path)
+        return gone
+
     def remove_temporaries(self) -> int:
         """Delete leftovers of interrupted writes and deletes (`*.tmp-*`); returns bytes freed.
 

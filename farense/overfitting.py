@@ -38,6 +38,7 @@ class EarlyStoppingState:
 
     best_val_loss: float | None = None
     best_step: int | None = None
+    reference_val_loss: float | None = None  # moves only on an improvement larger than min_delta
     evaluations_without_improvement: int = 0
     stopped_at: int | None = None
 
@@ -54,16 +55,18 @@ def observe_validation(
 ) -> tuple[EarlyStoppingState, bool]:
     """Record one validation; returns the new state and whether this is a new best.
 
-    A validation is an improvement when it beats the best by more than min_delta; the best
-    adapters follow the lowest loss seen. Patience 0 never stops.
+    As in Keras' EarlyStopping, a validation is an improvement when it beats the reference (the
+    last improving loss) by more than min_delta, so tiny gains cannot creep the reference down;
+    the best adapters follow the lowest loss seen. Patience 0 never stops.
     """
     is_best = state.best_val_loss is None or val_loss < state.best_val_loss
-    improved = state.best_val_loss is None or val_loss < state.best_val_loss - cfg.min_delta
+    improved = state.reference_val_loss is None or val_loss < state.reference_val_loss - cfg.min_delta
     waited = 0 if improved else state.evaluations_without_improvement + 1
     new = replace(
         state,
         best_val_loss=val_loss if is_best else state.best_val_loss,
         best_step=step if is_best else state.best_step,
+        reference_val_loss=val_loss if improved else state.reference_val_loss,
         evaluations_without_improvement=waited,
     )
     if cfg.patience and waited >= cfg.patience:

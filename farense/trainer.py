@@ -315,11 +315,13 @@ def run_training(
     clock: Callable[[], float] = time.monotonic,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
     progress_bar: bool | None = None,
+    on_step_end: Callable[[int, dict[str, Any], Any], None] | None = None,
 ) -> TrainResult:
     """Train `config` to the end, resuming from the newest verified checkpoint unless new_run.
 
     Raises Preempted, DiskFull (both resumable), NumericalError, or input errors (before any
-    model is loaded). The disk guard and the preemption flag are passed in, so tests drive them.
+    model is loaded). The disk guard, the preemption flag, the clock and `on_step_end(step, row,
+    model)` are passed in, so tests drive them.
     """
     # 1. Everything that can be wrong with the input is found before anything heavy is loaded.
     check_inputs(config)
@@ -333,15 +335,14 @@ def run_training(
     with RunLock(paths.lock, command="train"):
         return _train_locked(config, paths, loaded, data_fp, new_run=new_run,
                              preemption=preemption or PreemptionFlag(), guard=guard, clock=clock, log=log,
-                             progress_bar=progress_bar)
+                             progress_bar=progress_bar, on_step_end=on_step_end)
 
 
 def _start_over(paths: RunPaths, store: CheckpointStore) -> None:
     """--new-run: the old run's checkpoints, adapters and metrics go (we hold the lock)."""
     import shutil
 
-    for info in store.list():
-        store.remove(info.step)
+    store.discard_after(None)
     store.remove_temporaries()
     shutil.rmtree(paths.adapters, ignore_errors=True)
     shutil.rmtree(paths.evaluation, ignore_errors=True)
@@ -351,7 +352,8 @@ def _start_over(paths: RunPaths, store: CheckpointStore) -> None:
 
 def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_fp: str, *, new_run: bool,
                   preemption: PreemptionFlag, guard: Any, clock: Callable[[], float],
-                  log: Callable[[str], None], progress_bar: bool | None) -> TrainResult:
+                  log: Callable[[str], None], progress_bar: bool | None,
+                  on_step_end: Callable[[int, dict[str, Any], Any], None] | None) -> TrainResult:
     import mlx.core as mx
     from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
 
@@ -372,11 +374,9 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
         store.remove_temporaries()  # leftovers of writes killed mid-way; we hold the run lock
     resume = None if new_run else store.latest_verified()
     if is_writer:
-        # Committed checkpoints newer than the one we resume from failed verification: they go.
-        for info in store.list():
-            if resume is None or info.step > resume.step:
-                log(f"removing unverifiable checkpoint {info.path.name}")
-                store.remove(info.step)
+        # Checkpoints newer than the one we resume from failed verification: they go.
+        for path in store.discard_after(resume.step if resume else None):
+            log(f"removed unverifiable checkpoint {path.name}")
     if resume is not None:
         check_resume_compatible(resume, config, data_fp)
     if is_writer:
@@ -512,8 +512,13 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
 
             metrics.append(row)
             history.append(row)
+            if on_step_end is not None:
+                on_step_end(prog.step, row, model)
+            # One reading of the flag decides both the checkpoint and the exit: a signal that
+            # arrives later is served after the next step, never between the two.
+            preempt_now = preemption.requested
             due = (prog.step % config.checkpoint.every_steps == 0 or prog.step == total_steps
-                   or prog.early_stopping.stopped_at is not None or preemption.requested)
+                   or prog.early_stopping.stopped_at is not None or preempt_now)
             if due:
                 if prog.last_val_loss is not None and (prog.best_checkpoint_val is None
                                                        or prog.last_val_loss < prog.best_checkpoint_val):
@@ -525,7 +530,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                                 last_train_loss=step_loss, last_val_loss=prog.last_val_loss)
             if bar:
                 bar.advance(step_loss, prog.last_val_loss)
-            if preemption.requested:
+            if preempt_now:
                 raise Preempted(f"preempted by signal {preemption.signal} after step {prog.step}; "
                                 f"checkpoint step-{prog.step:08d} written, resume continues from it")
             if guard is not None and is_writer and guard.due(clock()):

@@ -88,3 +88,7 @@ def write_config(tmp_path: Path, model_dir: Path, data_dir: Path) -> Callable[..
         return path
 
     return write
+
+
+# Fixtures for tests that train the demo model (kept in their own module).
+pytest_plugins = ["training_fixtures"]

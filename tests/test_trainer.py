@@ -1,0 +1,154 @@
+"""The trainer on the real demo model: outputs, retention, early stopping, NaN, fingerprints, mlx-lm loading."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+
+from farense.checkpoint import CheckpointStore
+from farense.config import EarlyStoppingConfig
+from farense.errors import FingerprintMismatch, NumericalError, Preempted
+from farense.layout import RunPaths
+from farense.metrics import read_metrics
+from farense.overfitting import EarlyStoppingState, GapStatus, classify_gap, observe_validation
+from farense.signals import PreemptionFlag
+from farense.states import RunState
+from farense.trainer import run_training
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_a_run_writes_the_seed_files_and_mlx_lm_loads_its_adapters(make_config):
+    cfg = make_config()
+    result = run_training(cfg, progress_bar=False)
+    paths = RunPaths(cfg.run_dir)
+
+    assert result.state is RunState.COMPLETED and result.step == result.total_steps == 24
+    rows = read_metrics(paths.metrics_jsonl)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert {"train_loss", "learning_rate", "tokens_per_second", "peak_memory_gb"} <= set(rows[0])
+    val_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val_rows] == [4, 8, 12, 16, 20, 24]
+    assert all(r["gap_status"] in {s.value for s in GapStatus} for r in val_rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5, "loss should visibly fall on the demo data"
+    # Warm-up: the learning rate climbs over the first 3 steps, then decays (cosine).
+    lrs = [r["learning_rate"] for r in rows]
+    assert lrs[0] < lrs[1] < lrs[2] and lrs[-1] < lrs[3]
+
+    summary = orjson.loads(paths.summary.read_bytes())
+    assert summary["fingerprint"] == cfg.fingerprint and summary["state"] == "completed"
+    assert summary["best_step"] == result.best_step and summary["best_val_loss"] == min(r["val_loss"] for r in val_rows)
+    assert orjson.loads(paths.metrics_json.read_bytes())["history"] == rows
+    assert paths.metrics_csv.read_text().splitlines()[0].startswith("step,epoch,train_loss,val_loss")
+    assert orjson.loads((paths.adapters / "best.json").read_bytes())["step"] == result.best_step
+
+    # The best adapters load as they are in mlx-lm and generate text.
+    from mlx_lm import generate, load
+
+    model, tokenizer = load(cfg.model_path, adapter_path=str(paths.adapters))
+    text = generate(model, tokenizer, prompt="Onde joga o Farense?", max_tokens=5)
+    assert isinstance(text, str)
+
+    # Retention: exactly the last K checkpoints plus the best checkpoint remain.
+    steps = [i.step for i in CheckpointStore(paths.checkpoints).list()]
+    expected = {16, 24} | {summary["best_checkpoint_step"]}
+    assert set(steps) == expected
+
+
+def test_resuming_under_a_changed_training_config_is_refused_with_the_fields(make_config):
+    cfg = make_config(checkpoint={"every_steps": 4})
+    run_training(cfg.with_overrides(training={"iters": 8}), progress_bar=False)
+    changed = cfg.with_overrides(training={"iters": 8, "learning_rate": 1e-3})
+    with pytest.raises(FingerprintMismatch) as e:
+        run_training(changed, progress_bar=False)
+    msg = str(e.value)
+    assert "training.learning_rate" in msg and "0.0002" in msg and "0.001" in msg and "--new-run" in msg
+    # --new-run starts over.
+    result = run_training(changed, new_run=True, progress_bar=False)
+    assert result.resumed_from is None and result.state is RunState.COMPLETED
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_leaves_no_bad_checkpoint(make_config):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    cfg = make_config(checkpoint={"every_steps": 4})
+
+    def poison(step, row, model):
+        if step == 10:  # a numerical blow-up: one adapter weight becomes NaN
+            name, w = next((k, v) for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b"))
+            model.update(tree_unflatten([(name, w + mx.array(float("nan")))]))
+
+    with pytest.raises(NumericalError, match=r"step 11: the training loss is nan"):
+        run_training(cfg, progress_bar=False, on_step_end=poison)
+    paths = RunPaths(cfg.run_dir)
+    store = CheckpointStore(paths.checkpoints)
+    assert [i.step for i in store.list()] == [4, 8]
+    latest = store.latest_verified()
+    assert latest.step == 8
+    state = orjson.loads(latest.file("state.json").read_bytes())
+    assert math.isfinite(state["progress"]["early_stopping"]["best_val_loss"])
+    assert orjson.loads(paths.state.read_bytes())["state"] == "failed"
+    # Resume restarts from the last good checkpoint and finishes.
+    result = run_training(cfg, progress_bar=False)
+    assert result.resumed_from == 8 and result.state is RunState.COMPLETED
+
+
+def test_preemption_flag_checkpoints_the_current_step_and_resume_loses_nothing(make_config):
+    cfg = make_config()
+    flag = PreemptionFlag()
+
+    def preempt(step, row, model):
+        if step == 13:
+            flag.request()
+
+    # Requested during step 13 (as a signal handler would): step 13 is checkpointed, then the run stops.
+    with pytest.raises(Preempted):
+        run_training(cfg, progress_bar=False, preemption=flag, on_step_end=preempt)
+    paths = RunPaths(cfg.run_dir)
+    assert CheckpointStore(paths.checkpoints).latest_verified().step == 13
+    assert orjson.loads(paths.state.read_bytes())["state"] == "preempted"
+    result = run_training(cfg, progress_bar=False)
+    assert result.resumed_from == 13
+    assert [r["step"] for r in read_metrics(paths.metrics_jsonl)] == list(range(1, 25))
+
+
+@pytest.mark.parametrize(
+    "losses, patience, min_delta, stop_at",
+    [
+        ([3.0, 2.0, 1.9, 1.95, 1.92, 1.91], 3, 0.0, 6),   # best 1.9 at eval 3, then three evals without beating it
+        ([3.0, 2.0, 1.9995, 1.9991, 1.9990], 3, 0.001, 5),  # gains under min_delta do not count (nor creep)
+        ([3.0, 2.0, 1.9995, 1.9980, 1.5], 3, 0.001, None),  # 1.9980 beats the reference 2.0 by > 0.001
+        ([3.0, 2.0, 1.0, 0.5, 0.25], 2, 0.001, None),       # always improving: never stops
+        ([1.0, 1.1, 1.2, 1.3, 1.4, 1.5], 0, 0.0, None),     # patience 0 disables early stopping
+        ([1.0, 1.0, 1.0], 2, 0.0, 3),                       # equal is not an improvement
+    ],
+)
+def test_early_stopping_stops_at_the_right_evaluation(losses, patience, min_delta, stop_at):
+    cfg = EarlyStoppingConfig(patience=patience, min_delta=min_delta)
+    state = EarlyStoppingState()
+    stopped = None
+    for i, loss in enumerate(losses, start=1):
+        state, _ = observe_validation(state, i, loss, cfg)
+        if state.stopped_at is not None:
+            stopped = state.stopped_at
+            break
+    assert stopped == stop_at
+
+
+def test_best_follows_the_lowest_loss_even_below_min_delta():
+    cfg = EarlyStoppingConfig(patience=5, min_delta=0.1)
+    s, best = observe_validation(EarlyStoppingState(), 1, 2.0, cfg)
+    assert best
+    s, best = observe_validation(s, 2, 1.95, cfg)  # better, but not by min_delta
+    assert best and s.best_step == 2 and s.evaluations_without_improvement == 1
+
+
+@pytest.mark.parametrize("gap, label", [(-0.3, "EXCELENTE"), (0.0499, "EXCELENTE"), (0.05, "BOM"), (0.1499, "BOM"),
+                                        (0.15, "MODERADO"), (0.2999, "MODERADO"), (0.30, "CRÍTICO"), (2.27, "CRÍTICO")])
+def test_gap_labels_follow_the_documented_thresholds(gap, label):
+    from farense.config import OverfittingConfig
+
+    assert classify_gap(gap, OverfittingConfig()).value == label
