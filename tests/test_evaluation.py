@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from farense.config import config_to_json, load_config
+from farense.config import load_config
 from farense.errors import DataError, FarenseError
 from farense.evaluation import (
     EvaluationSummary,
@@ -50,63 +50,16 @@ def demo_config(workspace: Path, demo_dir: Path, **sections):
     return load_config("v2", overlays=["demo"], workspace=workspace, config_dir=REPO / "configs").with_overrides(**base)
 
 
-def train_with_mlx_lm(cfg) -> Path:
-    """A finished run directory produced with mlx-lm's own trainer (adapters in mlx-lm's format)."""
-    import mlx.core as mx
-    import mlx.optimizers as optim
-    from mlx_lm import load
-    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    from farense.data import make_datasets, validate_data
-    from farense.trainer import adapter_config
-
-    run = cfg.run_dir
-    (run / "adapters").mkdir(parents=True)
-    (run / "config.json").write_bytes(config_to_json(cfg))
-    mx.random.seed(cfg.training.seed)
-    model, tokenizer = load(cfg.model_path)
-    model.freeze()
-    acfg = adapter_config(cfg)
-    linear_to_lora_layers(model, acfg["num_layers"], acfg["lora_parameters"])
-    (run / "adapters" / "adapter_config.json").write_bytes(orjson.dumps(acfg))
-    _, loaded = validate_data(cfg)
-    ds = make_datasets(cfg, tokenizer, loaded)
-    rows: dict[int, dict] = {}
-
-    class Record(TrainingCallback):
-        def on_train_loss_report(self, info):
-            rows.setdefault(info["iteration"], {"step": info["iteration"]})["train_loss"] = info["train_loss"]
-
-        def on_val_loss_report(self, info):
-            if info["iteration"] > 0:
-                rows.setdefault(info["iteration"], {"step": info["iteration"]})["val_loss"] = info["val_loss"]
-
-    t = cfg.training
-    args = TrainingArgs(batch_size=t.batch_size, iters=t.iters, val_batches=cfg.validation.batches, steps_per_report=1,
-                        steps_per_eval=cfg.validation.every_steps, steps_per_save=10**6,
-                        max_seq_length=t.max_seq_length, adapter_file=str(run / "adapters" / "adapters.safetensors"))
-    train(model, optim.Adam(learning_rate=t.learning_rate), ds["train"], ds["valid"], args=args,
-          training_callback=Record())
-    metrics = [rows[s] for s in sorted(rows)]
-    (run / "metrics.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in metrics))
-    best = min((r for r in metrics if "val_loss" in r), key=lambda r: r["val_loss"])
-    gap = best["val_loss"] - best["train_loss"]
-    (run / "training_summary.json").write_bytes(orjson.dumps({
-        "run_name": cfg.run_name, "config_name": cfg.name, "fingerprint": cfg.fingerprint, "state": "completed",
-        "final_step": t.iters, "total_steps": t.iters, "best_step": best["step"], "best_val_loss": best["val_loss"],
-        "train_loss_at_best": best["train_loss"], "train_val_gap": gap, "gap_status": "BOM",
-        "early_stopped": False, "early_stop_step": None, "training_time_seconds": 5.0, "tokens_seen": 0,
-    }))
-    return run
-
-
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, demo_dir):
-    """One briefly trained demo run, evaluated on the first test examples (shared by this module)."""
+    """One briefly trained demo run (farense's trainer, 20 steps), evaluated on the first test examples."""
+    from farense.trainer import run_training
+
     ws = tmp_path_factory.mktemp("eval-ws")
     cfg = demo_config(ws, demo_dir)
-    run = train_with_mlx_lm(cfg)
+    result = run_training(cfg, new_run=True, progress_bar=False, log=lambda _m: None)
+    assert result.state.finished
+    run = Path(result.run_dir)
     summary = evaluate_run(run, max_examples=N_EXAMPLES)
     return cfg, run, summary
 
@@ -127,7 +80,8 @@ def test_real_evaluation_writes_report_csv_and_plots(evaluated):
     assert report["fingerprint"] == report_fingerprint(report) == s.fingerprint
     assert report["config_fingerprint"] == cfg.fingerprint == s.config_fingerprint
     assert report["generation"] == {"sampler": "greedy", "max_new_tokens": 6, "batch_size": 2}
-    assert 1 <= report["training"]["best_step"] <= 20
+    training = orjson.loads((run / "training_summary.json").read_bytes())
+    assert report["training"]["best_step"] == training["best_step"] in (10, 20)
     assert len(report["rows"]) == N_EXAMPLES == s.examples
     test_lines = (Path(cfg.data_dir) / "test.jsonl").read_bytes().splitlines()
     for i, row in enumerate(report["rows"]):
