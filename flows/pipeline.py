@@ -1,0 +1,163 @@
+"""The training pipeline as one Prefect flow, step for step DESIGN.md's pipeline:
+
+    disk preflight -> cleanup of stale checkpoints -> resumable training (retried, checkpointed)
+      -> evaluation -> V1/V2 comparison and decision -> promotion -> notification
+
+Started by the nightly deployment, by `prefect deployment run 'farense-training/nightly'`, or
+without any server by `farense run v2` (Prefect's ephemeral local API). After a crash the resume
+automation (deployments/setup.py) starts the deployment again with resume_attempt + 1; training
+resumes from the last checkpoint, and steps whose results are on disk (training finished with
+this config, evaluation of these adapters) are not redone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, tags
+
+from farense.config import ExperimentConfig
+from farense.errors import FarenseError
+
+from tasks.decide import PRODUCTION, DecisionResult, decide_task
+from tasks.disk import CleanupResult, PreflightResult, cleanup_task, preflight_task
+from tasks.evaluate import EvaluationResult, evaluate_task
+from tasks.inputs import check_inputs_task
+from tasks.notify import NotifyResult, notify_task, send_notification
+from tasks.promote import PromotionResult, promote_task
+from tasks.train import TrainingOutcome, train_model
+
+TRAINING_FLOW = "farense-training"
+
+
+class ResumeLimitReached(FarenseError):
+    """The run crashed and was resumed too many times in a row; a person should look."""
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What one pipeline run did, step by step (the flow's return value)."""
+
+    config: str
+    run_dir: str
+    preflight: PreflightResult
+    cleanup: CleanupResult
+    training: TrainingOutcome
+    evaluation: EvaluationResult
+    decision: DecisionResult
+    promotion: PromotionResult
+    notification: NotifyResult
+
+
+def training_run_name() -> str:
+    """Flow run names say what ran: config, demo, date, and which resume it is."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    name = Path(str(p.get("config", "v2"))).stem
+    demo = "-demo" if p.get("demo") else ""
+    resume = f"-resume{p['resume_attempt']}" if p.get("resume_attempt") else ""
+    return f"{name}{demo}-{datetime.now():%Y-%m-%d-%H%M}{resume}"
+
+
+def refuse_endless_resumes(resume_attempt: int, max_resume_attempts: int) -> None:
+    """Bound the crash -> resume loop: past the limit this run fails (Failed, not Crashed: no resume)."""
+    if resume_attempt > max_resume_attempts:
+        raise ResumeLimitReached(
+            f"this run was resumed {resume_attempt - 1} times after crashes (max_resume_attempts="
+            f"{max_resume_attempts}); not resuming again. Look at the crashed runs' logs, then start the "
+            f"deployment by hand (resume_attempt=0) to continue from the last checkpoint."
+        )
+
+
+def _tag_flow_run(config: ExperimentConfig, demo: bool) -> None:
+    """Tags in the UI: which config, whether on the demo model."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    wanted = {"farense", f"config:{config.name}", *(["demo"] if demo else [])}
+    current = set(flow_run.tags or [])
+    if wanted <= current:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=sorted(current | wanted))
+
+
+def completion_message(cfg: ExperimentConfig, t: TrainingOutcome, e: EvaluationResult, d: DecisionResult,
+                       p: PromotionResult) -> tuple[str, str]:
+    """Subject and body of the completion notification: the decision and the key metrics."""
+    from prefect.runtime import flow_run
+
+    outcome = "promoted" if p.promoted else "not promoted"
+    subject = f"farense: {flow_run.name or cfg.run_name} completed, {outcome}"
+    gap = "-" if t.train_val_gap is None else f"{t.train_val_gap:.4f} ({t.gap_status})"
+    best = "-" if t.best_val_loss is None else f"{t.best_val_loss:.4f} at step {t.best_step}"
+    lines = [
+        f"config: {cfg.name} (fingerprint {cfg.fingerprint})",
+        f"training: {t.state}, step {t.step}/{t.total_steps}"
+        + (f", resumed from step {t.resumed_from}" if t.resumed_from else "")
+        + (" (already trained)" if t.skipped else ""),
+        f"best validation loss: {best}",
+        f"train/validation gap: {gap}",
+        f"F1 {e.f1:.4f}, precision {e.precision:.4f}, recall {e.recall:.4f}, exact match {e.exact_match:.4f}"
+        f" on {e.examples} test examples",
+        f"compared with: {d.incumbent or 'nothing in production yet'}",
+        f"decision: {d.verdict}",
+        f"promotion: {p.reason}" + (f" (release {p.release_id})" if p.release_id else ""),
+        f"run directory: {t.run_dir}",
+    ]
+    return subject, "\n".join(lines)
+
+
+def notify_failure_outside_deployments(flow: Any, flow_run: Any, state: Any) -> None:
+    """on_failure hook for runs without a deployment (`farense run`): deployment runs are covered
+    by the notify automation, so they are not told twice."""
+    if flow_run.deployment_id is not None:
+        return
+    import logging
+
+    params = flow_run.parameters or {}
+    send_notification(params.get("notify_block"), f"farense: {flow_run.name} failed",
+                      f"farense run {flow_run.name} failed.\nconfig: {params.get('config')}\nmessage: {state.message}",
+                      logging.getLogger("farense.flows"))
+
+
+@flow(name=TRAINING_FLOW, flow_run_name=training_run_name, retries=0,
+      on_failure=[notify_failure_outside_deployments])
+def training_flow(
+    config: str = "v2",
+    compare_with: str = PRODUCTION,
+    promote: bool = True,
+    demo: bool = False,
+    workspace: str | None = None,
+    notify_block: str | None = None,
+    resume_attempt: int = 0,
+    max_resume_attempts: int = 3,
+) -> PipelineResult:
+    """Train `config`, evaluate it, compare it with `compare_with` ("production" or a run such as
+    "v1"), promote it if the rules allow and `promote` is set, and say how it went."""
+    refuse_endless_resumes(resume_attempt, max_resume_attempts)
+    cfg = check_inputs_task(config, demo, workspace, compare_with)
+    _tag_flow_run(cfg, demo)
+    if resume_attempt:
+        get_run_logger().info(f"resume attempt {resume_attempt} of {max_resume_attempts} after a crash")
+
+    with tags("farense", f"config:{cfg.name}"):
+        preflight = preflight_task(cfg)
+        cleanup = cleanup_task(cfg)
+        trained = train_model(cfg, demo)
+        evaluation = evaluate_task(cfg, trained.run_dir)
+        decision = decide_task(cfg, trained.run_dir, compare_with, demo)
+        promotion = promote_task(cfg, trained.run_dir, decision, promote)
+        subject, body = completion_message(cfg, trained, evaluation, decision, promotion)
+        notification = notify_task(subject, body, notify_block)
+
+    return PipelineResult(cfg.name, trained.run_dir, preflight, cleanup, trained, evaluation, decision, promotion,
+                          notification)
+
+
+if __name__ == "__main__":
+    training_flow()

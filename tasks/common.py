@@ -1,0 +1,68 @@
+"""What the tasks share: one way to load a config, the back-off for transient I/O, artifact keys.
+
+Transient failures (a file being replaced, a flaky network) are retried here with tenacity, with
+bounded, jittered exponential back-off. A full disk or an I/O error is not transient: retrying a
+write after ENOSPC or EIO can only make things worse, so those propagate at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from tenacity import retry, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
+
+from farense.config import ExperimentConfig, load_config
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# ENOSPC, EDQUOT and EIO are never retried (see farense/fsutil.py for why).
+_NOT_TRANSIENT = frozenset(c for c in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EIO, errno.ENOENT) if c)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    try:
+        import httpx
+
+        if isinstance(exc, (httpx.TransportError, httpx.HTTPStatusError)):
+            status = getattr(getattr(exc, "response", None), "status_code", 500)
+            return isinstance(exc, httpx.TransportError) or status >= 500 or status == 429
+    except ImportError:  # pragma: no cover - httpx ships with prefect
+        pass
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno not in _NOT_TRANSIENT
+
+
+def transient(attempts: int = 5, max_wait: float = 8.0, deadline: float = 60.0) -> Callable[[F], F]:
+    """Retry a file system or network call on transient errors: jittered back-off, bounded twice."""
+    return retry(
+        retry=retry_if_exception(_is_transient),
+        wait=wait_random_exponential(multiplier=0.5, max=max_wait),
+        stop=stop_after_attempt(attempts) | stop_after_delay(deadline),
+        reraise=True,
+    )
+
+
+def load_experiment(config: str, *, demo: bool = False, workspace: str | None = None) -> ExperimentConfig:
+    """The config as every step sees it: the named file, the demo overlay if asked, the workspace."""
+    return load_config(config, overlays=["demo"] if demo else [], workspace=workspace)
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    key = "-".join(re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") for p in parts if p)
+    return key or "farense"
+
+
+@transient()
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file written atomically by farense, or None when it does not exist (yet)."""
+    import orjson
+
+    try:
+        return orjson.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,89 @@
+"""Compare the candidate with the incumbent (production, or another run such as V1) and decide.
+
+The rules are farense.decision's (the seed's): gap below max_gap, F1 at least min_f1, F1 not
+meaningfully below the incumbent's. decision.json and comparison.md go into the candidate's
+evaluation directory; the Prefect UI gets the comparison table and the decision as artifacts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from farense.config import ExperimentConfig
+from farense.decision import RunReport, compare_and_decide, incumbent_from_production, load_report, report_from_run
+from farense.errors import FarenseError
+from farense.layout import RunPaths
+
+from .common import artifact_key, load_experiment
+
+PRODUCTION = "production"
+
+
+@dataclass(frozen=True)
+class DecisionResult:
+    verdict: str
+    promote: bool
+    preferred: bool
+    ready: bool
+    incumbent: str | None  # what the candidate was compared with; None: nothing in production yet
+    decision_path: str
+    failed_rules: tuple[str, ...] = ()
+
+
+def incumbent_run_dir(compare_with: str, config: ExperimentConfig, demo: bool) -> Path | None:
+    """Where the incumbent lives: None for production, else a run directory (a path or a config name)."""
+    if compare_with == PRODUCTION:
+        return None
+    p = Path(compare_with)
+    if p.is_dir():
+        return p.resolve()
+    other = load_experiment(compare_with, demo=demo, workspace=config.workspace)
+    return other.run_dir
+
+
+def check_incumbent(compare_with: str, config: ExperimentConfig, demo: bool) -> None:
+    """Fail before training if the run to compare with does not exist (production may be empty)."""
+    run_dir = incumbent_run_dir(compare_with, config, demo)
+    if run_dir is not None and not (run_dir / "evaluation" / "evaluation_report.json").is_file():
+        raise FarenseError(
+            f"compare_with={compare_with!r}: {run_dir} has no evaluation report; train and evaluate it first "
+            f"(e.g. run this flow with config={compare_with!r})"
+        )
+
+
+def load_incumbent(compare_with: str, config: ExperimentConfig, demo: bool) -> RunReport | None:
+    run_dir = incumbent_run_dir(compare_with, config, demo)
+    if run_dir is None:
+        return incumbent_from_production(config.production_dir)
+    return load_report(run_dir)
+
+
+@task(name="compare-and-decide", retries=0, cache_policy=NO_CACHE)
+def decide_task(config: ExperimentConfig, run_dir: str, compare_with: str = PRODUCTION, demo: bool = False) -> DecisionResult:
+    """Decide whether the candidate run should replace the incumbent, and publish why."""
+    log = get_run_logger()
+    candidate = report_from_run(Path(run_dir))
+    incumbent = load_incumbent(compare_with, config, demo)
+    out = compare_and_decide(incumbent, candidate, config.decision, out_dir=RunPaths(Path(run_dir)).evaluation)
+    d = out.decision
+    if out.comparison is not None:
+        headers, rows = out.comparison.table()
+        create_table_artifact(
+            table=[dict(zip(headers, r)) for r in rows],
+            key=artifact_key("comparison", config.run_name),
+            description=f"{headers[1]} vs {headers[2]}",
+        )
+    else:
+        log.info(f"nothing to compare {config.run_name} with ({compare_with} is empty): the rules alone decide")
+    create_markdown_artifact(markdown=d.to_markdown(), key=artifact_key("decision", config.run_name),
+                             description=d.verdict)
+    log.info(f"decision: {d.verdict}")
+    inc_name = None if incumbent is None else (f"production ({incumbent.release_id})" if incumbent.kind == "release"
+                                               else incumbent.name)
+    return DecisionResult(d.verdict, d.promote, d.preferred, d.ready, inc_name, str(out.files["decision"]),
+                          tuple(r.name for r in d.failed_rules))

@@ -1,0 +1,105 @@
+"""Disk steps: the preflight before training and the cleanup of stale checkpoints by policy.
+
+Both are thin over farense.diskguard and farense.cleanup, which never delete what a live run or
+production needs. The preflight already cleans by policy when the run would not fit, and raises
+DiskFull (naming the command that would free more) when even that is not enough.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from farense.config import ExperimentConfig, format_size
+from farense.console import markdown_table
+
+from .common import artifact_key
+
+CLEANUP_HEADERS = ["run", "kind", "items", "what", "bytes", "why"]
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    ok: bool
+    needed_bytes: int
+    free_bytes: int
+    cleanup_freed_bytes: int
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    planned_bytes: int
+    freed_bytes: int
+    deleted: int
+    dry_run: bool
+    errors: tuple[str, ...] = ()
+
+
+@task(name="disk-preflight", retries=0, cache_policy=NO_CACHE)
+def preflight_task(config: ExperimentConfig) -> PreflightResult:
+    """Will the run fit on disk? Publishes the preflight table; raises DiskFull when it cannot fit."""
+    from farense.diskguard import preflight, render_preflight
+    from farense.errors import DiskFull
+
+    log = get_run_logger()
+    try:
+        report = preflight(config)
+    except DiskFull as e:
+        short = getattr(e, "report", None)
+        if short is not None:
+            create_markdown_artifact(markdown=render_preflight(short), key=artifact_key("preflight", config.run_name),
+                                     description=f"Disk preflight of {config.run_name}: SHORT")
+        raise
+    create_markdown_artifact(markdown=render_preflight(report), key=artifact_key("preflight", config.run_name),
+                             description=f"Disk preflight of {config.run_name}")
+    for w in report.warnings:
+        log.warning(w)
+    freed = report.cleanup.bytes_freed if report.cleanup is not None else 0
+    needed = sum(r.needed for r in report.rows)
+    free = min((r.free for r in report.rows), default=0)
+    log.info(f"disk preflight ok: needs {format_size(needed)}, {format_size(free)} free"
+             + (f", cleanup freed {format_size(freed)}" if freed else ""))
+    return PreflightResult(report.ok, needed, free, freed, tuple(report.warnings))
+
+
+def _plan(config: ExperimentConfig, older_than_days: float) -> object:
+    from farense.cleanup import plan_cleanup
+
+    return plan_cleanup(config.runs_dir, production_dir=config.production_dir, keep_last=config.checkpoint.keep_last,
+                        keep_best=config.checkpoint.keep_best, older_than_days=older_than_days)
+
+
+def free_disk_space(config: ExperimentConfig, older_than_days: float = 30.0) -> int:
+    """Apply the cleanup policy now (after a disk-full pause); returns the bytes freed."""
+    from farense.cleanup import apply_cleanup
+
+    return apply_cleanup(_plan(config, older_than_days)).bytes_freed
+
+
+@task(name="cleanup", retries=0, cache_policy=NO_CACHE)
+def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_days: float = 30.0) -> CleanupResult:
+    """Delete stale checkpoints and leftovers under the config's runs directory, by policy."""
+    from farense.cleanup import apply_cleanup, summary_rows
+
+    log = get_run_logger()
+    plan = _plan(config, older_than_days)
+    rows = summary_rows(plan)
+    verb = "would free" if dry_run else "frees"
+    md = f"## Cleanup of {config.runs_dir}\n\n"
+    md += (markdown_table(CLEANUP_HEADERS, rows) + f"\n\n{verb} {format_size(plan.total_bytes)}\n") if rows else "nothing to clean\n"
+    if dry_run or not plan.items:
+        create_markdown_artifact(markdown=md, key=artifact_key("cleanup", config.run_name), description="cleanup plan")
+        log.info(f"cleanup: {len(plan.items)} items, {verb} {format_size(plan.total_bytes)}")
+        return CleanupResult(plan.total_bytes, 0, 0, dry_run)
+    result = apply_cleanup(plan)
+    md += f"\nfreed {format_size(result.bytes_freed)} ({len(result.deleted)} items)\n"
+    md += "".join(f"\n- skipped {s.path}: {s.reason}" for s in result.skipped)
+    create_markdown_artifact(markdown=md, key=artifact_key("cleanup", config.run_name), description="cleanup")
+    for err in result.errors:
+        log.warning(f"cleanup: {err}")
+    log.info(f"cleanup freed {format_size(result.bytes_freed)} ({len(result.deleted)} items)")
+    return CleanupResult(plan.total_bytes, result.bytes_freed, len(result.deleted), False, tuple(result.errors))

@@ -1,0 +1,37 @@
+"""The first step: check the config, model path, data and the run to compare with, before anything heavy.
+
+Nothing here is retried: a bad config or bad data fails the flow at once, and the error names the
+file, the key or line, and what is expected (farense's ConfigError / DataError messages).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from farense.config import ExperimentConfig, check_inputs
+from farense.data import validate_data
+
+from .common import load_experiment
+
+
+@task(name="check-inputs", retries=0, cache_policy=NO_CACHE)
+def check_inputs_task(config: str, demo: bool = False, workspace: str | None = None,
+                      compare_with: str = "production") -> ExperimentConfig:
+    """The resolved config, once it, its model, its data and the run to compare with are known good."""
+    from .decide import check_incumbent
+
+    log = get_run_logger()
+    cfg = load_experiment(config, demo=demo, workspace=workspace)
+    if demo:
+        from farense.demo import build_demo
+
+        build_demo(Path(cfg.model_path).parent)  # idempotent: verifies an existing build
+    check_inputs(cfg)
+    report, _ = validate_data(cfg)
+    check_incumbent(compare_with, cfg, demo)
+    counts = ", ".join(f"{s.name} {s.examples}" for s in report.splits.values())
+    log.info(f"{cfg.name}: config valid (fingerprint {cfg.fingerprint}), data {counts}, run dir {cfg.run_dir}")
+    return cfg

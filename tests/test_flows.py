@@ -1,0 +1,203 @@
+"""The Prefect layer without a real deployment: flows against a temporary Prefect API
+(prefect_test_harness), the retry rules of the training task, the resume automation's parameter
+templates, and the deployments file."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One temporary Prefect API for the module: its own PREFECT_HOME, no telemetry."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK")}
+    os.environ.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    from prefect.testing.utilities import prefect_test_harness
+
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _task_runs(flow_run_id: Any) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def _flow_run(flow_run_id: Any) -> Any:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+# --------------------------------------------------------------------------- failing at once
+
+
+@pytest.mark.parametrize(
+    "overrides, bad_data, expected",
+    [
+        ({"lora": {"rank": 0}}, False, ["Config is not well-formed", "lora.rank: expected an integer >= 1, got 0"]),
+        ({"training": {"learning_rat": 1e-4}}, False, ["training.learning_rat: unknown key", "did you mean 'learning_rate'"]),
+        ({}, True, ["Data is not valid", "train.jsonl:3"]),
+    ],
+    ids=["bad-value", "unknown-key", "bad-data"],
+)
+def test_bad_input_fails_the_flow_at_once_without_retries(
+    prefect_api: None, write_config: Any, data_dir: Path, tmp_path: Path, overrides: dict, bad_data: bool,
+    expected: list[str],
+) -> None:
+    from flows.pipeline import training_flow
+
+    if bad_data:
+        lines = (data_dir / "train.jsonl").read_text().splitlines()
+        lines[2] = '{"messages": [{"role": "user", "content": "unterminated'
+        (data_dir / "train.jsonl").write_text("\n".join(lines) + "\n")
+    config = write_config(overrides)
+
+    started = time.monotonic()
+    state = training_flow(config=str(config), workspace=str(tmp_path), return_state=True)
+    elapsed = time.monotonic() - started
+
+    assert state.is_failed(), state
+    for text in expected:
+        assert text in state.message, state.message
+    run = _flow_run(state.state_details.flow_run_id)
+    assert run.run_count == 1
+    tasks = {t.name.rsplit("-", 1)[0]: t for t in _task_runs(run.id)}
+    assert set(tasks) == {"check-inputs"}, "nothing after the input check may run"
+    assert tasks["check-inputs"].run_count == 1 and tasks["check-inputs"].state.is_failed()
+    assert not (tmp_path / "runs").exists(), "no run directory for a config that never trained"
+    assert elapsed < 30, f"a bad input must fail at once, took {elapsed:.1f}s"
+
+
+def test_resume_limit_fails_instead_of_looping(prefect_api: None) -> None:
+    from flows.pipeline import training_flow
+
+    state = training_flow(config="v2", demo=True, resume_attempt=4, max_resume_attempts=3, return_state=True)
+
+    assert state.is_failed() and not state.is_crashed()
+    assert "resumed 3 times after crashes (max_resume_attempts=3)" in state.message
+    assert _task_runs(state.state_details.flow_run_id) == []
+
+
+# --------------------------------------------------------------------------- retry rules
+
+
+@pytest.mark.parametrize(
+    "code, retryable",
+    [(75, True), (76, True), (73, True), (-9, True), (2, False), (3, False), (1, False)],
+)
+def test_only_failures_a_retry_can_cure_are_retried(code: int, retryable: bool) -> None:
+    from tasks.train import TrainingFailed, _describe_failure, retry_only_curable
+
+    message, curable = _describe_failure(code, {"message": "detail"}, [])
+    assert curable is retryable and "detail" in message
+    state = SimpleNamespace(data=TrainingFailed(message, code, curable))
+    assert retry_only_curable(None, None, state) is retryable
+    assert retry_only_curable(None, None, SimpleNamespace(data=ValueError("bug"))) is False
+
+
+def test_the_training_task_retries_with_jittered_backoff() -> None:
+    from tasks.train import train_model
+
+    assert train_model.retries >= 2
+    assert train_model.retry_jitter_factor and train_model.retry_condition_fn is not None
+
+
+def test_already_trained_needs_a_finished_run_with_the_same_fingerprint(write_config: Any, tmp_path: Path) -> None:
+    import orjson
+
+    from farense.config import load_config
+    from tasks.train import already_trained
+
+    cfg = load_config(write_config(), workspace=tmp_path)
+    cfg.run_dir.mkdir(parents=True)
+    summary = cfg.run_dir / "training_summary.json"
+    assert already_trained(cfg) is None
+    summary.write_bytes(orjson.dumps({"state": "completed", "fingerprint": cfg.fingerprint, "final_step": 9, "total_steps": 9}))
+    assert already_trained(cfg).step == 9
+    summary.write_bytes(orjson.dumps({"state": "completed", "fingerprint": "other", "final_step": 9}))
+    assert already_trained(cfg) is None
+    summary.write_bytes(orjson.dumps({"state": "preempted", "fingerprint": cfg.fingerprint, "final_step": 4}))
+    assert already_trained(cfg) is None
+
+
+# --------------------------------------------------------------------------- the resume automation
+
+
+def test_resume_automation_passes_the_crashed_runs_parameters_and_counts_attempts() -> None:
+    import inspect
+
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    from deployments.setup import resume_parameters
+    from flows.pipeline import training_flow
+
+    templates = resume_parameters()
+    assert set(templates) == set(inspect.signature(training_flow.fn).parameters)
+
+    def render(params: dict[str, Any]) -> dict[str, Any]:
+        ctx = HydrationContext(render_jinja=True, jinja_context={"flow_run": SimpleNamespace(parameters=params)})
+        return hydrate(templates, ctx)
+
+    # A deployment run that set only some parameters: the others keep the flow's defaults.
+    first = render({"config": "v1", "demo": True})
+    assert first == {"config": "v1", "compare_with": "production", "promote": True, "demo": True, "workspace": None,
+                     "notify_block": None, "resume_attempt": 1, "max_resume_attempts": 3}
+    again = render({**first, "workspace": "/w"})
+    assert again["resume_attempt"] == 2 and again["workspace"] == "/w"
+
+
+def test_automations_are_valid_and_bounded() -> None:
+    from uuid import uuid4
+
+    from deployments.setup import AUTOMATION_NOTIFY, AUTOMATION_RESUME, AUTOMATION_ZOMBIE, HEARTBEAT_GRACE, automations
+
+    made = {a.name: a for a in automations(uuid4())}
+    assert set(made) == {AUTOMATION_RESUME, AUTOMATION_ZOMBIE, AUTOMATION_NOTIFY}
+    assert made[AUTOMATION_RESUME].trigger.expect == {"prefect.flow-run.Crashed"}
+    assert HEARTBEAT_GRACE.total_seconds() > 2 * 30  # more than two missed heartbeats of 30 s
+    assert AUTOMATION_NOTIFY not in {a.name for a in automations(None)}
+
+
+# --------------------------------------------------------------------------- deployments file
+
+
+def test_prefect_yaml_nightly_and_weekly_deployments() -> None:
+    import yaml
+
+    doc = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    deps = {d["name"]: d for d in doc["deployments"]}
+    nightly, weekly = deps["nightly"], deps["weekly-cleanup"]
+    assert nightly["schedules"][0]["cron"] == "0 2 * * *"
+    assert nightly["schedules"][0]["timezone"] == "Europe/Lisbon"
+    assert set(nightly["parameters"]) == {"config", "compare_with", "promote", "demo"}
+    assert nightly["concurrency_limit"]["limit"] == 1
+    assert nightly["work_pool"]["name"] == weekly["work_pool"]["name"] == "farense"
+    assert "pull" not in doc or all("git_clone" not in str(s) for s in doc.get("pull") or [])
+
+    from flows.maintenance import maintenance_flow
+    from flows.pipeline import training_flow
+
+    assert nightly["entrypoint"] == "flows/pipeline.py:training_flow" and training_flow.name == "farense-training"
+    assert weekly["entrypoint"] == "flows/maintenance.py:maintenance_flow" and maintenance_flow.name == "farense-maintenance"
+    assert set(weekly["parameters"]) <= set(__import__("inspect").signature(maintenance_flow.fn).parameters)
