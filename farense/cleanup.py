@@ -469,8 +469,11 @@ def apply_cleanup(plan: CleanupPlan, *, lock_timeout: float = 0.2) -> CleanupRes
                 result.skipped.append(SkippedRun(run, f"active now: {exc}"))
                 continue
             except OSError as exc:
-                result.errors.append(f"{run}: cannot take the run lock: {exc}")
-                continue
+                # A disk too full to create run.lock: no trainer can hold a lock file that does not
+                # exist, and freeing space is the point, so go on when nobody holds one.
+                if exc.errno not in fsutil.DISK_FULL_ERRNOS or probe_lock(RunPaths(run).lock).held:
+                    result.errors.append(f"{run}: cannot take the run lock: {exc}")
+                    continue
         try:
             for item in items:
                 if (hit := protected.conflicts(os.path.realpath(item.path))) is not None:
@@ -488,13 +491,25 @@ def apply_cleanup(plan: CleanupPlan, *, lock_timeout: float = 0.2) -> CleanupRes
     return result
 
 
+_rename = os.rename  # a seam: tests make it fail as a full ext4 directory block would
+
+
 def _delete(path: Path) -> bool:
     """Rename to a `.tmp-` name (readers never see it again), fsync the parent, then remove it."""
     doomed = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
     try:
-        os.rename(path, doomed)
+        _rename(path, doomed)
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        # The longer name may need a new directory block that a full disk cannot give. Delete in
+        # place, manifest first: from then on no reader takes what is left for a checkpoint.
+        if exc.errno not in fsutil.DISK_FULL_ERRNOS or not path.is_dir() or path.is_symlink():
+            raise
+        (path / MANIFEST_NAME).unlink(missing_ok=True)
+        fsutil.fsync_dir(path)
+        shutil.rmtree(path)
+        return True
     fsutil.fsync_dir(path.parent)
     if doomed.is_dir() and not doomed.is_symlink():
         shutil.rmtree(doomed)

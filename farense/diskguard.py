@@ -312,6 +312,24 @@ class RunDiskGuard(DiskGuard):
         self.readings: list[GuardReading] = []  # every reading, for tests and the run's report
         self._logged_level = Level.OK
 
+    @classmethod
+    def for_config(
+        cls,
+        config: ExperimentConfig,
+        *,
+        usage: UsageFn = disk_usage,
+        clock: Callable[[], float] = time.monotonic,
+        log: Callable[[str], None] | None = None,
+    ) -> "RunDiskGuard":
+        """The guard for one run: its disk config, its retention policy, its estimated checkpoint size."""
+        from .checkpoint import RetentionPolicy
+        from .estimate import estimate_run
+
+        policy = RetentionPolicy(config.checkpoint.keep_last, config.checkpoint.keep_best)
+        estimate = estimate_run(config).checkpoint_bytes or 0
+        return cls(config.disk, config.run_dir, policy=policy, checkpoint_estimate=estimate, usage=usage,
+                   clock=clock, log=log)
+
     def before_write(self, store: Any, next_bytes: int, *, best_step: int | None, protect: Iterable[int] = ()) -> GuardReading:
         """Call before every checkpoint write; raises DiskFull (write nothing) at the flood level."""
         return self._guard(store, next_bytes, best_step, protect, always_log=True)

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import orjson
 
 from .errors import RunLocked
+from .fsutil import DISK_FULL_ERRNOS
 
 # Probes hold a shared flock for microseconds; an acquirer that meets one retries this long.
 DEFAULT_ACQUIRE_TIMEOUT = 0.5
@@ -156,8 +157,14 @@ class RunLock:
                 "started_at_utc": _iso(now),
                 "command": self.command,
             }
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, orjson.dumps(record) + b"\n", 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, orjson.dumps(record) + b"\n", 0)
+            except OSError as exc:
+                # On a full disk the record cannot be written; the flock holds all the same, and
+                # cleanup (which takes this lock) must still be able to free space.
+                if exc.errno not in DISK_FULL_ERRNOS:
+                    raise
         except BaseException:
             os.close(fd)  # closing drops the flock if we got it
             raise

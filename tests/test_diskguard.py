@@ -204,6 +204,13 @@ def test_flood_recovers_when_pruning_frees_enough(tmp_path: Path) -> None:
     assert actions[-1].kind == "warn" and actions[-1].level is Level.HIGH and "after pruning" in actions[-1].message
 
 
+def test_run_guard_for_config_takes_policy_and_estimate_from_the_config(tiny_config: ExperimentConfig) -> None:
+    guard = RunDiskGuard.for_config(tiny_config, usage=FakeDisk(1000 * GB, 0))
+    assert guard.policy == RetentionPolicy(keep_last=3, keep_best=True)
+    assert guard.checkpoint_estimate == estimate_run(tiny_config).checkpoint_bytes > 0
+    assert guard.path == tiny_config.run_dir and guard.config == tiny_config.disk
+
+
 def test_run_guard_before_write_uses_the_estimate_until_a_checkpoint_exists(tmp_path: Path) -> None:
     disk = FakeDisk(1000 * GB, 0).set_percent(50)
     guard = RunDiskGuard(DEFAULTS, tmp_path / "run", checkpoint_estimate=3 * GB, usage=disk, log=lambda m: None)
