@@ -32,7 +32,7 @@ import orjson
 from . import fsutil
 from .config import format_size
 from .errors import RunLocked
-from .layout import MANIFEST_NAME, TMP_MARK, ProductionPaths, RunPaths, is_temporary, parse_checkpoint_name
+from .layout import MANIFEST_NAME, TMP_MARK, RunPaths, is_temporary, parse_checkpoint_name
 from .locks import LockInfo, RunLock, probe_lock
 from .runstate import read_run_state
 from .states import RunState

@@ -15,7 +15,6 @@ Sizes are file bytes (safetensors headers computed as mlx writes them), not file
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
