@@ -320,8 +320,8 @@ def run_training(
     """Train `config` to the end, resuming from the newest verified checkpoint unless new_run.
 
     Raises Preempted, DiskFull (both resumable), NumericalError, or input errors (before any
-    model is loaded). The disk guard, the preemption flag, the clock and `on_step_end(step, row,
-    model)` are passed in, so tests drive them.
+    model is loaded). The disk guard (default: the config's; False for none), the preemption flag,
+    the clock and `on_step_end(step, row, model)` are passed in, so tests drive them.
     """
     # 1. Everything that can be wrong with the input is found before anything heavy is loaded.
     check_inputs(config)
@@ -332,6 +332,10 @@ def run_training(
 
     from .locks import RunLock
 
+    if guard is None:
+        from .diskguard import RunDiskGuard
+
+        guard = RunDiskGuard.for_config(config, clock=clock, log=log)
     with RunLock(paths.lock, command="train"):
         return _train_locked(config, paths, loaded, data_fp, new_run=new_run,
                              preemption=preemption or PreemptionFlag(), guard=guard, clock=clock, log=log,
@@ -439,7 +443,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
         if not is_writer:
             return
         next_bytes = store.last_checkpoint_size() or 0
-        if guard is not None:
+        if guard:
             guard.before_write(store, next_bytes, best_step=prog.best_checkpoint_step, protect=protect)
         info = store.save(prog.step, checkpoint_writers(model, optimizer, config, state_payload()),
                           meta={"step": prog.step, "fingerprint": config.fingerprint,
@@ -510,8 +514,6 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                 log(f"step {prog.step}/{total_steps}: train {train_window:.4f} val {val:.4f} "
                     f"gap {gap:+.4f} {row['gap_status']}{' (best)' if is_best else ''}")
 
-            metrics.append(row)
-            history.append(row)
             if on_step_end is not None:
                 on_step_end(prog.step, row, model)
             # One reading of the flag decides both the checkpoint and the exit: a signal that
@@ -523,7 +525,11 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                 if prog.last_val_loss is not None and (prog.best_checkpoint_val is None
                                                        or prog.last_val_loss < prog.best_checkpoint_val):
                     prog.best_checkpoint_step, prog.best_checkpoint_val = prog.step, prog.last_val_loss
+                started = clock()
                 checkpoint()
+                row["checkpoint_seconds"] = clock() - started
+            metrics.append(row)
+            history.append(row)
             if is_writer:
                 write_run_state(paths.state, RunState.RUNNING, step=prog.step, total_steps=total_steps,
                                 resumed_from=resumed_from, fingerprint=config.fingerprint,
@@ -533,7 +539,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
             if preempt_now:
                 raise Preempted(f"preempted by signal {preemption.signal} after step {prog.step}; "
                                 f"checkpoint step-{prog.step:08d} written, resume continues from it")
-            if guard is not None and is_writer and guard.due(clock()):
+            if guard and is_writer and guard.due(clock()):
                 guard.periodic(store, store.last_checkpoint_size() or 0,
                                best_step=prog.best_checkpoint_step, protect=protect)
 
@@ -542,6 +548,12 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
             message = (f"early stop at step {prog.early_stopping.stopped_at}: no improvement larger than "
                        f"{config.early_stopping.min_delta} in {config.early_stopping.patience} validations")
             log(message)
+    except (OSError, RuntimeError) as e:
+        full = _disk_full(e, paths.root)
+        if full is None:
+            raise
+        _finish_state(paths, RunState.PAUSED_DISK_FULL, prog, total_steps, resumed_from, str(full), is_writer)
+        raise full from e
     except Preempted as e:
         _finish_state(paths, RunState.PREEMPTED, prog, total_steps, resumed_from, str(e), is_writer)
         raise
@@ -587,16 +599,41 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
     if is_writer:
         write_seed_files(history, paths.metrics_json, paths.metrics_csv)
         atomic_write_bytes(paths.summary, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        try:  # the loss curves (`farense plot RUN` redraws them); a plot never fails a finished run
+            from .plots import plot_loss_curves
+
+            plot_loss_curves(history, summary, paths.plots / "loss_curves.png")
+        except Exception as e:
+            log(f"warning: could not draw the loss curves in {paths.plots}: {e}")
         _finish_state(paths, outcome, prog, total_steps, resumed_from, message, is_writer)
     return TrainResult(outcome, str(paths.root), prog.step, total_steps, resumed_from, es.best_step,
                        es.best_val_loss, gap_at_best, summary["gap_status"], message)
 
 
+def _disk_full(exc: BaseException, where: Path) -> DiskFull | None:
+    """A write outside the checkpoint store (best adapters, metrics, state) that failed for lack of
+    space stops the run as resumable, like a checkpoint write does."""
+    from .fsutil import free_bytes, is_disk_full_error
+
+    if not is_disk_full_error(exc):
+        try:
+            if free_bytes(where) >= 1 << 20:
+                return None
+        except OSError:
+            return None
+    return DiskFull(f"paused: disk full while writing in {where} ({exc}); the last checkpoint is intact. "
+                    "Free space and resume.")
+
+
 def _finish_state(paths: RunPaths, state: RunState, prog: Progress, total: int, resumed_from: int | None,
                   message: str, is_writer: bool) -> None:
-    if is_writer:
+    if not is_writer:
+        return
+    try:
         write_run_state(paths.state, state, step=prog.step, total_steps=total, resumed_from=resumed_from,
-                        message=message, pid_alive=False)
+                        message=message)
+    except OSError:
+        pass  # best effort: on a full disk even this small file may not fit
 
 
 class _Bar:

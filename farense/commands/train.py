@@ -26,8 +26,7 @@ def train(args: argparse.Namespace) -> int:
     result: dict | None = None
     code = EXIT_OK
     try:
-        guard = _make_guard(config)
-        res: TrainResult = run_training(config, new_run=args.new_run, preemption=flag, guard=guard,
+        res: TrainResult = run_training(config, new_run=args.new_run, preemption=flag,
                                         progress_bar=None if not args.no_progress else False)
         result = res.to_dict()
         print(f"{res.state.value}: step {res.step}/{res.total_steps}, best val loss "
@@ -46,15 +45,6 @@ def train(args: argparse.Namespace) -> int:
 
             atomic_write_bytes(args.result_json, orjson.dumps(result, option=orjson.OPT_INDENT_2))
     return code
-
-
-def _make_guard(config):
-    """The disk guard watching the run directory's filesystem, if the guard module is present."""
-    try:
-        from ..diskguard import RunDiskGuard
-    except ImportError:
-        return None
-    return RunDiskGuard(config.disk, config.run_dir)
 
 
 def _ensure_demo(config) -> None:
