@@ -179,6 +179,53 @@ def start_worker(env: dict[str, str], logs: Path, name: str = "worker") -> Proc:
     return _spawn(name, ["bash", str(DEPLOYMENTS / "start-worker.sh")], env, logs / f"{name}.log")
 
 
+class PrefectAPI:
+    """The few REST calls the tests make, over plain HTTP (no Prefect settings in the test process)."""
+
+    def __init__(self, api_url: str):
+        self.api_url = api_url.rstrip("/")
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.api_url}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            raw = r.read()
+        return json.loads(raw) if raw else None
+
+    def deployment(self, flow_name: str, deployment_name: str) -> dict[str, Any]:
+        return self._call("GET", f"/deployments/name/{flow_name}/{deployment_name}")
+
+    def flow_run(self, flow_run_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/flow_runs/{flow_run_id}")
+
+    def flow_runs_of(self, deployment_id: str) -> list[dict[str, Any]]:
+        """Runs of a deployment, oldest first."""
+        body = {"deployments": {"id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 50}
+        return self._call("POST", "/flow_runs/filter", body)
+
+    def task_runs(self, flow_run_id: str) -> list[dict[str, Any]]:
+        return self._call("POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 100})
+
+    def logs(self, flow_run_id: str) -> list[str]:
+        out: list[str] = []
+        while True:
+            body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200,
+                    "offset": len(out)}
+            page = [entry["message"] for entry in self._call("POST", "/logs/filter", body)]
+            out += page
+            if len(page) < 200:
+                return out
+
+    def states(self, flow_run_id: str) -> list[dict[str, Any]]:
+        """Every state the run went through (name, type, timestamp)."""
+        return self._call("GET", f"/flow_run_states/?flow_run_id={flow_run_id}")
+
+    def state_type(self, flow_run_id: str) -> str | None:
+        state = self.flow_run(flow_run_id).get("state") or {}
+        return state.get("type")
+
+
 # --------------------------------------------------------------------------- webhook listener
 
 
