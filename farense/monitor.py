@@ -1,0 +1,717 @@
+"""The live view of one run, read only from its files: no Prefect, no lock taken, safe while it writes.
+
+`snapshot(run_dir, now=...)` gathers every field a person watches into a MonitorSnapshot; it is
+pure apart from reading files, and the clock, the disk usage and the lock probe are parameters,
+so tests drive it without waiting. `render` draws a snapshot for a terminal (rich), `plain_line`
+for logs and CI (one `key=value` line), `watch` refreshes either until interrupted.
+
+Files change under us while we read: metrics.jsonl may end in a torn line (ignored) or be replaced
+by a resume (we read one version or the other), run_state.json is replaced atomically, and
+checkpoints may be pruned between listing and reading (skipped). Nothing here raises on a file
+that is missing or half written; the field is left empty instead.
+
+What the run *is doing* comes from run_state.json corrected by the run lock: a state file saying
+"running" with no live holder of the lock is a crash (the kernel drops a flock when its holder
+dies, even by SIGKILL); a held lock means running whatever the state file still says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, TextIO
+
+import orjson
+
+from .config import ExperimentConfig, config_from_json, format_size
+from .errors import FarenseError
+from .layout import RunPaths
+from .locks import LockInfo, probe_lock
+from .metrics import read_metrics
+from .runstate import read_run_state
+from .states import RunState
+
+NOT_STARTED = "not-started"
+# Train-loss trend: mean of the last TREND_WINDOW steps against the mean of the window before.
+TREND_WINDOW = 20
+# A change smaller than this share of the loss is "flat".
+FLAT_RELATIVE = 0.01
+# A running run whose files have not changed for this long (and 20 steps' time) gets a warning.
+STALL_SECONDS = 900.0
+
+
+# --------------------------------------------------------------------------- state
+
+
+def pid_alive(pid: int) -> bool:
+    """Is `pid` a live process on this host? A zombie (dead, not yet reaped) counts as dead."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:  # psutil missing or the process vanished between the two calls
+        return True
+
+
+def effective_state(
+    doc: Mapping[str, Any] | None,
+    lock: LockInfo,
+    *,
+    alive: Callable[[int], bool] = pid_alive,
+    host: str | None = None,
+) -> tuple[str, str, bool]:
+    """(state, detail, running) from run_state.json corrected by the lock.
+
+    `state` is a RunState value or "not-started"; `detail` is the sentence a person reads.
+    """
+    here = host or socket.gethostname()
+    doc = doc or {}
+    recorded = doc.get("state") if isinstance(doc.get("state"), str) else None
+    if lock.held:
+        who = f"pid {lock.pid}" if lock.pid is not None else "a live process"
+        if recorded != RunState.RUNNING.value:
+            return RunState.RUNNING.value, f"running ({who}, starting)", True
+        return RunState.RUNNING.value, f"running ({who})", True
+    if recorded is None:
+        return NOT_STARTED, "not started (no run_state.json yet)", False
+    pid = doc.get("pid") if isinstance(doc.get("pid"), int) else lock.pid
+    message = str(doc.get("message") or "")
+    if recorded == RunState.RUNNING.value:
+        doc_host = doc.get("host")
+        if isinstance(doc_host, str) and doc_host != here:
+            return (RunState.RUNNING.value,
+                    f"running on {doc_host} according to run_state.json (its lock cannot be checked from {here})",
+                    True)
+        if pid is None:
+            return RunState.CRASHED.value, "crashed (no live process holds the run lock)", False
+        if alive(pid):
+            return RunState.CRASHED.value, f"crashed (pid {pid} is alive but does not hold the run lock)", False
+        return RunState.CRASHED.value, f"crashed (pid {pid} is dead)", False
+    try:
+        state = RunState(recorded)
+    except ValueError:
+        return recorded, f"unknown state {recorded!r} in run_state.json", False
+    details = {
+        RunState.COMPLETED: "completed",
+        RunState.EARLY_STOPPED: f"early-stopped{': ' + message if message else ''}",
+        RunState.PREEMPTED: "preempted (resumable: run `farense train` again)",
+        RunState.PAUSED_DISK_FULL: "paused: disk full (resumable once space is freed)",
+        RunState.FAILED: f"failed{': ' + message if message else ''}",
+        RunState.CRASHED: "crashed",
+    }
+    return state.value, details.get(state, state.value), False
+
+
+# --------------------------------------------------------------------------- the snapshot
+
+
+@dataclass(frozen=True)
+class MonitorSnapshot:
+    """Everything the monitor shows about one run at one moment (None: not known yet)."""
+
+    run_dir: str
+    run_name: str
+    taken_at: float
+    config_name: str | None = None
+    fingerprint: str | None = None
+    state: str = NOT_STARTED  # a RunState value, or "not-started"
+    state_detail: str = ""
+    running: bool = False
+    pid: int | None = None
+    host: str | None = None
+    message: str = ""
+    # progress
+    step: int = 0
+    total_steps: int | None = None
+    progress: float | None = None  # 0..1
+    elapsed_seconds: float | None = None  # training time recorded in the metrics
+    seconds_per_step: float | None = None
+    eta_seconds: float | None = None
+    # losses
+    train_loss: float | None = None  # the last step
+    train_loss_mean: float | None = None  # mean of the last TREND_WINDOW steps
+    train_trend: str | None = None  # "down", "up", "flat"
+    train_trend_delta: float | None = None
+    val_loss: float | None = None  # the last validation
+    val_step: int | None = None
+    val_trend: str | None = None
+    val_trend_delta: float | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    gap: float | None = None  # val loss - mean train loss since the validation before
+    gap_status: str | None = None  # EXCELENTE / BOM / MODERADO / CRÍTICO
+    # throughput
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    peak_memory_gb: float | None = None
+    # checkpoints
+    checkpoints: int = 0
+    last_checkpoint_step: int | None = None
+    last_checkpoint_age_seconds: float | None = None
+    # disk
+    disk_free_bytes: int | None = None
+    disk_total_bytes: int | None = None
+    disk_used_percent: float | None = None
+    disk_level: str | None = None  # ok / low / high / flood
+    # early stopping
+    patience: int | None = None  # None: early stopping is off
+    patience_left: int | None = None
+    # activity
+    updated_at: float | None = None
+    last_activity_age_seconds: float | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["warnings"] = list(self.warnings)
+        return d
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if v == v and v not in (float("inf"), float("-inf")) else None
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _mtime(p: Path) -> float | None:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return None
+
+
+def last_activity(paths: RunPaths, state_doc: Mapping[str, Any] | None = None) -> float | None:
+    """Unix time of the run's last write we can see (state file, metrics, config, checkpoints)."""
+    times = [_mtime(p) for p in (paths.state, paths.metrics_jsonl, paths.config, paths.checkpoints, paths.summary)]
+    if state_doc and (u := _num(state_doc.get("updated_at"))) is not None:
+        times.append(u)
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
+
+
+def _trend(before: float | None, after: float | None) -> tuple[str | None, float | None]:
+    if before is None or after is None:
+        return None, None
+    delta = after - before
+    if abs(delta) < FLAT_RELATIVE * max(abs(before), 1e-12):
+        return "flat", delta
+    return ("down" if delta < 0 else "up"), delta
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _run_config(paths: RunPaths) -> ExperimentConfig | None:
+    try:
+        return config_from_json(paths.config)
+    except (OSError, ValueError, FarenseError, KeyError, TypeError):  # missing, torn or from another version
+        return None
+
+
+def _latest_checkpoint_state(infos: Sequence[Any]) -> dict[str, Any]:
+    """state.json of the newest checkpoint still there (pruning may remove one as we read)."""
+    for info in reversed(infos):
+        try:
+            doc = orjson.loads((info.path / "state.json").read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if isinstance(doc, dict):
+            return doc
+    return {}
+
+
+def _disk(run_dir: Path, config: ExperimentConfig | None, usage: Callable[[Path], Any] | None,
+          next_write: int) -> tuple[int | None, int | None, float | None, str | None]:
+    """(free, total, used %, watermark level) of the filesystem holding the run."""
+    try:
+        from . import diskguard
+    except ImportError:  # an install without the guard: measure with statvfs, judge by the thresholds
+        diskguard = None  # type: ignore[assignment]
+    try:
+        if usage is not None:
+            u = usage(run_dir)
+        elif diskguard is not None:
+            u = diskguard.disk_usage(run_dir)
+        else:
+            st = os.statvfs(run_dir)
+            u = _Usage(st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize)
+    except OSError:
+        return None, None, None, None
+    make = diskguard.Usage if diskguard is not None else _Usage
+    u = make(total=int(u.total), used=int(u.used), free=int(u.free))
+    denom = u.used + u.free
+    used_pct = 100.0 * u.used / denom if denom > 0 else 100.0
+    level: str | None = None
+    if config is not None:
+        if diskguard is not None:
+            guard = diskguard.DiskGuard(config.disk, run_dir, usage=lambda _p: u)
+            level = guard.raw_level(u, next_write).value
+        else:
+            d = config.disk
+            level = "ok"
+            if u.free < next_write + int(d.reserve):
+                level = "flood"
+            else:
+                for name, pct, free in (("flood", d.flood_used_percent, d.flood_free),
+                                        ("high", d.high_used_percent, d.high_free),
+                                        ("low", d.low_used_percent, d.low_free)):
+                    if used_pct >= pct or u.free < int(free):
+                        level = name
+                        break
+    return int(u.free), int(u.total), used_pct, level
+
+
+@dataclass(frozen=True)
+class _Usage:
+    total: int
+    used: int
+    free: int
+
+
+def snapshot(
+    run_dir: str | os.PathLike[str],
+    *,
+    now: float | None = None,
+    usage: Callable[[Path], Any] | None = None,
+    lock_probe: Callable[[Path], LockInfo] = probe_lock,
+    alive: Callable[[int], bool] = pid_alive,
+) -> MonitorSnapshot:
+    """Read one run's files into a MonitorSnapshot; never raises on missing or half-written files.
+
+    `usage(path)` returns total/used/free bytes (default: statvfs via the disk guard); `lock_probe`
+    and `alive` answer who holds the run lock and whether a pid lives (tests pass fakes).
+    """
+    from .checkpoint import CheckpointStore
+
+    now = time.time() if now is None else now
+    paths = RunPaths(Path(run_dir))
+    doc = read_run_state(paths.state)
+    lock = lock_probe(paths.lock)
+    state, detail, running = effective_state(doc, lock, alive=alive)
+    doc = doc or {}
+    config = _run_config(paths)
+    rows = [r for r in read_metrics(paths.metrics_jsonl) if isinstance(r, dict) and _int(r.get("step")) is not None]
+    try:
+        checkpoints = CheckpointStore(paths.checkpoints).list()
+    except OSError:
+        checkpoints = []
+    ckpt_state = _latest_checkpoint_state(checkpoints)
+    warnings: list[str] = []
+
+    # Progress: the state file is rewritten after every step; metrics and checkpoints back it up.
+    step = max([_int(doc.get("step")) or 0, rows[-1]["step"] if rows else 0])
+    total = (_int(doc.get("total_steps")) or _int(ckpt_state.get("total_steps"))
+             or (config.training.iters if config is not None and config.training.iters else None))
+    progress = min(step / total, 1.0) if total else None
+    last = rows[-1] if rows else {}
+    window = rows[-TREND_WINDOW:]
+    elapsed = _num(last.get("elapsed_seconds"))
+    sps = None
+    if len(rows) >= 2:
+        first = rows[-len(window) - 1] if len(rows) > len(window) else rows[0]
+        e0, e1 = _num(first.get("elapsed_seconds")), _num(last.get("elapsed_seconds"))
+        steps = last["step"] - first["step"]
+        if e0 is not None and e1 is not None and steps > 0 and e1 >= e0:
+            sps = (e1 - e0) / steps
+            # Checkpoints are written outside the step time; spread their cost over the steps.
+            ck = [_num(r.get("checkpoint_seconds")) for r in rows]
+            ck_total = sum(c for c in ck if c is not None)
+            if ck_total:
+                sps += ck_total / max(last["step"], 1)
+    eta = None
+    if running and sps is not None and total:
+        eta = max(total - step, 0) * sps
+
+    # Losses and their trends.
+    train = [v for r in rows if (v := _num(r.get("train_loss"))) is not None]
+    w = min(TREND_WINDOW, len(train) // 2)
+    train_mean = _mean(train[-TREND_WINDOW:])
+    train_trend, train_delta = _trend(_mean(train[-2 * w:-w]), _mean(train[-w:])) if w >= 1 else (None, None)
+    vals = [r for r in rows if _num(r.get("val_loss")) is not None]
+    val_last = vals[-1] if vals else {}
+    val_trend, val_delta = _trend(_num(vals[-2]["val_loss"]), _num(vals[-1]["val_loss"])) if len(vals) >= 2 else (None, None)
+    best = min(vals, key=lambda r: r["val_loss"]) if vals else None
+    best_val, best_step = (best["val_loss"], best["step"]) if best else (None, None)
+    if best is None:
+        try:
+            b = orjson.loads((paths.adapters / "best.json").read_bytes())
+            best_val, best_step = _num(b.get("val_loss")), _int(b.get("step"))
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            pass
+
+    # Early stopping: the latest validation row says how much patience is left; else the checkpoint.
+    patience = config.early_stopping.patience if config is not None else None
+    patience = patience or None
+    patience_left = _int(val_last.get("patience_left")) if val_last else None
+    if patience and patience_left is None:
+        es = (ckpt_state.get("progress") or {}).get("early_stopping") or {}
+        waited = _int(es.get("evaluations_without_improvement"))
+        patience_left = patience - waited if waited is not None else patience
+    if state == RunState.EARLY_STOPPED.value:
+        patience_left = 0
+
+    # Checkpoints.
+    last_ckpt = checkpoints[-1] if checkpoints else None
+    ck_age = now - last_ckpt.created_at if last_ckpt is not None else None
+
+    # Disk.
+    next_write = last_ckpt.size_bytes if last_ckpt is not None else 0
+    free, total_disk, used_pct, level = _disk(paths.root, config, usage, next_write)
+    if level in ("high", "flood"):
+        warnings.append(f"disk {level}: {format_size(free or 0)} free")
+
+    activity = last_activity(paths, doc)
+    age = now - activity if activity is not None else None
+    if running and age is not None and age > max(STALL_SECONDS, 20 * (sps or 0)):
+        warnings.append(f"no file of the run changed for {format_duration(age)}: is it stuck?")
+    gs = val_last.get("gap_status") if val_last else None
+
+    return MonitorSnapshot(
+        run_dir=str(paths.root),
+        run_name=paths.name,
+        taken_at=now,
+        config_name=config.name if config is not None else None,
+        fingerprint=(config.fingerprint if config is not None else doc.get("fingerprint")),
+        state=state,
+        state_detail=detail,
+        running=running,
+        pid=lock.pid if lock.held else _int(doc.get("pid")),
+        host=doc.get("host") if isinstance(doc.get("host"), str) else lock.host,
+        message=str(doc.get("message") or ""),
+        step=step,
+        total_steps=total,
+        progress=progress,
+        elapsed_seconds=elapsed,
+        seconds_per_step=sps,
+        eta_seconds=eta,
+        train_loss=_num(last.get("train_loss")),
+        train_loss_mean=train_mean,
+        train_trend=train_trend,
+        train_trend_delta=train_delta,
+        val_loss=_num(val_last.get("val_loss")) if val_last else None,
+        val_step=_int(val_last.get("step")) if val_last else None,
+        val_trend=val_trend,
+        val_trend_delta=val_delta,
+        best_val_loss=best_val,
+        best_step=best_step,
+        gap=_num(val_last.get("gap")) if val_last else None,
+        gap_status=gs if isinstance(gs, str) else None,
+        learning_rate=_num(last.get("learning_rate")),
+        tokens_per_second=_num(last.get("tokens_per_second")),
+        peak_memory_gb=_num(last.get("peak_memory_gb")),
+        checkpoints=len(checkpoints),
+        last_checkpoint_step=last_ckpt.step if last_ckpt is not None else None,
+        last_checkpoint_age_seconds=ck_age,
+        disk_free_bytes=free,
+        disk_total_bytes=total_disk,
+        disk_used_percent=used_pct,
+        disk_level=level,
+        patience=patience,
+        patience_left=patience_left,
+        updated_at=activity,
+        last_activity_age_seconds=age,
+        warnings=tuple(warnings),
+    )
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def format_duration(seconds: float | None) -> str:
+    """'45s', '12m05s', '3h07m', '2d04h': short enough for a table cell."""
+    if seconds is None:
+        return "-"
+    s = int(round(max(seconds, 0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def _f(v: float | None, fmt: str = ".4f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+_ARROWS = {"down": "↓", "up": "↑", "flat": "→"}
+
+
+def _trend_text(trend: str | None, delta: float | None) -> str:
+    if trend is None or delta is None:
+        return ""
+    return f"{_ARROWS[trend]} {delta:+.4f}"
+
+
+def _patience_text(s: MonitorSnapshot) -> str:
+    if s.patience is None:
+        return "off"
+    left = "-" if s.patience_left is None else str(s.patience_left)
+    return f"{left} of {s.patience} validations left"
+
+
+def plain_fields(s: MonitorSnapshot) -> list[tuple[str, str]]:
+    """(key, value) pairs of the plain line, in display order; values are plain ASCII-safe text."""
+    total = "?" if s.total_steps is None else str(s.total_steps)
+    return [
+        ("run", s.run_name),
+        ("state", s.state),
+        ("detail", s.state_detail),
+        ("step", f"{s.step}/{total}"),
+        ("progress", "-" if s.progress is None else f"{100 * s.progress:.1f}%"),
+        ("eta", format_duration(s.eta_seconds) if s.eta_seconds is not None else "-"),
+        ("train_loss", _f(s.train_loss)),
+        ("train_mean", _f(s.train_loss_mean)),
+        ("train_trend", s.train_trend or "-"),
+        ("val_loss", _f(s.val_loss)),
+        ("val_trend", s.val_trend or "-"),
+        ("best_val_loss", _f(s.best_val_loss)),
+        ("best_step", "-" if s.best_step is None else str(s.best_step)),
+        ("gap", _f(s.gap, "+.4f")),
+        ("gap_status", s.gap_status or "-"),
+        ("lr", _f(s.learning_rate, ".3e")),
+        ("tokens_per_s", _f(s.tokens_per_second, ".1f")),
+        ("peak_mem_gb", _f(s.peak_memory_gb, ".3f")),
+        ("checkpoints", str(s.checkpoints)),
+        ("last_checkpoint", "-" if s.last_checkpoint_step is None else str(s.last_checkpoint_step)),
+        ("last_checkpoint_age", format_duration(s.last_checkpoint_age_seconds)
+         if s.last_checkpoint_age_seconds is not None else "-"),
+        ("disk_free", format_size(s.disk_free_bytes).replace(" ", "") if s.disk_free_bytes is not None else "-"),
+        ("disk_used", "-" if s.disk_used_percent is None else f"{s.disk_used_percent:.1f}%"),
+        ("disk_level", s.disk_level or "-"),
+        ("patience_left", "off" if s.patience is None else
+         f"{'-' if s.patience_left is None else s.patience_left}/{s.patience}"),
+        ("last_activity", format_duration(s.last_activity_age_seconds) if s.last_activity_age_seconds is not None
+         else "-"),
+    ]
+
+
+def plain_line(s: MonitorSnapshot) -> str:
+    """One `key=value` line (values with spaces quoted as a shell would), for logs and CI."""
+    return " ".join(f"{k}={shlex.quote(v) if v else repr('')}" for k, v in plain_fields(s))
+
+
+def parse_plain_line(line: str) -> dict[str, str]:
+    """The inverse of plain_line, for scripts and tests."""
+    return dict(part.split("=", 1) for part in shlex.split(line))
+
+
+_STATE_STYLE = {
+    RunState.RUNNING.value: "bold green", RunState.COMPLETED.value: "bold blue",
+    RunState.EARLY_STOPPED.value: "bold blue", RunState.PREEMPTED.value: "bold yellow",
+    RunState.PAUSED_DISK_FULL.value: "bold yellow", RunState.CRASHED.value: "bold red",
+    RunState.FAILED.value: "bold red", NOT_STARTED: "dim",
+}
+GAP_STYLE = {"EXCELENTE": "bold green", "BOM": "green", "MODERADO": "yellow", "CRÍTICO": "bold red"}
+_LEVEL_STYLE = {"ok": "green", "low": "yellow", "high": "bold dark_orange", "flood": "bold red"}
+
+
+def render(s: MonitorSnapshot) -> Any:
+    """A rich renderable of the snapshot: a panel with a progress bar and the fields by group."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column()
+    state = Text(s.state_detail or s.state, style=_STATE_STYLE.get(s.state, ""))
+    t.add_row("state", state)
+    total = "?" if s.total_steps is None else str(s.total_steps)
+    pct = "" if s.progress is None else f"  {100 * s.progress:.1f}%"
+    eta = f"  ETA {format_duration(s.eta_seconds)}" if s.eta_seconds is not None else ""
+    sps = f"  ({s.seconds_per_step:.2f} s/step)" if s.seconds_per_step is not None else ""
+    t.add_row("step", f"{s.step} / {total}{pct}{eta}{sps}")
+    if s.progress is not None:
+        t.add_row("", ProgressBar(total=100.0, completed=100.0 * s.progress, width=50))
+    train = f"{_f(s.train_loss)}  (recent mean {_f(s.train_loss_mean)} "
+    train += f"{_trend_text(s.train_trend, s.train_trend_delta)})" if s.train_trend else ")"
+    t.add_row("train loss", train)
+    val = _f(s.val_loss)
+    if s.val_step is not None:
+        val += f" at step {s.val_step}"
+    if s.val_trend:
+        val += f"  {_trend_text(s.val_trend, s.val_trend_delta)}"
+    if s.best_val_loss is not None:
+        val += f"  (best {s.best_val_loss:.4f} at step {s.best_step})"
+    t.add_row("val loss", val)
+    gap = Text(f"{_f(s.gap, '+.4f')}  ")
+    gap.append(s.gap_status or "-", style=GAP_STYLE.get(s.gap_status or "", ""))
+    t.add_row("gap", gap)
+    t.add_row("learning rate", _f(s.learning_rate, ".3e"))
+    t.add_row("tokens/s", _f(s.tokens_per_second, ".1f"))
+    t.add_row("peak memory", "-" if s.peak_memory_gb is None else f"{s.peak_memory_gb:.3f} GB")
+    ck = f"{s.checkpoints} kept"
+    if s.last_checkpoint_step is not None:
+        ck += f", last step {s.last_checkpoint_step} ({format_duration(s.last_checkpoint_age_seconds)} ago)"
+    t.add_row("checkpoints", ck)
+    disk = Text("-" if s.disk_free_bytes is None else
+                f"{format_size(s.disk_free_bytes)} free of {format_size(s.disk_total_bytes or 0)} "
+                f"({s.disk_used_percent:.1f}% used)  watermark ")
+    if s.disk_free_bytes is not None:
+        disk.append(s.disk_level or "?", style=_LEVEL_STYLE.get(s.disk_level or "", ""))
+    t.add_row("disk", disk)
+    t.add_row("early stopping", _patience_text(s))
+    t.add_row("last activity", f"{format_duration(s.last_activity_age_seconds)} ago"
+              if s.last_activity_age_seconds is not None else "-")
+    if s.message and s.state != RunState.RUNNING.value:
+        t.add_row("message", s.message)
+    parts: list[Any] = [t]
+    for w in s.warnings:
+        parts.append(Text(f"warning: {w}", style="bold yellow"))
+    title = f"farense monitor: {s.run_name}" + (f" ({s.config_name})" if s.config_name else "")
+    return Panel(Group(*parts), title=title, subtitle=s.run_dir, expand=False)
+
+
+def render_text(s: MonitorSnapshot, *, width: int = 110, color: bool = False) -> str:
+    """The rich view as a string (for tests and for logs that keep layout)."""
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    Console(file=buf, width=width, force_terminal=color, color_system="standard" if color else None,
+            legacy_windows=False).print(render(s))
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- finding a run
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "run_state.json").is_file() or (path / "config.json").is_file()
+
+
+def find_runs(runs_dir: str | os.PathLike[str], *, max_depth: int = 3) -> list[Path]:
+    """Run directories under `runs_dir` (runs/v2, and runs/demo/v2 one level down), sorted by path."""
+    root = Path(runs_dir)
+    found: list[Path] = []
+
+    def walk(d: Path, depth: int) -> None:
+        try:
+            children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return
+        for c in children:
+            if is_run_dir(c):
+                found.append(c)
+            elif depth < max_depth and c.name not in ("checkpoints", "adapters", "evaluation", "plots"):
+                walk(c, depth + 1)
+
+    if is_run_dir(root):
+        return [root]
+    walk(root, 1)
+    return found
+
+
+def most_recent_run(runs_dir: str | os.PathLike[str]) -> Path:
+    """The run under `runs_dir` that wrote last; FarenseError naming the directory if there is none."""
+    runs = find_runs(runs_dir)
+    if not runs:
+        raise FarenseError(f"no runs under {runs_dir} (a run directory has run_state.json or config.json); "
+                           "name one: farense monitor RUN_DIR or CONFIG")
+
+    def key(p: Path) -> float:
+        paths = RunPaths(p)
+        return last_activity(paths, read_run_state(paths.state)) or 0.0
+
+    return max(runs, key=key)
+
+
+def resolve_run_dir(spec: str | None, *, runs_dir: str | os.PathLike[str] | None = None,
+                    overlays: Sequence[str] = ()) -> Path:
+    """RUN as the commands take it: a run directory, a config name (its run_dir), or None (latest)."""
+    from .config import load_config
+
+    if spec is None:
+        ws = Path(os.environ.get("FARENSE_WORKSPACE", "."))
+        return most_recent_run(Path(runs_dir) if runs_dir else ws / "runs").resolve()
+    p = Path(spec)
+    if p.is_dir():
+        if is_run_dir(p) or (p / "metrics.jsonl").is_file():
+            return p.resolve()
+        runs = find_runs(p)
+        if runs:
+            return most_recent_run(p).resolve()
+        raise FarenseError(f"{p} is not a run directory (no run_state.json, config.json or metrics.jsonl)")
+    return load_config(spec, overlays=list(overlays)).run_dir
+
+
+# --------------------------------------------------------------------------- the live loop
+
+
+def watch(
+    run_dir: str | os.PathLike[str],
+    *,
+    refresh: float = 5.0,
+    once: bool = False,
+    as_json: bool = False,
+    out: TextIO | None = None,
+    tty: bool | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    max_refreshes: int | None = None,
+    take: Callable[[Path], MonitorSnapshot] | None = None,
+) -> int:
+    """Show the run until interrupted: rich Live on a TTY, one plain (or JSON) line per refresh elsewhere.
+
+    `max_refreshes`, `sleep` and `take` let tests run the loop without waiting.
+    """
+    out = out or sys.stdout
+    tty = out.isatty() if tty is None else tty
+    take = take or (lambda p: snapshot(p))
+    path = Path(run_dir)
+    count = 0
+
+    def done() -> bool:
+        return once or (max_refreshes is not None and count >= max_refreshes)
+
+    try:
+        if tty and not as_json:
+            from rich.console import Console
+
+            console = Console(file=out)
+            if once:
+                console.print(render(take(path)))
+                return 0
+            from rich.live import Live
+
+            with Live(render(take(path)), console=console, auto_refresh=False, transient=False) as live:
+                count = 1
+                while not done():
+                    sleep(refresh)
+                    live.update(render(take(path)), refresh=True)
+                    count += 1
+            return 0
+        while True:
+            s = take(path)
+            out.write((json.dumps(s.to_dict(), ensure_ascii=False) if as_json else plain_line(s)) + "\n")
+            out.flush()
+            count += 1
+            if done():
+                return 0
+            sleep(refresh)
+    except KeyboardInterrupt:
+        return 0
+
