@@ -72,7 +72,8 @@ MLX_LM_DEFAULTS: dict[str, Any] = {
 # "refused" stops the import with the reason.
 KEY_RULES: dict[str, str] = {
     "model": "-> model.path (as written; a relative path resolves against the farense workspace)",
-    "data": "-> data.dir (a local directory with train.jsonl / valid.jsonl; Hugging Face dataset names are not read)",
+    "data": "-> data.dir (required: a local directory with train.jsonl / valid.jsonl; Hugging Face dataset "
+            "names are not read)",
     "hf_dataset": "refused: farense trains on local JSONL files it validates before training",
     "chat_feature": "-> data.chat_feature",
     "prompt_feature": "-> data.prompt_feature",
@@ -256,6 +257,10 @@ def import_lora_config(raw: Mapping[str, Any], *, name: str, source: str = "<mlx
     v = {k: (raw[k] if raw.get(k) is not None else d) for k, d in MLX_LM_DEFAULTS.items()}
 
     # ---- refused outright
+    if raw.get("data") is None:
+        problems.append("data: missing; mlx-lm's default is the Hugging Face dataset "
+                        f"{MLX_LM_DEFAULTS['data']!r}, and farense trains on a local directory with train.jsonl "
+                        "and valid.jsonl: set data to it")
     if raw.get("hf_dataset") is not None:
         problems.append("hf_dataset: " + KEY_RULES["hf_dataset"] + "; export the dataset to train.jsonl / "
                         "valid.jsonl / test.jsonl and set data to that directory")

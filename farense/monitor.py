@@ -139,8 +139,8 @@ class MonitorSnapshot:
     total_steps: int | None = None
     progress: float | None = None  # 0..1
     elapsed_seconds: float | None = None  # training time recorded in the metrics
-    seconds_per_step: float | None = None
-    eta_seconds: float | None = None
+    seconds_per_step: float | None = None  # recent step time plus checkpoint writes; validation not counted
+    eta_seconds: float | None = None  # remaining steps x seconds_per_step, while running
     # losses
     train_loss: float | None = None  # the last step
     train_loss_mean: float | None = None  # mean of the last TREND_WINDOW steps
@@ -601,6 +601,7 @@ def render_text(s: MonitorSnapshot, *, width: int = 110, color: bool = False) ->
 
 
 def is_run_dir(path: Path) -> bool:
+    """A directory the trainer has started writing (its state file or its recorded config)."""
     return (path / "run_state.json").is_file() or (path / "config.json").is_file()
 
 

@@ -169,6 +169,7 @@ def test_every_problem_is_reported_at_once_with_the_way_out(tmp_path):
         "resume_adapter_file: farense resumes from its own checkpoints",
         "report_to: farense does not report to wandb",
         "hf_dataset:",
+        "data: missing; mlx-lm's default is the Hugging Face dataset",
     ):
         assert expected in msg, expected
     assert str(p) in msg
