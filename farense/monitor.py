@@ -139,7 +139,7 @@ class MonitorSnapshot:
     total_steps: int | None = None
     progress: float | None = None  # 0..1
     elapsed_seconds: float | None = None  # training time recorded in the metrics
-    seconds_per_step: float | None = None  # recent step time plus checkpoint writes; validation not counted
+    seconds_per_step: float | None = None  # wall time per step in this process (see _seconds_per_step)
     eta_seconds: float | None = None  # remaining steps x seconds_per_step, while running
     # losses
     train_loss: float | None = None  # the last step
@@ -218,6 +218,26 @@ def _trend(before: float | None, after: float | None) -> tuple[str | None, float
 
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def _seconds_per_step(rows: Sequence[Mapping[str, Any]], resumed_from: int) -> float | None:
+    """Wall seconds per optimizer step over this process's rows (validation and checkpoints included).
+
+    Rows without a wall `timestamp` (older trainers) fall back to the recorded step time of the
+    last TREND_WINDOW steps plus the checkpoint writes, which leaves validation out.
+    """
+    mine = [(r["step"], t) for r in rows if r["step"] > resumed_from and (t := _num(r.get("timestamp"))) is not None]
+    if len(mine) >= 2 and mine[-1][0] > mine[0][0] and mine[-1][1] >= mine[0][1]:
+        return (mine[-1][1] - mine[0][1]) / (mine[-1][0] - mine[0][0])
+    if len(rows) < 2:
+        return None
+    first, last = rows[-min(len(rows), TREND_WINDOW + 1)], rows[-1]
+    e0, e1 = _num(first.get("elapsed_seconds")), _num(last.get("elapsed_seconds"))
+    steps = last["step"] - first["step"]
+    if e0 is None or e1 is None or steps <= 0 or e1 < e0:
+        return None
+    ck = sum(c for r in rows if (c := _num(r.get("checkpoint_seconds"))) is not None)
+    return (e1 - e0) / steps + ck / max(last["step"], 1)
 
 
 def _run_config(paths: RunPaths) -> ExperimentConfig | None:
@@ -323,20 +343,8 @@ def snapshot(
              or (config.training.iters if config is not None and config.training.iters else None))
     progress = min(step / total, 1.0) if total else None
     last = rows[-1] if rows else {}
-    window = rows[-TREND_WINDOW:]
     elapsed = _num(last.get("elapsed_seconds"))
-    sps = None
-    if len(rows) >= 2:
-        first = rows[-len(window) - 1] if len(rows) > len(window) else rows[0]
-        e0, e1 = _num(first.get("elapsed_seconds")), _num(last.get("elapsed_seconds"))
-        steps = last["step"] - first["step"]
-        if e0 is not None and e1 is not None and steps > 0 and e1 >= e0:
-            sps = (e1 - e0) / steps
-            # Checkpoints are written outside the step time; spread their cost over the steps.
-            ck = [_num(r.get("checkpoint_seconds")) for r in rows]
-            ck_total = sum(c for c in ck if c is not None)
-            if ck_total:
-                sps += ck_total / max(last["step"], 1)
+    sps = _seconds_per_step(rows, _int(doc.get("resumed_from")) or 0)
     eta = None
     if running and sps is not None and total:
         eta = max(total - step, 0) * sps

@@ -269,6 +269,19 @@ def test_disk_watermark_level_follows_the_run_config(tmp_path, free_gb, level):
     assert (s.train_trend, s.val_trend, s.gap_status, s.patience_left) == ("down", "down", "BOM", 5)
 
 
+def test_eta_uses_the_wall_clock_of_this_process_steps(tmp_path):
+    run = _fabricated_run(tmp_path)
+    rows = [orjson.loads(line) for line in (run / "metrics.jsonl").read_bytes().splitlines()]
+    for r in rows:  # steps 1-10 by a process that crashed long ago; 11-30 after the resume, 3 s each
+        r["timestamp"] = 100.0 * r["step"] if r["step"] <= 10 else 50_000.0 + 3.0 * r["step"]
+    (run / "metrics.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    write_run_state(run / "run_state.json", RunState.RUNNING, step=30, total_steps=150, resumed_from=10)
+    s = snapshot(run, lock_probe=lambda p: LockInfo(path=p, held=True, pid=4242))
+    assert s.running and s.state_detail == "running (pid 4242)"
+    assert s.seconds_per_step == pytest.approx(3.0) and s.eta_seconds == pytest.approx(120 * 3.0)
+    assert "ETA 6m00s" in render_text(s) and parse_plain_line(plain_line(s))["eta"] == "6m00s"
+
+
 def test_torn_last_line_and_files_replaced_while_reading(tmp_path):
     run = _fabricated_run(tmp_path)
     with open(run / "metrics.jsonl", "ab") as f:
