@@ -30,8 +30,6 @@ from farense.mlxlm_compat import (
 
 pytestmark = pytest.mark.timeout(300)
 
-REPO = Path(__file__).resolve().parent.parent
-
 DEMO_YAML = """\
 # An mlx-lm config, as `mlx_lm.lora -c lora.yaml` reads it, for the demo model.
 model: "{demo}/model"
