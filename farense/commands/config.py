@@ -78,3 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--overlay", action="append")
     c.add_argument("--demo", dest="overlay", action="append_const", const="demo")
     c.set_defaults(handler=check)
+
+    from .observe import register_config_import  # `config import`: mlx-lm YAML -> farense TOML
+
+    register_config_import(csub)
