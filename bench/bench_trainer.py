@@ -71,6 +71,7 @@ def run_mlx_lm(cfg, ws: Path, iters: int) -> tuple[float, list[float], float | N
     first = None
     rates = []
     for line in proc.stdout:
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # mlx-lm's console colours even into a pipe
         m = re.match(r"\s*(\d+)\s+[\d.]+ [\u25bc\u25b2]\s+([\d,]+)\s+[\d.]+k", line)
         if m:
             if first is None:
