@@ -29,6 +29,7 @@ from .batching import batch_groups, eval_batches, position_of, train_batches
 from .checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy
 from .config import ExperimentConfig, check_inputs, config_to_json, fingerprint_diff
 from .data import count_too_long, data_fingerprint, make_datasets, validate_data
+from .distributed import any_rank, share_checkpoint
 from .errors import DiskFull, FingerprintMismatch, NumericalError, Preempted
 from .faults import fault_point
 from .fsutil import atomic_write_bytes, fsync_dir, fsync_file
@@ -330,13 +331,13 @@ def run_training(
     paths = RunPaths(config.run_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
 
-    from .locks import RunLock
+    from .distributed import rank_zero_lock
 
     if guard is None:
         from .diskguard import RunDiskGuard
 
         guard = RunDiskGuard.for_config(config, clock=clock, log=log)
-    with RunLock(paths.lock, command="train"):
+    with rank_zero_lock(paths.lock, command="train"):  # only rank 0 writes, so only rank 0 locks
         return _train_locked(config, paths, loaded, data_fp, new_run=new_run,
                              preemption=preemption or PreemptionFlag(), guard=guard, clock=clock, log=log,
                              progress_bar=progress_bar, on_step_end=on_step_end)
@@ -376,11 +377,14 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
         _start_over(paths, store)
     if is_writer:
         store.remove_temporaries()  # leftovers of writes killed mid-way; we hold the run lock
-    resume = None if new_run else store.latest_verified()
+    resume = None if new_run or not is_writer else store.latest_verified()
     if is_writer:
         # Checkpoints newer than the one we resume from failed verification: they go.
         for path in store.discard_after(resume.step if resume else None):
             log(f"removed unverifiable checkpoint {path.name}")
+    if world_size > 1:  # every rank starts from rank 0's checkpoint, verified again, disks shared or not
+        resume = share_checkpoint(resume, fingerprint=config.fingerprint, data_fingerprint=data_fp,
+                                  required_files=CHECKPOINT_FILES, group=world)
     if resume is not None:
         check_resume_compatible(resume, config, data_fp)
     if is_writer:
@@ -454,8 +458,9 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
         log(f"checkpoint {info.path.name} ({info.size_bytes} bytes)")
 
     protect = [resumed_from] if resumed_from else []
-    write_run_state(paths.state, RunState.RUNNING, step=prog.step, total_steps=total_steps,
-                    resumed_from=resumed_from, fingerprint=config.fingerprint)
+    if is_writer:
+        write_run_state(paths.state, RunState.RUNNING, step=prog.step, total_steps=total_steps,
+                        resumed_from=resumed_from, fingerprint=config.fingerprint)
     bar = _progress_bar(total_steps, prog.step, progress_bar)
     outcome = RunState.COMPLETED
     message = ""
@@ -518,7 +523,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                 on_step_end(prog.step, row, model)
             # One reading of the flag decides both the checkpoint and the exit: a signal that
             # arrives later is served after the next step, never between the two.
-            preempt_now = preemption.requested
+            preempt_now = any_rank(preemption.requested, world)  # all ranks: the same decision
             due = (prog.step % config.checkpoint.every_steps == 0 or prog.step == total_steps
                    or prog.early_stopping.stopped_at is not None or preempt_now)
             if due:
