@@ -223,7 +223,9 @@ async def ensure_notify_block(client: Any, webhook_url: str | None, block_ref: s
     try:
         doc = await client.read_block_document_by_name(name=name, block_type_slug=slug)
     except ObjectNotFound:
-        raise SystemExit(f"notification block {block_ref!r} not found; create it in the UI or with --webhook-url")
+        print(f"warning: notification block {block_ref!r} not found (create it in the UI or pass --webhook-url); "
+              "runs will not be notified", file=sys.stderr)
+        return None
     return doc.id
 
 

@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, tags
 from farense.config import ExperimentConfig
 from farense.errors import FarenseError
 
+from tasks.common import best_effort
 from tasks.decide import PRODUCTION, DecisionResult, decide_task
 from tasks.disk import CleanupResult, PreflightResult, cleanup_task, preflight_task
 from tasks.evaluate import EvaluationResult, evaluate_task
@@ -82,8 +83,12 @@ def _tag_flow_run(config: ExperimentConfig, demo: bool) -> None:
     current = set(flow_run.tags or [])
     if wanted <= current:
         return
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.id, tags=sorted(current | wanted))
+
+    def update() -> None:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, tags=sorted(current | wanted))
+
+    best_effort("tagging the flow run", update)
 
 
 def completion_message(cfg: ExperimentConfig, t: TrainingOutcome, e: EvaluationResult, d: DecisionResult,

@@ -46,6 +46,20 @@ def transient(attempts: int = 5, max_wait: float = 8.0, deadline: float = 60.0) 
     )
 
 
+def best_effort(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Observability calls (artifacts, events, tags): retried on transient errors, never fatal.
+
+    A progress bar that could not be updated must not stop a training that is going well.
+    """
+    import logging
+
+    try:
+        return transient(attempts=3, max_wait=2.0, deadline=10.0)(fn)(*args, **kwargs)
+    except Exception as e:
+        logging.getLogger("farense.tasks").warning(f"{what} failed, continuing: {e!r}")
+        return None
+
+
 def load_experiment(config: str, *, demo: bool = False, workspace: str | None = None) -> ExperimentConfig:
     """The config as every step sees it: the named file, the demo overlay if asked, the workspace."""
     return load_config(config, overlays=["demo"] if demo else [], workspace=workspace)

@@ -19,7 +19,7 @@ from farense.decision import RunReport, compare_and_decide, incumbent_from_produ
 from farense.errors import FarenseError
 from farense.layout import RunPaths
 
-from .common import artifact_key, load_experiment
+from .common import artifact_key, best_effort, load_experiment
 
 PRODUCTION = "production"
 
@@ -73,15 +73,16 @@ def decide_task(config: ExperimentConfig, run_dir: str, compare_with: str = PROD
     d = out.decision
     if out.comparison is not None:
         headers, rows = out.comparison.table()
-        create_table_artifact(
+        best_effort(
+            "comparison artifact", create_table_artifact,
             table=[dict(zip(headers, r)) for r in rows],
             key=artifact_key("comparison", config.run_name),
             description=f"{headers[1]} vs {headers[2]}",
         )
     else:
         log.info(f"nothing to compare {config.run_name} with ({compare_with} is empty): the rules alone decide")
-    create_markdown_artifact(markdown=d.to_markdown(), key=artifact_key("decision", config.run_name),
-                             description=d.verdict)
+    best_effort("decision artifact", create_markdown_artifact, markdown=d.to_markdown(),
+                key=artifact_key("decision", config.run_name), description=d.verdict)
     log.info(f"decision: {d.verdict}")
     inc_name = None if incumbent is None else (f"production ({incumbent.release_id})" if incumbent.kind == "release"
                                                else incumbent.name)

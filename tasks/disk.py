@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from farense.config import ExperimentConfig, format_size
 from farense.console import markdown_table
 
-from .common import artifact_key
+from .common import artifact_key, best_effort
 
 CLEANUP_HEADERS = ["run", "kind", "items", "what", "bytes", "why"]
 
@@ -51,11 +51,11 @@ def preflight_task(config: ExperimentConfig) -> PreflightResult:
     except DiskFull as e:
         short = getattr(e, "report", None)
         if short is not None:
-            create_markdown_artifact(markdown=render_preflight(short), key=artifact_key("preflight", config.run_name),
-                                     description=f"Disk preflight of {config.run_name}: SHORT")
+            best_effort("preflight artifact", create_markdown_artifact, markdown=render_preflight(short),
+                        key=artifact_key("preflight", config.run_name), description=f"Disk preflight of {config.run_name}: SHORT")
         raise
-    create_markdown_artifact(markdown=render_preflight(report), key=artifact_key("preflight", config.run_name),
-                             description=f"Disk preflight of {config.run_name}")
+    best_effort("preflight artifact", create_markdown_artifact, markdown=render_preflight(report),
+                key=artifact_key("preflight", config.run_name), description=f"Disk preflight of {config.run_name}")
     for w in report.warnings:
         log.warning(w)
     freed = report.cleanup.bytes_freed if report.cleanup is not None else 0
@@ -92,13 +92,15 @@ def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_day
     md = f"## Cleanup of {config.runs_dir}\n\n"
     md += (markdown_table(CLEANUP_HEADERS, rows) + f"\n\n{verb} {format_size(plan.total_bytes)}\n") if rows else "nothing to clean\n"
     if dry_run or not plan.items:
-        create_markdown_artifact(markdown=md, key=artifact_key("cleanup", config.run_name), description="cleanup plan")
+        best_effort("cleanup artifact", create_markdown_artifact, markdown=md, key=artifact_key("cleanup", config.run_name),
+                    description="cleanup plan")
         log.info(f"cleanup: {len(plan.items)} items, {verb} {format_size(plan.total_bytes)}")
         return CleanupResult(plan.total_bytes, 0, 0, dry_run)
     result = apply_cleanup(plan)
     md += f"\nfreed {format_size(result.bytes_freed)} ({len(result.deleted)} items)\n"
     md += "".join(f"\n- skipped {s.path}: {s.reason}" for s in result.skipped)
-    create_markdown_artifact(markdown=md, key=artifact_key("cleanup", config.run_name), description="cleanup")
+    best_effort("cleanup artifact", create_markdown_artifact, markdown=md, key=artifact_key("cleanup", config.run_name),
+                description="cleanup")
     for err in result.errors:
         log.warning(f"cleanup: {err}")
     log.info(f"cleanup freed {format_size(result.bytes_freed)} ({len(result.deleted)} items)")

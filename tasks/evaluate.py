@@ -19,7 +19,7 @@ from farense.decision import REPORT_NAME
 from farense.fsutil import sha256_file
 from farense.layout import RunPaths
 
-from .common import artifact_key, read_json
+from .common import artifact_key, best_effort, read_json
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ def evaluate_task(config: ExperimentConfig, run_dir: str) -> EvaluationResult:
     rows = [["examples", result.examples], ["F1", f"{result.f1:.4f}"], ["precision", f"{result.precision:.4f}"],
             ["recall", f"{result.recall:.4f}"], ["exact match", f"{result.exact_match:.4f}"],
             ["test loss", "-" if result.test_loss is None else f"{result.test_loss:.4f}"]]
-    create_markdown_artifact(
+    best_effort(
+        "evaluation artifact", create_markdown_artifact,
         markdown=f"## Evaluation: {config.run_name}\n\n" + markdown_table(["metric", "value"], rows)
         + f"\n\nreport: `{result.report_path}`\n",
         key=artifact_key("evaluation", config.run_name),

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +28,7 @@ from farense.console import markdown_table
 from farense.layout import RunPaths, parse_checkpoint_name
 from farense.states import EXIT_BAD_INPUT, EXIT_DISK_FULL, EXIT_LOCKED, EXIT_NUMERICAL, EXIT_OK, EXIT_PREEMPTED, RunState
 
-from .common import artifact_key, read_json
+from .common import artifact_key, best_effort, read_json
 from .disk import free_disk_space
 
 POLL_SECONDS = 2.0
@@ -78,9 +78,11 @@ class TrainingFailed(Exception):
     """The trainer exited with an error; `retryable` says whether Prefect should run it again."""
 
     def __init__(self, message: str, exit_code: int, retryable: bool):
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.retryable = retryable
+        super().__init__(message, exit_code, retryable)  # all in args: picklable for Prefect
+        self.message, self.exit_code, self.retryable = message, exit_code, retryable
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def retry_only_curable(task: Any, task_run: Any, state: Any) -> bool:
@@ -126,7 +128,8 @@ class TrainingWatcher:
         self._inode: int | None = None
         self._offset = 0
         self._checkpoints: set[int] = set(self._committed_checkpoints())
-        self._artifact = create_progress_artifact(0.0, description=f"Training {paths.name}: starting")
+        self._artifact = best_effort("progress artifact", create_progress_artifact, 0.0,
+                                     description=f"Training {paths.name}: starting")
         self._reported = -1.0
 
     def _committed_checkpoints(self) -> list[int]:
@@ -176,7 +179,7 @@ class TrainingWatcher:
         self._report()
 
     def _report(self) -> None:
-        if not self.total:
+        if not self.total or self._artifact is None:
             return
         pct = round(100.0 * min(self.step, self.total) / self.total, 1)
         if pct == self._reported:
@@ -187,7 +190,7 @@ class TrainingWatcher:
             desc += f", train loss {self.last['train_loss']:.4f}"
         if "val_loss" in self.last_val:
             desc += f", val loss {self.last_val['val_loss']:.4f} (step {self.last_val['step']})"
-        update_progress_artifact(self._artifact, pct, description=desc)
+        best_effort("progress update", update_progress_artifact, self._artifact, pct, description=desc)
 
 
 def _forward_output(stream: Any, log: Any, tail: list[str]) -> None:
@@ -202,7 +205,9 @@ def _forward_output(stream: Any, log: Any, tail: list[str]) -> None:
 def _emit_checkpoint_event(paths: RunPaths, step: int) -> None:
     from prefect.events import emit_event
 
-    emit_event(
+    best_effort(
+        "checkpoint event",
+        emit_event,
         event="farense.checkpoint.saved",
         resource={"prefect.resource.id": f"farense.run.{paths.name}", "prefect.resource.name": paths.name},
         payload={"step": step, "run_dir": str(paths.root)},
@@ -236,6 +241,7 @@ def train_model(config: ExperimentConfig, demo: bool = False) -> TrainingOutcome
     done = already_trained(config)
     if done is not None:
         log.info(f"{paths.name} already finished training at step {done.step} ({done.state}); not training again")
+        _summary_artifact(config)
         return done
 
     started = time.monotonic()
@@ -265,7 +271,7 @@ def train_model(config: ExperimentConfig, demo: bool = False) -> TrainingOutcome
     seconds = round(time.monotonic() - started, 3)
     if code == EXIT_OK and result:
         outcome = TrainingOutcome.from_result(result, seconds=seconds)
-        _summary_artifact(config, outcome)
+        _summary_artifact(config)
         return outcome
     message, retryable = _describe_failure(code, result, tail)
     if code == EXIT_DISK_FULL:
@@ -276,10 +282,22 @@ def train_model(config: ExperimentConfig, demo: bool = False) -> TrainingOutcome
     raise TrainingFailed(message, code, retryable)
 
 
-def _summary_artifact(config: ExperimentConfig, outcome: TrainingOutcome) -> None:
-    rows = [[k, "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else v)] for k, v in asdict(outcome).items()]
-    create_markdown_artifact(
-        markdown=f"## Training summary: {config.run_name}\n\n" + markdown_table(["field", "value"], rows),
+SUMMARY_FIELDS = (
+    ("state", "state"), ("final_step", "steps"), ("best_step", "best step"), ("best_val_loss", "best validation loss"),
+    ("train_val_gap", "train/validation gap at best"), ("gap_status", "gap status"), ("early_stopped", "early stopped"),
+    ("final_train_loss", "final train loss"), ("final_val_loss", "final validation loss"),
+    ("training_time_seconds", "training time (s)"), ("tokens_seen", "tokens seen"), ("adapters", "adapters"),
+)
+
+
+def _summary_artifact(config: ExperimentConfig) -> None:
+    """training_summary.json as a table in the UI."""
+    summary = read_json(RunPaths(config.run_dir).summary) or {}
+    rows = [[label, "-" if summary.get(k) is None else (f"{summary[k]:.4f}" if isinstance(summary[k], float) else summary[k])]
+            for k, label in SUMMARY_FIELDS]
+    best_effort(
+        "training summary artifact", create_markdown_artifact,
+        markdown=f"## Training summary: {config.run_name}\n\n" + markdown_table(["", "value"], rows),
         key=artifact_key("training-summary", config.run_name),
         description=f"How training of {config.run_name} ended",
     )
