@@ -643,7 +643,7 @@ def default_config_dir() -> Path:
 def find_config(name_or_path: str, config_dir: Path | None = None) -> Path:
     """`v2` -> configs/v2.toml; a path is taken as it is."""
     p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists() or os.sep in name_or_path:
+    if p.suffix == ".toml" or p.is_file() or os.sep in name_or_path:
         return p
     d = config_dir or default_config_dir()
     cand = d / f"{name_or_path}.toml"
@@ -658,7 +658,7 @@ def find_config(name_or_path: str, config_dir: Path | None = None) -> Path:
 
 def find_overlay(name_or_path: str, config_dir: Path | None = None) -> Path:
     p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
+    if p.suffix == ".toml" or p.is_file():
         return p
     d = (config_dir or default_config_dir()) / "overlays"
     cand = d / f"{name_or_path}.toml"

@@ -187,8 +187,10 @@ def lora_tensors(shape: ModelShape, lora: LoraConfig) -> tuple[list[tuple[str, t
     """(name, shape) of every trainable tensor the adapters add, and notes on keys we cannot size."""
     dims = shape.linear_dims()
     keys = list(lora.keys) or list(dims)
+    # Model-level modules mlx-lm also adapts when named in keys (outside the blocks).
+    top = {} if shape.tie_word_embeddings else {"lm_head": (shape.hidden_size, shape.vocab_size)}
     notes = [f"lora.keys: {k!r} is not a Linear of a {shape.model_type or 'llama-like'} block; not counted"
-             for k in keys if k not in dims]
+             for k in keys if k not in dims and k not in top]
     n = shape.num_hidden_layers if lora.num_layers == -1 else min(lora.num_layers, shape.num_hidden_layers)
     out: list[tuple[str, tuple[int, ...]]] = []
     for layer in range(shape.num_hidden_layers - n, shape.num_hidden_layers):
@@ -201,6 +203,13 @@ def lora_tensors(shape: ModelShape, lora: LoraConfig) -> tuple[list[tuple[str, t
             out.append((f"{prefix}.lora_b", (lora.rank, d_out)))
             if lora.type == "dora":
                 out.append((f"{prefix}.m", (d_out,)))
+    for key in keys:
+        if key in top:
+            d_in, d_out = top[key]
+            out.append((f"{key}.lora_a", (d_in, lora.rank)))
+            out.append((f"{key}.lora_b", (lora.rank, d_out)))
+            if lora.type == "dora":
+                out.append((f"{key}.m", (d_out,)))
     return out, notes
 
 
