@@ -1,0 +1,436 @@
+"""farense's trainer beside `mlx_lm lora` on the same model, data and settings, on whatever backend
+MLX runs on (CUDA through `mlx[cuda13]`, Metal, or the CPU): tokens/s, checkpoint cost, and a
+SIGKILL + resume of a real `farense train` process.
+
+    python bench/bench_cuda.py --shape demo            # the tiny demo model (seconds, any machine)
+    python bench/bench_cuda.py --shape 7b --steps 30   # Mistral-7B's shape, random 4-bit weights
+    python bench/bench_cuda.py --model DIR             # any mlx-lm model directory
+
+The 7B-shaped model is built from its config with random weights, quantized to 4 bits layer by
+layer (nn.quantize on lazily initialised layers, each evaluated on its own), so no full-precision
+copy of the 7B weights ever exists, on the host or on the device; it borrows the demo tokenizer
+(its ids are all below the 32768-row embedding). Settings follow the seed's QLoRA runs: LoRA rank 6,
+scale 20, dropout 0.08 on q/k/v/o of the last 16 layers, Adam, gradient checkpointing. The loss is
+on every token (no prompt mask), so tokens/s counts what is computed, as mlx-lm reports it.
+
+Phases: (1) farense in this process through run_training, checkpointing every --checkpoint-every
+steps; (2) `farense train` SIGKILLed mid-step after a checkpoint, then resumed, and its adapters
+compared with (1)'s; (3) `python -m mlx_lm lora` with the same settings, and the cost of mlx-lm's
+checkpoint (its adapters written twice, as it does at every save). Prints a table and the ratios,
+and writes them as JSON and Markdown (--out). Nothing is asserted: timings belong here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1",
+       "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+
+# Mistral-7B-v0.3's shape (mlx-community/Mistral-7B-Instruct-v0.3-4bit is this, 4-bit, group 64).
+SHAPES: dict[str, dict[str, Any]] = {
+    "7b": {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32768, "rope_theta": 1_000_000.0,
+           "max_position_embeddings": 32768},
+    # The same code path at a size a laptop CPU trains in seconds (to test the builder anywhere).
+    "small": {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 512, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 2048, "rope_theta": 10000.0,
+              "max_position_embeddings": 4096},
+}
+QUANT = {"group_size": 64, "bits": 4}
+LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+
+
+# --------------------------------------------------------------------------- the model and the data
+
+
+def build_random_model(out: Path, shape: dict[str, Any], tokenizer_from: Path, seed: int = 0) -> Path:
+    """A Mistral-architecture mlx-lm model directory with random 4-bit weights (idempotent)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+    from mlx_lm.utils import save_model
+
+    marker = out / ".bench-built.json"
+    want = {"shape": shape, "quantization": QUANT, "seed": seed}
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t0 = time.perf_counter()
+    config = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+              "torch_dtype": "bfloat16", **shape}
+    mx.random.seed(seed)
+    args = llama.ModelArgs.from_dict(config)
+    model = llama.Model(args)  # lazy: no weight exists until evaluated
+    model.set_dtype(mx.bfloat16)
+    nn.quantize(model, group_size=QUANT["group_size"], bits=QUANT["bits"])
+    # One layer at a time: its full-precision weights exist only while it is quantized.
+    for layer in model.model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+    save_model(out, model)
+    (out / "config.json").write_text(json.dumps({**config, "quantization": QUANT, "quantization_config": QUANT},
+                                                indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_from / name).exists():
+            shutil.copy2(tokenizer_from / name, out / name)
+    del model
+    gc.collect()
+    mx.clear_cache()
+    marker.write_text(json.dumps(want))
+    print(f"built {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e9:.2f} GB) in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return out
+
+
+def make_data(out: Path, demo_data: Path, model_dir: Path, seq_len: int, n_train: int, n_valid: int) -> Path:
+    """Chat JSONL whose examples are about seq_len tokens: the demo Q&A pairs as one long conversation each."""
+    from mlx_lm.utils import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    pairs = []
+    for line in (demo_data / "train.jsonl").read_text(encoding="utf-8").splitlines():
+        msgs = json.loads(line)["messages"]
+        pairs.append([m for m in msgs if m["role"] != "system"])
+    system = [m for m in json.loads((demo_data / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])["messages"]
+              if m["role"] == "system"]
+    out.mkdir(parents=True, exist_ok=True)
+    k = 0
+
+    def example() -> dict[str, Any]:
+        nonlocal k
+        msgs = list(system)
+        while True:
+            nxt = msgs + pairs[k % len(pairs)]
+            k += 1
+            if len(tok.apply_chat_template(nxt, tokenize=True)) > seq_len and len(msgs) > len(system):
+                k -= 1
+                return {"messages": msgs}
+            msgs = nxt
+
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_valid)):
+        with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for _ in range(n):
+                f.write(json.dumps(example(), ensure_ascii=False) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------- farense
+
+
+def farense_config(ws: Path, model: Path, data: Path, a: argparse.Namespace, num_layers: int) -> Any:
+    from farense.config import load_config
+
+    return load_config("v2", workspace=ws).with_overrides(
+        model={"path": str(model), "quantize_bits": 0},
+        data={"dir": str(data)},
+        lora={"rank": 6, "scale": 20.0, "dropout": 0.08, "num_layers": num_layers, "keys": LORA_KEYS},
+        training={"iters": a.steps, "epochs": 0, "batch_size": a.batch_size, "grad_accumulation": 1,
+                  "learning_rate": 1e-5, "schedule": "constant", "warmup_steps": 0, "max_seq_length": a.seq_len,
+                  "grad_checkpoint": True, "mask_prompt": False, "seed": 42},
+        validation={"every_steps": a.steps, "batches": 1},  # once, at the end (mlx-lm: first and last)
+        early_stopping={"patience": 0},
+        checkpoint={"every_steps": a.checkpoint_every, "keep_last": 2},
+        disk={"low_used_percent": 99.0, "high_used_percent": 99.5, "flood_used_percent": 99.9,
+              "low_free": "2GB", "high_free": "1GB", "flood_free": "500MB", "reserve": "100MB"},
+        output={"runs_dir": str(ws / "runs"), "run_name": "bench"},
+    )
+
+
+def steady_tokens_per_second(rows: list[dict], skip: int) -> tuple[float, float]:
+    """(total tokens / total step time, median per-step tokens/s) after the first `skip` steps (compilation)."""
+    rows = [r for r in rows[skip:] if r.get("tokens_per_second")]
+    toks = sum(r["tokens"] for r in rows)
+    secs = sum(r["tokens"] / r["tokens_per_second"] for r in rows)
+    return toks / secs, statistics.median(r["tokens_per_second"] for r in rows)
+
+
+def run_farense_in_process(cfg: Any) -> dict[str, Any]:
+    import mlx.core as mx
+
+    from farense.checkpoint import CheckpointStore
+    from farense.layout import RunPaths
+    from farense.metrics import read_metrics
+    from farense.trainer import run_training
+
+    t0 = time.perf_counter()
+    res = run_training(cfg, new_run=True, progress_bar=False, log=lambda m: print(f"  farense: {m}", file=sys.stderr))
+    wall = time.perf_counter() - t0
+    paths = RunPaths(cfg.run_dir)
+    rows = read_metrics(paths.metrics_jsonl)
+    ckpt = [r["checkpoint_seconds"] for r in rows if "checkpoint_seconds" in r]
+    latest = CheckpointStore(paths.checkpoints).list()[-1]
+    gc.collect()
+    mx.clear_cache()
+    return {"state": res.state.value, "wall_s": wall, "rows": rows, "checkpoint_s": ckpt,
+            "checkpoint_bytes": latest.size_bytes, "checkpoint_files": list(latest.files),
+            "adapters": (paths.adapters / "adapters.safetensors").read_bytes(),
+            "final_checkpoint_adapters": (latest.path / "adapters.safetensors").read_bytes(),
+            "peak_memory_gb": max(r.get("peak_memory_gb", 0) for r in rows)}
+
+
+def kill_and_resume(cfg: Any, kill_at: int, timeout: float) -> dict[str, Any]:
+    """A real `farense train`, SIGKILLed inside step `kill_at`, then started again until it completes."""
+    from farense.config import config_to_toml
+    from farense.layout import RunPaths
+    from farense.runstate import read_run_state
+
+    ws = Path(cfg.workspace)
+    ws.mkdir(parents=True, exist_ok=True)
+    f = ws / "bench.toml"
+    f.write_text(config_to_toml(cfg))
+    paths = RunPaths(cfg.run_dir)
+    shutil.rmtree(paths.root, ignore_errors=True)
+    argv = [sys.executable, "-m", "farense", "--workspace", str(ws), "train", str(f), "--no-progress"]
+    marker = ws / "fault.txt"
+    marker.unlink(missing_ok=True)
+    with open(ws / "killed.log", "wb") as log:
+        p = subprocess.Popen(argv, env={**ENV, "FARENSE_FAULT": f"step:{kill_at}", "FARENSE_FAULT_MARKER": str(marker)},
+                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        end = time.monotonic() + timeout
+        while not marker.exists():
+            if p.poll() is not None or time.monotonic() > end:
+                p.kill()
+                raise SystemExit(f"the run to kill ended before step {kill_at}: see {ws / 'killed.log'}")
+            time.sleep(0.05)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    t0 = time.perf_counter()
+    first_step = None
+    with open(ws / "resumed.log", "wb") as log:
+        p = subprocess.Popen(argv, env=ENV, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        while p.poll() is None:
+            st = read_run_state(paths.state) or {}
+            if first_step is None and st.get("pid") == p.pid and st.get("resumed_from") is not None \
+                    and st.get("step", 0) > st["resumed_from"]:
+                first_step = time.perf_counter() - t0
+            if time.perf_counter() - t0 > timeout:
+                p.kill()
+                raise SystemExit(f"the resumed run did not finish in {timeout:.0f} s: see {ws / 'resumed.log'}")
+            time.sleep(0.02)
+    wall = time.perf_counter() - t0
+    st = read_run_state(paths.state) or {}
+    if p.returncode != 0:
+        raise SystemExit(f"the resumed run failed (exit {p.returncode}): see {ws / 'resumed.log'}")
+    return {"exit_code": p.returncode, "state": st.get("state"), "resumed_from": st.get("resumed_from"),
+            "start_to_first_resumed_step_s": first_step, "resume_wall_s": wall,
+            "adapters": (paths.adapters / "adapters.safetensors").read_bytes()}
+
+
+# --------------------------------------------------------------------------- mlx-lm
+
+
+_MLX_LM_REPORT = re.compile(r"^\s*(\d+)\s+(?:[\d.]+|nan|inf) [\u25bc\u25b2]\s+([\d,]+)\s+[\d.]+k")
+
+
+def run_mlx_lm(cfg: Any, ws: Path, steps: int, timeout: float) -> dict[str, Any]:
+    """`python -m mlx_lm lora` with the same settings (YAML config: LoRA keys have no flag)."""
+    import yaml
+
+    t = cfg.training
+    ws.mkdir(parents=True, exist_ok=True)
+    adapters = ws / "adapters"
+    shutil.rmtree(adapters, ignore_errors=True)
+    conf = {
+        "model": cfg.model_path, "data": str(cfg.data_dir), "train": True, "fine_tune_type": "lora",
+        "num_layers": cfg.lora.num_layers, "batch_size": t.batch_size, "iters": steps,
+        "grad_accumulation_steps": 1, "learning_rate": t.learning_rate, "max_seq_length": t.max_seq_length,
+        "grad_checkpoint": t.grad_checkpoint, "mask_prompt": t.mask_prompt, "optimizer": "adam",
+        "steps_per_report": 1, "steps_per_eval": steps, "val_batches": 1, "save_every": cfg.checkpoint.every_steps,
+        "adapter_path": str(adapters), "seed": t.seed,
+        "lora_parameters": {"rank": cfg.lora.rank, "scale": cfg.lora.scale, "dropout": cfg.lora.dropout,
+                            "keys": list(cfg.lora.keys)},
+    }
+    (ws / "lora.yaml").write_text(yaml.safe_dump(conf))
+    t0 = time.perf_counter()
+    first = None
+    rates: list[float] = []
+    log_lines: list[str] = []
+    p = subprocess.Popen([sys.executable, "-m", "mlx_lm", "lora", "--config", str(ws / "lora.yaml")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**ENV, "COLUMNS": "200"}, text=True)
+    assert p.stdout is not None
+    for line in p.stdout:
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # mlx-lm's console colours, even into a pipe
+        log_lines.append(line)
+        m = _MLX_LM_REPORT.match(line)
+        if m:
+            first = first if first is not None else time.perf_counter() - t0
+            rates.append(float(m.group(2).replace(",", "")))
+        if time.perf_counter() - t0 > timeout:
+            p.kill()
+    p.wait()
+    wall = time.perf_counter() - t0
+    (ws / "mlx_lm.log").write_text("".join(log_lines))
+    if p.returncode != 0 or not rates:
+        raise SystemExit(f"mlx_lm lora failed (exit {p.returncode}, {len(rates)} reports): see {ws / 'mlx_lm.log'}")
+    return {"wall_s": wall, "start_to_first_step_s": first, "rates": rates, **mlx_lm_checkpoint_cost(adapters)}
+
+
+def mlx_lm_checkpoint_cost(adapters: Path, repeats: int = 5) -> dict[str, Any]:
+    """mlx-lm's checkpoint is its adapters written twice (adapters.safetensors and NNNNNNN_adapters.safetensors),
+    with no optimizer state, no checksum and no fsync: time exactly that, on its own adapters."""
+    import mlx.core as mx
+
+    weights = mx.load(str(adapters / "adapters.safetensors"))
+    mx.eval(weights)
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        mx.save_safetensors(str(adapters / f"bench-{i}-a.safetensors"), weights)
+        mx.save_safetensors(str(adapters / f"bench-{i}-b.safetensors"), weights)
+        times.append(time.perf_counter() - t0)
+    return {"checkpoint_s": statistics.median(times),
+            "checkpoint_bytes": (adapters / "adapters.safetensors").stat().st_size}
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def device_description() -> str:
+    import mlx.core as mx
+
+    backend = "cpu"
+    if getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
+        backend = "cuda"
+    elif getattr(mx, "metal", None) is not None and mx.metal.is_available():
+        backend = "metal"
+    name = platform.processor() or platform.machine()
+    if backend == "cuda" and shutil.which("nvidia-smi"):
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True)
+        name = q.stdout.strip().splitlines()[0] if q.returncode == 0 and q.stdout.strip() else name
+    elif backend == "metal":
+        name = mx.device_info().get("device_name", name)
+    return f"{backend}: {name}; mlx {mx.__version__}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=["demo", *SHAPES], default="demo",
+                    help="demo: the tiny demo model; 7b: Mistral-7B's shape, random 4-bit; small: the same, tiny")
+    ap.add_argument("--model", type=Path, help="Use this mlx-lm model directory instead of building one.")
+    ap.add_argument("--steps", type=int, help="Optimizer steps per run (default: 40 demo/small, 30 7b).")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, help="Tokens per example (default: 128 demo/small, 512 7b).")
+    ap.add_argument("--checkpoint-every", type=int, help="Checkpoint cadence in steps (default: steps // 3).")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/farense-bench"), help="Models, data and runs go here.")
+    ap.add_argument("--out", type=Path, help="Write results.json and results.md into this directory.")
+    ap.add_argument("--skip-resume", action="store_true")
+    ap.add_argument("--skip-mlx-lm", action="store_true")
+    ap.add_argument("--timeout", type=float, default=900, help="Seconds any one run may take.")
+    a = ap.parse_args()
+    big = a.shape == "7b"
+    a.steps = a.steps or (30 if big else 40)
+    a.seq_len = a.seq_len or (512 if big else 128)
+    a.checkpoint_every = a.checkpoint_every or max(a.steps // 3, 1)
+    kill_at = min(a.checkpoint_every + max(a.checkpoint_every // 2, 1), a.steps)
+    a.work.mkdir(parents=True, exist_ok=True)
+
+    from farense.demo import build_demo
+
+    demo = build_demo(a.work / "demo")
+    demo_model, demo_data = Path(demo.model), Path(demo.data)
+    if a.model:
+        model, label = a.model.resolve(), a.model.name
+    elif a.shape == "demo":
+        model, label = demo_model, "demo (Mistral architecture, 4 layers, hidden 128, fp32)"
+    else:
+        model = build_random_model(a.work / f"model-{a.shape}", SHAPES[a.shape], demo_model)
+        label = (f"{a.shape}-shaped Mistral, random weights, {QUANT['bits']}-bit (group {QUANT['group_size']}), "
+                 f"{SHAPES[a.shape]['num_hidden_layers']} layers, hidden {SHAPES[a.shape]['hidden_size']}")
+    n_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    data = make_data(a.work / f"data-{a.seq_len}", demo_data, model, a.seq_len,
+                     n_train=max(a.steps * a.batch_size, 8 * a.batch_size), n_valid=2 * a.batch_size)
+    device = device_description()
+    print(f"device: {device}\nmodel: {label}\n{a.steps} steps, batch {a.batch_size}, ~{a.seq_len} tokens/example, "
+          f"LoRA rank 6 on q/k/v/o of {min(16, n_layers)} layers, checkpoint every {a.checkpoint_every}",
+          file=sys.stderr)
+
+    skip = max(2, a.steps // 10)
+    cfg = farense_config(a.work / "farense", model, data, a, min(16, n_layers))
+    fr = run_farense_in_process(cfg)
+    f_total, f_median = steady_tokens_per_second(fr["rows"], skip)
+    results: dict[str, Any] = {
+        "device": device, "model": label, "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
+        "checkpoint_every": a.checkpoint_every, "warmup_steps_excluded": skip,
+        "farense": {"tokens_per_s": f_total, "tokens_per_s_median_step": f_median, "wall_s": fr["wall_s"],
+                    "peak_memory_gb": fr["peak_memory_gb"], "checkpoint_s_mean": statistics.mean(fr["checkpoint_s"]),
+                    "checkpoint_s_max": max(fr["checkpoint_s"]), "checkpoints": len(fr["checkpoint_s"]),
+                    "checkpoint_bytes": fr["checkpoint_bytes"], "checkpoint_files": fr["checkpoint_files"],
+                    "step_s_median": statistics.median(r["tokens"] / r["tokens_per_second"]
+                                                       for r in fr["rows"][skip:] if r.get("tokens_per_second"))},
+    }
+    if not a.skip_resume:
+        kr = kill_and_resume(farense_config(a.work / "farense-kill", model, data, a, min(16, n_layers)),
+                             kill_at, a.timeout)
+        results["resume"] = {k: v for k, v in kr.items() if k != "adapters"}
+        results["resume"].update(killed_in_step=kill_at,
+                                 adapters_identical_to_uninterrupted=kr["adapters"] == fr["adapters"])
+    if not a.skip_mlx_lm:
+        mr = run_mlx_lm(cfg, a.work / "mlx_lm", a.steps, a.timeout)
+        steady = mr["rates"][skip:] or mr["rates"]
+        results["mlx_lm"] = {"tokens_per_s_median_step": statistics.median(steady),
+                             "tokens_per_s_mean_step": statistics.mean(steady), "wall_s": mr["wall_s"],
+                             "start_to_first_step_s": mr["start_to_first_step_s"],
+                             "checkpoint_s": mr["checkpoint_s"], "checkpoint_bytes": mr["checkpoint_bytes"]}
+    report = render(results)
+    print(report)
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "results.json").write_text(json.dumps(results, indent=2))
+        (a.out / "results.md").write_text(report + "\n")
+    return 0
+
+
+def render(r: dict[str, Any]) -> str:
+    f, m, res = r["farense"], r.get("mlx_lm"), r.get("resume")
+    lines = [f"device: {r['device']}", f"model: {r['model']}",
+             f"{r['steps']} optimizer steps, batch {r['batch_size']}, ~{r['seq_len']} tokens per example, "
+             f"first {r['warmup_steps_excluded']} steps (compilation) excluded", "",
+             "| | farense | mlx_lm lora | farense / mlx_lm |", "|---|---:|---:|---:|"]
+
+    def row(name: str, fv: float | None, mv: float | None, fmt: str) -> None:
+        ratio = f"{fv / mv:.3f}" if fv and mv else "-"
+        lines.append(f"| {name} | {format(fv, fmt) if fv is not None else '-'} | "
+                     f"{format(mv, fmt) if mv is not None else '-'} | {ratio} |")
+
+    row("tokens/s (median step)", f["tokens_per_s_median_step"], m and m["tokens_per_s_median_step"], ",.0f")
+    row("tokens/s (all steady steps)", f["tokens_per_s"], m and m["tokens_per_s_mean_step"], ",.0f")
+    row("checkpoint write (ms)", f["checkpoint_s_mean"] * 1e3, m and m["checkpoint_s"] * 1e3, ".1f")
+    row("checkpoint size (MB)", f["checkpoint_bytes"] / 1e6, m and m["checkpoint_bytes"] / 1e6, ".2f")
+    row("process wall time (s)", f["wall_s"], m and m["wall_s"], ".1f")
+    lines.append(f"| peak memory (GB) | {f['peak_memory_gb']:.2f} | - | - |")
+    lines += ["",
+              f"farense checkpoint = adapters + optimizer state + state.json + manifest (SHA-256), each file fsynced, "
+              f"renamed whole; {f['checkpoints']} written, mean {f['checkpoint_s_mean']:.3f} s, max "
+              f"{f['checkpoint_s_max']:.3f} s = {100 * f['checkpoint_s_mean'] / (f['step_s_median'] * r['checkpoint_every']):.2f}% "
+              f"of the {r['checkpoint_every']} steps between two checkpoints.",
+              "mlx_lm checkpoint = its adapters written twice, no optimizer state, no checksum, no fsync."]
+    if res:
+        lines.append(f"kill + resume: SIGKILL inside step {res['killed_in_step']}; the next process resumed from step "
+                     f"{res['resumed_from']} and reached its first new step {res['start_to_first_resumed_step_s']:.1f} s "
+                     f"after starting; final state {res['state']}; adapters byte-identical to the uninterrupted run: "
+                     f"{'yes' if res['adapters_identical_to_uninterrupted'] else 'no'}.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

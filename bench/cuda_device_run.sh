@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# farense on MLX's CUDA backend, on a machine that cannot reach a package index (the `device` tool's
+# GPU machines: Python 3.12, CUDA 13 driver, PyTorch's nvidia-* CUDA 13 libraries already installed).
+#
+# The wheels are downloaded beforehand on a machine with network, into .whl/ (git-ignored):
+#   mlx-cuda-13 (about 90 MB) is larger than one transfer may carry (64 MiB), so it travels in two
+#   parts, one per call, while the machine stays warm; each call copies its part to /tmp/whl, and
+#   `install` joins them, checks the SHA-256 and installs everything with pip --target (no index).
+#   .whl/MANIFEST.txt says which files go in which call.
+#
+#   call 1 (carry .whl/call1):  bash bench/cuda_device_run.sh stage
+#   call 2 (carry .whl/call2):  bash bench/cuda_device_run.sh stage install bench demo
+#   call 3 (no carry):          bash bench/cuda_device_run.sh bench 7b
+#
+# Commands, run in order given: stage | install | check | bench SHAPE [bench_cuda.py args...]
+# Results land in $OUT/<shape>/results.{json,md} (and the logs in $OUT/<shape>/*.log).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WHL=/tmp/whl
+SITE=/tmp/site
+OUT="${OUT:-/tmp/out}"
+PY="${PYTHON:-python3}"
+CUDA_WHEEL=mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl
+CUDA_WHEEL_SHA256=94cb48fba73e5ee39467e51c35c51c691123359ca17bafd1a24cf92ad6732bee
+
+env_setup() {
+  export PYTHONPATH="$SITE:$REPO" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DO_NOT_TRACK=1
+  # mlx's libmlx.so looks for the CUDA libraries at $ORIGIN/../../nvidia/...: the nvidia-* wheels
+  # PyTorch brought are linked in as $SITE/nvidia, and named on LD_LIBRARY_PATH as well.
+  local nv
+  nv="$("$PY" -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null || true)"
+  if [[ -n "$nv" && -d "$nv" ]]; then
+    [[ -e "$SITE/nvidia" ]] || ln -s "$nv" "$SITE/nvidia"
+    export LD_LIBRARY_PATH="$(ls -d "$nv"/*/lib 2>/dev/null | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+  [[ -d /usr/local/cuda ]] && export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+  # Several-GPU hosts of this workplace: NVLink multicast stays off (KINDS.md).
+  export NCCL_NVLS_ENABLE=0
+}
+
+stage() {  # copy this call's carried files out of the working tree, which the next call replaces
+  mkdir -p "$WHL"
+  for d in "$REPO"/.whl/call*; do [[ -d "$d" ]] && cp -v "$d"/* "$WHL"/; done
+  ls -la "$WHL"
+}
+
+install() {
+  cd "$WHL"
+  if [[ ! -f "$CUDA_WHEEL" ]]; then
+    cat "$CUDA_WHEEL".part0 "$CUDA_WHEEL".part1 > "$CUDA_WHEEL".tmp && mv "$CUDA_WHEEL".tmp "$CUDA_WHEEL"
+  fi
+  echo "$CUDA_WHEEL_SHA256  $CUDA_WHEEL" | sha256sum -c -
+  rm -rf "$SITE" && mkdir -p "$SITE"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$WHL"/mlx-0.32.4-*.whl "$WHL/$CUDA_WHEEL" "$WHL"/mlx_lm-*.whl "$WHL"/orjson-*.whl "$WHL"/tomli_w-*.whl \
+    "$WHL"/tenacity-*.whl
+  cd "$REPO"
+  check
+}
+
+check() {
+  env_setup
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  "$PY" - <<'EOF'
+import mlx.core as mx, mlx_lm, transformers, numpy
+print("mlx", mx.__version__, "mlx_lm", mlx_lm.__version__, "transformers", transformers.__version__,
+      "numpy", numpy.__version__)
+print("cuda available:", mx.cuda.is_available(), "default device:", mx.default_device())
+a = mx.random.normal((4096, 4096))
+w, s, b = mx.quantize(a, group_size=64, bits=4)
+y = mx.quantized_matmul(a, w, s, b, transpose=True, group_size=64, bits=4)
+mx.eval(y)
+print("4-bit quantized matmul on", mx.default_device(), "ok:", y.shape)
+EOF
+}
+
+bench() {
+  local shape="$1"; shift
+  env_setup
+  mkdir -p "$OUT/$shape"
+  set -o pipefail
+  "$PY" "$REPO/bench/bench_cuda.py" --shape "$shape" --work "/tmp/farense-bench" --out "$OUT/$shape" "$@" \
+    2>&1 | tee "$OUT/$shape/bench.log"
+  for f in /tmp/farense-bench/farense-kill/resumed.log /tmp/farense-bench/mlx_lm/mlx_lm.log; do
+    [[ -f "$f" ]] && cp "$f" "$OUT/$shape/$(basename "$(dirname "$f")")-$(basename "$f")" || true
+  done
+}
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    stage) stage; shift ;;
+    install) install; shift ;;
+    check) check; shift ;;
+    bench)
+      shape="$2"; shift 2
+      extra=()
+      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != bench ]]; do
+        extra+=("$1"); shift
+      done
+      bench "$shape" ${extra[@]+"${extra[@]}"} ;;
+    *) echo "unknown command: $1 (stage | install | check | bench SHAPE [args])" >&2; exit 2 ;;
+  esac
+done
