@@ -334,3 +334,40 @@ def test_a_hung_rank_stops_the_job_within_the_time_out_and_the_retry_is_byte_ide
     result = _finish(cfg, ws, ws / "log2.txt")
     assert result["state"] == "completed" and result["resumed_from"] in (4, 8)
     assert _outcome(ws) == reference
+
+
+# --------------------------------------------------------------------------- several machines
+
+
+def test_multi_machine_deployments_pin_each_run_to_one_machine_with_one_training_at_a_time():
+    """Every training deployment targets its machine's own queue (so a crash resumes where the
+    checkpoints are), one run at a time; each machine cleans its own disk."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "deployments" / "multi-machine.yaml").read_text())
+    deployments = spec["deployments"]
+    names = [d["name"] for d in deployments]
+    assert len(names) == len(set(names))
+    machines = set()
+    for d in deployments:
+        path, _, func = d["entrypoint"].partition(":")
+        assert (REPO / path).exists() and f"def {func}(" in (REPO / path).read_text()
+        pool = d["work_pool"]
+        queue = pool["work_queue_name"]
+        assert pool["name"] == "farense"
+        kind, _, machine = queue.partition("-")
+        assert machine, f"{d['name']}: queue {queue!r} names no machine"
+        machines.add(machine)
+        if d["entrypoint"].endswith("training_flow"):
+            assert kind == "training" and d["concurrency_limit"]["limit"] == 1
+            assert d["parameters"]["config"] and "resume_attempt" not in d["parameters"]
+        else:
+            assert kind == "maintenance"
+    assert machines == {"mac1", "mac2"}
+    dp = next(d for d in deployments if "FARENSE_HOSTFILE" in d["work_pool"]["job_variables"]["env"])
+    assert dp["work_pool"]["work_queue_name"] == "training-mac1" and "schedules" not in dp
+    hosts = LaunchSpec.create(hostfile=REPO / "deployments" / "hosts.example.json")
+    assert hosts.world_size == 2 and not hosts.all_local
+    script = (REPO / "deployments" / "start-machine-worker.sh").read_text()
+    assert '--limit 1' in script and '--work-queue "training-$machine"' in script
+    assert subprocess.run(["bash", "-n", str(REPO / "deployments" / "start-machine-worker.sh")]).returncode == 0

@@ -143,6 +143,10 @@ def _launch(args: argparse.Namespace, config: Any, hosts: str | None, hostfile: 
         rank0 = _read_json(rank0_json)
 
     code = outcome.exit_code
+    if code == EXIT_OK and rank0 is not None and rank0.get("exit_code") not in (None, EXIT_OK):
+        code = int(rank0["exit_code"])  # mpirun reports no rank's exit; rank 0's own result does
+    elif code == EXIT_OK and rank0 is None and spec.all_local:
+        code = 75  # rank 0 ran here and left no result: it died before it could write one
     if code == EXIT_OK:
         result = rank0 or _summary_result(config)
         print(f"farense: distributed job of {spec.world_size} ranks finished in {outcome.seconds:.1f} s",
