@@ -336,6 +336,31 @@ def test_a_hung_rank_stops_the_job_within_the_time_out_and_the_retry_is_byte_ide
     assert _outcome(ws) == reference
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step_and_loses_none(tmp_path, demo_dir, reference):
+    from farense.checkpoint import CheckpointStore
+    from farense.metrics import read_metrics
+
+    ws = tmp_path
+    cfg = _config(ws, demo_dir)
+    paths = _paths(ws)
+    proc = _launch(cfg, ws, ws / "log1.txt")
+    _wait_for(lambda: _metrics_steps(paths) >= 5, what="5 steps")
+    proc.send_signal(signal.SIGTERM)  # what Prefect's cancellation and the OS's shutdown send
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, (ws / "log1.txt").read_text()[-4000:]
+    log1 = (ws / "log1.txt").read_text()
+    last = read_metrics(paths.metrics_jsonl)[-1]["step"]
+    assert CheckpointStore(paths.checkpoints).latest_verified().step == last, "the stop step is checkpointed"
+    assert f"rank 0: preempted: preempted by signal 15 after step {last};" in log1
+    assert f"rank 1: preempted: preempted by signal 15 after step {last};" in log1  # the same step
+    assert orjson.loads((ws / "result.json").read_bytes())["state"] == "preempted"
+
+    result = _finish(cfg, ws, ws / "log2.txt")
+    assert result["resumed_from"] == last
+    assert _outcome(ws) == reference
+
+
 # --------------------------------------------------------------------------- several machines
 
 
