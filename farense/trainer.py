@@ -499,6 +499,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                 "tokens_per_second": (ntoks * world_size) / dt if dt > 0 else None,
                 "peak_memory_gb": mx.get_peak_memory() / 1e9,
                 "elapsed_seconds": prog.elapsed_seconds,
+                "timestamp": time.time(),  # wall clock, for the monitor's ETA (validation and checkpoints included)
             }
 
             # Validation: the gap, its label, early stopping and the best adapters.
