@@ -121,7 +121,9 @@ def make_data(out: Path, demo_data: Path, model_dir: Path, seq_len: int, n_train
         while True:
             nxt = msgs + pairs[k % len(pairs)]
             k += 1
-            if len(tok.apply_chat_template(nxt, tokenize=True)) > seq_len and len(msgs) > len(system):
+            ids = tok.apply_chat_template(nxt, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids  # transformers 5: a dict
+            if len(ids) > seq_len and len(msgs) > len(system):
                 k -= 1
                 return {"messages": msgs}
             msgs = nxt
