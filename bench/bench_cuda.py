@@ -3,7 +3,7 @@ MLX runs on (CUDA through `mlx[cuda13]`, Metal, or the CPU): tokens/s, checkpoin
 SIGKILL + resume of a real `farense train` process.
 
     python bench/bench_cuda.py --shape demo            # the tiny demo model (seconds, any machine)
-    python bench/bench_cuda.py --shape 7b --steps 30   # Mistral-7B's shape, random 4-bit weights
+    python bench/bench_cuda.py --shape 7b --steps 20   # Mistral-7B's shape, random 4-bit weights
     python bench/bench_cuda.py --model DIR             # any mlx-lm model directory
 
 The 7B-shaped model is built from its config with random weights, quantized to 4 bits layer by
@@ -329,7 +329,7 @@ def main() -> int:
     ap.add_argument("--shape", choices=["demo", *SHAPES], default="demo",
                     help="demo: the tiny demo model; 7b: Mistral-7B's shape, random 4-bit; small: the same, tiny")
     ap.add_argument("--model", type=Path, help="Use this mlx-lm model directory instead of building one.")
-    ap.add_argument("--steps", type=int, help="Optimizer steps per run (default: 40 demo/small, 30 7b).")
+    ap.add_argument("--steps", type=int, help="Optimizer steps per run (default: 40 demo/small, 20 7b).")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, help="Tokens per example (default: 128 demo/small, 512 7b).")
     ap.add_argument("--checkpoint-every", type=int, help="Checkpoint cadence in steps (default: steps // 3).")
@@ -338,9 +338,10 @@ def main() -> int:
     ap.add_argument("--skip-resume", action="store_true")
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--timeout", type=float, default=900, help="Seconds any one run may take.")
+    ap.add_argument("--prepare-only", action="store_true", help="Build the model and the data, then stop.")
     a = ap.parse_args()
     big = a.shape == "7b"
-    a.steps = a.steps or (30 if big else 40)
+    a.steps = a.steps or (20 if big else 40)
     a.seq_len = a.seq_len or (512 if big else 128)
     a.checkpoint_every = a.checkpoint_every or max(a.steps // 3, 1)
     kill_at = min(a.checkpoint_every + max(a.checkpoint_every // 2, 1), a.steps)
@@ -362,6 +363,9 @@ def main() -> int:
     data = make_data(a.work / f"data-{a.seq_len}", demo_data, model, a.seq_len,
                      n_train=max(a.steps * a.batch_size, 8 * a.batch_size), n_valid=2 * a.batch_size)
     device = device_description()
+    if a.prepare_only:
+        print(f"prepared {model} and {data} on {device}", file=sys.stderr)
+        return 0
     print(f"device: {device}\nmodel: {label}\n{a.steps} steps, batch {a.batch_size}, ~{a.seq_len} tokens/example, "
           f"LoRA rank 6 on q/k/v/o of {min(16, n_layers)} layers, checkpoint every {a.checkpoint_every}",
           file=sys.stderr)

@@ -9,8 +9,10 @@
 #   .whl/MANIFEST.txt says which files go in which call.
 #
 #   call 1 (carry .whl/call1):  bash bench/cuda_device_run.sh stage
-#   call 2 (carry .whl/call2):  bash bench/cuda_device_run.sh stage install bench demo
-#   call 3 (no carry):          bash bench/cuda_device_run.sh bench 7b
+#   call 2 (carry .whl/call2):  bash bench/cuda_device_run.sh stage install bench demo bench 7b --prepare-only
+#   call 3 (no carry):          bash bench/cuda_device_run.sh bench 7b --steps 20 --timeout 240
+# A machine stays warm about 30 s after a call: make each call right after the previous one
+# (/tmp/whl, /tmp/site and the built 7B model in /tmp/farense-bench live only that long).
 #
 # Commands, run in order given: stage | install | check | bench SHAPE [bench_cuda.py args...]
 # Results land in $OUT/<shape>/results.{json,md} (and the logs in $OUT/<shape>/*.log).
