@@ -64,13 +64,6 @@ class PeerLost(FarenseError):
     exit_code = EXIT_PREEMPTED
 
 
-class RankTimeout(FarenseError):
-    """No step completed within the rank time-out: a peer is hung or gone."""
-
-    retryable = True
-    exit_code = EXIT_PREEMPTED
-
-
 # =========================================================================== launcher side
 
 
