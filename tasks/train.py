@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -32,6 +33,7 @@ from .common import artifact_key, best_effort, read_json
 from .disk import free_disk_space
 
 POLL_SECONDS = 2.0
+MACHINE_LOCK_ENV = "FARENSE_TRAINING_LOCK"  # default ~/.farense/training.lock
 RETRIES = 3
 RETRY_DELAYS = [10, 30, 60]  # seconds, jittered by Prefect (retry_jitter_factor)
 
@@ -104,6 +106,34 @@ def already_trained(config: ExperimentConfig) -> TrainingOutcome | None:
         best_val_loss=summary.get("best_val_loss"), train_val_gap=summary.get("train_val_gap"),
         gap_status=summary.get("gap_status"), message="already trained with this config", skipped=True,
     )
+
+
+@contextmanager
+def one_training_on_this_machine(log: Any, run_name: str) -> Iterator[None]:
+    """Wait for, then hold, the machine's training lock (fcntl: the kernel frees it if we die).
+
+    Prefect's deployment and queue limits keep a server's runs apart; this also keeps out a flow
+    started without that server (`farense run`), so two trainings never share memory or accelerator.
+    """
+    from farense.errors import RunLocked
+    from farense.locks import RunLock, probe_lock
+
+    path = Path(os.environ.get(MACHINE_LOCK_ENV) or Path.home() / ".farense" / "training.lock")
+    lock = RunLock(path, command=f"train {run_name}")
+    waited = False
+    while True:
+        try:
+            lock.acquire()
+            break
+        except RunLocked:
+            if not waited:
+                log.info(f"waiting: another training runs on this machine ({probe_lock(path).describe()})")
+                waited = True
+            time.sleep(POLL_SECONDS)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def trainer_command(config: ExperimentConfig, demo: bool, result_json: Path) -> list[str]:
@@ -238,14 +268,13 @@ def train_model(config: ExperimentConfig, demo: bool = False) -> TrainingOutcome
     """Train or resume `config`; skipped when this exact config already finished training."""
     log = get_run_logger()
     paths = RunPaths(config.run_dir)
-    done = already_trained(config)
-    if done is not None:
-        log.info(f"{paths.name} already finished training at step {done.step} ({done.state}); not training again")
-        _summary_artifact(config)
+    if (done := _skip_if_trained(config, log)) is not None:
         return done
 
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="farense-train-") as tmp:
+    with one_training_on_this_machine(log, paths.name), tempfile.TemporaryDirectory(prefix="farense-train-") as tmp:
+        if (done := _skip_if_trained(config, log)) is not None:  # trained while we waited for the machine
+            return done
         result_json = Path(tmp) / "result.json"
         argv = trainer_command(config, demo, result_json)
         log.info("starting: " + " ".join(argv[1:]))
@@ -288,6 +317,14 @@ SUMMARY_FIELDS = (
     ("final_train_loss", "final train loss"), ("final_val_loss", "final validation loss"),
     ("training_time_seconds", "training time (s)"), ("tokens_seen", "tokens seen"), ("adapters", "adapters"),
 )
+
+
+def _skip_if_trained(config: ExperimentConfig, log: Any) -> TrainingOutcome | None:
+    done = already_trained(config)
+    if done is not None:
+        log.info(f"{config.run_name} already finished training at step {done.step} ({done.state}); not training again")
+        _summary_artifact(config)
+    return done
 
 
 def _summary_artifact(config: ExperimentConfig) -> None:

@@ -185,13 +185,22 @@ class PrefectAPI:
     def __init__(self, api_url: str):
         self.api_url = api_url.rstrip("/")
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
+    def _call(self, method: str, path: str, body: Any = None, attempts: int = 3) -> Any:
+        """One API call; a timeout or dropped connection (a busy 2-core machine) is tried again."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.api_url}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            raw = r.read()
-        return json.loads(raw) if raw else None
+        for attempt in range(attempts):
+            req = urllib.request.Request(f"{self.api_url}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    raw = r.read()
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError:
+                raise
+            except (urllib.error.URLError, TimeoutError, ConnectionError):
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(1 + attempt)
 
     def deployment(self, flow_name: str, deployment_name: str) -> dict[str, Any]:
         return self._call("GET", f"/deployments/name/{flow_name}/{deployment_name}")

@@ -141,6 +141,31 @@ def test_already_trained_needs_a_finished_run_with_the_same_fingerprint(write_co
     assert already_trained(cfg) is None
 
 
+def test_a_second_training_on_the_machine_waits_until_the_first_dies(tmp_path: Path, monkeypatch: Any) -> None:
+    import subprocess
+    import sys
+    import threading
+
+    from tasks.train import MACHINE_LOCK_ENV, one_training_on_this_machine
+
+    lock = tmp_path / "training.lock"
+    monkeypatch.setenv(MACHINE_LOCK_ENV, str(lock))
+    hold = "import sys, time; from farense.locks import RunLock; RunLock(sys.argv[1], command='train other').acquire(); print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        messages: list[str] = []
+        threading.Timer(1.0, holder.kill).start()  # SIGKILL: the kernel frees the flock
+        started = time.monotonic()
+        with one_training_on_this_machine(SimpleNamespace(info=messages.append), "mine"):
+            waited = time.monotonic() - started
+        assert waited >= 0.9
+        assert "another training runs on this machine" in messages[0] and "train other" in messages[0]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # --------------------------------------------------------------------------- the resume automation
 
 
