@@ -90,5 +90,31 @@ def write_config(tmp_path: Path, model_dir: Path, data_dir: Path) -> Callable[..
     return write
 
 
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path):
+    """`mount_tmpfs("2m")` -> a fresh tmpfs of that size (no reserved blocks, so root sees the same
+    limit as anyone), unmounted after the test; a skip that says why where mounting is not allowed."""
+    import os
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"tmpfs-{len(mounted)}"
+        mnt.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip(reason="mounting a small tmpfs for a real disk-full test needs root")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(reason=f"mount -t tmpfs failed here: {proc.stderr.strip() or proc.returncode}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 # Fixtures for tests that train the demo model (kept in their own module).
 pytest_plugins = ["training_fixtures"]

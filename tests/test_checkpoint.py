@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -402,21 +402,9 @@ def test_retention_policy_validates_keep_best() -> None:
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs (no reserved blocks, so root sees the same limit), or a skip saying why not."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip(reason="mounting a small tmpfs to provoke ENOSPC needs root")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        pytest.skip(reason=f"mount -t tmpfs failed here: {proc.stderr.strip() or proc.returncode}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+def small_tmpfs(mount_tmpfs):
+    """A 2m tmpfs, or a skip that says why there is none."""
+    return mount_tmpfs("2m")
 
 
 def test_disk_full_raises_diskfull_and_keeps_the_previous_checkpoint(small_tmpfs: Path) -> None:

@@ -396,19 +396,9 @@ def test_cli_cleanup_takes_the_policy_from_a_config(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def tmpfs_2m(tmp_path: Path):
-    """A 2 MiB tmpfs (no reserved blocks, so root sees the same limit), or a skip saying why not."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip(reason="mounting a tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(reason=f"mount -t tmpfs failed here: {proc.stderr.strip() or proc.returncode}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+def tmpfs_2m(mount_tmpfs):
+    """A 2m tmpfs, or a skip that says why there is none."""
+    return mount_tmpfs("2m")
 
 
 def fill(path: Path) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Iterator
+from typing import Callable
 
 import orjson
 import pytest
@@ -223,19 +223,9 @@ def test_run_guard_before_write_uses_the_estimate_until_a_checkpoint_exists(tmp_
 
 
 @pytest.fixture
-def tmpfs_4m(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs (no reserved blocks, so root sees the same limit), or a skip saying why not."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip(reason="mounting a tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(reason=f"mount -t tmpfs failed here: {proc.stderr.strip() or proc.returncode}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+def tmpfs_4m(mount_tmpfs):
+    """A 4m tmpfs, or a skip that says why there is none."""
+    return mount_tmpfs("4m")
 
 
 def test_statvfs_usage_on_a_real_tmpfs_reaches_flood_before_enospc(tmpfs_4m: Path) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -18,21 +16,9 @@ from farense.layout import TMP_MARK
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (no reserved blocks), or a skip that says why there is none."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip(reason="mounting a small tmpfs to provoke ENOSPC needs root")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        pytest.skip(reason=f"mount -t tmpfs failed here: {proc.stderr.strip() or proc.returncode}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+def small_tmpfs(mount_tmpfs):
+    """A 1m tmpfs, or a skip that says why there is none."""
+    return mount_tmpfs("1m")
 
 
 def leftovers(directory: Path) -> list[str]:
