@@ -10,12 +10,12 @@ What it makes sure of, in order:
 3. the notification block (a custom webhook saved as `custom-webhook/farense-notify`, or a block
    the user already made, e.g. `slack-webhook/team`), remembered in the Prefect variable
    `farense_notify_block` that the flows read;
-4. three automations (replaced by name each time):
+4. three automations (found by name, updated in place):
    - resume: a crashed `farense-training` run starts its deployment again with the same
      parameters and `resume_attempt + 1`; the flow refuses to start past `max_resume_attempts`
      (3 by default), so a run that always crashes stops after 3 resumes and is marked Failed;
-   - zombies: a run with no heartbeat for 90 s (worker or machine died) is marked Crashed, which
-     in turn triggers the resume;
+   - zombies: a run with no heartbeat for 90 s (--heartbeat-grace; the worker or the machine
+     died) is marked Crashed, which in turn triggers the resume;
    - notify: Crashed and Failed runs of both flows are sent to the notification block.
 The module imports no farense code beyond the flow's signature, so it runs before any training.
 """
@@ -50,7 +50,8 @@ WEBHOOK_BLOCK_REF = f"custom-webhook/{WEBHOOK_BLOCK_NAME}"
 AUTOMATION_RESUME = "farense: resume crashed training"
 AUTOMATION_ZOMBIE = "farense: runs without heartbeat are crashed"
 AUTOMATION_NOTIFY = "farense: notify crashed or failed runs"
-HEARTBEAT_GRACE = timedelta(seconds=90)  # > 2 heartbeats of 30 s
+HEARTBEAT_GRACE = timedelta(seconds=90)  # > 2 heartbeats of 30 s; FARENSE_HEARTBEAT_GRACE_SECONDS overrides
+MIN_HEARTBEAT_GRACE = 40  # heartbeats come every 30 s at the most often: less would crash healthy runs
 
 TERMINAL_EVENTS = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
 
@@ -82,7 +83,7 @@ def _flows_filter(*flows: str) -> dict[str, Any]:
     return {"prefect.resource.role": "flow", "prefect.resource.name": list(flows)}
 
 
-def automations(notify_block_id: Any | None) -> list[Any]:
+def automations(notify_block_id: Any | None, heartbeat_grace: timedelta = HEARTBEAT_GRACE) -> list[Any]:
     """The automations farense relies on (see the module docstring)."""
     from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, RunDeployment, SendNotification
     from prefect.client.schemas.objects import StateType
@@ -115,12 +116,12 @@ def automations(notify_block_id: Any | None) -> list[Any]:
                 for_each={"prefect.resource.id"},
                 posture=Posture.Proactive,
                 threshold=1,
-                within=HEARTBEAT_GRACE,
+                within=heartbeat_grace,
             ),
             actions=[
                 ChangeFlowRunState(
                     state=StateType.CRASHED,
-                    message=f"No heartbeat for {HEARTBEAT_GRACE.seconds} s: the worker or the machine running it died.",
+                    message=f"No heartbeat for {heartbeat_grace.seconds} s: the worker or the machine running it died.",
                 )
             ],
         ),
@@ -229,13 +230,20 @@ async def ensure_notify_block(client: Any, webhook_url: str | None, block_ref: s
     return doc.id
 
 
-async def ensure_automations(client: Any, notify_block_id: Any | None) -> None:
+async def ensure_automations(client: Any, notify_block_id: Any | None, heartbeat_grace: timedelta) -> None:
     from prefect.automations import AutomationCore
 
-    for automation in automations(notify_block_id):
-        for old in await client.read_automations_by_name(automation.name):
-            await client.delete_automation(old.id)
-        await client.create_automation(AutomationCore(**automation.model_dump(exclude={"id"})))
+    for automation in automations(notify_block_id, heartbeat_grace):
+        desired = AutomationCore(**automation.model_dump(exclude={"id"}))
+        existing = await client.read_automations_by_name(automation.name)
+        if existing:  # updated in place: no moment without it, even if a worker restarts mid-crash
+            # PUT by hand: PrefectClient.update_automation sends owner_resource, which the 3.8 API refuses.
+            body = desired.model_dump(mode="json", exclude_unset=True, exclude={"owner_resource"})
+            await client.request("PUT", "/automations/{id}", path_params={"id": existing[0].id}, json=body)
+            for extra in existing[1:]:
+                await client.delete_automation(extra.id)
+        else:
+            await client.create_automation(desired)
         print(f"automation: {automation.name}")
 
 
@@ -250,7 +258,7 @@ async def setup(args: argparse.Namespace) -> None:
         if args.timezone:
             await set_timezone(client, args.timezone)
         block_id = await ensure_notify_block(client, args.webhook_url, args.notify_block)
-        await ensure_automations(client, block_id)
+        await ensure_automations(client, block_id, timedelta(seconds=args.heartbeat_grace))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,7 +273,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"Save a custom webhook notification block ({WEBHOOK_BLOCK_REF}) posting to this URL.")
     parser.add_argument("--notify-block", default=os.environ.get("FARENSE_NOTIFY_BLOCK"),
                         help="Use an existing notification block, as SLUG/NAME (e.g. slack-webhook/team).")
+    parser.add_argument("--heartbeat-grace", type=int,
+                        default=int(os.environ.get("FARENSE_HEARTBEAT_GRACE_SECONDS", HEARTBEAT_GRACE.seconds)),
+                        help="Seconds without a heartbeat before a run is marked Crashed (default 90).")
     args = parser.parse_args(argv)
+    if args.heartbeat_grace < MIN_HEARTBEAT_GRACE:
+        parser.error(f"--heartbeat-grace: expected at least {MIN_HEARTBEAT_GRACE} s (heartbeats come every 30 s), "
+                     f"got {args.heartbeat_grace}")
     if args.pool != WORK_POOL and not args.no_deploy:
         parser.error(f"prefect.yaml names the work pool {WORK_POOL!r}; edit it to deploy into another pool")
     asyncio.run(setup(args))

@@ -25,5 +25,7 @@ export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-5}"
 
 pool=${FARENSE_WORK_POOL:-farense}
 cd "$root"
-"$py" -m deployments.setup --pool "$pool" --no-deploy
+# A worker without the automations still runs work: say so loudly, but start it.
+"$py" -m deployments.setup --pool "$pool" --no-deploy ||
+  echo "farense: WARNING: deployments.setup failed (see above); crash resume and notifications may be missing" >&2
 exec "$py" -m prefect worker start --pool "$pool" --type process --name "${FARENSE_WORKER_NAME:-farense-$(hostname)}"
