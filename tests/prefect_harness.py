@@ -42,6 +42,7 @@ def quiet_env(prefect_home: Path, api_url: str | None = None, **extra: str) -> d
         DO_NOT_TRACK="1",
         PREFECT_LOGGING_LEVEL="INFO",
         PYTHONUNBUFFERED="1",
+        FARENSE_PYTHON=sys.executable,  # the scripts run the interpreter the tests run in
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
     if api_url:
