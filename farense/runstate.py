@@ -13,8 +13,12 @@ import orjson
 from .states import RunState
 
 
-def write_run_state(path: Path, state: RunState, **fields: Any) -> None:
-    """Replace the state file atomically (readers never see half a file)."""
+def write_run_state(path: Path, state: RunState, *, durable: bool = True, **fields: Any) -> None:
+    """Replace the state file atomically (readers never see half a file).
+
+    Per-step updates pass durable=False: renamed into place but not fsynced, since resume reads
+    checkpoints, not this file, and an fsync per optimizer step costs real time on slow disks.
+    """
     from .fsutil import atomic_write_bytes
 
     payload = {
@@ -24,7 +28,13 @@ def write_run_state(path: Path, state: RunState, **fields: Any) -> None:
         "updated_at": time.time(),
         **fields,
     }
-    atomic_write_bytes(path, orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    data = orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+    if durable:
+        atomic_write_bytes(path, data)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def read_run_state(path: Path) -> dict[str, Any] | None:

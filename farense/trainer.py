@@ -537,7 +537,8 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
             metrics.append(row)
             history.append(row)
             if is_writer:
-                write_run_state(paths.state, RunState.RUNNING, step=prog.step, total_steps=total_steps,
+                write_run_state(paths.state, RunState.RUNNING, durable=False, step=prog.step,
+                                total_steps=total_steps,
                                 resumed_from=resumed_from, fingerprint=config.fingerprint,
                                 last_train_loss=step_loss, last_val_loss=prog.last_val_loss)
             if bar:
