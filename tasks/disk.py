@@ -90,7 +90,10 @@ def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_day
     rows = summary_rows(plan)
     verb = "would free" if dry_run else "frees"
     md = f"## Cleanup of {config.runs_dir}\n\n"
-    md += (markdown_table(CLEANUP_HEADERS, rows) + f"\n\n{verb} {format_size(plan.total_bytes)}\n") if rows else "nothing to clean\n"
+    if rows:
+        md += markdown_table(CLEANUP_HEADERS, rows) + f"\n\n{verb} {format_size(plan.total_bytes)}\n"
+    else:
+        md += "nothing to clean\n"
     if dry_run or not plan.items:
         best_effort("cleanup artifact", create_markdown_artifact, markdown=md, key=artifact_key("cleanup", config.run_name),
                     description="cleanup plan")

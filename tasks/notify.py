@@ -48,7 +48,8 @@ def _deliver(block_ref: str, subject: str, body: str) -> None:
         block.notify(body=body, subject=subject)
 
 
-def send_notification(block_ref: str | None, subject: str, body: str, log: logging.Logger | logging.LoggerAdapter) -> NotifyResult:
+def send_notification(block_ref: str | None, subject: str, body: str,
+                      log: logging.Logger | logging.LoggerAdapter) -> NotifyResult:
     """Deliver one notification; plain function, also used by flow hooks outside any task."""
     ref = resolve_block(block_ref)
     if not ref:

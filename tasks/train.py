@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-from contextlib import contextmanager
 import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -147,7 +147,8 @@ def trainer_command(config: ExperimentConfig, demo: bool, result_json: Path) -> 
 class TrainingWatcher:
     """Tails a run's metrics.jsonl, run_state.json and checkpoints into Prefect observability."""
 
-    def __init__(self, paths: RunPaths, trainer_pid: int, log: Any, *, on_checkpoint: Callable[[int], None] | None = None):
+    def __init__(self, paths: RunPaths, trainer_pid: int, log: Any, *,
+                 on_checkpoint: Callable[[int], None] | None = None):
         self.paths, self.trainer_pid, self.log = paths, trainer_pid, log
         self.on_checkpoint = on_checkpoint or (lambda step: None)
         self.step = 0
@@ -252,7 +253,8 @@ def _describe_failure(code: int, result: dict[str, Any] | None, tail: list[str])
         return f"{CURABLE[code]} ({detail})", True
     if code in NOT_CURABLE:
         return f"{NOT_CURABLE[code]}: {detail}", False
-    return f"the trainer failed (exit {code}): {detail}", False
+    # Any other farense error says itself whether running again can help.
+    return f"the trainer failed (exit {code}): {detail}", bool((result or {}).get("retryable", False))
 
 
 @task(
@@ -286,14 +288,20 @@ def train_model(config: ExperimentConfig, demo: bool = False) -> TrainingOutcome
         watcher = TrainingWatcher(paths, proc.pid, log, on_checkpoint=lambda s: _emit_checkpoint_event(paths, s))
         try:
             while proc.poll() is None:
-                watcher.poll()
-                time.sleep(POLL_SECONDS)
+                best_effort("watching the run", watcher.poll)  # observability never stops training
+                try:
+                    proc.wait(timeout=POLL_SECONDS)  # returns as soon as the trainer exits
+                except subprocess.TimeoutExpired:
+                    pass
         except BaseException:
             proc.terminate()  # the flow is being cancelled: the trainer checkpoints and stops
-            proc.wait(timeout=120)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             raise
         reader.join(timeout=10)
-        watcher.poll()
+        best_effort("watching the run", watcher.poll)
         result = read_json(result_json)
 
     code = proc.returncode
@@ -330,8 +338,10 @@ def _skip_if_trained(config: ExperimentConfig, log: Any) -> TrainingOutcome | No
 def _summary_artifact(config: ExperimentConfig) -> None:
     """training_summary.json as a table in the UI."""
     summary = read_json(RunPaths(config.run_dir).summary) or {}
-    rows = [[label, "-" if summary.get(k) is None else (f"{summary[k]:.4f}" if isinstance(summary[k], float) else summary[k])]
-            for k, label in SUMMARY_FIELDS]
+    def show(v: Any) -> Any:
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else v
+
+    rows = [[label, show(summary.get(k))] for k, label in SUMMARY_FIELDS]
     best_effort(
         "training summary artifact", create_markdown_artifact,
         markdown=f"## Training summary: {config.run_name}\n\n" + markdown_table(["", "value"], rows),

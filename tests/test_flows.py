@@ -141,6 +141,36 @@ def test_already_trained_needs_a_finished_run_with_the_same_fingerprint(write_co
     assert already_trained(cfg) is None
 
 
+@pytest.mark.filterwarnings("ignore:Artifact creation outside of a flow")  # the watcher alone, no flow around it
+def test_the_watcher_follows_a_resumed_run(prefect_api: None, tmp_path: Path) -> None:
+    import orjson
+
+    from farense.layout import RunPaths, checkpoint_name
+    from tasks.train import TrainingWatcher
+
+    paths = RunPaths(tmp_path / "run")
+    (paths.checkpoints / checkpoint_name(10)).mkdir(parents=True)
+    paths.metrics_jsonl.write_bytes(b"".join(orjson.dumps({"step": s, "train_loss": 2.0}) + b"\n" for s in range(1, 14)))
+    paths.state.write_bytes(orjson.dumps({"state": "running", "pid": 4242, "total_steps": 40, "resumed_from": 10}))
+    lines: list[str] = []
+    saved: list[int] = []
+    watcher = TrainingWatcher(paths, 4242, SimpleNamespace(info=lines.append), on_checkpoint=saved.append)
+
+    watcher.poll()
+    assert watcher.step == 13 and watcher.total == 40 and lines == ["training resumed from checkpoint step 10"]
+    # The trainer cuts metrics.jsonl back to its checkpoint (a new file) and goes on; a line being
+    # written is not read until it is whole.
+    tmp = paths.metrics_jsonl.with_suffix(".tmp")
+    tmp.write_bytes(b"".join(orjson.dumps({"step": s, "train_loss": 1.0, "val_loss": 1.5}) + b"\n" for s in range(1, 21))
+                    + b'{"step": 21, "tra')
+    os.replace(tmp, paths.metrics_jsonl)
+    (paths.checkpoints / checkpoint_name(20)).mkdir()
+    watcher.poll()
+    assert watcher.step == 20 and watcher.last_val["val_loss"] == 1.5 and saved == [20]
+    watcher.poll()
+    assert lines == ["training resumed from checkpoint step 10"] and saved == [20], "each thing is told once"
+
+
 def test_a_second_training_on_the_machine_waits_until_the_first_dies(tmp_path: Path, monkeypatch: Any) -> None:
     import subprocess
     import sys
@@ -150,7 +180,8 @@ def test_a_second_training_on_the_machine_waits_until_the_first_dies(tmp_path: P
 
     lock = tmp_path / "training.lock"
     monkeypatch.setenv(MACHINE_LOCK_ENV, str(lock))
-    hold = "import sys, time; from farense.locks import RunLock; RunLock(sys.argv[1], command='train other').acquire(); print('held', flush=True); time.sleep(60)"
+    hold = ("import sys, time; from farense.locks import RunLock; RunLock(sys.argv[1], command='train other').acquire();"
+            " print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "held"
