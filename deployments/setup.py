@@ -17,7 +17,7 @@ What it makes sure of, in order:
    - zombies: a run with no heartbeat for 90 s (--heartbeat-grace; the worker or the machine
      died) is marked Crashed, which in turn triggers the resume;
    - notify: Crashed and Failed runs of both flows are sent to the notification block.
-The module imports no farense code beyond the flow's signature, so it runs before any training.
+Nothing here trains or loads a model; the training flow is imported only to read its parameters.
 """
 
 from __future__ import annotations

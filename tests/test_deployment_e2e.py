@@ -83,7 +83,7 @@ class Stack:
     """Server, webhook listener, deployments + automations (deployments.setup) and a worker, for one
     test; everything it started is stopped by PID on exit."""
 
-    def __init__(self, tmp_path: Path, **env: str):
+    def __init__(self, tmp_path: Path, *setup_args: str, **env: str):
         from farense.demo import build_demo
 
         self.tmp = tmp_path
@@ -92,7 +92,7 @@ class Stack:
         self.config = self.workspace / "e2e.toml"
         self.config.write_text(E2E_CONFIG)
         self.run_dir = self.workspace / "runs" / "demo" / "e2e"
-        self.extra_env = env
+        self.extra_env, self.setup_args = env, setup_args
         self.server = self.listener = None
         self.workers: list = []
         self.pids_to_reap: list[int] = []
@@ -105,8 +105,8 @@ class Stack:
             self.env = quiet_env(self.tmp / "prefect-home", self.server.api_url, PREFECT_WORKER_QUERY_SECONDS="2",
                                  FARENSE_TRAINING_LOCK=str(self.tmp / "training.lock"), **self.extra_env)
             self.api = PrefectAPI(self.server.api_url)
-            setup = subprocess.run([sys.executable, "-m", "deployments.setup", "--webhook-url", self.listener.url],
-                                   cwd=REPO, env=self.env, capture_output=True, text=True, timeout=180)
+            setup = subprocess.run([sys.executable, "-m", "deployments.setup", "--webhook-url", self.listener.url,
+                                    *self.setup_args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=180)
             assert setup.returncode == 0, setup.stdout + setup.stderr
             self.start_worker()
             self.deployment = self.api.deployment("farense-training", "nightly")
@@ -203,7 +203,8 @@ class Stack:
 def test_nightly_deployment_resumes_by_itself_after_sigkill(tmp_path: Path) -> None:
     timings: dict[str, float] = {}
     with Stack(tmp_path) as st:
-        assert st.deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+        schedule = st.deployment["schedules"][0]["schedule"]
+        assert (schedule["cron"], schedule["timezone"]) == ("0 2 * * *", "Europe/Lisbon")
         first_id = st.deployment_run()
         timings["deployment run"] = time.monotonic() - st.t0
 
@@ -252,7 +253,10 @@ GRACE = 45  # seconds without a heartbeat (30 s apart) before the zombie automat
 
 def test_a_run_whose_machine_died_is_crashed_by_heartbeat_and_resumed(tmp_path: Path) -> None:
     timings: dict[str, float] = {}
-    with Stack(tmp_path, FARENSE_HEARTBEAT_GRACE_SECONDS=str(GRACE), PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30") as st:
+    with Stack(tmp_path, "--timezone", "America/New_York",
+               FARENSE_HEARTBEAT_GRACE_SECONDS=str(GRACE), PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30") as st:
+        schedule = st.deployment["schedules"][0]["schedule"]
+        assert (schedule["cron"], schedule["timezone"]) == ("0 2 * * *", "America/New_York"), "the user's time zone"
         first_id = st.deployment_run()
         flow_pid, trainer_pid = st.train_past_first_checkpoint(first_id)
 
