@@ -99,6 +99,47 @@ def test_resume_limit_fails_instead_of_looping(prefect_api: None) -> None:
     assert _task_runs(state.state_details.flow_run_id) == []
 
 
+def test_maintenance_flow_reports_a_dry_run(prefect_api: None, write_config: Any, tmp_path: Path) -> None:
+    from flows.maintenance import maintenance_flow
+
+    state = maintenance_flow(config=str(write_config()), workspace=str(tmp_path), dry_run=True, return_state=True)
+
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result.dry_run and result.freed_bytes == 0
+
+
+@pytest.mark.slow
+def test_farense_run_is_the_whole_pipeline_without_a_server(tmp_path: Path) -> None:
+    """`farense run` on the demo model (shortened): Prefect's ephemeral API, no server to start;
+    a second run finds training and evaluation done and does not redo them."""
+    import subprocess
+    import sys
+
+    from farense.demo import build_demo
+
+    build_demo(tmp_path / ".farense" / "demo")
+    config = tmp_path / "short.toml"
+    config.write_text(f'extends = ["{REPO}/configs/v2.toml", "{REPO}/configs/overlays/demo.toml"]\nname = "short"\n'
+                      "[training]\niters = 12\nwarmup_steps = 2\n[validation]\nevery_steps = 6\n"
+                      "[checkpoint]\nevery_steps = 6\n[evaluation]\nmax_examples = 4\nmax_new_tokens = 8\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+               FARENSE_TRAINING_LOCK=str(tmp_path / "training.lock"))
+    argv = [sys.executable, "-m", "farense", "--workspace", str(tmp_path), "run", str(config)]
+
+    first = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+    assert "short: completed at step 12/12" in first.stdout and "decision: short is" in first.stdout
+    run_dir = tmp_path / "runs" / "demo" / "short"
+    assert (run_dir / "evaluation" / "decision.json").is_file()
+
+    again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(already trained)" in again.stdout
+    assert "already evaluated with these adapters" in again.stderr
+
+
 # --------------------------------------------------------------------------- retry rules
 
 
