@@ -93,10 +93,16 @@ def retry_only_curable(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def already_trained(config: ExperimentConfig) -> TrainingOutcome | None:
-    """The run's summary, if this exact config (same fingerprint) already finished training."""
+    """The run's summary, if this exact config (same fingerprint) already finished training on the
+    same train/valid data (changed data means training again, which the trainer then refuses to
+    resume into the old run: a person chooses --new-run)."""
+    from farense.data import data_fingerprint
+
     paths = RunPaths(config.run_dir)
     summary = read_json(paths.summary)
     if not summary or summary.get("fingerprint") != config.fingerprint:
+        return None
+    if summary.get("data_fingerprint") != data_fingerprint(config):
         return None
     if not RunState(summary.get("state", RunState.FAILED.value)).finished:
         return None
@@ -150,6 +156,7 @@ class TrainingWatcher:
     def __init__(self, paths: RunPaths, trainer_pid: int, log: Any, *,
                  on_checkpoint: Callable[[int], None] | None = None):
         self.paths, self.trainer_pid, self.log = paths, trainer_pid, log
+        self.started_at = time.time()
         self.on_checkpoint = on_checkpoint or (lambda step: None)
         self.step = 0
         self.total: int | None = None
@@ -194,7 +201,9 @@ class TrainingWatcher:
 
     def poll(self) -> None:
         state = read_json(self.paths.state) or {}
-        if state.get("pid") == self.trainer_pid:
+        # Ours: written by the trainer we started, or (a launched data-parallel job, where rank 0
+        # is a grandchild) written since we started it.
+        if state.get("pid") == self.trainer_pid or (state.get("updated_at") or 0) >= self.started_at:
             self.total = state.get("total_steps") or self.total
             if self.resumed_from is None and state.get("resumed_from"):
                 self.resumed_from = int(state["resumed_from"])

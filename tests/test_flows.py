@@ -170,15 +170,20 @@ def test_already_trained_needs_a_finished_run_with_the_same_fingerprint(write_co
     from farense.config import load_config
     from tasks.train import already_trained
 
+    from farense.data import data_fingerprint
+
     cfg = load_config(write_config(), workspace=tmp_path)
     cfg.run_dir.mkdir(parents=True)
     summary = cfg.run_dir / "training_summary.json"
     assert already_trained(cfg) is None
-    summary.write_bytes(orjson.dumps({"state": "completed", "fingerprint": cfg.fingerprint, "final_step": 9, "total_steps": 9}))
+    same = {"fingerprint": cfg.fingerprint, "data_fingerprint": data_fingerprint(cfg)}
+    summary.write_bytes(orjson.dumps({"state": "completed", **same, "final_step": 9, "total_steps": 9}))
     assert already_trained(cfg).step == 9
-    summary.write_bytes(orjson.dumps({"state": "completed", "fingerprint": "other", "final_step": 9}))
+    summary.write_bytes(orjson.dumps({"state": "completed", **same, "fingerprint": "other", "final_step": 9}))
     assert already_trained(cfg) is None
-    summary.write_bytes(orjson.dumps({"state": "preempted", "fingerprint": cfg.fingerprint, "final_step": 4}))
+    summary.write_bytes(orjson.dumps({"state": "completed", **same, "data_fingerprint": "changed", "final_step": 9}))
+    assert already_trained(cfg) is None, "new data means training again"
+    summary.write_bytes(orjson.dumps({"state": "preempted", **same, "final_step": 4}))
     assert already_trained(cfg) is None
 
 
