@@ -16,6 +16,13 @@ def run(args: argparse.Namespace) -> int:
     # No traffic leaves the machine, whatever the user's Prefect profile says about telemetry.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # A bad config fails here, in a second, before Prefect and its local API start; the flow
+    # checks again (model, data) as its first task.
+    from ..config import check_inputs, load_config
+
+    config = load_config(args.config, overlays=["demo"] if args.demo else [])
+    if not args.demo:  # the demo model is built by the flow's first task
+        check_inputs(config)
     from flows.pipeline import training_flow
 
     state = training_flow(
