@@ -356,7 +356,7 @@ def test_planning_thousands_of_checkpoints_is_fast(scratch: Path) -> None:
 
 def farense(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
-    return subprocess.run([str(REPO / ".venv" / "bin" / "farense"), *args], capture_output=True, text=True,
+    return subprocess.run([str(Path(sys.executable).parent / "farense"), *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=60)
 
 

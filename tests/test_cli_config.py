@@ -17,7 +17,7 @@ from farense.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
-FARENSE = REPO / ".venv" / "bin" / "farense"
+FARENSE = Path(sys.executable).parent / "farense"  # the console script of the interpreter running the tests
 
 V1_V2_KEYS = {
     "name", "description", "lora.rank", "lora.dropout", "training.batch_size", "training.grad_accumulation",
