@@ -771,7 +771,24 @@ def check_model_path(config: ExperimentConfig) -> list[str]:
             return [f"model.path: {p} has no config.json (expected a Hugging Face layout model directory)"]
         if not any(p.glob("*.safetensors")):
             return [f"model.path: {p} has no *.safetensors weights"]
-        return []
+        return _layer_count_problems(config, p / "config.json")
+    return _hub_model_problems(config)
+
+
+def _layer_count_problems(config: ExperimentConfig, model_config: Path) -> list[str]:
+    """lora.num_layers against the model's layer count, read from its config.json (no weights)."""
+    try:
+        layers = orjson.loads(model_config.read_bytes()).get("num_hidden_layers")
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return [f"model.path: {model_config} is not a readable JSON object"]
+    if isinstance(layers, int) and config.lora.num_layers > layers:
+        return [f"lora.num_layers: requested to train {config.lora.num_layers} layers but the model only has "
+                f"{layers} layers (expected 1..{layers}, or -1 for all)"]
+    return []
+
+
+def _hub_model_problems(config: ExperimentConfig) -> list[str]:
+    """A hub model can only be used offline if it is already in the Hugging Face cache."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         try:
             from huggingface_hub import try_to_load_from_cache

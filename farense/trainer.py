@@ -27,10 +27,10 @@ import orjson
 from . import __version__
 from .batching import batch_groups, eval_batches, position_of, train_batches
 from .checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy
-from .config import ExperimentConfig, check_inputs, config_to_json, fingerprint_diff
+from .config import ExperimentConfig, check_inputs, check_world_size, config_to_json, fingerprint_diff
 from .data import count_too_long, data_fingerprint, make_datasets, validate_data
 from .distributed import any_rank, share_checkpoint
-from .errors import DiskFull, FingerprintMismatch, NumericalError, Preempted
+from .errors import ConfigError, DiskFull, FingerprintMismatch, NumericalError, Preempted
 from .faults import fault_point
 from .fsutil import atomic_write_bytes, fsync_dir, fsync_file
 from .layout import RunPaths
@@ -153,11 +153,9 @@ def attach_adapters(model: Any, config: ExperimentConfig) -> None:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     n_layers = len(model.layers)
-    if config.lora.num_layers > n_layers:
-        raise ValueError(
-            f"lora.num_layers: requested to train {config.lora.num_layers} layers "
-            f"but the model only has {n_layers} layers"
-        )
+    if config.lora.num_layers > n_layers:  # check_inputs catches this first for local models
+        raise ConfigError(f"lora.num_layers: requested to train {config.lora.num_layers} layers but the model "
+                          f"only has {n_layers} layers (expected 1..{n_layers}, or -1 for all)", source=config.source)
     mx.random.seed(config.training.seed)
     model.freeze()
     linear_to_lora_layers(model, config.lora.num_layers, adapter_config(config)["lora_parameters"],
@@ -369,8 +367,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                             on_skip=lambda p, why: log(f"skipping checkpoint {p}: {why}"))
     policy = RetentionPolicy(config.checkpoint.keep_last, config.checkpoint.keep_best)
     t = config.training
-    if config.training.batch_size % world_size:
-        raise ValueError(f"training.batch_size={t.batch_size} must be divisible by the {world_size} ranks")
+    check_world_size(config, world_size)
 
     # 2. Where do we start? The newest checkpoint that verifies; never a half-written one.
     if new_run and is_writer:

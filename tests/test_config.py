@@ -562,3 +562,17 @@ def test_loading_a_config_and_validating_data_imports_nothing_heavy(write_config
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
+
+
+def test_check_inputs_refuses_more_lora_layers_than_the_model_has(write_config, model_dir, tmp_path):
+    """Found from config.json before any weight is loaded (mlx-lm finds it only after loading)."""
+    import json
+
+    from farense.config import check_inputs, load_config
+    from farense.errors import ConfigError
+
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4}))
+    cfg = load_config(write_config({"lora": {"num_layers": 16}}), workspace=tmp_path)
+    with pytest.raises(ConfigError, match=r"lora.num_layers: requested to train 16 layers but the model only has 4"):
+        check_inputs(cfg)
+    check_inputs(load_config(write_config({"lora": {"num_layers": -1}}, name="all"), workspace=tmp_path))
