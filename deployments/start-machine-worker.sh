@@ -6,19 +6,11 @@
 #   PREFECT_API_URL=http://server:4200/api FARENSE_MACHINE=mac1 deployments/start-machine-worker.sh
 set -euo pipefail
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-py=${FARENSE_PYTHON:-}
-if [[ -z "$py" ]]; then
-  if [[ -x "$root/.venv/bin/python" ]]; then py="$root/.venv/bin/python"; else py=python3; fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 machine=${FARENSE_MACHINE:-$(hostname -s)}
 pool=${FARENSE_WORK_POOL:-farense}
 
-export PREFECT_SERVER_ANALYTICS_ENABLED=false
-export DO_NOT_TRACK=1
 export PREFECT_API_URL="${PREFECT_API_URL:?set PREFECT_API_URL to the shared server, e.g. http://server:4200/api}"
-export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
-export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-5}"
 
 cd "$root"
 # The pool and the automations (crash resume, zombies, notifications); idempotent.

@@ -9,15 +9,7 @@
 # Telemetry is off: nothing is sent outside this machine.
 set -euo pipefail
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# The Python with farense and Prefect: FARENSE_PYTHON, the active virtualenv, the project's .venv.
-py=${FARENSE_PYTHON:-}
-if [[ -z "$py" && -n "${VIRTUAL_ENV:-}" ]]; then py="$VIRTUAL_ENV/bin/python"; fi
-if [[ -z "$py" && -x "$root/.venv/bin/python" ]]; then py="$root/.venv/bin/python"; fi
-py=${py:-python3}
-
-export PREFECT_SERVER_ANALYTICS_ENABLED=false
-export DO_NOT_TRACK=1
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 export PREFECT_HOME="${PREFECT_HOME:-$HOME/.prefect}"
 # Runs waiting for the deployment's concurrency slot are looked at again after this many seconds.
 export PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="${PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS:-15}"
