@@ -8,6 +8,10 @@ RTLD_GLOBAL, then a few-line shim (farense/_blas_shim.c, compiled once with cc i
 that exports the standard names and forwards them to scipy-openblas32's scipy_-prefixed ones.
 bf16/fp16 and quantized matmuls on the CPU do not go through BLAS: train there in fp32.
 
+OpenBLAS runs one thread per core unless OPENBLAS_NUM_THREADS says otherwise. On a machine whose
+cores are busy with other work, its threads wait for each other and a product can end up slower
+than the reference BLAS (bench/bench_blas.py shows both): there, set OPENBLAS_NUM_THREADS=1.
+
 Environment:
   FARENSE_BLAS=reference  keep MLX's bundled reference BLAS (opt out; default: auto)
   FARENSE_BLAS_LIB=PATH   use this OpenBLAS instead of scipy-openblas32's: one that exports the
@@ -30,7 +34,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 ENV_MODE = "FARENSE_BLAS"
 ENV_LIB = "FARENSE_BLAS_LIB"
@@ -57,6 +61,7 @@ class BlasInfo:
     source: str = ""  # where it came from: "scipy-openblas32", "FARENSE_BLAS_LIB", "macOS"
     via: str = ""  # how MLX reaches it: "farense shim" or "direct"
     detail: str = ""  # the library's config string (version, build options, CPU core type)
+    threads: int = 0  # OpenBLAS's thread count (OPENBLAS_NUM_THREADS, default one per core)
     reason: str = ""  # why the reference BLAS is in use ("" when fast)
     fix: str = ""  # how to get a fast one ("" when fast or when there is nothing to do)
 
@@ -65,7 +70,8 @@ class BlasInfo:
         if self.fast:
             version = f" {self.version}" if self.version else ""
             via = f" via {self.via}" if self.via else ""
-            return f"BLAS: {self.name}{version} ({self.source}){via}"
+            threads = f", {self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else ""
+            return f"BLAS: {self.name}{version} ({self.source}){via}{threads}"
         return f"BLAS: reference (slow): {self.reason}" + (f"; {self.fix}" if self.fix else "")
 
     @property
@@ -159,10 +165,11 @@ def _load_openblas() -> BlasInfo:
         raise _NoFastBlas("a library loaded earlier (LD_PRELOAD?) already provides cblas_sgemm, and MLX binds to it",
                           "start without it")
     _shim = provider if via == "farense shim" else None
-    config = _openblas_config(lib)
-    words = config.split()
+    config = _openblas_call(lib, "get_config", ctypes.c_char_p) or b""
+    words = config.decode("utf-8", "replace").split()
     version = words[1] if len(words) > 1 and words[0] == "OpenBLAS" else ""
-    return BlasInfo(True, "OpenBLAS", version=version, path=str(path), source=source, via=via, detail=config)
+    return BlasInfo(True, "OpenBLAS", version=version, path=str(path), source=source, via=via,
+                    detail=" ".join(words), threads=_openblas_call(lib, "get_num_threads", ctypes.c_int) or 0)
 
 
 def _find_openblas() -> tuple[Path, str]:
@@ -194,14 +201,14 @@ def _address(lib: ctypes.CDLL, name: str) -> int | None:
         return None
 
 
-def _openblas_config(lib: ctypes.CDLL) -> str:
-    """The library's own description, e.g. "OpenBLAS 0.3.30 DYNAMIC_ARCH NO_AFFINITY Haswell MAX_THREADS=64"."""
-    for name in ("scipy_openblas_get_config", "openblas_get_config"):
+def _openblas_call(lib: ctypes.CDLL, what: str, restype: type) -> Any:
+    """openblas_<what>() under either name (config: "OpenBLAS 0.3.30 DYNAMIC_ARCH ... Haswell MAX_THREADS=64")."""
+    for name in (f"scipy_openblas_{what}", f"openblas_{what}"):
         if hasattr(lib, name):
             fn = getattr(lib, name)
-            fn.restype = ctypes.c_char_p
-            return (fn() or b"").decode("utf-8", "replace").strip()
-    return ""
+            fn.restype = restype
+            return fn()
+    return None
 
 
 def _shim_path() -> Path:

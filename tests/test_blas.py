@@ -88,7 +88,8 @@ def test_mlx_multiplies_through_the_shim_and_matches_numpy(cache: Path):
     assert info["source"] == "scipy-openblas32" and info["via"] == "farense shim"
     assert info["version"] and info["detail"].startswith("OpenBLAS ")
     assert Path(info["path"]).name.startswith("libscipy_openblas")
-    assert report["describe"] == f"BLAS: OpenBLAS {info['version']} (scipy-openblas32) via farense shim"
+    assert info["threads"] >= 1
+    assert report["describe"].startswith(f"BLAS: OpenBLAS {info['version']} (scipy-openblas32) via farense shim, ")
     assert all(report["close"].values()), report["close"]
     # libmlx's cblas_sgemm/dgemm/cgemm bound to the shim: it counted MLX's three products.
     assert report["calls"] == 3
@@ -168,6 +169,8 @@ def test_entry_points_load_it_before_mlx(cache: Path, entry: str):
 def test_descriptions():
     fast = BlasInfo(True, "OpenBLAS", version="0.3.30", source="scipy-openblas32", via="farense shim")
     assert fast.describe() == "BLAS: OpenBLAS 0.3.30 (scipy-openblas32) via farense shim" and fast.warning == ""
+    assert BlasInfo(True, "OpenBLAS", version="0.3.30", source="FARENSE_BLAS_LIB", via="direct", threads=2).describe() \
+        == "BLAS: OpenBLAS 0.3.30 (FARENSE_BLAS_LIB) via direct, 2 threads"
     assert BlasInfo(True, "Accelerate", source="macOS", via="mlx").describe() == "BLAS: Accelerate (macOS) via mlx"
     slow = BlasInfo(False, "reference", reason="no C compiler", fix="install gcc")
     assert slow.describe() == "BLAS: reference (slow): no C compiler; install gcc"
