@@ -124,6 +124,18 @@ def test_missing_library_falls_back_with_one_line(cache: Path, tmp_path: Path):
     assert len(slow_lines(stderr)) == 1, stderr
 
 
+def test_an_openblas_without_the_names_falls_back(cache: Path):
+    """numpy's scipy-openblas64 (64-bit integers, names ending in 64_) is not one MLX can call."""
+    import numpy
+
+    wrong = sorted(Path(numpy.__file__).parent.parent.glob("numpy.libs/libscipy_openblas64_*.so"))
+    if not wrong:
+        pytest.skip("this numpy does not bundle scipy-openblas64")
+    report, stderr = probe(cache, **{ENV_LIB: str(wrong[0])})
+    assert_reference(report, "exports neither cblas_sgemm nor scipy_cblas_sgemm")
+    assert len(slow_lines(stderr)) == 1, stderr
+
+
 @pytest.mark.parametrize("env", [{"CC": "/nonexistent/cc"}, {"CC": ""}], ids=["CC-missing", "no-cc-on-PATH"])
 def test_no_compiler_falls_back_with_one_line(tmp_path: Path, env: dict[str, str]):
     empty_path = tmp_path / "bin"
