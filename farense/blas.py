@@ -214,7 +214,7 @@ def _openblas_call(lib: ctypes.CDLL, what: str, restype: type) -> Any:
 def _shim_path() -> Path:
     """Where the compiled shim is cached: keyed by its source and the CPU architecture."""
     key = hashlib.sha256(SHIM_SOURCE.read_bytes() + platform.machine().encode()).hexdigest()[:16]
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "farense" / "blas" / key / SHIM_NAME
 
 
@@ -235,11 +235,14 @@ def _compiler() -> list[str]:
 def _compile_shim(dest: Path) -> None:
     """Build the shim into a temporary name beside `dest`, then rename: racing processes are safe."""
     cc = _compiler()
-    tmp: str | None = None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{SHIM_NAME}.tmp-", dir=dest.parent)
         os.close(fd)
+    except OSError as e:
+        raise _NoFastBlas(f"the BLAS shim's cache {dest.parent} is not writable ({e.strerror})",
+                          "set XDG_CACHE_HOME to a writable directory") from None
+    try:
         proc = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SHIM_SOURCE)],
                               capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
@@ -247,9 +250,7 @@ def _compile_shim(dest: Path) -> None:
             raise _NoFastBlas(f"{cc[0]} could not build the BLAS shim: {said}", FIX_COMPILER)
         os.chmod(tmp, 0o755)
         os.replace(tmp, dest)
-        tmp = None
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise _NoFastBlas(f"the BLAS shim could not be built in {dest.parent} ({e})", FIX_COMPILER) from None
+        raise _NoFastBlas(f"{cc[0]} could not build the BLAS shim ({e})", FIX_COMPILER) from None
     finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)  # gone already once renamed

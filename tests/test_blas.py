@@ -147,6 +147,16 @@ def test_no_compiler_falls_back_with_one_line(tmp_path: Path, env: dict[str, str
     assert line.startswith("farense: MLX's CPU backend runs on the slow reference BLAS (no C compiler")
 
 
+@needs_cc
+def test_an_unwritable_cache_falls_back_with_one_line(tmp_path: Path):
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("")  # a file where the cache directory should be: unwritable even for root
+    report, stderr = probe(not_a_dir)
+    assert_reference(report, "the BLAS shim's cache")
+    assert report["info"]["fix"] == "set XDG_CACHE_HOME to a writable directory"
+    assert len(slow_lines(stderr)) == 1, stderr
+
+
 def test_mlx_imported_first_is_too_late(cache: Path):
     report, stderr = probe(cache, before="import mlx.core")
     assert_reference(report, "mlx was imported before farense could load a faster BLAS")
