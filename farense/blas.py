@@ -59,7 +59,7 @@ class BlasInfo:
     version: str = ""  # e.g. "0.3.30", from the library's own config string
     path: str = ""  # the library file loaded
     source: str = ""  # where it came from: "scipy-openblas32", "FARENSE_BLAS_LIB", "macOS"
-    via: str = ""  # how MLX reaches it: "farense shim" or "direct"
+    via: str = ""  # how MLX reaches it: "farense shim", or "" when the library has the standard names
     detail: str = ""  # the library's config string (version, build options, CPU core type)
     threads: int = 0  # OpenBLAS's thread count (OPENBLAS_NUM_THREADS, default one per core)
     reason: str = ""  # why the reference BLAS is in use ("" when fast)
@@ -153,7 +153,7 @@ def _load_openblas() -> BlasInfo:
     path, source = _find_openblas()
     lib = _load_global(path, f"point {ENV_LIB} at another OpenBLAS, or unset it" if source == ENV_LIB else FIX_PACKAGE)
     if hasattr(lib, "cblas_sgemm"):
-        provider, via = lib, "direct"
+        provider, via = lib, ""
     elif hasattr(lib, "scipy_cblas_sgemm"):
         shim = _shim_path()
         if not shim.is_file():
