@@ -11,6 +11,7 @@ bf16/fp16 and quantized matmuls on the CPU do not go through BLAS: train there i
 OpenBLAS runs one thread per core unless OPENBLAS_NUM_THREADS says otherwise. On a machine whose
 cores are busy with other work, its threads wait for each other and a product can end up slower
 than the reference BLAS (bench/bench_blas.py shows both): there, set OPENBLAS_NUM_THREADS=1.
+Ranks that farense launches on one machine share its cores that way (see thread_env).
 
 Environment:
   FARENSE_BLAS=reference  keep MLX's bundled reference BLAS (opt out; default: auto)
@@ -34,7 +35,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Mapping, TextIO
 
 ENV_MODE = "FARENSE_BLAS"
 ENV_LIB = "FARENSE_BLAS_LIB"
@@ -115,6 +116,18 @@ def announce(info: BlasInfo, stream: TextIO | None = None) -> None:
     if info.warning and not os.environ.get(ENV_NOTED):
         print(info.warning, file=stream or sys.stderr, flush=True)
         os.environ[ENV_NOTED] = "1"
+
+
+def thread_env(processes: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """OPENBLAS_NUM_THREADS for each of `processes` sharing this machine's cores, unless already set.
+
+    With one thread per core each, they oversubscribe the cores and OpenBLAS's threads wait on each
+    other (2 ranks on 2 cores: steps several times slower than one thread each).
+    """
+    if processes <= 1 or "OPENBLAS_NUM_THREADS" in environ:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"OPENBLAS_NUM_THREADS": str(max(1, cores // processes))}
 
 
 def shim_calls() -> int | None:
