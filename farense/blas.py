@@ -204,7 +204,7 @@ def _load_global(path: Path, fix: str) -> ctypes.CDLL:
     try:
         return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
-        raise _NoFastBlas(f"{path} could not be loaded ({e})", fix) from None
+        raise _NoFastBlas(f"{path} could not be loaded: {e}", fix) from None
 
 
 def _address(lib: ctypes.CDLL, name: str) -> int | None:
@@ -238,11 +238,11 @@ def _compiler() -> list[str]:
         argv = shlex.split(cc)
         if shutil.which(argv[0]):
             return argv
-        raise _NoFastBlas(f"no C compiler to build the BLAS shim (CC={cc} not found)", FIX_COMPILER)
+        raise _NoFastBlas(f"no C compiler to build the BLAS shim: CC={cc} not found", FIX_COMPILER)
     for name in ("cc", "gcc", "clang"):
         if found := shutil.which(name):
             return [found]
-    raise _NoFastBlas("no C compiler to build the BLAS shim (none of cc, gcc, clang on PATH)", FIX_COMPILER)
+    raise _NoFastBlas("no C compiler to build the BLAS shim: none of cc, gcc, clang on PATH", FIX_COMPILER)
 
 
 def _compile_shim(dest: Path) -> None:
@@ -253,7 +253,7 @@ def _compile_shim(dest: Path) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f"{SHIM_NAME}.tmp-", dir=dest.parent)
         os.close(fd)
     except OSError as e:
-        raise _NoFastBlas(f"the BLAS shim's cache {dest.parent} is not writable ({e.strerror})",
+        raise _NoFastBlas(f"the BLAS shim's cache {dest.parent} is not writable: {e.strerror}",
                           "set XDG_CACHE_HOME to a writable directory") from None
     try:
         proc = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SHIM_SOURCE)],
@@ -264,6 +264,6 @@ def _compile_shim(dest: Path) -> None:
         os.chmod(tmp, 0o755)
         os.replace(tmp, dest)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise _NoFastBlas(f"{cc[0]} could not build the BLAS shim ({e})", FIX_COMPILER) from None
+        raise _NoFastBlas(f"{cc[0]} could not build the BLAS shim: {e}", FIX_COMPILER) from None
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already once renamed
