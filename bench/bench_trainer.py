@@ -35,7 +35,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "DO_NOT_TRA
 
 
 def farense_config(ws: Path, demo: Path, iters: int, every: int):
-    cfg = load_config("v2", overlays=["demo"], workspace=ws)
+    cfg = load_config("v2", overlays=["tiny"], workspace=ws)
     return cfg.with_overrides(
         model={"path": str(demo / "model")}, data={"dir": str(demo / "data")},
         training={"iters": iters, "warmup_steps": 0, "schedule": "constant", "max_seq_length": 256},

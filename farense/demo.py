@@ -214,11 +214,7 @@ def build_demo(directory: str | os.PathLike[str], *, seed: int = 0, force: bool 
         _remove_leftovers(paths.root)
         data_tmp, model_tmp = tmp_sibling(paths.data), tmp_sibling(paths.model)
         try:
-            data_tmp.mkdir()
-            for split in SPLITS:
-                _write_file(data_tmp / f"{split}.jsonl", shipped_split(split))
-            _write_json(data_tmp / MARKER_NAME, {"demo_version": DEMO_VERSION, "seed": seed})
-            fsync_dir(data_tmp)
+            write_shipped_data(data_tmp, {"demo_version": DEMO_VERSION, "seed": seed})
 
             model_tmp.mkdir()
             summary = _write_model(model_tmp, seed)
@@ -236,6 +232,23 @@ def build_demo(directory: str | os.PathLike[str], *, seed: int = 0, force: bool 
             for tmp in (data_tmp, model_tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
     return paths
+
+
+def write_shipped_data(directory: Path, marker: dict[str, Any]) -> None:
+    """The shipped splits and a marker (saying the folder is ours to replace) into a new directory."""
+    directory.mkdir()
+    for split in SPLITS:
+        _write_file(directory / f"{split}.jsonl", shipped_split(split))
+    _write_json(directory / MARKER_NAME, marker)
+    fsync_dir(directory)
+
+
+def shipped_data_intact(directory: Path) -> bool:
+    """True when `directory` holds today's shipped splits byte for byte."""
+    try:
+        return all((directory / f"{s}.jsonl").read_bytes() == shipped_split(s) for s in SPLITS)
+    except OSError:
+        return False
 
 
 @contextmanager
@@ -369,6 +382,33 @@ def _write_weights(path: Path, spec: DemoModelSpec, seed: int) -> int:
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
     fsync_file(path)
     return sum(int(w.size) for w in weights.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Which demo: the real pretrained model (overlay "demo") or this tiny random one (overlay "tiny")
+
+DEMO_OVERLAYS = ("demo", "tiny")
+
+
+def demo_overlay(demo: bool | str | None) -> str | None:
+    """The overlay a `demo` setting names: True or "demo" the real model, "tiny" the random one."""
+    if demo in (None, False, ""):
+        return None
+    if demo is True or demo in ("demo", "smollm2"):
+        return "demo"
+    if demo == "tiny":
+        return "tiny"
+    raise FarenseError(f"demo: expected true, false, 'demo' or 'tiny', got {demo!r}")
+
+
+def prepare_demo(overlay: str, model_dir: str | os.PathLike[str]) -> Path:
+    """Build (or verify and reuse) the demo model and data the overlay points at; returns the root."""
+    root = Path(model_dir).parent
+    if overlay == "tiny":
+        return build_demo(root).root
+    from .smollm2 import build_smollm2_demo
+
+    return build_smollm2_demo(root).root
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def make_config(tmp_path: Path, demo_dir: Path) -> Callable[..., ExperimentConfi
 
     def make(name: str = "v2", workspace: Path | None = None, **sections: dict[str, Any]) -> ExperimentConfig:
         ws = workspace or tmp_path
-        cfg = load_config("v2", overlays=["demo"], workspace=ws)
+        cfg = load_config("v2", overlays=["tiny"], workspace=ws)
         merged = {k: dict(v) for k, v in SHORT.items()}
         for sec, values in sections.items():
             merged[sec] = {**merged.get(sec, {}), **values}
