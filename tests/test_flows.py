@@ -303,3 +303,11 @@ def test_prefect_yaml_nightly_and_weekly_deployments() -> None:
     assert nightly["entrypoint"] == "flows/pipeline.py:training_flow" and training_flow.name == "farense-training"
     assert weekly["entrypoint"] == "flows/maintenance.py:maintenance_flow" and maintenance_flow.name == "farense-maintenance"
     assert set(weekly["parameters"]) <= set(__import__("inspect").signature(maintenance_flow.fn).parameters)
+
+    from flows.campaign import campaign_flow
+
+    campaign = deps["campaign"]
+    assert campaign["entrypoint"] == "flows/campaign.py:campaign_flow" and campaign_flow.name == "farense-campaign"
+    assert campaign["parameters"]["configs"] == ["v1", "v2"]
+    assert set(campaign["parameters"]) <= set(__import__("inspect").signature(campaign_flow.fn).parameters)
+    assert campaign["work_pool"]["work_queue_name"] == nightly["work_pool"]["work_queue_name"]
