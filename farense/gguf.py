@@ -422,17 +422,25 @@ def _spm_tokenizer(meta: dict[str, Any]) -> Any:
     tokens = list(meta["tokenizer.ggml.tokens"])
     scores = _as_list(meta.get("tokenizer.ggml.scores")) or [0.0] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
-    # SentencePiece merges by score: a piece that two others concatenate to is one merge, best score first.
-    merges = sorted(((left, piece[len(left):], -scores[i], vocab[left], vocab[piece[len(left):]])
-                     for piece, i in vocab.items() for left in (piece[:k] for k in range(1, len(piece)))
-                     if left in vocab and piece[len(left):] in vocab), key=lambda m: m[2:])
-    unk = meta.get("tokenizer.ggml.unknown_token_id")
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, *_ in merges], byte_fallback=True,
+    unk = _scalar(meta.get("tokenizer.ggml.unknown_token_id"))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=_spm_merges(vocab, scores), byte_fallback=True,
                                fuse_unk=True, unk_token=tokens[unk] if isinstance(unk, int) else None))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     return tok
+
+
+def _spm_merges(vocab: dict[str, int], scores: list[float]) -> list[tuple[str, str]]:
+    """SentencePiece has scores, not merges: every split of a piece into two pieces is a merge, ranked by
+    the merged piece's score (best first), as transformers' SentencePiece converter derives them."""
+    ranked = []
+    for piece, i in vocab.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[i], vocab[left], vocab[right], left, right))
+    return [(left, right) for *_, left, right in sorted(ranked)]
 
 
 def _as_list(value: Any) -> list[Any]:

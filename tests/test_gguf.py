@@ -560,3 +560,40 @@ def test_real_smollm2_answers_paris(tmp_path: Path):
                                      add_generation_prompt=True, tokenize=False)
     answer = generate(model, tok, prompt=prompt, max_tokens=24)  # greedy: mlx-lm's default sampler
     assert "Paris" in answer, answer
+
+
+def test_sentencepiece_vocabulary_becomes_a_byte_fallback_bpe():
+    """Llama 2 / Mistral GGUFs carry tokenizer.ggml.model 'llama': pieces with scores and byte tokens."""
+    words = ["▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "hell", "hello", "▁hello", "▁w", "or", "▁wor",
+             "▁world", "ld"]
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + words
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces,
+            "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(len(words))],
+            "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * len(words),
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+    tok, config, special = fg.build_tokenizer(meta, Path("m.gguf"))
+    enc = tok.encode("hello world é")
+    assert enc.tokens == ["<s>", "▁hello", "▁world", "▁", "<0xC3>", "<0xA9>"]  # bos added, é by its bytes
+    assert tok.decode(enc.ids, skip_special_tokens=True) == "hello world é"
+    assert special == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"} and config["add_bos_token"]
+
+
+def test_unknown_tokenizer_is_refused_by_name():
+    with pytest.raises(ModelImportError, match="tokenizer model 'bert' is not supported"):
+        fg.build_tokenizer({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}, Path("m.gguf"))
+    with pytest.raises(ModelImportError, match="pre-tokenizer 'qwen2' is not supported"):
+        fg.build_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"],
+                            "tokenizer.ggml.pre": "qwen2"}, Path("m.gguf"))
+
+
+def test_bf16_is_read_as_bfloat16_not_narrowed_to_float16(tmp_path: Path):
+    import mlx.core as mx
+
+    w = hf_weights()
+    big = w["model.layers.0.mlp.up_proj.weight"] * 1e6  # past float16's range, which mx.load would narrow it to
+    path = write_gguf(tmp_path / "bf16.gguf", raw={"model.layers.0.mlp.up_proj.weight":
+                                                   (Q.BF16, gguf.quants.quantize(big, Q.BF16))})
+    info = fg.import_gguf(path, tmp_path / "m")
+    got = mx.load(str(info.path / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]
+    assert got.dtype == mx.bfloat16
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), big, rtol=1e-2)
