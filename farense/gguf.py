@@ -530,9 +530,10 @@ def convert_weights(raw: dict[str, Any], header: GGUFHeader, cfg: dict[str, Any]
         n_head = next((n for key, n in heads.items() if module.endswith(key)), None)
         if n_head is not None:
             parts = {k: unpermute_rows(v, n_head) for k, v in parts.items()}
-        if dequantize and t.type in KEPT_QUANTIZED:
-            parts = {"weight": mx.dequantize(parts["weight"], parts["scales"], parts["biases"],
-                                             group_size=GROUP_SIZE, bits=KEPT_QUANTIZED[t.type])}
+        if dequantize and t.type in KEPT_QUANTIZED:  # in float32 (float16 scales would round it), and faster
+            parts = {"weight": mx.dequantize(parts["weight"], parts["scales"].astype(mx.float32),
+                                             parts["biases"].astype(mx.float32), group_size=GROUP_SIZE,
+                                             bits=KEPT_QUANTIZED[t.type])}
         if dequantize:
             parts = {k: v.astype(target) for k, v in parts.items()}
         out.update({f"{module}.{k}": v for k, v in parts.items()})
@@ -592,12 +593,11 @@ def _write_model(out: Path, header: GGUFHeader, *, dequantize: bool, dtype: str)
 
 
 def _versions() -> dict[str, str]:
-    import mlx.core as mx
-    import mlx_lm
+    from importlib.metadata import version  # not `import mlx_lm`: it imports transformers (seconds)
 
     from . import __version__
 
-    return {"farense": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__}
+    return {"farense": __version__, "mlx": version("mlx"), "mlx_lm": version("mlx-lm"), "gguf": version("gguf")}
 
 
 def _build(header: GGUFHeader, dest: Path, source_sha256: str, *, dequantize: bool, dtype: str) -> ImportInfo:
