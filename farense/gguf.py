@@ -88,6 +88,7 @@ class TensorInfo:
 
     @property
     def elements(self) -> int:
+        """Number of values (not bytes)."""
         return math.prod(self.shape)
 
 
@@ -103,6 +104,7 @@ class GGUFHeader:
 
     @property
     def architecture(self) -> str:
+        """general.architecture: llama, qwen2, ..."""
         return str(self.metadata.get("general.architecture", ""))
 
     def arch_value(self, key: str, default: Any = None) -> Any:
@@ -111,6 +113,7 @@ class GGUFHeader:
 
     @property
     def block_count(self) -> int | None:
+        """Transformer blocks (layers), None when the header does not say."""
         n = self.arch_value("block_count")
         return int(n) if isinstance(n, int) else None
 
@@ -129,6 +132,7 @@ class _Cursor:
         self.buf, self.pos, self.path = buf, 0, path
 
     def take(self, fmt: str) -> Any:
+        """One little-endian value of struct format `fmt`."""
         size = struct.calcsize(fmt)
         self.need(size)
         value = struct.unpack_from(fmt, self.buf, self.pos)[0]
@@ -158,6 +162,7 @@ class _Cursor:
         self.pos = pos
 
     def value(self, vtype: int, keep: bool = True) -> Any:
+        """One metadata value of GGUF value type `vtype`; long arrays come back as LongArray."""
         from gguf import GGUFValueType as V
 
         if vtype == V.STRING:
@@ -470,7 +475,8 @@ def build_tokenizer(meta: dict[str, Any], path: Path) -> tuple[Any, dict[str, An
     types = _as_list(meta.get("tokenizer.ggml.token_type")) or [1] * len(tokens)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, k in zip(tokens, types) if k == _CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, k in zip(tokens, types) if k == _USER_DEFINED])
     named = {role: tokens[i] for role in ("bos", "eos", "unknown", "padding")
              if isinstance(i := _scalar(meta.get(f"tokenizer.ggml.{role}_token_id")), int) and 0 <= i < len(tokens)}
     add_bos = bool(_scalar(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")))

@@ -206,7 +206,8 @@ def test_quantized_types_stay_mlx_quantized(tiny, tmp_path: Path, qtype: Q, bits
     assert np.abs(deq - original).max() < (0.1 if bits == 4 else 0.01)
     tokens = [1, 10, 50, 200, 260, 2]
     got, want = imported_logits(info.path, tokens), reference_logits(tokens)
-    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > (0.8 if bits == 4 else 0.99)  # random weights: 4-bit noise is large
+    # Random weights make 4-bit noise large; rows in a wrong order would leave no correlation at all.
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > (0.8 if bits == 4 else 0.99)
 
 
 def test_mixed_bits_get_a_per_layer_quantization_entry(tmp_path: Path):
@@ -345,7 +346,7 @@ def test_corrupt_or_truncated_file_is_one_clear_line_and_no_directory(tiny, tmp_
             attempt()
         assert expect in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out" / "m").exists()
-    assert not [p for p in (tmp_path / "cache").glob("*") if p.is_dir()] if (tmp_path / "cache").exists() else True
+    assert not (tmp_path / "cache").exists()  # refused before the cache is touched
 
 
 def test_a_failure_mid_import_leaves_no_directory(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -482,7 +483,8 @@ def test_cli_console_script_exit_code_and_message(tmp_path: Path):
     proc = subprocess.run([str(farense), "model", "import", str(tmp_path / "none.gguf"), str(tmp_path / "m")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == f"farense: error: {tmp_path / 'none.gguf'}: cannot read the GGUF file (No such file or directory)\n"
+    missing = tmp_path / "none.gguf"
+    assert proc.stderr == f"farense: error: {missing}: cannot read the GGUF file (No such file or directory)\n"
 
 
 # --------------------------------------------------------------------------- mlx-lm's own tools
