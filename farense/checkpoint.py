@@ -336,6 +336,10 @@ class CheckpointStore:
                 self.on_skip(path, getattr(exc, "reason", str(exc)))
         return None
 
+    def committed_steps(self) -> builtins.list[int]:
+        """Steps of the committed-looking directories, by name only (no manifest read): for watchers."""
+        return [step for step, _ in self._committed_dirs()]
+
     def checkpoint_bytes(self, step: int) -> int | None:
         """Size of a committed checkpoint's files from its manifest; None if there is none."""
         manifest, _ = _load_manifest(self.directory / checkpoint_name(step))

@@ -24,11 +24,3 @@ class RunState(str, Enum):
         return self in (RunState.PREEMPTED, RunState.PAUSED_DISK_FULL, RunState.CRASHED, RunState.RUNNING)
 
 
-# Process exit codes the trainer uses, so a parent (Prefect task, shell) can tell them apart.
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_NUMERICAL = 3
-EXIT_PREEMPTED = 75
-EXIT_DISK_FULL = 76
-EXIT_LOCKED = 73

@@ -35,6 +35,7 @@ from .faults import fault_point
 from .fsutil import atomic_write_bytes, fsync_dir, fsync_file
 from .layout import RunPaths
 from .metrics import MetricsLog, write_seed_files
+from .outcome import TrainingOutcome
 from .overfitting import EarlyStoppingState, classify_gap, observe_validation
 from .runstate import write_run_state
 from .signals import PreemptionFlag
@@ -46,27 +47,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 STATE_FILE = "state.json"
 CHECKPOINT_FILES = (ADAPTERS_FILE, OPTIMIZER_FILE, ADAPTER_CONFIG_FILE, STATE_FILE)
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """How a call to run_training ended; also written as the CLI's --result-json."""
-
-    state: RunState
-    run_dir: str
-    step: int
-    total_steps: int
-    resumed_from: int | None
-    best_step: int | None
-    best_val_loss: float | None
-    train_val_gap: float | None
-    gap_status: str | None
-    message: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["state"] = self.state.value
-        return d
 
 
 @dataclass
@@ -315,7 +295,7 @@ def run_training(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
     progress_bar: bool | None = None,
     on_step_end: Callable[[int, dict[str, Any], Any], None] | None = None,
-) -> TrainResult:
+) -> TrainingOutcome:
     """Train `config` to the end, resuming from the newest verified checkpoint unless new_run.
 
     Raises Preempted, DiskFull (both resumable), NumericalError, or input errors (before any
@@ -356,7 +336,7 @@ def _start_over(paths: RunPaths, store: CheckpointStore) -> None:
 def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_fp: str, *, new_run: bool,
                   preemption: PreemptionFlag, guard: Any, clock: Callable[[], float],
                   log: Callable[[str], None], progress_bar: bool | None,
-                  on_step_end: Callable[[int, dict[str, Any], Any], None] | None) -> TrainResult:
+                  on_step_end: Callable[[int, dict[str, Any], Any], None] | None) -> TrainingOutcome:
     import mlx.core as mx
     from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
 
@@ -610,8 +590,8 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
         except Exception as e:
             log(f"warning: could not draw the loss curves in {paths.plots}: {e}")
         _finish_state(paths, outcome, prog, total_steps, resumed_from, message, is_writer)
-    return TrainResult(outcome, str(paths.root), prog.step, total_steps, resumed_from, es.best_step,
-                       es.best_val_loss, gap_at_best, summary["gap_status"], message)
+    return TrainingOutcome(outcome, str(paths.root), prog.step, total_steps, resumed_from, es.best_step,
+                           es.best_val_loss, gap_at_best, summary["gap_status"], message)
 
 
 def _disk_full(exc: BaseException, where: Path) -> DiskFull | None:
