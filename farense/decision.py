@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -209,6 +209,34 @@ def load_report(path: Path) -> RunReport:
         assert inc is not None
         return inc
     return report_from_run(path)
+
+
+PRODUCTION = "production"  # the incumbent named by default: what production/current serves
+
+
+def incumbent_dir(spec: str, config_run_dir: Callable[[str], Path]) -> Path | None:
+    """Where the incumbent `spec` names lives: None for production, else a run, release or production
+    directory given as a path, or the run directory of a config name (`config_run_dir` resolves it)."""
+    if spec == PRODUCTION:
+        return None
+    p = Path(spec)
+    return p.resolve() if p.is_dir() else config_run_dir(spec)
+
+
+def load_incumbent(spec: str, production_dir: Path, config_run_dir: Callable[[str], Path]) -> RunReport | None:
+    """The report a candidate is compared with; None when `spec` is production and nothing was promoted."""
+    where = incumbent_dir(spec, config_run_dir)
+    return incumbent_from_production(production_dir) if where is None else load_report(where)
+
+
+def check_incumbent(spec: str, config_run_dir: Callable[[str], Path]) -> None:
+    """Fail before training if the run to compare with has no evaluation (production may be empty)."""
+    where = incumbent_dir(spec, config_run_dir)
+    if where is not None and not (RunPaths(where).evaluation / REPORT_NAME).is_file():
+        raise FarenseError(
+            f"compare_with={spec!r}: {where} has no evaluation report; train and evaluate it first "
+            f"(e.g. run this flow with config={spec!r})"
+        )
 
 
 # --------------------------------------------------------------------------- comparison

@@ -20,11 +20,12 @@ from typing import Any
 from prefect import flow, get_run_logger, tags
 
 from farense.config import ExperimentConfig
+from farense.decision import PRODUCTION
 from farense.errors import ResumeLimitReached
 from farense.outcome import TrainingOutcome
 
 from tasks.common import best_effort
-from tasks.decide import PRODUCTION, DecisionResult, decide_task
+from tasks.decide import DecisionResult, decide_task
 from tasks.disk import CleanupResult, PreflightResult, cleanup_task, preflight_task
 from tasks.evaluate import EvaluationResult, evaluate_task
 from tasks.inputs import check_inputs_task

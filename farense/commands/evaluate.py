@@ -20,9 +20,6 @@ from ..console import print_table
 from ..errors import FarenseError
 from ..layout import RunPaths
 
-PRODUCTION = "production"
-
-
 def _overlays(args: argparse.Namespace) -> list[str]:
     return list(getattr(args, "overlay", None) or [])
 
@@ -83,19 +80,13 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def _load_incumbent(spec: str, args: argparse.Namespace, candidate_config: ExperimentConfig):
-    from ..decision import incumbent_from_production, load_report
+    from ..decision import PRODUCTION, load_incumbent
 
-    if spec == PRODUCTION:
-        prod = _production_dir(args, candidate_config)
-        inc = incumbent_from_production(prod)
-        if inc is None:
-            raise FarenseError(f"nothing in production yet ({prod}/current does not exist): promote a run first")
-        return inc
-    p = Path(spec)
-    if p.is_dir() and not (p / "config.json").is_file():
-        return load_report(p)  # a release or production directory
-    run_dir, _ = resolve_run(spec, args)
-    return load_report(run_dir)
+    prod = _production_dir(args, candidate_config)
+    inc = load_incumbent(spec, prod, lambda name: resolve_run(name, args)[0])
+    if inc is None:
+        raise FarenseError(f"nothing in production yet ({prod}/current does not exist): promote a run first")
+    return inc
 
 
 def compare_cmd(args: argparse.Namespace) -> int:
