@@ -22,7 +22,6 @@ import re
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,15 +32,12 @@ import orjson
 
 from farense import fsutil
 from farense.errors import CheckpointCorrupt, DiskFull, FarenseError
-from farense.layout import MANIFEST_NAME, TMP_MARK, checkpoint_name, is_temporary, parse_checkpoint_name
+from farense.layout import MANIFEST_NAME, checkpoint_name, is_temporary, parse_checkpoint_name
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "farense-checkpoint"
 MANIFEST_VERSION = 1
-# Free space under which a writer's failure that carries no errno (mx.save_safetensors raises a
-# plain RuntimeError "[write] Unable to write N bytes") is taken for a full disk.
-NO_ERRNO_DISK_FULL_BYTES = 1 << 20
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 Writer = Callable[[Path], None]
@@ -155,9 +151,10 @@ class CheckpointStore:
         if existing is not None:
             return existing
 
-        tmp = self.directory / f"{final.name}{TMP_MARK}{uuid.uuid4().hex}"
+        tmp = fsutil.tmp_sibling(final)
         self._in_progress.add(tmp)
         in_writer = False
+        written: dict[str, Any] = {}
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             os.mkdir(tmp)
@@ -167,15 +164,17 @@ class CheckpointStore:
                 writers[name](target)
                 in_writer = False
                 _check_written(target, name)
-            manifest = self._write_manifest(tmp, step, meta_dict, names)
-            fsutil.fsync_dir(tmp)
-            existing = self._already_saved(final, step)  # another writer is a bug, but never clobber
-            if existing is not None:
-                _rmtree_quiet(tmp)
-                return existing
-            os.rename(tmp, final)
+            # Each file is hashed and fsynced through one descriptor while the manifest is written.
+            fsutil.commit_dir(tmp, final, synced=True,
+                              manifest=lambda d: written.update(self._write_manifest(d, step, meta_dict, names)),
+                              before_rename=lambda: self._refuse_overwrite(final, step))
+        except _AlreadySaved as done:
+            _rmtree_quiet(tmp)
+            return done.info
         except BaseException as exc:
-            # Classify before the rmtree frees the space that the no-errno check measures.
+            # Classify before the rmtree frees the space that the no-errno check measures. A
+            # failed parent fsync after the rename leaves the checkpoint (it verifies or it is
+            # skipped), but the run must stop all the same.
             disk_full = self._disk_full_error(exc, step, from_writer=in_writer)
             _rmtree_quiet(tmp)
             if disk_full is not None:
@@ -183,17 +182,12 @@ class CheckpointStore:
             raise
         finally:
             self._in_progress.discard(tmp)
+        return _info_from_manifest(final, written)
 
-        try:
-            fsutil.fsync_dir(self.directory)
-        except OSError as exc:
-            # The files themselves are durable; only the rename's durability is unknown. The
-            # checkpoint stays (it verifies or it is skipped), but the run must stop.
-            disk_full = self._disk_full_error(exc, step, from_writer=False)
-            if disk_full is not None:
-                raise disk_full from exc
-            raise
-        return _info_from_manifest(final, manifest)
+    def _refuse_overwrite(self, final: Path, step: int) -> None:
+        existing = self._already_saved(final, step)  # another writer is a bug, but never clobber
+        if existing is not None:
+            raise _AlreadySaved(existing)
 
     def _already_saved(self, final: Path, step: int) -> CheckpointInfo | None:
         if not os.path.lexists(final):
@@ -208,6 +202,7 @@ class CheckpointStore:
         )
 
     def _write_manifest(self, tmp: Path, step: int, meta: dict[str, Any], names: builtins.list[str]) -> dict[str, Any]:
+        """MANIFEST.json, written last into `tmp` and fsynced once, with each file's size and SHA-256."""
         files: dict[str, dict[str, Any]] = {}
         with os.scandir(tmp) as it:
             entries = sorted(it, key=lambda e: e.name)
@@ -241,29 +236,21 @@ class CheckpointStore:
         return manifest
 
     def _disk_full_error(self, exc: BaseException, step: int, *, from_writer: bool) -> DiskFull | None:
-        """The DiskFull to raise for a failed save, or None if `exc` is something else."""
+        """The DiskFull to raise for a failed save, or None if `exc` is something else.
+
+        Writers that wrap I/O in their own exception (mx.save_safetensors: RuntimeError "[write]
+        Unable to write N bytes to file.") carry no errno: then the filesystem is asked.
+        """
         if isinstance(exc, FarenseError):  # already named (DiskFull, Preempted, ...): keep it
             return None
-        for e in _chain(exc):
-            if isinstance(e, OSError) and e.errno in fsutil.DISK_FULL_ERRNOS:
-                return DiskFull(
-                    f"could not save checkpoint step {step} in {self.directory}: {os.strerror(e.errno)} "
-                    f"(errno {e.errno}); the partial write was removed. Free space and resume."
-                )
-        if from_writer and isinstance(exc, Exception) and not isinstance(exc, OSError):
-            # Writers that wrap I/O in their own exception (mx.save_safetensors: RuntimeError
-            # "[write] Unable to write N bytes to file.") carry no errno: ask the filesystem.
-            try:
-                free = fsutil.free_bytes(self.directory)
-            except OSError:
-                return None
-            if free < NO_ERRNO_DISK_FULL_BYTES:
-                return DiskFull(
-                    f"could not save checkpoint step {step} in {self.directory}: No space left on device "
-                    f"({free} bytes free after the writer failed with {exc!r}); the partial write was "
-                    f"removed. Free space and resume."
-                )
-        return None
+        no_errno = from_writer and isinstance(exc, Exception) and not isinstance(exc, OSError)
+        if not fsutil.is_disk_full_error(exc, self.directory if no_errno else None):
+            return None
+        code = fsutil.disk_full_errno(exc)
+        why = f"{os.strerror(code)} (errno {code})" if code is not None else \
+            f"No space left on device ({_free_bytes(self.directory)} bytes free after the writer failed with {exc!r})"
+        return DiskFull(f"could not save checkpoint step {step} in {self.directory}: {why}; the partial write was "
+                        "removed. Free space and resume.")
 
     # ------------------------------------------------------------------ reading
 
@@ -462,19 +449,20 @@ class CheckpointStore:
         return None
 
     def _delete(self, path: Path) -> bool:
-        # Rename first, so a delete cut short leaves a `.tmp-` leftover, never a half checkpoint
+        # Renamed first, so a delete cut short leaves a `.tmp-` leftover, never a half checkpoint
         # under a committed name.
-        doomed = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex}")
-        try:
-            os.rename(path, doomed)
-        except FileNotFoundError:
-            return False
-        fsutil.fsync_dir(path.parent)
-        shutil.rmtree(doomed, ignore_errors=True)
-        return True
+        return fsutil.remove_atomically(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+class _AlreadySaved(Exception):
+    """The step was committed by someone else while we wrote it (and it verifies): keep theirs."""
+
+    def __init__(self, info: CheckpointInfo):
+        super().__init__(str(info.path))
+        self.info = info
 
 
 def _warn_skip(path: Path, reason: str) -> None:
@@ -598,13 +586,11 @@ def _info_from_manifest(path: Path, manifest: Mapping[str, Any]) -> CheckpointIn
     )
 
 
-def _chain(exc: BaseException) -> Iterable[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
+def _free_bytes(path: Path) -> int | str:
+    try:
+        return fsutil.free_bytes(path)
+    except OSError:
+        return "?"
 
 
 def _rmtree_quiet(path: Path) -> None:

@@ -19,9 +19,7 @@ checkpoint under a committed name.
 from __future__ import annotations
 
 import os
-import shutil
 import time
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ import orjson
 from . import fsutil
 from .config import format_size
 from .errors import RunLocked
-from .layout import MANIFEST_NAME, TMP_MARK, RunPaths, is_temporary, parse_checkpoint_name
+from .layout import MANIFEST_NAME, RunPaths, is_temporary, parse_checkpoint_name
 from .locks import LockInfo, RunLock, probe_lock
 from .runstate import read_run_state
 from .states import RunState
@@ -471,7 +469,7 @@ def apply_cleanup(plan: CleanupPlan, *, lock_timeout: float = 0.2) -> CleanupRes
             except OSError as exc:
                 # A disk too full to create run.lock: no trainer can hold a lock file that does not
                 # exist, and freeing space is the point, so go on when nobody holds one.
-                if exc.errno not in fsutil.DISK_FULL_ERRNOS or probe_lock(RunPaths(run).lock).held:
+                if not fsutil.is_disk_full_error(exc) or probe_lock(RunPaths(run).lock).held:
                     result.errors.append(f"{run}: cannot take the run lock: {exc}")
                     continue
         try:
@@ -496,26 +494,7 @@ _rename = os.rename  # a seam: tests make it fail as a full ext4 directory block
 
 def _delete(path: Path) -> bool:
     """Rename to a `.tmp-` name (readers never see it again), fsync the parent, then remove it."""
-    doomed = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-    try:
-        _rename(path, doomed)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        # The longer name may need a new directory block that a full disk cannot give. Delete in
-        # place, manifest first: from then on no reader takes what is left for a checkpoint.
-        if exc.errno not in fsutil.DISK_FULL_ERRNOS or not path.is_dir() or path.is_symlink():
-            raise
-        (path / MANIFEST_NAME).unlink(missing_ok=True)
-        fsutil.fsync_dir(path)
-        shutil.rmtree(path)
-        return True
-    fsutil.fsync_dir(path.parent)
-    if doomed.is_dir() and not doomed.is_symlink():
-        shutil.rmtree(doomed)
-    else:
-        doomed.unlink()
-    return True
+    return fsutil.remove_atomically(path, rename=lambda a, b: _rename(a, b))
 
 
 # --------------------------------------------------------------------------- presentation

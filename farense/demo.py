@@ -10,7 +10,7 @@ a tokenizer trained on the shipped data) and the data ships inside the package.
         data/                     train.jsonl, valid.jsonl, test.jsonl (copies of farense/demo_data),
                                   .farense-demo.json (says the folder is ours to replace)
         model.tmp-<hex>/          a build in progress or killed (never read, removed by the next build)
-        .farense-demo.lock        fcntl.flock held while building
+        .farense-demo.lock        the build lock (farense.locks) held while building
 
 A build counts only when the marker verifies: same DEMO_VERSION and seed, every file it lists
 present with its size and SHA-256, and data identical to the shipped data.
@@ -18,20 +18,19 @@ present with its size and SHA-256, and data identical to the shipped data.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import FarenseError
-from .fsutil import fsync_dir, fsync_file, sha256_file, tmp_sibling
+from .fsutil import commit_dir, fsync_file, sha256_file, staged_dir
 from .layout import TMP_MARK
+from .locks import RunLock
 
 # Bump when anything that ends up in the built files changes (dimensions, tokenizer, template,
 # initialisation): an older build then stops counting and is rebuilt.
@@ -207,46 +206,29 @@ def build_demo(directory: str | os.PathLike[str], *, seed: int = 0, force: bool 
     if not force and _verify(paths, seed):
         return paths
     paths.root.mkdir(parents=True, exist_ok=True)
-    with _build_lock(paths.root):
+    # flock is released by the kernel when the holder dies, even by SIGKILL: it never goes stale.
+    with RunLock(paths.root / LOCK_NAME, command="demo init", timeout=None):
         if not force and _verify(paths, seed):  # another process finished it while we waited
             return paths
         _refuse_foreign(paths)
         _remove_leftovers(paths.root)
-        data_tmp, model_tmp = tmp_sibling(paths.data), tmp_sibling(paths.model)
-        try:
-            data_tmp.mkdir()
+        # After a failure (ENOSPC, an error in mlx): no temporaries left behind.
+        with staged_dir(paths.data) as data_tmp, staged_dir(paths.model) as model_tmp:
             for split in SPLITS:
                 _write_file(data_tmp / f"{split}.jsonl", shipped_split(split))
             _write_json(data_tmp / MARKER_NAME, {"demo_version": DEMO_VERSION, "seed": seed})
-            fsync_dir(data_tmp)
 
-            model_tmp.mkdir()
             summary = _write_model(model_tmp, seed)
             files = {f"model/{p.name}": _file_record(p) for p in sorted(model_tmp.iterdir())}
             files.update({f"data/{p.name}": _file_record(p) for p in sorted(data_tmp.iterdir())})
             _write_json(model_tmp / MARKER_NAME, {"demo_version": DEMO_VERSION, "seed": seed, **summary,
                                                   "files": files})  # last: it makes the build count
-            fsync_dir(model_tmp)
 
             # Data first, model last: until the new model (and its marker) is in place, the build
             # does not verify, whatever moment a kill comes at.
-            _swap_in(data_tmp, paths.data)
-            _swap_in(model_tmp, paths.model)
-        finally:  # after a failure (ENOSPC, an error in mlx): no temporaries left behind
-            for tmp in (data_tmp, model_tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
+            commit_dir(data_tmp, paths.data, synced=True, replace=True)
+            commit_dir(model_tmp, paths.model, synced=True, replace=True)
     return paths
-
-
-@contextmanager
-def _build_lock(root: Path) -> Iterator[None]:
-    # flock is released by the kernel when the holder dies, even by SIGKILL: it never goes stale.
-    with open(root / LOCK_NAME, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _refuse_foreign(paths: DemoPaths) -> None:
@@ -265,19 +247,6 @@ def _remove_leftovers(root: Path) -> None:
     for name in ("model", "data"):
         for p in root.glob(f"{name}{TMP_MARK}*"):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    # Linux has no portable atomic directory exchange: move the old one aside (to a temporary name
-    # that never counts), rename the new one in, then delete the old one.
-    old = None
-    if final.exists():
-        old = tmp_sibling(final)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_file(path: Path, data: bytes) -> None:

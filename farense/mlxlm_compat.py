@@ -21,7 +21,6 @@ import difflib
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,8 +29,8 @@ from typing import Any, Callable, Mapping
 import orjson
 
 from .errors import ConfigError, FarenseError
-from .fsutil import atomic_write_bytes, fsync_dir, fsync_file, sha256_file
-from .layout import TMP_MARK, RunPaths
+from .fsutil import commit_dir, sha256_file, staged_dir
+from .layout import RunPaths
 
 # mlx_lm/lora.py CONFIG_DEFAULTS (mlx-lm 0.32); a test checks this copy against the installed one,
 # so that importing a config does not import mlx.
@@ -482,23 +481,6 @@ def _check_target(out: Path, force: bool) -> None:
         raise FarenseError(f"{out} already exists; choose another --out or pass --force to replace it")
 
 
-def _commit_dir(tmp: Path, out: Path, force: bool) -> None:
-    """Put a fully written directory in place by rename; an old one (with force) goes only afterwards."""
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            fsync_file(f)
-    fsync_dir(tmp)
-    old = None
-    if os.path.lexists(out):
-        _check_target(out, force)
-        old = out.parent / f"{out.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _record(paths: RunPaths, acfg: Mapping[str, Any], **extra: Any) -> bytes:
     import mlx_lm
 
@@ -521,17 +503,13 @@ def export_adapters(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]
     paths, acfg = _adapter_files(Path(run_dir))
     out = Path(out) if out else paths.root / "export" / "adapters"
     _check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}{TMP_MARK}{uuid.uuid4().hex}"
-    try:
-        tmp.mkdir()
+    with staged_dir(out) as tmp:
         for name in ("adapters.safetensors", "adapter_config.json", "best.json"):
             if (paths.adapters / name).is_file():
                 shutil.copyfile(paths.adapters / name, tmp / name)
         (tmp / EXPORT_RECORD).write_bytes(_record(paths, acfg, fused=False))
-        _commit_dir(tmp, out, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _check_target(out, force)
+        commit_dir(tmp, out, replace=True)
     return out
 
 
@@ -580,14 +558,11 @@ def fuse_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
         model_config.pop("quantization", None)
         model_config.pop("quantization_config", None)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}{TMP_MARK}{uuid.uuid4().hex}"
-    try:
+    with staged_dir(out) as tmp:
         log(f"fusing {len(fused)} adapted layers into {out}")
         save(tmp, base, model, tokenizer, model_config, donate_model=False)
-        atomic_write_bytes(tmp / EXPORT_RECORD, _record(paths, acfg, fused=True, dequantized=dequantize,
-                                                        fused_layers=len(fused)))
-        _commit_dir(tmp, out, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / EXPORT_RECORD).write_bytes(_record(paths, acfg, fused=True, dequantized=dequantize,
+                                                  fused_layers=len(fused)))
+        _check_target(out, force)
+        commit_dir(tmp, out, replace=True)
     return out

@@ -12,8 +12,6 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from .states import RunState
 
 if TYPE_CHECKING:
@@ -185,15 +183,14 @@ class TrainingOutcome:
         return cls(**values)
 
     def write(self, path: str | Path) -> None:
-        from .fsutil import atomic_write_bytes
+        from .fsutil import atomic_write_json
 
-        atomic_write_bytes(path, orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
+        atomic_write_json(path, self.to_json())
 
     @classmethod
     def read(cls, path: str | Path) -> TrainingOutcome | None:
-        """The outcome written at `path`, None when there is none (the process died before writing)."""
-        try:
-            data = orjson.loads(Path(path).read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            return None
-        return cls.from_json(data) if isinstance(data, dict) else None
+        """The record at `path`; None when there is none (missing, unreadable, not a JSON object)."""
+        from .fsutil import read_json_object
+
+        data = read_json_object(path)
+        return cls.from_json(data) if data is not None else None

@@ -6,8 +6,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from .states import RunState
 
 
@@ -55,15 +53,14 @@ class TrainingSummary:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def write(self, path: str | Path) -> None:
-        from .fsutil import atomic_write_bytes
+        from .fsutil import atomic_write_json
 
-        atomic_write_bytes(path, orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
+        atomic_write_json(path, self.to_json())
 
     @classmethod
     def read(cls, path: str | Path) -> TrainingSummary | None:
-        """The summary at `path`; None when it is missing or not a JSON object."""
-        try:
-            data = orjson.loads(Path(path).read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            return None
-        return cls.from_json(data) if isinstance(data, dict) else None
+        """The record at `path`; None when there is none (missing, unreadable, not a JSON object)."""
+        from .fsutil import read_json_object
+
+        data = read_json_object(path)
+        return cls.from_json(data) if data is not None else None

@@ -597,14 +597,10 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
 def _disk_full(exc: BaseException, where: Path) -> DiskFull | None:
     """A write outside the checkpoint store (best adapters, metrics, state) that failed for lack of
     space stops the run as resumable, like a checkpoint write does."""
-    from .fsutil import free_bytes, is_disk_full_error
+    from .fsutil import is_disk_full_error
 
-    if not is_disk_full_error(exc):
-        try:
-            if free_bytes(where) >= 1 << 20:
-                return None
-        except OSError:
-            return None
+    if not is_disk_full_error(exc, where):
+        return None
     return DiskFull(f"paused: disk full while writing in {where} ({exc}); the last checkpoint is intact. "
                     "Free space and resume.")
 

@@ -21,9 +21,9 @@ from typing import IO, Callable, Iterator
 
 from .checkpoint import CheckpointStore
 from .config import ExperimentConfig
-from .errors import RunLocked, TrainingFailed
+from .errors import TrainingFailed
 from .layout import RunPaths
-from .locks import RunLock, probe_lock
+from .locks import RunLock
 from .metrics import MetricsTail
 from .outcome import ExitCode, TrainingOutcome, explain_exit
 from .runstate import read_run_state
@@ -59,21 +59,9 @@ def one_training_on_this_machine(log: Log, run_name: str, *, poll: float = POLL_
     started without that server (`farense run`), so two trainings never share memory or accelerator.
     """
     path = Path(os.environ.get(MACHINE_LOCK_ENV) or Path.home() / ".farense" / "training.lock")
-    lock = RunLock(path, command=f"train {run_name}")
-    waited = False
-    while True:
-        try:
-            lock.acquire()
-            break
-        except RunLocked:
-            if not waited:
-                log(f"waiting: another training runs on this machine ({probe_lock(path).describe()})")
-                waited = True
-            time.sleep(poll)
-    try:
+    wait = lambda info: log(f"waiting: another training runs on this machine ({info.describe()})")  # noqa: E731
+    with RunLock(path, command=f"train {run_name}", timeout=None, poll=poll, on_wait=wait):
         yield
-    finally:
-        lock.release()
 
 
 def trainer_command(config: ExperimentConfig, demo: bool, result_json: Path) -> list[str]:

@@ -80,7 +80,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def _load_incumbent(spec: str, args: argparse.Namespace, candidate_config: ExperimentConfig):
-    from ..decision import PRODUCTION, load_incumbent
+    from ..decision import load_incumbent
 
     prod = _production_dir(args, candidate_config)
     inc = load_incumbent(spec, prod, lambda name: resolve_run(name, args)[0])
