@@ -134,7 +134,7 @@ def load_model(config: ExperimentConfig, adapters_dir: Path) -> tuple[Any, Any]:
     """The base model as training loaded it (quantized on load for QLoRA) plus the run's adapters."""
     from mlx_lm.tuner.utils import load_adapters
 
-    from .trainer import load_base_model
+    from .train.setup import load_base_model
 
     model, tokenizer = load_base_model(config)
     model = load_adapters(model, str(adapters_dir))

@@ -2,7 +2,7 @@
 
 People arrive with a `lora_config.yaml` that `mlx_lm.lora -c` trains, and leave wanting files that
 `mlx_lm.generate --adapter-path` and `mlx_lm.fuse` read. The run's adapters/ already has mlx-lm's
-layout (trainer.adapter_config); this module covers the two other directions.
+layout (farense.train.setup.adapter_config); this module covers the two other directions.
 
 Import maps every key mlx-lm documents (mlx_lm/lora.py: CONFIG_DEFAULTS and its argument parser;
 LORA.md: the data feature keys and hf_dataset) as KEY_RULES says, or refuses it with the reason;
