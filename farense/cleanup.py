@@ -23,17 +23,16 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import orjson
 
 from . import fsutil
 from .config import format_size
 from .errors import RunLocked
-from .layout import MANIFEST_NAME, RunPaths, is_temporary, parse_checkpoint_name
+from .layout import CONFIG_FILE, MANIFEST_NAME, RUN_LOCK_FILE, RUN_STATE_FILE, SUMMARY_FILE, RunPaths, is_temporary, parse_checkpoint_name
 from .locks import LockInfo, RunLock, probe_lock
-from .runstate import read_run_state
-from .states import RunState
+from .runstate import RunState, find_runs, read_run_state
 
 OLD_CHECKPOINT = "old-checkpoint"
 TEMPORARY = "temporary"
@@ -43,8 +42,7 @@ KINDS = (OLD_CHECKPOINT, TEMPORARY, FINISHED_RUN_EXTRAS, HF_CACHE)
 
 # What an old finished run keeps: the final adapters, the summary and evaluation (decisions compare
 # them), and the small files that say what the run was.
-FINISHED_KEEP = frozenset({"adapters", "training_summary.json", "evaluation", "run_state.json", "config.json", "run.lock"})
-_RUN_MARKERS = ("checkpoints", "run_state.json", "run.lock", "training_summary.json")
+FINISHED_KEEP = frozenset({"adapters", SUMMARY_FILE, "evaluation", RUN_STATE_FILE, CONFIG_FILE, RUN_LOCK_FILE})
 _FINISHED_STATES = frozenset(s.value for s in RunState if s.finished)
 _MAX_DEPTH = 3  # runs_dir/<group>/<run>: the demo overlay puts runs under runs/demo/
 DAY = 86_400.0
@@ -214,29 +212,16 @@ def plan_cleanup(
     return plan
 
 
-def _find_runs(root: Path, protected: _Protected, skipped: list[SkippedRun], depth: int = 0) -> Iterator[Path]:
-    """Run directories under `root` (a directory with checkpoints/, run_state.json or run.lock)."""
-    try:
-        with os.scandir(root) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for e in entries:
-        if is_temporary(e.name) or e.name.startswith("."):
-            continue
-        if e.is_symlink():
-            if any(os.path.lexists(os.path.join(e.path, m)) for m in _RUN_MARKERS):
-                skipped.append(SkippedRun(Path(e.path), "symlink: not followed"))
-            continue
-        if not e.is_dir(follow_symlinks=False):
-            continue
-        if (hit := protected.within(os.path.realpath(e.path))) is not None:
-            skipped.append(SkippedRun(Path(e.path), f"production: inside {hit}"))
-            continue
-        if any(os.path.lexists(os.path.join(e.path, m)) for m in _RUN_MARKERS):
-            yield Path(e.path)
-        elif depth + 1 < _MAX_DEPTH:
-            yield from _find_runs(Path(e.path), protected, skipped, depth + 1)
+def _find_runs(root: Path, protected: _Protected, skipped: list[SkippedRun]) -> list[Path]:
+    """Runs under `root` that cleanup may look at: never through a symlink, never inside production."""
+    def production(path: Path) -> str | None:
+        hit = protected.within(os.path.realpath(path))
+        return None if hit is None else f"production: inside {hit}"
+
+    notes: list[tuple[Path, str]] = []
+    runs = find_runs(root, max_depth=_MAX_DEPTH, follow_symlinks=False, exclude=production, skipped=notes)
+    skipped.extend(SkippedRun(path, why) for path, why in notes)
+    return runs
 
 
 @dataclass
@@ -316,7 +301,7 @@ def _plan_run(plan: CleanupPlan, paths: RunPaths, protected: _Protected, *, now:
     state_name = state.get("state") if isinstance(state.get("state"), str) else None
     kept: list[int] = []
     best: int | None = None
-    if age_days is not None and age_days > plan.older_than_days and (paths.adapters / "adapters.safetensors").is_file():
+    if age_days is not None and age_days > plan.older_than_days and paths.best_adapters.is_file():
         why = f"finished {age_days:.0f} days ago ({state_name}): only the final adapters and summary are kept"
         items += [CleanupItem(c.path, FINISHED_RUN_EXTRAS, c.bytes, why, paths.root, c.step) for c in ckpts]
         items += _finished_extras(paths, why)

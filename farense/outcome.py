@@ -12,7 +12,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .states import RunState
+from .runstate import RunState
 
 if TYPE_CHECKING:
     from .errors import FarenseError

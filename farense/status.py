@@ -1,7 +1,7 @@
 """`farense status`: every run under a runs directory, and what production serves, in one table.
 
-Built from the same reading of a run's files as the monitor (farense.monitor.snapshot), so the two
-never disagree about a state: a run whose state file says "running" but whose lock nobody holds
+Built from the same reading of a run's files as the monitor (farense.monitor.snapshot, whose state
+comes from farense.runstate), so the two never disagree about a state: a run whose state file says "running" but whose lock nobody holds
 is shown as crashed, whatever the file says.
 """
 
@@ -14,14 +14,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import orjson
-
 from .config import format_size
 from .errors import FarenseError
-from .fsutil import dir_size
+from .fsutil import dir_size, read_json_object
 from .layout import RunPaths
 from .locks import LockInfo, probe_lock
-from .monitor import MonitorSnapshot, find_runs, format_duration, pid_alive, snapshot
+from .monitor import MonitorSnapshot, format_duration, snapshot
+from .runstate import find_runs, pid_alive
 
 LOSS_PNG = "loss_curves.png"
 RUN_HEADERS = ("run", "config", "state", "step", "best val loss", "gap status", "disk", "last activity")
@@ -99,11 +98,7 @@ def _utc(ts: float | None) -> str | None:
 
 
 def _summary(paths: RunPaths) -> dict[str, Any]:
-    try:
-        doc = orjson.loads(paths.summary.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+    return read_json_object(paths.summary) or {}
 
 
 def run_row(run_dir: Path, runs_dir: Path, *, now: float, usage: Callable[[Path], Any] | None = None,

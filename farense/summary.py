@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .states import RunState
+from .runstate import RunState
 
 
 @dataclass(frozen=True)

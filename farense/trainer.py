@@ -29,7 +29,7 @@ from .metrics import MetricsLog
 from .outcome import ExitCode, TrainingOutcome
 from .runstate import write_run_state
 from .signals import PreemptionFlag
-from .states import RunState
+from .runstate import RunState
 from .train.finish import finish, record_state
 from .train.loop import Callbacks, TrainingLoop
 from .train.setup import Setup, adapter_config, set_up

@@ -10,7 +10,7 @@ from ..metrics import write_seed_files
 from ..outcome import TrainingOutcome
 from ..overfitting import classify_gap
 from ..runstate import write_run_state
-from ..states import RunState
+from ..runstate import RunState
 from ..summary import TrainingSummary
 from .setup import library_versions
 from .state import ADAPTERS_FILE, TrainState

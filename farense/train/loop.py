@@ -23,7 +23,7 @@ from ..errors import NumericalError, Preempted
 from ..faults import fault_point
 from ..overfitting import classify_gap, observe_validation
 from ..signals import PreemptionFlag
-from ..states import RunState
+from ..runstate import RunState
 from .setup import Setup
 from .state import TrainState, step_seed
 

@@ -18,14 +18,11 @@ from ..checkpoint import CheckpointInfo
 from ..config import ExperimentConfig, fingerprint_diff
 from ..errors import FingerprintMismatch
 from ..faults import fault_point
+from ..layout import ADAPTER_CONFIG_FILE, ADAPTERS_FILE, OPTIMIZER_FILE, STATE_FILE
 from ..overfitting import EarlyStoppingState
 from .setup import adapter_config, library_versions
 
 STATE_FORMAT = 1
-ADAPTERS_FILE = "adapters.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-STATE_FILE = "state.json"
 CHECKPOINT_FILES = (ADAPTERS_FILE, OPTIMIZER_FILE, ADAPTER_CONFIG_FILE, STATE_FILE)
 
 # The keys of state.json (torchtune's SEED_KEY style): what resume reads, named once.
