@@ -31,7 +31,7 @@ from .config import DecisionConfig
 from .console import markdown_table
 from .errors import FarenseError
 from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
-from .layout import ProductionPaths, RunPaths
+from .layout import SUMMARY_FILE, ProductionPaths, RunPaths
 
 TOLERANCE = 1e-9
 REPORT_NAME = "evaluation_report.json"
@@ -187,7 +187,7 @@ def report_from_release(release_dir: Path) -> RunReport:
     manifest = _read_json(release_dir / RELEASE_MANIFEST, "release manifest")
     return _report_from_files(
         manifest.get("run_name", release_dir.name), "release", release_dir, release_dir / REPORT_NAME,
-        release_dir / "training_summary.json", release_id=manifest.get("id", release_dir.name),
+        release_dir / SUMMARY_FILE, release_id=manifest.get("id", release_dir.name),
     )
 
 

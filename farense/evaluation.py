@@ -245,8 +245,8 @@ def evaluate_run(
 
     t_start = time.perf_counter()
     paths = RunPaths(Path(run_dir).resolve())
-    weights = paths.adapters / "adapters.safetensors"
-    if not weights.is_file() or not (paths.adapters / "adapter_config.json").is_file():
+    weights = paths.best_adapters
+    if not weights.is_file() or not paths.best_adapter_config.is_file():
         raise FarenseError(f"run {paths.name} has no best adapters in {paths.adapters} (train it first)")
     if config is None:
         if not paths.config.is_file():

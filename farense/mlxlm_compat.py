@@ -30,7 +30,7 @@ import orjson
 
 from .errors import ConfigError, FarenseError
 from .fsutil import commit_dir, sha256_file, staged_dir
-from .layout import RunPaths
+from .layout import ADAPTER_CONFIG_FILE, ADAPTERS_FILE, BEST_RECORD_FILE, RunPaths
 
 # mlx_lm/lora.py CONFIG_DEFAULTS (mlx-lm 0.32); a test checks this copy against the installed one,
 # so that importing a config does not import mlx.
@@ -469,11 +469,11 @@ EXPORT_RECORD = "farense_export.json"
 
 def _adapter_files(run_dir: Path) -> tuple[RunPaths, dict[str, Any]]:
     paths = RunPaths(run_dir)
-    for f in (paths.adapters / "adapters.safetensors", paths.adapters / "adapter_config.json"):
+    for f in (paths.best_adapters, paths.best_adapter_config):
         if not f.is_file():
             raise FarenseError(f"cannot export {paths.name}: {f} not found (train the run first: its best "
                                "adapters are written at the first validation)")
-    return paths, orjson.loads((paths.adapters / "adapter_config.json").read_bytes())
+    return paths, orjson.loads(paths.best_adapter_config.read_bytes())
 
 
 def _check_target(out: Path, force: bool) -> None:
@@ -490,7 +490,7 @@ def _record(paths: RunPaths, acfg: Mapping[str, Any], **extra: Any) -> bytes:
         "run_dir": str(paths.root),
         "base_model": acfg.get("model"),
         "farense_fingerprint": acfg.get("farense_fingerprint"),
-        "adapters_sha256": sha256_file(paths.adapters / "adapters.safetensors"),
+        "adapters_sha256": sha256_file(paths.best_adapters),
         "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "mlx_lm": mlx_lm.__version__,
         **extra,
@@ -504,7 +504,7 @@ def export_adapters(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]
     out = Path(out) if out else paths.root / "export" / "adapters"
     _check_target(out, force)
     with staged_dir(out) as tmp:
-        for name in ("adapters.safetensors", "adapter_config.json", "best.json"):
+        for name in (ADAPTERS_FILE, ADAPTER_CONFIG_FILE, BEST_RECORD_FILE):
             if (paths.adapters / name).is_file():
                 shutil.copyfile(paths.adapters / name, tmp / name)
         (tmp / EXPORT_RECORD).write_bytes(_record(paths, acfg, fused=False))

@@ -41,7 +41,7 @@ from .decision import (
 )
 from .errors import DecisionRefused, FarenseError
 from .fsutil import atomic_write_json, commit_dir, fsync_dir, fsync_file, sha256_file, staged_dir, tmp_sibling
-from .layout import TMP_MARK, ProductionPaths, RunPaths
+from .layout import ADAPTERS_FILE, CONFIG_FILE, SUMMARY_FILE, TMP_MARK, ProductionPaths, RunPaths
 from .locks import RunLock
 
 RELEASE_FORMAT = "farense.release/1"
@@ -91,7 +91,7 @@ class Release:
             id=m["id"], path=path, run_name=m.get("run_name", ""), created_at=m.get("created_at", ""),
             previous=m.get("previous"), forced=bool(m.get("forced")), config_name=m.get("config_name", ""),
             config_fingerprint=m.get("config_fingerprint", ""),
-            adapters_sha256=m.get("files", {}).get("adapters/adapters.safetensors", {}).get("sha256", ""),
+            adapters_sha256=m.get("files", {}).get(f"adapters/{ADAPTERS_FILE}", {}).get("sha256", ""),
             manifest=m,
         )
 
@@ -223,7 +223,7 @@ def _copy_release_files(run: RunPaths, tmp: Path, decision_path: Path | None) ->
         if f.is_file():
             files[f"adapters/{f.name}"] = _copy_file(f, tmp / "adapters" / f.name)
     fsync_dir(tmp / "adapters")
-    copies = [(run.config, "config.json"), (run.summary, "training_summary.json"),
+    copies = [(run.config, CONFIG_FILE), (run.summary, SUMMARY_FILE),
               (run.evaluation / REPORT_NAME, REPORT_NAME),
               (run.evaluation / "evaluation_summary.csv", "evaluation_summary.csv")]
     if decision_path is not None:
@@ -316,7 +316,7 @@ def promote(
     """
     run = RunPaths(Path(run_dir).resolve())
     hook = hook or _no_hook
-    for needed in (run.adapters / "adapters.safetensors", run.adapters / "adapter_config.json", run.config,
+    for needed in (run.best_adapters, run.best_adapter_config, run.config,
                    run.evaluation / REPORT_NAME):
         if not needed.is_file():
             raise FarenseError(f"cannot promote {run.name}: {needed} not found (train and evaluate the run first)")
@@ -337,7 +337,7 @@ def promote(
             + "\nuse --force (promote(..., force=True)) to promote anyway"
         )
 
-    adapters_sha = sha256_file(run.adapters / "adapters.safetensors")
+    adapters_sha = sha256_file(run.best_adapters)
     prod.releases.mkdir(parents=True, exist_ok=True)
     with _production_lock(prod):
         clean_temporaries(prod.root)

@@ -34,8 +34,6 @@ from .train.finish import finish, record_state
 from .train.loop import Callbacks, TrainingLoop
 from .train.setup import Setup, adapter_config, set_up
 from .train.state import (
-    ADAPTER_CONFIG_FILE,
-    ADAPTERS_FILE,
     CHECKPOINT_FILES,
     TrainState,
     check_resume_compatible,
@@ -250,14 +248,13 @@ def save_best_adapters(paths: RunPaths, model: Any, config: ExperimentConfig, st
     try:
         mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
         fsync_file(tmp)
-        os.replace(tmp, paths.adapters / ADAPTERS_FILE)
+        os.replace(tmp, paths.best_adapters)
         fsync_dir(paths.adapters)
     finally:
         tmp.unlink(missing_ok=True)
-    cfg_path = paths.adapters / ADAPTER_CONFIG_FILE
-    if not cfg_path.exists():
-        atomic_write_bytes(cfg_path, orjson.dumps(adapter_config(config), option=orjson.OPT_INDENT_2))
-    atomic_write_bytes(paths.adapters / "best.json", orjson.dumps({"step": step, "val_loss": val_loss}))
+    if not paths.best_adapter_config.exists():
+        atomic_write_bytes(paths.best_adapter_config, orjson.dumps(adapter_config(config), option=orjson.OPT_INDENT_2))
+    atomic_write_bytes(paths.best_record, orjson.dumps({"step": step, "val_loss": val_loss}))
 
 
 class _Bar:

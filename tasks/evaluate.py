@@ -39,7 +39,7 @@ def existing_evaluation(config: ExperimentConfig, run_dir: Path) -> EvaluationRe
     """The run's report, if it was made from this config and the adapters the run has now."""
     paths = RunPaths(Path(run_dir))
     report = read_json(paths.evaluation / REPORT_NAME)
-    weights = paths.adapters / "adapters.safetensors"
+    weights = paths.best_adapters
     if not report or report.get("config_fingerprint") != config.fingerprint or not weights.is_file():
         return None
     if report.get("adapters", {}).get("sha256") != sha256_file(weights):

@@ -27,15 +27,15 @@ def _overlays(args: argparse.Namespace) -> list[str]:
 def resolve_run(spec: str, args: argparse.Namespace) -> tuple[Path, ExperimentConfig]:
     """A run directory and its config from a path or a config name."""
     p = Path(spec)
-    if p.is_dir() and (p / "config.json").is_file():
-        return p.resolve(), config_from_json(p / "config.json")
+    if p.is_dir() and RunPaths(p).config.is_file():
+        return p.resolve(), config_from_json(RunPaths(p).config)
     if p.is_dir():
         raise FarenseError(f"{p} is not a run directory (no config.json in it)")
     cfg = load_config(spec, overlays=_overlays(args))
-    if not (cfg.run_dir / "config.json").is_file():
+    if not RunPaths(cfg.run_dir).config.is_file():
         hint = " --demo" if "demo" in _overlays(args) else ""
         raise FarenseError(f"no run of {cfg.name} at {cfg.run_dir} (train it first: farense train {spec}{hint})")
-    return cfg.run_dir, config_from_json(cfg.run_dir / "config.json")
+    return cfg.run_dir, config_from_json(RunPaths(cfg.run_dir).config)
 
 
 def _production_dir(args: argparse.Namespace, config: ExperimentConfig | None = None) -> Path:

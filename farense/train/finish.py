@@ -13,7 +13,7 @@ from ..runstate import write_run_state
 from ..runstate import RunState
 from ..summary import TrainingSummary
 from .setup import library_versions
-from .state import ADAPTERS_FILE, TrainState
+from .state import TrainState
 
 
 def record_state(paths: RunPaths, state: RunState, st: TrainState, total: int, resumed_from: int | None,
@@ -43,7 +43,7 @@ def summarize(config: ExperimentConfig, paths: RunPaths, st: TrainState, history
         final_train_loss=history[-1]["train_loss"] if history else None, final_val_loss=st.last_val_loss,
         final_gap=st.last_gap, early_stopped=outcome is RunState.EARLY_STOPPED, early_stop_step=es.stopped_at,
         training_time_seconds=st.elapsed_seconds, tokens_seen=st.tokens_seen,
-        best_checkpoint_step=st.best_checkpoint_step, adapters=str(paths.adapters / ADAPTERS_FILE),
+        best_checkpoint_step=st.best_checkpoint_step, adapters=str(paths.best_adapters),
         versions=library_versions(),
     )
 
