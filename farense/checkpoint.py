@@ -22,8 +22,9 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,23 @@ class CheckpointInfo:
         if name not in self.files:
             raise KeyError(f"checkpoint {self.path} has no file {name!r} (it has: {', '.join(self.files)})")
         return self.path / name
+
+
+class Verify(str, Enum):
+    """How hard to check a checkpoint: sizes only (planning over thousands, no hashing) or every SHA-256 (before loading)."""
+
+    SIZES = "sizes"
+    SHA256 = "sha256"
+
+
+@dataclass(frozen=True)
+class ScannedCheckpoint:
+    """A committed-looking checkpoint directory as planning sees it: its manifest's description, if usable."""
+
+    step: int
+    path: Path
+    info: CheckpointInfo | None  # None: no usable manifest, so never loadable
+    disk_bytes: int  # its files and manifest (the manifest's sizes; a directory walk when there is none)
 
 
 @dataclass(frozen=True)
@@ -263,17 +281,17 @@ class CheckpointStore:
                 infos.append(_info_from_manifest(path, manifest))
         return infos
 
-    def verify(self, info_or_step: CheckpointInfo | int) -> tuple[bool, str]:
+    def verify(self, info_or_step: CheckpointInfo | int, level: Verify = Verify.SHA256) -> tuple[bool, str]:
         """Re-read every file against the manifest: (True, "ok") or (False, why it must not be loaded)."""
         if isinstance(info_or_step, CheckpointInfo):
             path = info_or_step.path
         else:
             _check_step(info_or_step)
             path = self.directory / checkpoint_name(info_or_step)
-        return self.verify_path(path)
+        return self.verify_path(path, level)
 
-    def verify_path(self, path: str | os.PathLike[str]) -> tuple[bool, str]:
-        """verify() for a checkpoint directory given by path."""
+    def verify_path(self, path: str | os.PathLike[str], level: Verify = Verify.SHA256) -> tuple[bool, str]:
+        """verify() for a checkpoint directory given by path; Verify.SIZES stops before hashing."""
         path = Path(path)
         if not path.is_dir():
             return False, "not a directory" if os.path.lexists(path) else "checkpoint directory missing"
@@ -301,6 +319,8 @@ class CheckpointStore:
             size = found.stat(follow_symlinks=False).st_size
             if size != entry["size"]:
                 return False, f"{name}: size {size} != manifest {entry['size']}"
+        if level is Verify.SIZES:
+            return True, "ok"
         for name, entry in sorted(files.items()):
             try:
                 digest = fsutil.sha256_file(path / name)
@@ -322,6 +342,62 @@ class CheckpointStore:
             except CheckpointCorrupt as exc:  # changed under us between verify and read
                 self.on_skip(path, getattr(exc, "reason", str(exc)))
         return None
+
+    def scan(self) -> builtins.list[ScannedCheckpoint]:
+        """Every committed-looking checkpoint directory, oldest first, with or without a usable manifest.
+
+        Reads manifests only (never hashes): planning over thousands of directories stays fast.
+        """
+        out = []
+        for step, path in self._committed_dirs():
+            manifest, _ = _load_manifest(path)
+            if manifest is None:
+                out.append(ScannedCheckpoint(step, path, None, fsutil.dir_size(path)))
+                continue
+            info = _info_from_manifest(path, manifest)
+            try:
+                manifest_bytes = os.stat(path / MANIFEST_NAME).st_size
+            except OSError:
+                manifest_bytes = 0
+            out.append(ScannedCheckpoint(step, path, info, info.size_bytes + manifest_bytes))
+        return out
+
+    def temporaries(self) -> builtins.list[Path]:
+        """Leftovers of interrupted writes and deletes (`*.tmp-*`) in the checkpoints directory."""
+        try:
+            with os.scandir(self.directory) as it:
+                return sorted(Path(e.path) for e in it if is_temporary(e.name))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    @staticmethod
+    def recorded_best(infos: Sequence[CheckpointInfo]) -> tuple[int | None, bool]:
+        """(best step, known?) as the manifests record it: the newest one's best_step, else the lowest val_loss."""
+        meta = infos[-1].meta
+        if "best_step" in meta:
+            b = meta["best_step"]
+            return (b if isinstance(b, int) and not isinstance(b, bool) else None), True
+        losses = [(v, i.step) for i in infos
+                  if isinstance(v := i.meta.get("val_loss"), (int, float)) and not isinstance(v, bool)]
+        if losses:
+            return min(losses)[1], True
+        return None, False
+
+    def retained(self, infos: Sequence[CheckpointInfo], policy: RetentionPolicy, *, best_step: int | None,
+                 protect: Iterable[int] = (), level: Verify = Verify.SHA256) -> set[int]:
+        """The steps retention keeps: the last keep_last, the newest, the protected, the best (with
+        keep_best) and the newest that verifies at `level` (so a damaged newest never costs the last good one)."""
+        if not infos:
+            return set()
+        keep = {info.step for info in infos[-policy.keep_last:]}
+        keep.add(infos[-1].step)
+        keep.update(protect)
+        if policy.keep_best and best_step is not None:
+            keep.add(best_step)
+        newest_good = next((info.step for info in reversed(infos) if self.verify(info, level)[0]), None)
+        if newest_good is not None:
+            keep.add(newest_good)
+        return keep
 
     def committed_steps(self) -> builtins.list[int]:
         """Steps of the committed-looking directories, by name only (no manifest read): for watchers."""
@@ -355,16 +431,7 @@ class CheckpointStore:
             return []
         with self._lock:
             infos = self.list()
-            if not infos:
-                return []
-            keep = {info.step for info in infos[-policy.keep_last :]}
-            keep.add(infos[-1].step)
-            keep.update(protect)
-            if policy.keep_best and best_step is not None:
-                keep.add(best_step)
-            newest_good = self._newest_verifying(infos)
-            if newest_good is not None:
-                keep.add(newest_good)
+            keep = self.retained(infos, policy, best_step=best_step, protect=protect)
             deleted = []
             for info in infos:
                 if info.step not in keep and self._delete(info.path):
@@ -409,8 +476,7 @@ class CheckpointStore:
             return 0
         freed = 0
         with self._lock:
-            with os.scandir(self.directory) as it:
-                leftovers = [Path(e.path) for e in it if is_temporary(e.name)]
+            leftovers = self.temporaries()
             for path in leftovers:
                 if path in self._in_progress:
                     continue
@@ -441,12 +507,6 @@ class CheckpointStore:
         except FileNotFoundError:
             return []
         return sorted(found)
-
-    def _newest_verifying(self, infos: builtins.list[CheckpointInfo]) -> int | None:
-        for info in reversed(infos):
-            if self.verify(info)[0]:
-                return info.step
-        return None
 
     def _delete(self, path: Path) -> bool:
         # Renamed first, so a delete cut short leaves a `.tmp-` leftover, never a half checkpoint

@@ -28,9 +28,10 @@ from typing import Any, Iterable
 import orjson
 
 from . import fsutil
+from .checkpoint import CheckpointStore, RetentionPolicy, ScannedCheckpoint, Verify
 from .config import format_size
 from .errors import RunLocked
-from .layout import CONFIG_FILE, MANIFEST_NAME, RUN_LOCK_FILE, RUN_STATE_FILE, SUMMARY_FILE, RunPaths, is_temporary, parse_checkpoint_name
+from .layout import CONFIG_FILE, RUN_LOCK_FILE, RUN_STATE_FILE, SUMMARY_FILE, RunPaths, is_temporary
 from .locks import LockInfo, RunLock, probe_lock
 from .runstate import RunState, find_runs, read_run_state
 
@@ -224,53 +225,6 @@ def _find_runs(root: Path, protected: _Protected, skipped: list[SkippedRun]) -> 
     return runs
 
 
-@dataclass
-class _Ckpt:
-    step: int
-    path: Path
-    manifest: dict[str, Any] | None  # None: missing or not readable, never loadable
-    bytes: int
-
-
-def _read_checkpoint(step: int, path: Path) -> _Ckpt:
-    """Sizes from the manifest (plus the manifest itself); a directory walk only when it is unusable."""
-    try:
-        raw = (path / MANIFEST_NAME).read_bytes()
-        m = orjson.loads(raw)
-        files = m["files"]
-        size = len(raw) + sum(int(f["size"]) for f in files.values())
-        if m.get("step") != step or not isinstance(m.get("meta"), dict) or not files:
-            raise ValueError("manifest does not describe this checkpoint")
-        return _Ckpt(step, path, m, size)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
-        return _Ckpt(step, path, None, fsutil.dir_size(path))
-
-
-def _intact(c: _Ckpt) -> bool:
-    """Every file the manifest lists is there with its size: cheap stand-in for verify (no hashing)."""
-    assert c.manifest is not None
-    for name, entry in c.manifest["files"].items():
-        try:
-            if os.stat(c.path / name, follow_symlinks=False).st_size != entry["size"]:
-                return False
-        except (OSError, KeyError, TypeError):
-            return False
-    return True
-
-
-def _best_step(valid: list[_Ckpt]) -> tuple[int | None, bool]:
-    """(best step, known?) from the newest manifest's meta; else the lowest val_loss recorded."""
-    meta = valid[-1].manifest["meta"]  # type: ignore[index]
-    if "best_step" in meta:
-        b = meta["best_step"]
-        return (b if isinstance(b, int) and not isinstance(b, bool) else None), True
-    losses = [(c.manifest["meta"].get("val_loss"), c.step) for c in valid]  # type: ignore[index]
-    losses = [(v, s) for v, s in losses if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if losses:
-        return min(losses)[1], True
-    return None, False
-
-
 def _plan_run(plan: CleanupPlan, paths: RunPaths, protected: _Protected, *, now: float, models: set[str]) -> None:
     lock = probe_lock(paths.lock)
     if lock.held:
@@ -279,59 +233,51 @@ def _plan_run(plan: CleanupPlan, paths: RunPaths, protected: _Protected, *, now:
     state = read_run_state(paths.state) or {}
     if (m := _run_model(paths)) is not None:
         models.add(m)
-    items: list[CleanupItem] = []
-    ckpt_real = os.path.realpath(paths.checkpoints)
-    committed: list[tuple[int, Path]] = []
-    try:
-        with os.scandir(paths.checkpoints) as it:
-            for e in it:
-                if is_temporary(e.name):
-                    items.append(CleanupItem(Path(e.path), TEMPORARY, fsutil.dir_size(e.path),
-                                             "left by an interrupted checkpoint write or delete", paths.root))
-                elif (step := parse_checkpoint_name(e.name)) is not None and e.is_dir(follow_symlinks=False):
-                    committed.append((step, Path(e.path)))
-    except (FileNotFoundError, NotADirectoryError):
-        pass
+    store = CheckpointStore(paths.checkpoints)
+    items = [CleanupItem(p, TEMPORARY, fsutil.dir_size(p), "left by an interrupted checkpoint write or delete",
+                         paths.root) for p in store.temporaries()]
     items += _run_temporaries(paths)
-    ckpts = [_read_checkpoint(s, p) for s, p in sorted(committed)]
-    valid = [c for c in ckpts if c.manifest is not None]
-    newest_valid = valid[-1].step if valid else None
-
+    ckpts = store.scan()
     age_days = _finished_age_days(paths, state, now)
     state_name = state.get("state") if isinstance(state.get("state"), str) else None
     kept: list[int] = []
     best: int | None = None
     if age_days is not None and age_days > plan.older_than_days and paths.best_adapters.is_file():
         why = f"finished {age_days:.0f} days ago ({state_name}): only the final adapters and summary are kept"
-        items += [CleanupItem(c.path, FINISHED_RUN_EXTRAS, c.bytes, why, paths.root, c.step) for c in ckpts]
+        items += [CleanupItem(c.path, FINISHED_RUN_EXTRAS, c.disk_bytes, why, paths.root, c.step) for c in ckpts]
         items += _finished_extras(paths, why)
     else:
-        keep = {c.step for c in valid[-plan.keep_last:]}
-        best_known = True
-        if valid:
-            best, best_known = _best_step(valid) if plan.keep_best else (None, True)
-            if best is not None:
-                keep.add(best)
-            for c in reversed(valid):  # the newest intact one, should the newest be damaged
-                if _intact(c):
-                    keep.add(c.step)
-                    break
-        kept = sorted(keep)
-        if not best_known:
-            plan.skipped.append(SkippedRun(paths.root, "checkpoints kept: best step unknown (no best_step or "
-                                                       "val_loss in the manifests)"))
-            kept = [c.step for c in valid]
-        else:
-            desc = f"beyond keep_last={plan.keep_last} (kept: {', '.join(map(str, kept)) or 'none'}"
-            desc += f"; best: {best})" if plan.keep_best else ")"
-            for c in valid:
-                if c.step not in keep:
-                    items.append(CleanupItem(c.path, OLD_CHECKPOINT, c.bytes, desc, paths.root, c.step))
-        for c in ckpts:
-            if c.manifest is None and newest_valid is not None and c.step < newest_valid:
-                items.append(CleanupItem(c.path, OLD_CHECKPOINT, c.bytes,
-                                         f"no usable manifest: never loadable, older than step {newest_valid}",
-                                         paths.root, c.step))
+        kept, best = _plan_checkpoints(plan, paths, store, ckpts, items)
+    _add_unprotected(plan, paths, protected, items)
+    plan.runs.append(RunPlan(paths.root, state_name, len(ckpts), tuple(kept), best, lock))
+
+
+def _plan_checkpoints(plan: CleanupPlan, paths: RunPaths, store: CheckpointStore, ckpts: list[ScannedCheckpoint],
+                      items: list[CleanupItem]) -> tuple[list[int], int | None]:
+    """Retention as the store keeps it (checked by sizes only), plus old directories that can never load."""
+    valid = [c.info for c in ckpts if c.info is not None]
+    best, best_known = store.recorded_best(valid) if valid and plan.keep_best else (None, True)
+    keep = store.retained(valid, RetentionPolicy(plan.keep_last, plan.keep_best), best_step=best, level=Verify.SIZES)
+    kept = sorted(keep)
+    if not best_known:
+        plan.skipped.append(SkippedRun(paths.root, "checkpoints kept: best step unknown (no best_step or "
+                                                   "val_loss in the manifests)"))
+        kept = [c.step for c in valid]
+    else:
+        desc = f"beyond keep_last={plan.keep_last} (kept: {', '.join(map(str, kept)) or 'none'}"
+        desc += f"; best: {best})" if plan.keep_best else ")"
+        items += [CleanupItem(c.path, OLD_CHECKPOINT, c.disk_bytes, desc, paths.root, c.step)
+                  for c in ckpts if c.info is not None and c.step not in keep]
+    newest_valid = valid[-1].step if valid else None
+    items += [CleanupItem(c.path, OLD_CHECKPOINT, c.disk_bytes,
+                          f"no usable manifest: never loadable, older than step {newest_valid}", paths.root, c.step)
+              for c in ckpts if c.info is None and newest_valid is not None and c.step < newest_valid]
+    return kept, best
+
+
+def _add_unprotected(plan: CleanupPlan, paths: RunPaths, protected: _Protected, items: list[CleanupItem]) -> None:
+    """Items enter the plan unless deleting them would touch production."""
+    ckpt_real = os.path.realpath(paths.checkpoints)
     run_real = os.path.realpath(paths.root)
     for item in items:
         if item.path.parent == paths.checkpoints:  # no realpath per checkpoint: thousands of them
@@ -342,7 +288,6 @@ def _plan_run(plan: CleanupPlan, paths: RunPaths, protected: _Protected, *, now:
             plan.skipped.append(SkippedRun(item.path, f"production: {hit}"))
             continue
         plan.items.append(item)
-    plan.runs.append(RunPlan(paths.root, state_name, len(ckpts), tuple(kept), best, lock))
 
 
 def _run_temporaries(paths: RunPaths) -> list[CleanupItem]:

@@ -28,10 +28,11 @@ import orjson
 
 from .config import ExperimentConfig, config_from_json, format_size
 from .errors import FarenseError
-from .layout import STATE_FILE, RunPaths
+from .layout import RunPaths
 from .locks import LockInfo, probe_lock
 from .metrics import read_metrics
 from .runstate import RunState, effective_state, find_runs, is_run_dir, pid_alive, read_run_state
+from .train.state import EARLY_STOPPING_KEY, PROGRESS_KEY, TOTAL_STEPS_KEY
 
 # Train-loss trend: mean of the last TREND_WINDOW steps against the mean of the window before.
 TREND_WINDOW = 20
@@ -174,12 +175,10 @@ def _run_config(paths: RunPaths) -> ExperimentConfig | None:
 
 def _latest_checkpoint_state(infos: Sequence[Any]) -> dict[str, Any]:
     """state.json of the newest checkpoint still there (pruning may remove one as we read)."""
+    from .train.state import read_saved_state
+
     for info in reversed(infos):
-        try:
-            doc = orjson.loads((info.path / STATE_FILE).read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            continue
-        if isinstance(doc, dict):
+        if (doc := read_saved_state(info)) is not None:
             return doc
     return {}
 
@@ -230,22 +229,58 @@ def snapshot(
     ckpt_state = _latest_checkpoint_state(checkpoints)
     warnings: list[str] = []
 
-    # Progress: the state file is rewritten after every step; metrics and checkpoints back it up.
-    step = max([_int(doc.get("step")) or 0, rows[-1]["step"] if rows else 0])
-    total = (_int(doc.get("total_steps")) or _int(ckpt_state.get("total_steps"))
-             or (config.training.iters if config is not None and config.training.iters else None))
-    progress = min(step / total, 1.0) if total else None
+    progress = _progress_fields(doc, rows, ckpt_state, config, running)
+    losses = _loss_fields(rows, paths)
     last = rows[-1] if rows else {}
-    elapsed = _num(last.get("elapsed_seconds"))
-    sps = _seconds_per_step(rows, _int(doc.get("resumed_from")) or 0)
-    eta = None
-    if running and sps is not None and total:
-        eta = max(total - step, 0) * sps
+    last_ckpt = checkpoints[-1] if checkpoints else None
+    free, total_disk, used_pct, level = _disk(paths.root, config, usage,
+                                              last_ckpt.size_bytes if last_ckpt is not None else 0)
+    if level in ("high", "flood"):
+        warnings.append(f"disk {level}: {format_size(free or 0)} free")
+    activity = last_activity(paths, doc)
+    age = now - activity if activity is not None else None
+    if running and age is not None and age > max(STALL_SECONDS, 20 * (progress["seconds_per_step"] or 0)):
+        warnings.append(f"no file of the run changed for {format_duration(age)}: is it stuck?")
 
-    # Losses and their trends.
+    return MonitorSnapshot(
+        run_dir=str(paths.root), run_name=paths.name, taken_at=now,
+        config_name=config.name if config is not None else None,
+        fingerprint=(config.fingerprint if config is not None else doc.get("fingerprint")),
+        state=state, state_detail=detail, running=running,
+        pid=lock.pid if lock.held else _int(doc.get("pid")),
+        host=doc.get("host") if isinstance(doc.get("host"), str) else lock.host,
+        message=str(doc.get("message") or ""),
+        **progress, **losses,
+        learning_rate=_num(last.get("learning_rate")),
+        tokens_per_second=_num(last.get("tokens_per_second")),
+        peak_memory_gb=_num(last.get("peak_memory_gb")),
+        checkpoints=len(checkpoints),
+        last_checkpoint_step=last_ckpt.step if last_ckpt is not None else None,
+        last_checkpoint_age_seconds=now - last_ckpt.created_at if last_ckpt is not None else None,
+        disk_free_bytes=free, disk_total_bytes=total_disk, disk_used_percent=used_pct, disk_level=level,
+        **_patience_fields(config, rows, ckpt_state, state),
+        updated_at=activity, last_activity_age_seconds=age, warnings=tuple(warnings),
+    )
+
+
+def _progress_fields(doc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], ckpt_state: Mapping[str, Any],
+                     config: ExperimentConfig | None, running: bool) -> dict[str, Any]:
+    """Progress: the state file is rewritten after every step; metrics and checkpoints back it up."""
+    step = max([_int(doc.get("step")) or 0, rows[-1]["step"] if rows else 0])
+    total = (_int(doc.get("total_steps")) or _int(ckpt_state.get(TOTAL_STEPS_KEY))
+             or (config.training.iters if config is not None and config.training.iters else None))
+    sps = _seconds_per_step(rows, _int(doc.get("resumed_from")) or 0)
+    return {
+        "step": step, "total_steps": total, "progress": min(step / total, 1.0) if total else None,
+        "elapsed_seconds": _num(rows[-1].get("elapsed_seconds")) if rows else None, "seconds_per_step": sps,
+        "eta_seconds": max(total - step, 0) * sps if running and sps is not None and total else None,
+    }
+
+
+def _loss_fields(rows: Sequence[Mapping[str, Any]], paths: RunPaths) -> dict[str, Any]:
+    """The losses, their trends, the best validation and the gap at the last one."""
     train = [v for r in rows if (v := _num(r.get("train_loss"))) is not None]
     w = min(TREND_WINDOW, len(train) // 2)
-    train_mean = _mean(train[-TREND_WINDOW:])
     train_trend, train_delta = _trend(_mean(train[-2 * w:-w]), _mean(train[-w:])) if w >= 1 else (None, None)
     vals = [r for r in rows if _num(r.get("val_loss")) is not None]
     val_last = vals[-1] if vals else {}
@@ -258,80 +293,31 @@ def snapshot(
             best_val, best_step = _num(b.get("val_loss")), _int(b.get("step"))
         except (OSError, orjson.JSONDecodeError, AttributeError):
             pass
+    gs = val_last.get("gap_status") if val_last else None
+    return {
+        "train_loss": _num(rows[-1].get("train_loss")) if rows else None,
+        "train_loss_mean": _mean(train[-TREND_WINDOW:]), "train_trend": train_trend, "train_trend_delta": train_delta,
+        "val_loss": _num(val_last.get("val_loss")) if val_last else None,
+        "val_step": _int(val_last.get("step")) if val_last else None,
+        "val_trend": val_trend, "val_trend_delta": val_delta, "best_val_loss": best_val, "best_step": best_step,
+        "gap": _num(val_last.get("gap")) if val_last else None,
+        "gap_status": gs if isinstance(gs, str) else None,
+    }
 
-    # Early stopping: the latest validation row says how much patience is left; else the checkpoint.
-    patience = config.early_stopping.patience if config is not None else None
-    patience = patience or None
-    patience_left = _int(val_last.get("patience_left")) if val_last else None
+
+def _patience_fields(config: ExperimentConfig | None, rows: Sequence[Mapping[str, Any]],
+                     ckpt_state: Mapping[str, Any], state: str) -> dict[str, Any]:
+    """Early stopping: the latest validation row says how much patience is left; else the checkpoint."""
+    patience = (config.early_stopping.patience if config is not None else None) or None
+    vals = [r for r in rows if _num(r.get("val_loss")) is not None]
+    patience_left = _int(vals[-1].get("patience_left")) if vals else None
     if patience and patience_left is None:
-        es = (ckpt_state.get("progress") or {}).get("early_stopping") or {}
+        es = (ckpt_state.get(PROGRESS_KEY) or {}).get(EARLY_STOPPING_KEY) or {}
         waited = _int(es.get("evaluations_without_improvement"))
         patience_left = patience - waited if waited is not None else patience
     if state == RunState.EARLY_STOPPED.value:
         patience_left = 0
-
-    # Checkpoints.
-    last_ckpt = checkpoints[-1] if checkpoints else None
-    ck_age = now - last_ckpt.created_at if last_ckpt is not None else None
-
-    # Disk.
-    next_write = last_ckpt.size_bytes if last_ckpt is not None else 0
-    free, total_disk, used_pct, level = _disk(paths.root, config, usage, next_write)
-    if level in ("high", "flood"):
-        warnings.append(f"disk {level}: {format_size(free or 0)} free")
-
-    activity = last_activity(paths, doc)
-    age = now - activity if activity is not None else None
-    if running and age is not None and age > max(STALL_SECONDS, 20 * (sps or 0)):
-        warnings.append(f"no file of the run changed for {format_duration(age)}: is it stuck?")
-    gs = val_last.get("gap_status") if val_last else None
-
-    return MonitorSnapshot(
-        run_dir=str(paths.root),
-        run_name=paths.name,
-        taken_at=now,
-        config_name=config.name if config is not None else None,
-        fingerprint=(config.fingerprint if config is not None else doc.get("fingerprint")),
-        state=state,
-        state_detail=detail,
-        running=running,
-        pid=lock.pid if lock.held else _int(doc.get("pid")),
-        host=doc.get("host") if isinstance(doc.get("host"), str) else lock.host,
-        message=str(doc.get("message") or ""),
-        step=step,
-        total_steps=total,
-        progress=progress,
-        elapsed_seconds=elapsed,
-        seconds_per_step=sps,
-        eta_seconds=eta,
-        train_loss=_num(last.get("train_loss")),
-        train_loss_mean=train_mean,
-        train_trend=train_trend,
-        train_trend_delta=train_delta,
-        val_loss=_num(val_last.get("val_loss")) if val_last else None,
-        val_step=_int(val_last.get("step")) if val_last else None,
-        val_trend=val_trend,
-        val_trend_delta=val_delta,
-        best_val_loss=best_val,
-        best_step=best_step,
-        gap=_num(val_last.get("gap")) if val_last else None,
-        gap_status=gs if isinstance(gs, str) else None,
-        learning_rate=_num(last.get("learning_rate")),
-        tokens_per_second=_num(last.get("tokens_per_second")),
-        peak_memory_gb=_num(last.get("peak_memory_gb")),
-        checkpoints=len(checkpoints),
-        last_checkpoint_step=last_ckpt.step if last_ckpt is not None else None,
-        last_checkpoint_age_seconds=ck_age,
-        disk_free_bytes=free,
-        disk_total_bytes=total_disk,
-        disk_used_percent=used_pct,
-        disk_level=level,
-        patience=patience,
-        patience_left=patience_left,
-        updated_at=activity,
-        last_activity_age_seconds=age,
-        warnings=tuple(warnings),
-    )
+    return {"patience": patience, "patience_left": patience_left}
 
 
 # --------------------------------------------------------------------------- formatting

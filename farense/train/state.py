@@ -90,6 +90,13 @@ class TrainState:
                    early_stopping=EarlyStoppingState.from_dict(progress[EARLY_STOPPING_KEY]))
 
 
+def read_saved_state(info: CheckpointInfo) -> dict[str, Any] | None:
+    """A checkpoint's state.json for readers that only look (the monitor); None if it is gone or torn."""
+    from ..fsutil import read_json_object
+
+    return read_json_object(info.path / STATE_FILE)
+
+
 def checkpoint_writers(model: Any, optimizer: Any, config: ExperimentConfig, state: dict[str, Any]
                        ) -> dict[str, Callable[[Path], None]]:
     """The files of one checkpoint, each written by a function the store calls into its temp dir."""
