@@ -29,7 +29,7 @@ import orjson
 
 from . import fsutil
 from .checkpoint import CheckpointStore, RetentionPolicy, ScannedCheckpoint, Verify
-from .config import format_size
+from .config import CheckpointConfig, ExperimentConfig, format_size
 from .errors import RunLocked
 from .layout import CONFIG_FILE, RUN_LOCK_FILE, RUN_STATE_FILE, SUMMARY_FILE, RunPaths, is_temporary
 from .locks import LockInfo, RunLock, probe_lock
@@ -189,13 +189,18 @@ def plan_cleanup(
     production_dir: str | os.PathLike[str] | None = None,
     keep_last: int = 3,
     keep_best: bool = True,
-    older_than_days: float = 30.0,
+    older_than_days: float | None = None,
     now: float | None = None,
     include_hf_cache: bool = False,
     referenced_models: Iterable[str] = (),
     hf_cache_dir: str | os.PathLike[str] | None = None,
 ) -> CleanupPlan:
-    """What a cleanup would delete, and why; touches nothing. `now` is Unix seconds (tests pass it)."""
+    """What a cleanup would delete, and why; touches nothing. `now` is Unix seconds (tests pass it).
+
+    `older_than_days` defaults to the config field checkpoint.cleanup_after_days's default.
+    """
+    if older_than_days is None:
+        older_than_days = CheckpointConfig().cleanup_after_days
     if keep_last < 1:
         raise ValueError(f"keep_last: expected an integer >= 1 (the latest checkpoint is needed to resume), got {keep_last}")
     t0 = time.perf_counter()
@@ -356,6 +361,19 @@ def _plan_hf_cache(plan: CleanupPlan, protected: _Protected, models: set[str], c
             continue
         plan.items.append(CleanupItem(path, HF_CACHE, int(repo.size_on_disk),
                                       f"{repo.repo_id}: no config or run refers to it"))
+
+
+def plan_for_config(config: ExperimentConfig, *, older_than_days: float | None = None, **kw: Any) -> CleanupPlan:
+    """The cleanup plan of a config's runs directory by its own retention policy."""
+    return plan_cleanup(config.runs_dir, production_dir=config.production_dir, keep_last=config.checkpoint.keep_last,
+                        keep_best=config.checkpoint.keep_best,
+                        older_than_days=config.checkpoint.cleanup_after_days if older_than_days is None else older_than_days,
+                        **kw)
+
+
+def free_space_now(config: ExperimentConfig) -> int:
+    """Apply the config's cleanup policy at once (after a disk-full pause); returns the bytes freed."""
+    return apply_cleanup(plan_for_config(config)).bytes_freed
 
 
 def referenced_models(runs_dir: str | os.PathLike[str], config_dir: str | os.PathLike[str] | None = None) -> set[str]:

@@ -464,7 +464,7 @@ def preflight(
     usage: UsageFn = disk_usage,
     now: float | None = None,
     allow_cleanup: bool = True,
-    older_than_days: float = 30.0,
+    older_than_days: float | None = None,
     include_hf_cache: bool = False,
     include_fused: bool = False,
     allow_network: bool = False,
@@ -476,23 +476,22 @@ def preflight(
 
     The DiskFull carries `.report` (the table) and names the command that would free space.
     """
-    from .cleanup import apply_cleanup, plan_cleanup, referenced_models
+    from .cleanup import apply_cleanup, plan_for_config, referenced_models
     from .estimate import estimate_run
 
     est = estimate or estimate_run(config, include_fused=include_fused, cache_dir=hf_cache_dir,
                                    allow_network=allow_network)
     refs = referenced_models(config.runs_dir) | {config.model.path} if include_hf_cache else set()
-    plan_kw = dict(production_dir=config.production_dir, keep_last=config.checkpoint.keep_last,
-                   keep_best=config.checkpoint.keep_best, older_than_days=older_than_days, now=now,
-                   include_hf_cache=include_hf_cache, referenced_models=refs, hf_cache_dir=hf_cache_dir)
-    plan = plan_cleanup(config.runs_dir, **plan_kw)
+    plan_kw: dict[str, Any] = dict(older_than_days=older_than_days, now=now, include_hf_cache=include_hf_cache,
+                                   referenced_models=refs, hf_cache_dir=hf_cache_dir)
+    plan = plan_for_config(config, **plan_kw)
     rows = _rows(config, est, plan, usage)
     report = PreflightReport(config.name, config.run_dir, rows, est,
                              check_memory(est.model_memory_bytes, memory=memory), list(est.notes), None, plan)
     if any(r.short for r in rows) and allow_cleanup and plan.items:
         report.cleanup = apply_cleanup(plan)
         report.warnings += [f"cleanup: {e}" for e in report.cleanup.errors]
-        report.cleanup_plan = plan_cleanup(config.runs_dir, **plan_kw)
+        report.cleanup_plan = plan_for_config(config, **plan_kw)
         report.rows = _rows(config, est, report.cleanup_plan, usage)
     if report.memory.warning:
         report.warnings.append(report.memory.warning)

@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from farense.cleanup import free_space_now
 from farense.config import ExperimentConfig
 from farense.console import markdown_table
 from farense.layout import RunPaths
@@ -20,7 +21,6 @@ from farense.summary import TrainingSummary
 from farense.training_job import TrainingWatcher, train_in_subprocess
 
 from .common import artifact_key, best_effort
-from .disk import free_disk_space
 
 RETRIES = 3
 RETRY_DELAYS = [10, 30, 60]  # seconds, jittered by Prefect (retry_jitter_factor)
@@ -56,7 +56,7 @@ def train_model(config: ExperimentConfig, demo: bool = False) -> TrainingOutcome
     """Train or resume `config`; skipped when this exact config already finished training."""
     log = get_run_logger()
     outcome = train_in_subprocess(
-        config, demo=demo, log=log.info, error_log=log.error, free_disk_space=lambda: free_disk_space(config),
+        config, demo=demo, log=log.info, error_log=log.error, free_disk_space=lambda: free_space_now(config),
         watcher_for=lambda paths, pid: _watcher(paths, pid, log),
         keep_watching=lambda poll: best_effort("watching the run", poll))
     _summary_artifact(config)
