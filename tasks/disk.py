@@ -42,7 +42,7 @@ class CleanupResult:
 @task(name="disk-preflight", retries=0, cache_policy=NO_CACHE)
 def preflight_task(config: ExperimentConfig) -> PreflightResult:
     """Will the run fit on disk? Publishes the preflight table; raises DiskFull when it cannot fit."""
-    from farense.diskguard import preflight, render_preflight
+    from farense.preflight import preflight, render_preflight
     from farense.errors import DiskFull
 
     log = get_run_logger()

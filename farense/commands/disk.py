@@ -74,7 +74,7 @@ def cleanup(args: argparse.Namespace) -> int:
 
 
 def preflight(args: argparse.Namespace) -> int:
-    from ..diskguard import (ESTIMATE_HEADERS, PREFLIGHT_HEADERS, estimate_rows, preflight as run_preflight,
+    from ..preflight import (ESTIMATE_HEADERS, PREFLIGHT_HEADERS, estimate_rows, preflight as run_preflight,
                              preflight_rows)
     from ..errors import DiskFull
 
