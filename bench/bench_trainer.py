@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from farense.config import config_to_toml, load_config  # noqa: E402
 from farense.demo import build_demo  # noqa: E402
+from farense.gguf import resolve_model_dir  # noqa: E402
 from farense.layout import RunPaths  # noqa: E402
 from farense.metrics import read_metrics  # noqa: E402
 from farense.runstate import read_run_state  # noqa: E402
@@ -35,7 +36,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "DO_NOT_TRA
 
 
 def farense_config(ws: Path, demo: Path, iters: int, every: int):
-    cfg = load_config("v2", overlays=["demo"], workspace=ws)
+    cfg = load_config("v2", overlays=["tiny"], workspace=ws)
     return cfg.with_overrides(
         model={"path": str(demo / "model")}, data={"dir": str(demo / "data")},
         training={"iters": iters, "warmup_steps": 0, "schedule": "constant", "max_seq_length": 256},
@@ -57,7 +58,7 @@ def run_farense(cfg, ws: Path) -> tuple[float, list[dict]]:
 def run_mlx_lm(cfg, ws: Path, iters: int) -> tuple[float, list[float], float | None]:
     """mlx_lm lora with the same settings; returns wall time, its reported tokens/s, time to first step."""
     t = cfg.training
-    cmd = [sys.executable, "-m", "mlx_lm", "lora", "--model", cfg.model_path, "--data", str(cfg.data_dir), "--train",
+    cmd = [sys.executable, "-m", "mlx_lm", "lora", "--model", resolve_model_dir(cfg), "--data", str(cfg.data_dir), "--train",
            "--fine-tune-type", cfg.lora.type, "--num-layers", str(cfg.lora.num_layers),
            "--batch-size", str(t.batch_size), "--grad-accumulation-steps", str(t.grad_accumulation),
            "--iters", str(iters * t.grad_accumulation),  # mlx-lm counts micro-batches

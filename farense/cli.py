@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "farense.commands.observe",
     "farense.commands.config",
     "farense.commands.demo",
+    "farense.commands.model",
 )
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FarenseError
-from .fsutil import commit_dir, fsync_file, sha256_file, staged_dir
+from .fsutil import commit_dir, fsync_file, sha256_file, staged_dir, write_new_file
 from .layout import TMP_MARK
 from .locks import RunLock
 
@@ -214,9 +214,7 @@ def build_demo(directory: str | os.PathLike[str], *, seed: int = 0, force: bool 
         _remove_leftovers(paths.root)
         # After a failure (ENOSPC, an error in mlx): no temporaries left behind.
         with staged_dir(paths.data) as data_tmp, staged_dir(paths.model) as model_tmp:
-            for split in SPLITS:
-                _write_file(data_tmp / f"{split}.jsonl", shipped_split(split))
-            _write_json(data_tmp / MARKER_NAME, {"demo_version": DEMO_VERSION, "seed": seed})
+            write_shipped_data(data_tmp, {"demo_version": DEMO_VERSION, "seed": seed})
 
             summary = _write_model(model_tmp, seed)
             files = {f"model/{p.name}": _file_record(p) for p in sorted(model_tmp.iterdir())}
@@ -229,6 +227,22 @@ def build_demo(directory: str | os.PathLike[str], *, seed: int = 0, force: bool 
             commit_dir(data_tmp, paths.data, synced=True, replace=True)
             commit_dir(model_tmp, paths.model, synced=True, replace=True)
     return paths
+
+
+def write_shipped_data(directory: Path, marker: dict[str, Any]) -> None:
+    """The shipped splits and a marker (saying the folder is ours to replace) into a directory built aside."""
+    directory.mkdir(exist_ok=True)
+    for split in SPLITS:
+        write_new_file(directory / f"{split}.jsonl", shipped_split(split))
+    _write_json(directory / MARKER_NAME, marker)
+
+
+def shipped_data_intact(directory: Path) -> bool:
+    """True when `directory` holds today's shipped splits byte for byte."""
+    try:
+        return all((directory / f"{s}.jsonl").read_bytes() == shipped_split(s) for s in SPLITS)
+    except OSError:
+        return False
 
 
 def _refuse_foreign(paths: DemoPaths) -> None:
@@ -249,17 +263,11 @@ def _remove_leftovers(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-    fsync_file(path)
-
-
 def _write_model(out: Path, seed: int) -> dict[str, Any]:
     """Tokenizer, config and random weights into `out`; returns the marker's summary fields."""
     spec = DEMO_SPEC
     tokenizer = _train_tokenizer(spec.vocab_size)
-    _write_file(out / "tokenizer.json", tokenizer.to_str().encode("utf-8"))
+    write_new_file(out / "tokenizer.json", tokenizer.to_str().encode("utf-8"))
     special_map = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "additional_special_tokens": [INST, END_INST]}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -278,7 +286,7 @@ def _write_model(out: Path, seed: int) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _write_file(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_new_file(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _train_tokenizer(vocab_size: int) -> Any:
@@ -338,6 +346,33 @@ def _write_weights(path: Path, spec: DemoModelSpec, seed: int) -> int:
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
     fsync_file(path)
     return sum(int(w.size) for w in weights.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Which demo: the real pretrained model (overlay "demo") or this tiny random one (overlay "tiny")
+
+DEMO_OVERLAYS = ("demo", "tiny")
+
+
+def demo_overlay(demo: bool | str | None) -> str | None:
+    """The overlay a `demo` setting names: True or "demo" the real model, "tiny" the random one."""
+    if demo in (None, False, ""):
+        return None
+    if demo is True or demo in ("demo", "smollm2"):
+        return "demo"
+    if demo == "tiny":
+        return "tiny"
+    raise FarenseError(f"demo: expected true, false, 'demo' or 'tiny', got {demo!r}")
+
+
+def prepare_demo(overlay: str, model_dir: str | os.PathLike[str]) -> Path:
+    """Build (or verify and reuse) the demo model and data the overlay points at; returns the root."""
+    root = Path(model_dir).parent
+    if overlay == "tiny":
+        return build_demo(root).root
+    from .smollm2 import build_smollm2_demo
+
+    return build_smollm2_demo(root).root
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,6 +76,13 @@ def tmp_sibling(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex}")
 
 
+def write_new_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create `path` (it must not exist) holding `data`, flushed: for files of a directory built aside."""
+    with open(path, "xb") as f:
+        f.write(data)
+    fsync_file(path)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace `path` with `data` so a reader sees the old file or the new one, never a mix.
 

@@ -64,11 +64,13 @@ def one_training_on_this_machine(log: Log, run_name: str, *, poll: float = POLL_
         yield
 
 
-def trainer_command(config: ExperimentConfig, demo: bool, result_json: Path) -> list[str]:
+def trainer_command(config: ExperimentConfig, demo: bool | str, result_json: Path) -> list[str]:
     """`python -m farense train` for this config, exactly as the flow resolved it."""
+    from .demo import demo_overlay
+
     argv = [sys.executable, "-m", "farense", "--workspace", config.workspace, "train", config.source]
-    if demo:
-        argv.append("--demo")
+    if demo_overlay(demo):
+        argv += ["--overlay", demo_overlay(demo)]
     return argv + ["--result-json", str(result_json), "--die-with-parent", "--no-progress"]
 
 
@@ -178,7 +180,7 @@ def judge_exit(code: int, result: TrainingOutcome | None, tail: list[str],
     return TrainingFailed(message, code, can_retry)
 
 
-def train_in_subprocess(config: ExperimentConfig, *, demo: bool, log: Log, error_log: Log,
+def train_in_subprocess(config: ExperimentConfig, *, demo: bool | str, log: Log, error_log: Log,
                         free_disk_space: Callable[[], int],
                         watcher_for: Callable[[RunPaths, int], TrainingWatcher],
                         keep_watching: Callable[[Callable[[], None]], None] = lambda poll: poll()) -> TrainingOutcome:

@@ -32,13 +32,13 @@ class DecisionResult:
     failed_rules: tuple[str, ...] = ()
 
 
-def config_run_dir(config: ExperimentConfig, demo: bool) -> Callable[[str], Path]:
+def config_run_dir(config: ExperimentConfig, demo: bool | str) -> Callable[[str], Path]:
     """How a config name given as compare_with becomes a run directory: as this flow resolves configs."""
     return lambda name: load_experiment(name, demo=demo, workspace=config.workspace).run_dir
 
 
 @task(name="compare-and-decide", retries=0, cache_policy=NO_CACHE)
-def decide_task(config: ExperimentConfig, run_dir: str, compare_with: str = PRODUCTION, demo: bool = False) -> DecisionResult:
+def decide_task(config: ExperimentConfig, run_dir: str, compare_with: str = PRODUCTION, demo: bool | str = False) -> DecisionResult:
     """Decide whether the candidate run should replace the incumbent, and publish why."""
     log = get_run_logger()
     candidate = report_from_run(Path(run_dir))

@@ -52,7 +52,7 @@ def _watcher(paths: RunPaths, pid: int, log: Any) -> TrainingWatcher:
 
 @task(name="train", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.5,
       retry_condition_fn=retry_only_curable, tags=["farense-train"], cache_policy=NO_CACHE)
-def train_model(config: ExperimentConfig, demo: bool = False) -> TrainingOutcome:
+def train_model(config: ExperimentConfig, demo: bool | str = False) -> TrainingOutcome:
     """Train or resume `config`; skipped when this exact config already finished training."""
     log = get_run_logger()
     outcome = train_in_subprocess(

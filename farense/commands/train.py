@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import load_config
+from ..demo import DEMO_OVERLAYS, prepare_demo
 from ..errors import FarenseError
 from ..outcome import ExitCode, TrainingOutcome
 from ..summary import TrainingSummary
+from . import add_demo_flags
 
 
 def train(args: argparse.Namespace) -> int:
@@ -28,8 +30,8 @@ def train(args: argparse.Namespace) -> int:
         die_with_parent()
     hosts, hostfile = (None, None) if args.rank_mode else spec_defaults_from_env(args.hosts, args.hostfile)
     config = load_config(args.config, overlays=args.overlay or [])
-    if "demo" in (args.overlay or []):
-        _ensure_demo(config)
+    for overlay in set(args.overlay or []) & set(DEMO_OVERLAYS):
+        prepare_demo(overlay, config.model_path)
     if hosts or hostfile:
         return _launch(args, config, hosts, hostfile)
     return _run(args, config)
@@ -168,14 +170,6 @@ def _summary_outcome(config: Any) -> TrainingOutcome:
     return TrainingOutcome.from_summary(config.run_dir, summary)
 
 
-def _ensure_demo(config) -> None:
-    """With --demo, build the demo model and data where the overlay expects them (idempotent)."""
-    from ..demo import build_demo
-
-    model_dir = Path(config.model_path)
-    build_demo(model_dir.parent)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     from ..distributed import DEFAULT_PORT, DEFAULT_RANK_TIMEOUT, DEFAULT_STARTUP_TIMEOUT
 
@@ -183,8 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="Config name (configs/NAME.toml) or path.")
     p.add_argument("--new-run", action="store_true", help="Start over: delete this run's checkpoints and metrics.")
     p.add_argument("--overlay", action="append", help="Overlay to apply (configs/overlays/NAME.toml), repeatable.")
-    p.add_argument("--demo", dest="overlay", action="append_const", const="demo",
-                   help="Use the demo overlay (tiny offline model; built if missing).")
+    add_demo_flags(p)
     p.add_argument("--result-json", help="Write the outcome as JSON here (for orchestrators).")
     p.add_argument("--die-with-parent", action="store_true",
                    help="Exit when the parent process dies (so an orphan never holds the run lock).")
