@@ -297,6 +297,40 @@ def _read_optional_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _report(config: ExperimentConfig, paths: RunPaths, test_path: Path, raw: list, scored: Any,
+            training: dict[str, Any], plots: tuple[Path, ...]) -> dict[str, Any]:
+    """evaluation_report.json (before its fingerprint): what was evaluated, how, and the scores."""
+    agg, ev = scored.aggregate, config.evaluation
+    return {
+        "format": REPORT_FORMAT,
+        "created_at": iso(utc_now()),
+        "run_name": paths.name,
+        "run_dir": str(paths.root),
+        "config_name": config.name,
+        "config_fingerprint": config.fingerprint,
+        "model_path": config.model_path,
+        "adapters": {"path": str(paths.adapters), "sha256": sha256_file(paths.best_adapters)},
+        "test_file": {"path": str(test_path), "sha256": sha256_file(test_path), "examples_evaluated": len(raw)},
+        "generation": {"sampler": "greedy", "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size},
+        "summary": {
+            "examples": agg.examples,
+            "exact_match": agg.exact_match,
+            "precision": agg.precision,
+            "recall": agg.recall,
+            "f1": agg.f1,
+            "f1_of_means": agg.f1_of_means,
+            "test_loss": _nan_to_none(scored.test_loss),
+            "test_perplexity": _nan_to_none(scored.perplexity),
+            "test_tokens": scored.test_tokens,
+        },
+        "training": training,
+        "timings": {"loss_seconds": round(scored.loss_seconds, 3),
+                    "generation_seconds": round(scored.generation_seconds, 3)},
+        "files": {"summary_csv": SUMMARY_CSV, "plots": [p.name for p in plots]},
+        "rows": scored.rows,
+    }
+
+
 def evaluate_run(
     run_dir: Path,
     *,
@@ -330,9 +364,7 @@ def evaluate_run(
     say(f"loading {config.model_path} with the adapters of {paths.name}")
     model, tokenizer = load_model(config, paths.adapters)
     scored = score_model(model, tokenizer, config, raw, examples, log)
-    rows, agg, test_loss, perplexity, total_tok = (scored.rows, scored.aggregate, scored.test_loss,
-                                                   scored.perplexity, scored.test_tokens)
-    loss_seconds, gen_seconds = scored.loss_seconds, scored.generation_seconds
+    rows, agg, test_loss, perplexity = scored.rows, scored.aggregate, scored.test_loss, scored.perplexity
     training = _read_optional_json(paths.summary)
 
     paths.evaluation.mkdir(parents=True, exist_ok=True)
@@ -342,33 +374,7 @@ def evaluate_run(
         plot_f1_distribution(rows, paths.evaluation / F1_PNG, title=f"{paths.name}: per-example F1",
                              threshold=config.decision.min_f1),
     )
-    report: dict[str, Any] = {
-        "format": REPORT_FORMAT,
-        "created_at": iso(utc_now()),
-        "run_name": paths.name,
-        "run_dir": str(paths.root),
-        "config_name": config.name,
-        "config_fingerprint": config.fingerprint,
-        "model_path": config.model_path,
-        "adapters": {"path": str(paths.adapters), "sha256": sha256_file(weights)},
-        "test_file": {"path": str(test_path), "sha256": sha256_file(test_path), "examples_evaluated": len(raw)},
-        "generation": {"sampler": "greedy", "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size},
-        "summary": {
-            "examples": agg.examples,
-            "exact_match": agg.exact_match,
-            "precision": agg.precision,
-            "recall": agg.recall,
-            "f1": agg.f1,
-            "f1_of_means": agg.f1_of_means,
-            "test_loss": _nan_to_none(test_loss),
-            "test_perplexity": _nan_to_none(perplexity),
-            "test_tokens": total_tok,
-        },
-        "training": training,
-        "timings": {"loss_seconds": round(loss_seconds, 3), "generation_seconds": round(gen_seconds, 3)},
-        "files": {"summary_csv": SUMMARY_CSV, "plots": [p.name for p in plots]},
-        "rows": rows,
-    }
+    report = _report(config, paths, test_path, raw, scored, training, plots)
     report["fingerprint"] = report_fingerprint(report)
     csv_path = paths.evaluation / SUMMARY_CSV
     atomic_write_bytes(csv_path, summary_csv_bytes(report))

@@ -240,6 +240,55 @@ def import_lora_config(raw: Mapping[str, Any], *, name: str, source: str = "<mlx
 
     problems: list[str] = []
     notes: list[str] = []
+    raw = _usable_keys(raw, problems)  # the rest is still mapped, so that every problem is reported at once
+    # mlx-lm fills a key that is missing, or set to null, with its default.
+    v = {k: (raw[k] if raw.get(k) is not None else d) for k, d in MLX_LM_DEFAULTS.items()}
+    _refused_keys(raw, problems)
+
+    model = {"path": v["model"], "quantize_bits": 0, "trust_remote_code": bool(v["trust_remote_code"])}
+    data: dict[str, Any] = {"dir": v["data"], **{k: raw[k] for k in FEATURE_KEYS if raw.get(k) is not None}}
+    lora = _map_lora(v, problems)
+    training, total = _map_training(v, problems, notes)
+    _map_schedule(raw, v, training, total, problems, notes)
+    _map_optimizer(raw, v, training, problems, notes)
+
+    # Validation and checkpoints, in optimizer steps.
+    accum = v["grad_accumulation_steps"]
+    validation: dict[str, Any] = {"batches": v["val_batches"]}
+    checkpoint: dict[str, Any] = {}
+    if total >= 1:
+        validation["every_steps"] = _steps(v["steps_per_eval"], accum, total, "steps_per_eval",
+                                           "validation.every_steps", notes)
+        checkpoint["every_steps"] = _steps(v["save_every"], accum, total, "save_every", "checkpoint.every_steps",
+                                           notes)
+    # Accepted, without effect.
+    for key in ("adapter_path", "steps_per_report", "project_name", "train", "test", "test_batches",
+                "clear_cache_threshold", "config"):
+        if raw.get(key) is not None:
+            notes.append(f"{key}: {KEY_RULES[key]}")
+
+    if problems:
+        raise ConfigError(problems, source=source)
+    doc = {
+        "name": name,
+        "description": f"imported from mlx-lm config {Path(source).name}",
+        "model": model,
+        "data": data,
+        "lora": lora,
+        "training": training,
+        "validation": validation,
+        "early_stopping": {"patience": 0, "min_delta": 0.0},  # mlx-lm has none
+        "checkpoint": checkpoint,
+    }
+    try:
+        build_config(doc, source=source)
+    except ConfigError as e:  # values mlx-lm would take but farense refuses (e.g. rank 0)
+        raise ConfigError([f"{p} (after mapping the mlx-lm keys)" for p in e.problems], source=source) from None
+    return ImportedConfig(name=name, source=source, data=doc, notes=notes)
+
+
+def _usable_keys(raw: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The keys mlx-lm knows with values of the types it takes; unknown keys and wrong types are problems."""
     known = sorted(KEY_RULES)
     usable: dict[str, Any] = {}
     for key, value in raw.items():
@@ -250,12 +299,11 @@ def import_lora_config(raw: Mapping[str, Any], *, name: str, source: str = "<mlx
             problems.append(f"{key}: expected {want}, got {type(value).__name__} {value!r}")
         else:
             usable[key] = value
-    raw = usable  # the rest is still mapped, so that every problem is reported at once
+    return usable
 
-    # mlx-lm fills a key that is missing, or set to null, with its default.
-    v = {k: (raw[k] if raw.get(k) is not None else d) for k, d in MLX_LM_DEFAULTS.items()}
 
-    # ---- refused outright
+def _refused_keys(raw: Mapping[str, Any], problems: list[str]) -> None:
+    """Keys whose meaning farense does not provide: refused outright, each saying what to do instead."""
     if raw.get("data") is None:
         problems.append("data: missing; mlx-lm's default is the Hugging Face dataset "
                         f"{MLX_LM_DEFAULTS['data']!r}, and farense trains on a local directory with train.jsonl "
@@ -269,14 +317,9 @@ def import_lora_config(raw: Mapping[str, Any], *, name: str, source: str = "<mlx
     if raw.get("report_to") is not None:
         problems.append("report_to: " + KEY_RULES["report_to"].split(": ", 1)[1] + "; remove it")
 
-    # ---- model and data
-    model = {"path": v["model"], "quantize_bits": 0, "trust_remote_code": bool(v["trust_remote_code"])}
-    data: dict[str, Any] = {"dir": v["data"]}
-    for k in FEATURE_KEYS:
-        if raw.get(k) is not None:
-            data[k] = raw[k]
 
-    # ---- adapters
+def _map_lora(v: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """fine_tune_type and lora_parameters -> farense's [lora]."""
     lora: dict[str, Any] = {"num_layers": v["num_layers"]}
     ftt = v["fine_tune_type"]
     if ftt in ("lora", "dora"):
@@ -302,12 +345,12 @@ def import_lora_config(raw: Mapping[str, Any], *, name: str, source: str = "<mlx
             problems.append(f"lora_parameters.{k}: missing; mlx-lm's LoRA layers need rank, scale and dropout{hint}")
         else:
             lora[k] = params[k]
-    if params.get("keys") is not None:
-        lora["keys"] = params["keys"]
-    else:
-        lora["keys"] = []  # every linear layer, as mlx-lm does without keys
+    lora["keys"] = params["keys"] if params.get("keys") is not None else []  # none: every linear layer, as mlx-lm
+    return lora
 
-    # ---- training
+
+def _map_training(v: dict[str, Any], problems: list[str], notes: list[str]) -> tuple[dict[str, Any], int]:
+    """Batches, accumulation and iters (micro-batches in mlx-lm) -> farense's [training] in optimizer steps."""
     accum = v["grad_accumulation_steps"]
     training: dict[str, Any] = {
         "batch_size": v["batch_size"], "grad_accumulation": accum, "max_seq_length": v["max_seq_length"],
@@ -326,42 +369,7 @@ def import_lora_config(raw: Mapping[str, Any], *, name: str, source: str = "<mlx
                          f"applies the last {v['iters'] % accum}")
     else:
         problems.append(f"grad_accumulation_steps: expected an integer >= 1, got {accum!r}")
-    _map_schedule(raw, v, training, total, problems, notes)
-    _map_optimizer(raw, v, training, problems, notes)
-
-    # ---- validation and checkpoints (in optimizer steps)
-    validation: dict[str, Any] = {"batches": v["val_batches"]}
-    checkpoint: dict[str, Any] = {}
-    if total >= 1:
-        validation["every_steps"] = _steps(v["steps_per_eval"], accum, total, "steps_per_eval",
-                                           "validation.every_steps", notes)
-        checkpoint["every_steps"] = _steps(v["save_every"], accum, total, "save_every", "checkpoint.every_steps",
-                                           notes)
-
-    # ---- accepted, without effect
-    for key in ("adapter_path", "steps_per_report", "project_name", "train", "test", "test_batches",
-                "clear_cache_threshold", "config"):
-        if raw.get(key) is not None:
-            notes.append(f"{key}: {KEY_RULES[key]}")
-
-    if problems:
-        raise ConfigError(problems, source=source)
-    doc = {
-        "name": name,
-        "description": f"imported from mlx-lm config {Path(source).name}",
-        "model": model,
-        "data": data,
-        "lora": lora,
-        "training": training,
-        "validation": validation,
-        "early_stopping": {"patience": 0, "min_delta": 0.0},  # mlx-lm has none
-        "checkpoint": checkpoint,
-    }
-    try:
-        build_config(doc, source=source)
-    except ConfigError as e:  # values mlx-lm would take but farense refuses (e.g. rank 0)
-        raise ConfigError([f"{p} (after mapping the mlx-lm keys)" for p in e.problems], source=source) from None
-    return ImportedConfig(name=name, source=source, data=doc, notes=notes)
+    return training, total
 
 
 def _map_schedule(raw: Mapping[str, Any], v: dict[str, Any], training: dict[str, Any], total: int,
