@@ -7,6 +7,7 @@ failed pages are marked clean, so a second fsync reports success for data that i
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -125,6 +126,27 @@ def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     except (OSError, orjson.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+class JsonRecord:
+    """A dataclass kept as one JSON object in a file: written atomically, read back tolerating unknown keys."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> Any:
+        """The record at `path`; None when there is none (missing, unreadable, not a JSON object)."""
+        data = read_json_object(path)
+        return cls.from_json(data) if data is not None else None
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -12,6 +12,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .fsutil import JsonRecord
 from .runstate import RunState
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ def job_exit_code(rank_codes: dict[int, int | None], world_size: int) -> int:
 
 
 @dataclass(frozen=True)
-class TrainingOutcome:
+class TrainingOutcome(JsonRecord):
     """How one training (or data-parallel job) ended; `farense train --result-json` writes it."""
 
     state: RunState
@@ -181,16 +182,3 @@ class TrainingOutcome:
         values["state"] = RunState(values.get("state", RunState.FAILED.value))
         values.setdefault("run_dir", "")
         return cls(**values)
-
-    def write(self, path: str | Path) -> None:
-        from .fsutil import atomic_write_json
-
-        atomic_write_json(path, self.to_json())
-
-    @classmethod
-    def read(cls, path: str | Path) -> TrainingOutcome | None:
-        """The record at `path`; None when there is none (missing, unreadable, not a JSON object)."""
-        from .fsutil import read_json_object
-
-        data = read_json_object(path)
-        return cls.from_json(data) if data is not None else None

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
+from .fsutil import JsonRecord
 from .runstate import RunState
 
 
 @dataclass(frozen=True)
-class TrainingSummary:
+class TrainingSummary(JsonRecord):
     """Written once when a training finishes; read by the task, the launcher, status, plots and decisions."""
 
     run_name: str = ""
@@ -43,24 +42,3 @@ class TrainingSummary:
             return RunState(self.state).finished
         except ValueError:
             return False
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainingSummary:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def write(self, path: str | Path) -> None:
-        from .fsutil import atomic_write_json
-
-        atomic_write_json(path, self.to_json())
-
-    @classmethod
-    def read(cls, path: str | Path) -> TrainingSummary | None:
-        """The record at `path`; None when there is none (missing, unreadable, not a JSON object)."""
-        from .fsutil import read_json_object
-
-        data = read_json_object(path)
-        return cls.from_json(data) if data is not None else None
