@@ -1,4 +1,4 @@
-"""The checkpoint store: the only code that writes, verifies, lists and deletes checkpoint files.
+"""The checkpoint store: the only code that writes, verifies, lists, retains and deletes checkpoints.
 
 A checkpoint exists whole or not at all (DESIGN.md, invariant 1):
 

@@ -1,4 +1,4 @@
-"""Cleanup of what runs leave behind: stale checkpoints, interrupted writes, old runs, unused models.
+"""Cleanup planning and applying: stale checkpoints, interrupted writes, old runs, unused models.
 
 The seed's disk filled with 333 stale checkpoint directories; this is the policy that keeps that
 from happening again, as a plan (what would go, why, how many bytes) that a person or the pipeline

@@ -1,5 +1,6 @@
-"""The disk guard's level state machine: watermarks checked before every checkpoint write and during the run
-(the preflight before a run starts is farense.preflight).
+"""The disk guard's level state machine: watermarks checked before every checkpoint write and during a run.
+
+The preflight before a run starts is farense.preflight.
 
 Three levels, each a share of the filesystem used AND an absolute amount free, whichever is
 stricter (so one config fits a 256 GB laptop and an 8 TB server):

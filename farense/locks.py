@@ -1,5 +1,7 @@
-"""The one lock helper (fcntl.flock): one live process per run, per production directory, per demo build,
-per machine's training; and a way to ask who holds one.
+"""The one lock helper (fcntl.flock), and a way to ask who holds a lock.
+
+One live process per run, per production directory, per demo build or model import, and one
+training per machine all use RunLock.
 
 A run is locked with `fcntl.flock` on `<run>/run.lock` (layout.RunPaths.lock). The kernel drops a
 flock when its holder exits for any reason, SIGKILL included, so the lock never goes stale the way a

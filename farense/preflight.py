@@ -1,4 +1,4 @@
-"""The disk preflight before any model loads: will the run fit on each filesystem it writes to, with memory to spare?
+"""The disk preflight before any model loads: will the run fit where it writes, with memory to spare?
 
 Reads the estimate (farense.estimate), the cleanup plan (farense.cleanup) and the disk guard's
 watermarks (farense.diskguard); cleans by policy when short, else stops with DiskFull naming the

@@ -1,4 +1,4 @@
-"""What a run is doing: RunState, run_state.json, the state corrected by the run lock, and which directories are runs.
+"""Run state: RunState, run_state.json, the state corrected by the run lock, and which directories are runs.
 
 The trainer writes run_state.json; the monitor, `farense status`, cleanup and the training task's
 watcher read it through here. A state file saying "running" with no live holder of the run lock
