@@ -81,6 +81,22 @@ class ScannedCheckpoint:
 
 
 @dataclass(frozen=True)
+class SavePolicy:
+    """When a checkpoint is written, and which one is the best (the loop asks; the store keeps the answer)."""
+
+    every_steps: int
+
+    def due(self, step: int, total_steps: int, *, stopping: bool) -> bool:
+        """Every `every_steps` optimizer steps, at the last step, and whenever the run stops (early stop, signal)."""
+        return stopping or step == total_steps or step % self.every_steps == 0
+
+    @staticmethod
+    def is_best(val_loss: float | None, best_so_far: float | None) -> bool:
+        """A checkpoint is the best when its validation loss is lower than every earlier checkpoint's."""
+        return val_loss is not None and (best_so_far is None or val_loss < best_so_far)
+
+
+@dataclass(frozen=True)
 class RetentionPolicy:
     """How many checkpoints to keep; the latest (and the best, with keep_best) are always kept."""
 

@@ -29,10 +29,13 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .config import DiskConfig, ExperimentConfig, format_size
 from .errors import DiskFull
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointStore, RetentionPolicy
 
 
 class Level(str, Enum):
@@ -229,8 +232,8 @@ class DiskGuard:
     def enforce(
         self,
         reading: GuardReading,
-        store: Any,
-        policy: Any | None,
+        store: CheckpointStore,
+        policy: RetentionPolicy | None,
         best_step: int | None,
         protect: Iterable[int] = (),
     ) -> list[GuardAction]:
@@ -299,7 +302,7 @@ class RunDiskGuard(DiskGuard):
         config: DiskConfig,
         run_dir: str | os.PathLike[str],
         *,
-        policy: Any | None = None,
+        policy: RetentionPolicy | None = None,
         checkpoint_estimate: int = 0,
         usage: UsageFn = disk_usage,
         clock: Callable[[], float] = time.monotonic,
@@ -332,15 +335,15 @@ class RunDiskGuard(DiskGuard):
         return cls(config.disk, config.run_dir, policy=policy, checkpoint_estimate=estimate, usage=usage,
                    clock=clock, log=log)
 
-    def before_write(self, store: Any, next_bytes: int, *, best_step: int | None, protect: Iterable[int] = ()) -> GuardReading:
+    def before_write(self, store: CheckpointStore, next_bytes: int, *, best_step: int | None, protect: Iterable[int] = ()) -> GuardReading:
         """Call before every checkpoint write; raises DiskFull (write nothing) at the flood level."""
         return self._guard(store, next_bytes, best_step, protect, always_log=True)
 
-    def periodic(self, store: Any, next_bytes: int, *, best_step: int | None, protect: Iterable[int] = ()) -> GuardReading:
+    def periodic(self, store: CheckpointStore, next_bytes: int, *, best_step: int | None, protect: Iterable[int] = ()) -> GuardReading:
         """Call when due(); logs only when the level changes or something was pruned."""
         return self._guard(store, next_bytes, best_step, protect, always_log=False)
 
-    def _guard(self, store: Any, next_bytes: int, best_step: int | None, protect: Iterable[int],
+    def _guard(self, store: CheckpointStore, next_bytes: int, best_step: int | None, protect: Iterable[int],
                *, always_log: bool) -> GuardReading:
         reading = self.check(next_bytes or self.checkpoint_estimate)
         self.readings.append(reading)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import orjson
 
-from .checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy
+from .checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy, SavePolicy
 from .config import ExperimentConfig, check_inputs, check_world_size, config_to_json
 from .data import data_fingerprint, validate_data
 from .distributed import share_checkpoint
@@ -42,6 +42,9 @@ from .train.state import (
 )
 
 if TYPE_CHECKING:
+    import mlx.core as mx
+    import mlx.nn as nn
+
     from .diskguard import RunDiskGuard
 
 Log = Callable[[str], None]
@@ -147,7 +150,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
 
 
 def _resume_point(config: ExperimentConfig, paths: RunPaths, store: CheckpointStore, data_fp: str, *,
-                  new_run: bool, world: Any, log: Log) -> CheckpointInfo | None:
+                  new_run: bool, world: mx.distributed.Group, log: Log) -> CheckpointInfo | None:
     """Where do we start? The newest checkpoint that verifies (rank 0's, on every rank); never a half-written one."""
     is_writer = world.rank() == 0
     if new_run and is_writer:
@@ -185,8 +188,15 @@ class RunCheckpoints:
         self.config, self.setup, self.store, self.guard = config, setup, store, guard
         self.data_fp, self.protect, self.clock, self.log = data_fp, protect, clock, log
         self.policy = RetentionPolicy(config.checkpoint.keep_last, config.checkpoint.keep_best)
+        self.save_policy = SavePolicy(config.checkpoint.every_steps)
+
+    def due(self, st: TrainState, total_steps: int, *, preempting: bool) -> bool:
+        return self.save_policy.due(st.step, total_steps, stopping=preempting or st.stopping)
 
     def save(self, st: TrainState) -> None:
+        """Write the checkpoint of `st` (rank 0), noting first whether it is the best so far (every rank)."""
+        if SavePolicy.is_best(st.last_val_loss, st.best_checkpoint_val):
+            st.best_checkpoint_step, st.best_checkpoint_val = st.step, st.last_val_loss
         if self.store.rank != 0:
             return
         if self.guard:
@@ -236,7 +246,7 @@ def _disk_full(exc: BaseException, where: Path) -> DiskFull | None:
                     "Free space and resume.")
 
 
-def save_best_adapters(paths: RunPaths, model: Any, config: ExperimentConfig, step: int, val_loss: float) -> None:
+def save_best_adapters(paths: RunPaths, model: nn.Module, config: ExperimentConfig, step: int, val_loss: float) -> None:
     """adapters/ always holds whole files: each is replaced atomically."""
     import os
 

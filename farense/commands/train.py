@@ -12,14 +12,17 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import load_config
+from ..config import ExperimentConfig, load_config
 from ..demo import DEMO_OVERLAYS, prepare_demo
 from ..errors import FarenseError
 from ..outcome import ExitCode, TrainingOutcome
 from ..summary import TrainingSummary
 from . import add_demo_flags
+
+if TYPE_CHECKING:
+    from ..distributed import JobOutcome, LaunchSpec
 
 
 def train(args: argparse.Namespace) -> int:
@@ -37,7 +40,7 @@ def train(args: argparse.Namespace) -> int:
     return _run(args, config)
 
 
-def _run(args: argparse.Namespace, config: Any) -> int:
+def _run(args: argparse.Namespace, config: ExperimentConfig) -> int:
     """Train in this process: alone, or as one rank of a launched job (--rank-mode)."""
     from ..signals import PreemptionFlag
     from ..trainer import run_training
@@ -93,7 +96,7 @@ def _as_peer_lost(e: BaseException) -> BaseException:
     return e
 
 
-def _launch(args: argparse.Namespace, config: Any, hosts: str | None, hostfile: str | None) -> int:
+def _launch(args: argparse.Namespace, config: ExperimentConfig, hosts: str | None, hostfile: str | None) -> int:
     """Launch and watch the ranks; one exit code and one --result-json for the whole job."""
     from ..config import check_world_size
     from ..distributed import LaunchSpec, supervise
@@ -143,7 +146,8 @@ def _launch(args: argparse.Namespace, config: Any, hosts: str | None, hostfile: 
     return result.exit_code
 
 
-def _job_outcome(config: Any, spec: Any, job: Any, rank0: TrainingOutcome | None) -> TrainingOutcome:
+def _job_outcome(config: ExperimentConfig, spec: LaunchSpec, job: JobOutcome, rank0: TrainingOutcome | None
+                 ) -> TrainingOutcome:
     """One outcome for the whole job: the launcher's view of the ranks, completed by rank 0's own result."""
     code = job.exit_code
     if code == ExitCode.OK and rank0 is not None and not rank0.ok:
@@ -162,7 +166,7 @@ def _job_outcome(config: Any, spec: Any, job: Any, rank0: TrainingOutcome | None
                         killed_after_timeout=job.killed_after_timeout)
 
 
-def _summary_outcome(config: Any) -> TrainingOutcome:
+def _summary_outcome(config: ExperimentConfig) -> TrainingOutcome:
     """The job's outcome from training_summary.json, when rank 0 ran elsewhere but wrote here too."""
     from ..layout import RunPaths
 

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..batching import eval_batches, position_of, train_batches
 from ..config import ExperimentConfig
@@ -27,9 +27,16 @@ from ..runstate import RunState
 from .setup import Setup
 from .state import TrainState, step_seed
 
+if TYPE_CHECKING:
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
 
 class Checkpoints(Protocol):
     """Where the loop's checkpoints go: the store, its retention and the disk guard behind one call."""
+
+    def due(self, state: TrainState, total_steps: int, *, preempting: bool) -> bool: ...
 
     def save(self, state: TrainState) -> None: ...
 
@@ -45,7 +52,7 @@ class Callbacks:
     on_best: Callable[[int, float], None] | None = None  # a new best validation loss: the best adapters
 
 
-def make_step(model: Any, optimizer: Any, grad_accumulation: int, loss: Callable) -> tuple[Callable, list]:
+def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_accumulation: int, loss: Callable) -> tuple[Callable, list]:
     """One compiled micro-step over model, optimizer and RNG state, as mlx-lm's trainer has it."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -71,8 +78,8 @@ def make_step(model: Any, optimizer: Any, grad_accumulation: int, loss: Callable
     return step, state
 
 
-def validation_loss(model: Any, dataset: Any, groups: list, config: ExperimentConfig, loss: Callable,
-                    world: Any, step: int) -> float:
+def validation_loss(model: nn.Module, dataset: Any, groups: list, config: ExperimentConfig, loss: Callable,
+                    world: mx.distributed.Group, step: int) -> float:
     """Token-weighted mean loss over the validation batches (fixed order, dropout off)."""
     import mlx.core as mx
 
@@ -95,7 +102,7 @@ def validation_loss(model: Any, dataset: Any, groups: list, config: ExperimentCo
 class TrainingLoop:
     """Optimizer steps from `state` to the plan's end or early stopping, validating and checkpointing."""
 
-    def __init__(self, config: ExperimentConfig, setup: Setup, state: TrainState, *, world: Any, loss: Callable,
+    def __init__(self, config: ExperimentConfig, setup: Setup, state: TrainState, *, world: mx.distributed.Group, loss: Callable,
                  checkpoints: Checkpoints, preemption: PreemptionFlag, clock: Callable[[], float],
                  log: Callable[[str], None], callbacks: Callbacks | None = None) -> None:
         self.config, self.setup, self.state, self.world, self.loss = config, setup, state, world, loss
@@ -119,8 +126,7 @@ class TrainingLoop:
             # One reading of the flag decides both the checkpoint and the exit: a signal that
             # arrives later is served after the next step, never between the two.
             preempt_now = any_rank(self.preemption.requested, self.world)  # all ranks: the same decision
-            if preempt_now or st.stopping or st.step == total or st.step % self.config.checkpoint.every_steps == 0:
-                self._note_best_checkpoint()
+            if self.checkpoints.due(st, total, preempting=preempt_now):
                 started = self.clock()
                 self.checkpoints.save(st)
                 row["checkpoint_seconds"] = self.clock() - started
@@ -198,9 +204,3 @@ class TrainingLoop:
             self.callbacks.on_best(st.step, val)
         self.log(f"step {st.step}/{self.setup.total_steps}: train {train_window:.4f} val {val:.4f} "
                  f"gap {gap:+.4f} {row['gap_status']}{' (best)' if is_best else ''}")
-
-    def _note_best_checkpoint(self) -> None:
-        """The checkpoint about to be written is the best so far if its validation loss is the lowest."""
-        st = self.state
-        if st.last_val_loss is not None and (st.best_checkpoint_val is None or st.last_val_loss < st.best_checkpoint_val):
-            st.best_checkpoint_step, st.best_checkpoint_val = st.step, st.last_val_loss

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__
 from ..batching import batch_groups
@@ -12,13 +12,17 @@ from ..config import ExperimentConfig, TrainingConfig
 from ..data import count_too_long, make_datasets
 from ..errors import ConfigError
 
+if TYPE_CHECKING:
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
 
 @dataclass
 class Setup:
     """What the loop trains: the model with adapters, its optimizer, the data and the plan."""
 
-    model: Any
-    optimizer: Any
+    model: nn.Module
+    optimizer: optim.Optimizer
     train_set: Any
     valid_set: Any
     train_groups: list
@@ -45,7 +49,7 @@ def build_schedule(t: TrainingConfig, total_steps: int) -> Any:
     return optim.join_schedules([warm, main], [t.warmup_steps])
 
 
-def build_optimizer(config: ExperimentConfig, total_steps: int) -> Any:
+def build_optimizer(config: ExperimentConfig, total_steps: int) -> optim.Optimizer:
     import mlx.optimizers as optim
 
     t = config.training
@@ -91,7 +95,7 @@ def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None 
     return apply_compute(model, choice), tokenizer
 
 
-def attach_adapters(model: Any, config: ExperimentConfig) -> None:
+def attach_adapters(model: nn.Module, config: ExperimentConfig) -> None:
     """Freeze the base and add LoRA/DoRA layers (initialised from the seed)."""
     import mlx.core as mx
     from mlx_lm.tuner.utils import linear_to_lora_layers

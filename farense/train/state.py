@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
@@ -21,6 +21,11 @@ from ..faults import fault_point
 from ..layout import ADAPTER_CONFIG_FILE, ADAPTERS_FILE, OPTIMIZER_FILE, STATE_FILE
 from ..overfitting import EarlyStoppingState
 from .setup import adapter_config, library_versions
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
 
 STATE_FORMAT = 1
 CHECKPOINT_FILES = (ADAPTERS_FILE, OPTIMIZER_FILE, ADAPTER_CONFIG_FILE, STATE_FILE)
@@ -97,7 +102,7 @@ def read_saved_state(info: CheckpointInfo) -> dict[str, Any] | None:
     return read_json_object(info.path / STATE_FILE)
 
 
-def checkpoint_writers(model: Any, optimizer: Any, config: ExperimentConfig, state: dict[str, Any]
+def checkpoint_writers(model: nn.Module, optimizer: optim.Optimizer, config: ExperimentConfig, state: dict[str, Any]
                        ) -> dict[str, Callable[[Path], None]]:
     """The files of one checkpoint, each written by a function the store calls into its temp dir."""
     import mlx.core as mx
@@ -118,7 +123,7 @@ def checkpoint_writers(model: Any, optimizer: Any, config: ExperimentConfig, sta
     }
 
 
-def restore_checkpoint(info: CheckpointInfo, model: Any, optimizer: Any) -> TrainState:
+def restore_checkpoint(info: CheckpointInfo, model: nn.Module, optimizer: optim.Optimizer) -> TrainState:
     """Weights and optimizer state back into place; returns the saved TrainState."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
