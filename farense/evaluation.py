@@ -331,6 +331,19 @@ def _report(config: ExperimentConfig, paths: RunPaths, test_path: Path, raw: lis
     }
 
 
+def current_report(config: ExperimentConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The run's evaluation report, if it was made from this config and the adapters the run has now."""
+    from .fsutil import read_json_object
+
+    paths = RunPaths(Path(run_dir))
+    report = read_json_object(paths.evaluation / REPORT_NAME)
+    if not report or report.get("config_fingerprint") != config.fingerprint or not paths.best_adapters.is_file():
+        return None
+    if report.get("adapters", {}).get("sha256") != sha256_file(paths.best_adapters):
+        return None
+    return report
+
+
 def evaluate_run(
     run_dir: Path,
     *,
