@@ -84,10 +84,11 @@ def write_new_file(path: str | os.PathLike[str], data: bytes) -> None:
     fsync_file(path)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> None:
     """Replace `path` with `data` so a reader sees the old file or the new one, never a mix.
 
     On any error the temporary file is removed and the error re-raised; the fsync is never retried.
+    `durable=False` skips the fsyncs: for files rewritten every step that resume never reads.
     """
     path = Path(path)
     tmp = tmp_sibling(path)
@@ -99,12 +100,14 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            _flush_fd(fd)
+            if durable:
+                _flush_fd(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
         replaced = True
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     except BaseException:
         if not replaced:
             try:

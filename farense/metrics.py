@@ -78,9 +78,9 @@ class MetricsLog:
         """Drop rows after `step` (work a crash threw away); returns the kept rows."""
         rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         if self.enabled:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-            os.replace(tmp, self.path)
+            from .fsutil import atomic_write_bytes
+
+            atomic_write_bytes(self.path, b"".join(orjson.dumps(r) + b"\n" for r in rows), durable=False)
         return rows
 
     def append(self, row: dict[str, Any]) -> None:

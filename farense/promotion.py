@@ -41,7 +41,7 @@ from .decision import (
 )
 from .errors import DecisionRefused, FarenseError
 from .fsutil import atomic_write_json, commit_dir, fsync_dir, fsync_file, sha256_file, staged_dir, tmp_sibling
-from .layout import ADAPTERS_FILE, CONFIG_FILE, SUMMARY_FILE, TMP_MARK, ProductionPaths, RunPaths
+from .layout import ADAPTERS_FILE, CONFIG_FILE, SUMMARY_FILE, TMP_MARK, ProductionPaths, RunPaths, is_temporary
 from .locks import RunLock
 
 RELEASE_FORMAT = "farense.release/1"
@@ -128,7 +128,7 @@ def list_releases(production_dir: Path) -> list[Release]:
         return []
     out = []
     for p in sorted(releases.iterdir(), key=lambda p: p.name):
-        if p.is_dir() and TMP_MARK not in p.name and (p / RELEASE_MANIFEST).exists():
+        if p.is_dir() and not is_temporary(p.name) and (p / RELEASE_MANIFEST).exists():
             out.append(Release.read(p))
     return out
 
@@ -172,7 +172,7 @@ def clean_temporaries(production_dir: Path) -> list[Path]:
     removed = []
     if prod.releases.is_dir():
         for p in prod.releases.iterdir():
-            if TMP_MARK in p.name:
+            if is_temporary(p.name):
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
@@ -398,7 +398,7 @@ def rollback(
         if target_id == current.id:
             return current
         target_path = prod.releases / target_id
-        if TMP_MARK in target_id or not (target_path / RELEASE_MANIFEST).is_file():
+        if is_temporary(target_id) or not (target_path / RELEASE_MANIFEST).is_file():
             known = ", ".join(r.id for r in list_releases(prod.root)) or "none"
             raise FarenseError(f"no release {target_id!r} in {prod.releases} (releases: {known})")
         target = Release.read(target_path)

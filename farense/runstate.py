@@ -63,13 +63,8 @@ def write_run_state(path: Path, state: RunState, *, durable: bool = True, **fiel
         "updated_at": time.time(),
         **fields,
     }
-    data = orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
-    if durable:
-        atomic_write_bytes(path, data)
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY),
+                       durable=durable)
 
 
 def read_run_state(path: Path) -> dict[str, Any] | None:
