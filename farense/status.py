@@ -21,6 +21,7 @@ from .layout import RunPaths
 from .locks import LockInfo, probe_lock
 from .monitor import MonitorSnapshot, format_duration, snapshot
 from .runstate import find_runs, pid_alive
+from .summary import TrainingSummary
 
 LOSS_PNG = "loss_curves.png"
 RUN_HEADERS = ("run", "config", "state", "step", "best val loss", "gap status", "disk", "last activity")
@@ -97,8 +98,6 @@ def _utc(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _summary(paths: RunPaths) -> dict[str, Any]:
-    return read_json_object(paths.summary) or {}
 
 
 def run_row(run_dir: Path, runs_dir: Path, *, now: float, usage: Callable[[Path], Any] | None = None,
@@ -106,14 +105,14 @@ def run_row(run_dir: Path, runs_dir: Path, *, now: float, usage: Callable[[Path]
             alive: Callable[[int], bool] = pid_alive) -> RunRow:
     """One row from the run's files: the monitor's snapshot plus the summary's gap at the best step."""
     s: MonitorSnapshot = snapshot(run_dir, now=now, usage=usage, lock_probe=lock_probe, alive=alive)
-    summary = _summary(RunPaths(run_dir))
+    summary = TrainingSummary.read(RunPaths(run_dir).summary) or TrainingSummary()
     # A finished run is judged by its gap at the best step (what the seed reported); a live one by its last.
     gap, gap_status = s.gap, s.gap_status
-    if summary.get("gap_status") and not s.running:
-        gap, gap_status = summary.get("train_val_gap"), summary["gap_status"]
+    if summary.gap_status and not s.running:
+        gap, gap_status = summary.train_val_gap, summary.gap_status
     best_val, best_step = s.best_val_loss, s.best_step
-    if isinstance(summary.get("best_val_loss"), (int, float)) and not s.running:
-        best_val, best_step = float(summary["best_val_loss"]), summary.get("best_step")
+    if isinstance(summary.best_val_loss, (int, float)) and not s.running:
+        best_val, best_step = float(summary.best_val_loss), summary.best_step
     try:
         name = str(run_dir.relative_to(runs_dir))
     except ValueError:
@@ -173,5 +172,5 @@ def plot_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
     rows = read_metrics(paths.metrics_jsonl)
     if not rows:
         raise FarenseError(f"{paths.root}: no metrics to plot ({paths.metrics_jsonl} is missing or empty)")
-    summary = {"run_name": paths.name, **_summary(paths)}
+    summary = {"run_name": paths.name, **(read_json_object(paths.summary) or {})}  # as written (plots take a dict)
     return plot_loss_curves(rows, summary, Path(out) if out else paths.plots / LOSS_PNG)
