@@ -1,3 +1,5 @@
+"""`python -m farense`: the same as the `farense` command."""
+
 import sys
 
 from .cli import main

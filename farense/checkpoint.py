@@ -1,4 +1,4 @@
-"""The checkpoint store: the only code that writes, verifies, lists and deletes checkpoint files.
+"""The checkpoint store: the only code that writes, verifies, lists, retains and deletes checkpoints.
 
 A checkpoint exists whole or not at all (DESIGN.md, invariant 1):
 
@@ -22,9 +22,9 @@ import re
 import shutil
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,15 +33,12 @@ import orjson
 
 from farense import fsutil
 from farense.errors import CheckpointCorrupt, DiskFull, FarenseError
-from farense.layout import MANIFEST_NAME, TMP_MARK, checkpoint_name, is_temporary, parse_checkpoint_name
+from farense.layout import MANIFEST_NAME, checkpoint_name, is_temporary, parse_checkpoint_name
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "farense-checkpoint"
 MANIFEST_VERSION = 1
-# Free space under which a writer's failure that carries no errno (mx.save_safetensors raises a
-# plain RuntimeError "[write] Unable to write N bytes") is taken for a full disk.
-NO_ERRNO_DISK_FULL_BYTES = 1 << 20
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 Writer = Callable[[Path], None]
@@ -64,6 +61,39 @@ class CheckpointInfo:
         if name not in self.files:
             raise KeyError(f"checkpoint {self.path} has no file {name!r} (it has: {', '.join(self.files)})")
         return self.path / name
+
+
+class Verify(str, Enum):
+    """How hard to check a checkpoint: sizes only (planning over thousands, no hashing) or every SHA-256 (before loading)."""
+
+    SIZES = "sizes"
+    SHA256 = "sha256"
+
+
+@dataclass(frozen=True)
+class ScannedCheckpoint:
+    """A committed-looking checkpoint directory as planning sees it: its manifest's description, if usable."""
+
+    step: int
+    path: Path
+    info: CheckpointInfo | None  # None: no usable manifest, so never loadable
+    disk_bytes: int  # its files and manifest (the manifest's sizes; a directory walk when there is none)
+
+
+@dataclass(frozen=True)
+class SavePolicy:
+    """When a checkpoint is written, and which one is the best (the loop asks; the store keeps the answer)."""
+
+    every_steps: int
+
+    def due(self, step: int, total_steps: int, *, stopping: bool) -> bool:
+        """Every `every_steps` optimizer steps, at the last step, and whenever the run stops (early stop, signal)."""
+        return stopping or step == total_steps or step % self.every_steps == 0
+
+    @staticmethod
+    def is_best(val_loss: float | None, best_so_far: float | None) -> bool:
+        """A checkpoint is the best when its validation loss is lower than every earlier checkpoint's."""
+        return val_loss is not None and (best_so_far is None or val_loss < best_so_far)
 
 
 @dataclass(frozen=True)
@@ -155,9 +185,10 @@ class CheckpointStore:
         if existing is not None:
             return existing
 
-        tmp = self.directory / f"{final.name}{TMP_MARK}{uuid.uuid4().hex}"
+        tmp = fsutil.tmp_sibling(final)
         self._in_progress.add(tmp)
         in_writer = False
+        written: dict[str, Any] = {}
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             os.mkdir(tmp)
@@ -167,15 +198,17 @@ class CheckpointStore:
                 writers[name](target)
                 in_writer = False
                 _check_written(target, name)
-            manifest = self._write_manifest(tmp, step, meta_dict, names)
-            fsutil.fsync_dir(tmp)
-            existing = self._already_saved(final, step)  # another writer is a bug, but never clobber
-            if existing is not None:
-                _rmtree_quiet(tmp)
-                return existing
-            os.rename(tmp, final)
+            # Each file is hashed and fsynced through one descriptor while the manifest is written.
+            fsutil.commit_dir(tmp, final, synced=True,
+                              manifest=lambda d: written.update(self._write_manifest(d, step, meta_dict, names)),
+                              before_rename=lambda: self._refuse_overwrite(final, step))
+        except _AlreadySaved as done:
+            _rmtree_quiet(tmp)
+            return done.info
         except BaseException as exc:
-            # Classify before the rmtree frees the space that the no-errno check measures.
+            # Classify before the rmtree frees the space that the no-errno check measures. A
+            # failed parent fsync after the rename leaves the checkpoint (it verifies or it is
+            # skipped), but the run must stop all the same.
             disk_full = self._disk_full_error(exc, step, from_writer=in_writer)
             _rmtree_quiet(tmp)
             if disk_full is not None:
@@ -183,17 +216,12 @@ class CheckpointStore:
             raise
         finally:
             self._in_progress.discard(tmp)
+        return _info_from_manifest(final, written)
 
-        try:
-            fsutil.fsync_dir(self.directory)
-        except OSError as exc:
-            # The files themselves are durable; only the rename's durability is unknown. The
-            # checkpoint stays (it verifies or it is skipped), but the run must stop.
-            disk_full = self._disk_full_error(exc, step, from_writer=False)
-            if disk_full is not None:
-                raise disk_full from exc
-            raise
-        return _info_from_manifest(final, manifest)
+    def _refuse_overwrite(self, final: Path, step: int) -> None:
+        existing = self._already_saved(final, step)  # another writer is a bug, but never clobber
+        if existing is not None:
+            raise _AlreadySaved(existing)
 
     def _already_saved(self, final: Path, step: int) -> CheckpointInfo | None:
         if not os.path.lexists(final):
@@ -208,6 +236,7 @@ class CheckpointStore:
         )
 
     def _write_manifest(self, tmp: Path, step: int, meta: dict[str, Any], names: builtins.list[str]) -> dict[str, Any]:
+        """MANIFEST.json, written last into `tmp` and fsynced once, with each file's size and SHA-256."""
         files: dict[str, dict[str, Any]] = {}
         with os.scandir(tmp) as it:
             entries = sorted(it, key=lambda e: e.name)
@@ -241,29 +270,21 @@ class CheckpointStore:
         return manifest
 
     def _disk_full_error(self, exc: BaseException, step: int, *, from_writer: bool) -> DiskFull | None:
-        """The DiskFull to raise for a failed save, or None if `exc` is something else."""
+        """The DiskFull to raise for a failed save, or None if `exc` is something else.
+
+        Writers that wrap I/O in their own exception (mx.save_safetensors: RuntimeError "[write]
+        Unable to write N bytes to file.") carry no errno: then the filesystem is asked.
+        """
         if isinstance(exc, FarenseError):  # already named (DiskFull, Preempted, ...): keep it
             return None
-        for e in _chain(exc):
-            if isinstance(e, OSError) and e.errno in fsutil.DISK_FULL_ERRNOS:
-                return DiskFull(
-                    f"could not save checkpoint step {step} in {self.directory}: {os.strerror(e.errno)} "
-                    f"(errno {e.errno}); the partial write was removed. Free space and resume."
-                )
-        if from_writer and isinstance(exc, Exception) and not isinstance(exc, OSError):
-            # Writers that wrap I/O in their own exception (mx.save_safetensors: RuntimeError
-            # "[write] Unable to write N bytes to file.") carry no errno: ask the filesystem.
-            try:
-                free = fsutil.free_bytes(self.directory)
-            except OSError:
-                return None
-            if free < NO_ERRNO_DISK_FULL_BYTES:
-                return DiskFull(
-                    f"could not save checkpoint step {step} in {self.directory}: No space left on device "
-                    f"({free} bytes free after the writer failed with {exc!r}); the partial write was "
-                    f"removed. Free space and resume."
-                )
-        return None
+        no_errno = from_writer and isinstance(exc, Exception) and not isinstance(exc, OSError)
+        if not fsutil.is_disk_full_error(exc, self.directory if no_errno else None):
+            return None
+        code = fsutil.disk_full_errno(exc)
+        why = f"{os.strerror(code)} (errno {code})" if code is not None else \
+            f"No space left on device ({_free_bytes(self.directory)} bytes free after the writer failed with {exc!r})"
+        return DiskFull(f"could not save checkpoint step {step} in {self.directory}: {why}; the partial write was "
+                        "removed. Free space and resume.")
 
     # ------------------------------------------------------------------ reading
 
@@ -276,17 +297,17 @@ class CheckpointStore:
                 infos.append(_info_from_manifest(path, manifest))
         return infos
 
-    def verify(self, info_or_step: CheckpointInfo | int) -> tuple[bool, str]:
+    def verify(self, info_or_step: CheckpointInfo | int, level: Verify = Verify.SHA256) -> tuple[bool, str]:
         """Re-read every file against the manifest: (True, "ok") or (False, why it must not be loaded)."""
         if isinstance(info_or_step, CheckpointInfo):
             path = info_or_step.path
         else:
             _check_step(info_or_step)
             path = self.directory / checkpoint_name(info_or_step)
-        return self.verify_path(path)
+        return self.verify_path(path, level)
 
-    def verify_path(self, path: str | os.PathLike[str]) -> tuple[bool, str]:
-        """verify() for a checkpoint directory given by path."""
+    def verify_path(self, path: str | os.PathLike[str], level: Verify = Verify.SHA256) -> tuple[bool, str]:
+        """verify() for a checkpoint directory given by path; Verify.SIZES stops before hashing."""
         path = Path(path)
         if not path.is_dir():
             return False, "not a directory" if os.path.lexists(path) else "checkpoint directory missing"
@@ -314,6 +335,8 @@ class CheckpointStore:
             size = found.stat(follow_symlinks=False).st_size
             if size != entry["size"]:
                 return False, f"{name}: size {size} != manifest {entry['size']}"
+        if level is Verify.SIZES:
+            return True, "ok"
         for name, entry in sorted(files.items()):
             try:
                 digest = fsutil.sha256_file(path / name)
@@ -335,6 +358,66 @@ class CheckpointStore:
             except CheckpointCorrupt as exc:  # changed under us between verify and read
                 self.on_skip(path, getattr(exc, "reason", str(exc)))
         return None
+
+    def scan(self) -> builtins.list[ScannedCheckpoint]:
+        """Every committed-looking checkpoint directory, oldest first, with or without a usable manifest.
+
+        Reads manifests only (never hashes): planning over thousands of directories stays fast.
+        """
+        out = []
+        for step, path in self._committed_dirs():
+            manifest, _ = _load_manifest(path)
+            if manifest is None:
+                out.append(ScannedCheckpoint(step, path, None, fsutil.dir_size(path)))
+                continue
+            info = _info_from_manifest(path, manifest)
+            try:
+                manifest_bytes = os.stat(path / MANIFEST_NAME).st_size
+            except OSError:
+                manifest_bytes = 0
+            out.append(ScannedCheckpoint(step, path, info, info.size_bytes + manifest_bytes))
+        return out
+
+    def temporaries(self) -> builtins.list[Path]:
+        """Leftovers of interrupted writes and deletes (`*.tmp-*`) in the checkpoints directory."""
+        try:
+            with os.scandir(self.directory) as it:
+                return sorted(Path(e.path) for e in it if is_temporary(e.name))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    @staticmethod
+    def recorded_best(infos: Sequence[CheckpointInfo]) -> tuple[int | None, bool]:
+        """(best step, known?) as the manifests record it: the newest one's best_step, else the lowest val_loss."""
+        meta = infos[-1].meta
+        if "best_step" in meta:
+            b = meta["best_step"]
+            return (b if isinstance(b, int) and not isinstance(b, bool) else None), True
+        losses = [(v, i.step) for i in infos
+                  if isinstance(v := i.meta.get("val_loss"), (int, float)) and not isinstance(v, bool)]
+        if losses:
+            return min(losses)[1], True
+        return None, False
+
+    def retained(self, infos: Sequence[CheckpointInfo], policy: RetentionPolicy, *, best_step: int | None,
+                 protect: Iterable[int] = (), level: Verify = Verify.SHA256) -> set[int]:
+        """The steps retention keeps: the last keep_last, the newest, the protected, the best (with
+        keep_best) and the newest that verifies at `level` (so a damaged newest never costs the last good one)."""
+        if not infos:
+            return set()
+        keep = {info.step for info in infos[-policy.keep_last:]}
+        keep.add(infos[-1].step)
+        keep.update(protect)
+        if policy.keep_best and best_step is not None:
+            keep.add(best_step)
+        newest_good = next((info.step for info in reversed(infos) if self.verify(info, level)[0]), None)
+        if newest_good is not None:
+            keep.add(newest_good)
+        return keep
+
+    def committed_steps(self) -> builtins.list[int]:
+        """Steps of the committed-looking directories, by name only (no manifest read): for watchers."""
+        return [step for step, _ in self._committed_dirs()]
 
     def checkpoint_bytes(self, step: int) -> int | None:
         """Size of a committed checkpoint's files from its manifest; None if there is none."""
@@ -364,16 +447,7 @@ class CheckpointStore:
             return []
         with self._lock:
             infos = self.list()
-            if not infos:
-                return []
-            keep = {info.step for info in infos[-policy.keep_last :]}
-            keep.add(infos[-1].step)
-            keep.update(protect)
-            if policy.keep_best and best_step is not None:
-                keep.add(best_step)
-            newest_good = self._newest_verifying(infos)
-            if newest_good is not None:
-                keep.add(newest_good)
+            keep = self.retained(infos, policy, best_step=best_step, protect=protect)
             deleted = []
             for info in infos:
                 if info.step not in keep and self._delete(info.path):
@@ -418,8 +492,7 @@ class CheckpointStore:
             return 0
         freed = 0
         with self._lock:
-            with os.scandir(self.directory) as it:
-                leftovers = [Path(e.path) for e in it if is_temporary(e.name)]
+            leftovers = self.temporaries()
             for path in leftovers:
                 if path in self._in_progress:
                     continue
@@ -451,26 +524,21 @@ class CheckpointStore:
             return []
         return sorted(found)
 
-    def _newest_verifying(self, infos: builtins.list[CheckpointInfo]) -> int | None:
-        for info in reversed(infos):
-            if self.verify(info)[0]:
-                return info.step
-        return None
-
     def _delete(self, path: Path) -> bool:
-        # Rename first, so a delete cut short leaves a `.tmp-` leftover, never a half checkpoint
+        # Renamed first, so a delete cut short leaves a `.tmp-` leftover, never a half checkpoint
         # under a committed name.
-        doomed = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex}")
-        try:
-            os.rename(path, doomed)
-        except FileNotFoundError:
-            return False
-        fsutil.fsync_dir(path.parent)
-        shutil.rmtree(doomed, ignore_errors=True)
-        return True
+        return fsutil.remove_atomically(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+class _AlreadySaved(Exception):
+    """The step was committed by someone else while we wrote it (and it verifies): keep theirs."""
+
+    def __init__(self, info: CheckpointInfo):
+        super().__init__(str(info.path))
+        self.info = info
 
 
 def _warn_skip(path: Path, reason: str) -> None:
@@ -594,13 +662,11 @@ def _info_from_manifest(path: Path, manifest: Mapping[str, Any]) -> CheckpointIn
     )
 
 
-def _chain(exc: BaseException) -> Iterable[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
+def _free_bytes(path: Path) -> int | str:
+    try:
+        return fsutil.free_bytes(path)
+    except OSError:
+        return "?"
 
 
 def _rmtree_quiet(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Cleanup of what runs leave behind: stale checkpoints, interrupted writes, old runs, unused models.
+"""Cleanup planning and applying: stale checkpoints, interrupted writes, old runs, unused models.
 
 The seed's disk filled with 333 stale checkpoint directories; this is the policy that keeps that
 from happening again, as a plan (what would go, why, how many bytes) that a person or the pipeline
@@ -19,23 +19,21 @@ checkpoint under a committed name.
 from __future__ import annotations
 
 import os
-import shutil
 import time
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import orjson
 
 from . import fsutil
-from .config import format_size
+from .checkpoint import CheckpointStore, RetentionPolicy, ScannedCheckpoint, Verify
+from .config import CheckpointConfig, ExperimentConfig, format_size
 from .errors import RunLocked
-from .layout import MANIFEST_NAME, TMP_MARK, RunPaths, is_temporary, parse_checkpoint_name
+from .layout import CONFIG_FILE, RUN_LOCK_FILE, RUN_STATE_FILE, SUMMARY_FILE, RunPaths, is_temporary
 from .locks import LockInfo, RunLock, probe_lock
-from .runstate import read_run_state
-from .states import RunState
+from .runstate import RunState, find_runs, read_run_state
 
 OLD_CHECKPOINT = "old-checkpoint"
 TEMPORARY = "temporary"
@@ -45,8 +43,7 @@ KINDS = (OLD_CHECKPOINT, TEMPORARY, FINISHED_RUN_EXTRAS, HF_CACHE)
 
 # What an old finished run keeps: the final adapters, the summary and evaluation (decisions compare
 # them), and the small files that say what the run was.
-FINISHED_KEEP = frozenset({"adapters", "training_summary.json", "evaluation", "run_state.json", "config.json", "run.lock"})
-_RUN_MARKERS = ("checkpoints", "run_state.json", "run.lock", "training_summary.json")
+FINISHED_KEEP = frozenset({"adapters", SUMMARY_FILE, "evaluation", RUN_STATE_FILE, CONFIG_FILE, RUN_LOCK_FILE})
 _FINISHED_STATES = frozenset(s.value for s in RunState if s.finished)
 _MAX_DEPTH = 3  # runs_dir/<group>/<run>: the demo overlay puts runs under runs/demo/
 DAY = 86_400.0
@@ -192,13 +189,18 @@ def plan_cleanup(
     production_dir: str | os.PathLike[str] | None = None,
     keep_last: int = 3,
     keep_best: bool = True,
-    older_than_days: float = 30.0,
+    older_than_days: float | None = None,
     now: float | None = None,
     include_hf_cache: bool = False,
     referenced_models: Iterable[str] = (),
     hf_cache_dir: str | os.PathLike[str] | None = None,
 ) -> CleanupPlan:
-    """What a cleanup would delete, and why; touches nothing. `now` is Unix seconds (tests pass it)."""
+    """What a cleanup would delete, and why; touches nothing. `now` is Unix seconds (tests pass it).
+
+    `older_than_days` defaults to the config field checkpoint.cleanup_after_days's default.
+    """
+    if older_than_days is None:
+        older_than_days = CheckpointConfig().cleanup_after_days
     if keep_last < 1:
         raise ValueError(f"keep_last: expected an integer >= 1 (the latest checkpoint is needed to resume), got {keep_last}")
     t0 = time.perf_counter()
@@ -216,76 +218,16 @@ def plan_cleanup(
     return plan
 
 
-def _find_runs(root: Path, protected: _Protected, skipped: list[SkippedRun], depth: int = 0) -> Iterator[Path]:
-    """Run directories under `root` (a directory with checkpoints/, run_state.json or run.lock)."""
-    try:
-        with os.scandir(root) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for e in entries:
-        if is_temporary(e.name) or e.name.startswith("."):
-            continue
-        if e.is_symlink():
-            if any(os.path.lexists(os.path.join(e.path, m)) for m in _RUN_MARKERS):
-                skipped.append(SkippedRun(Path(e.path), "symlink: not followed"))
-            continue
-        if not e.is_dir(follow_symlinks=False):
-            continue
-        if (hit := protected.within(os.path.realpath(e.path))) is not None:
-            skipped.append(SkippedRun(Path(e.path), f"production: inside {hit}"))
-            continue
-        if any(os.path.lexists(os.path.join(e.path, m)) for m in _RUN_MARKERS):
-            yield Path(e.path)
-        elif depth + 1 < _MAX_DEPTH:
-            yield from _find_runs(Path(e.path), protected, skipped, depth + 1)
+def _find_runs(root: Path, protected: _Protected, skipped: list[SkippedRun]) -> list[Path]:
+    """Runs under `root` that cleanup may look at: never through a symlink, never inside production."""
+    def production(path: Path) -> str | None:
+        hit = protected.within(os.path.realpath(path))
+        return None if hit is None else f"production: inside {hit}"
 
-
-@dataclass
-class _Ckpt:
-    step: int
-    path: Path
-    manifest: dict[str, Any] | None  # None: missing or not readable, never loadable
-    bytes: int
-
-
-def _read_checkpoint(step: int, path: Path) -> _Ckpt:
-    """Sizes from the manifest (plus the manifest itself); a directory walk only when it is unusable."""
-    try:
-        raw = (path / MANIFEST_NAME).read_bytes()
-        m = orjson.loads(raw)
-        files = m["files"]
-        size = len(raw) + sum(int(f["size"]) for f in files.values())
-        if m.get("step") != step or not isinstance(m.get("meta"), dict) or not files:
-            raise ValueError("manifest does not describe this checkpoint")
-        return _Ckpt(step, path, m, size)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
-        return _Ckpt(step, path, None, fsutil.dir_size(path))
-
-
-def _intact(c: _Ckpt) -> bool:
-    """Every file the manifest lists is there with its size: cheap stand-in for verify (no hashing)."""
-    assert c.manifest is not None
-    for name, entry in c.manifest["files"].items():
-        try:
-            if os.stat(c.path / name, follow_symlinks=False).st_size != entry["size"]:
-                return False
-        except (OSError, KeyError, TypeError):
-            return False
-    return True
-
-
-def _best_step(valid: list[_Ckpt]) -> tuple[int | None, bool]:
-    """(best step, known?) from the newest manifest's meta; else the lowest val_loss recorded."""
-    meta = valid[-1].manifest["meta"]  # type: ignore[index]
-    if "best_step" in meta:
-        b = meta["best_step"]
-        return (b if isinstance(b, int) and not isinstance(b, bool) else None), True
-    losses = [(c.manifest["meta"].get("val_loss"), c.step) for c in valid]  # type: ignore[index]
-    losses = [(v, s) for v, s in losses if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if losses:
-        return min(losses)[1], True
-    return None, False
+    notes: list[tuple[Path, str]] = []
+    runs = find_runs(root, max_depth=_MAX_DEPTH, follow_symlinks=False, exclude=production, skipped=notes)
+    skipped.extend(SkippedRun(path, why) for path, why in notes)
+    return runs
 
 
 def _plan_run(plan: CleanupPlan, paths: RunPaths, protected: _Protected, *, now: float, models: set[str]) -> None:
@@ -296,59 +238,51 @@ def _plan_run(plan: CleanupPlan, paths: RunPaths, protected: _Protected, *, now:
     state = read_run_state(paths.state) or {}
     if (m := _run_model(paths)) is not None:
         models.add(m)
-    items: list[CleanupItem] = []
-    ckpt_real = os.path.realpath(paths.checkpoints)
-    committed: list[tuple[int, Path]] = []
-    try:
-        with os.scandir(paths.checkpoints) as it:
-            for e in it:
-                if is_temporary(e.name):
-                    items.append(CleanupItem(Path(e.path), TEMPORARY, fsutil.dir_size(e.path),
-                                             "left by an interrupted checkpoint write or delete", paths.root))
-                elif (step := parse_checkpoint_name(e.name)) is not None and e.is_dir(follow_symlinks=False):
-                    committed.append((step, Path(e.path)))
-    except (FileNotFoundError, NotADirectoryError):
-        pass
+    store = CheckpointStore(paths.checkpoints)
+    items = [CleanupItem(p, TEMPORARY, fsutil.dir_size(p), "left by an interrupted checkpoint write or delete",
+                         paths.root) for p in store.temporaries()]
     items += _run_temporaries(paths)
-    ckpts = [_read_checkpoint(s, p) for s, p in sorted(committed)]
-    valid = [c for c in ckpts if c.manifest is not None]
-    newest_valid = valid[-1].step if valid else None
-
+    ckpts = store.scan()
     age_days = _finished_age_days(paths, state, now)
     state_name = state.get("state") if isinstance(state.get("state"), str) else None
     kept: list[int] = []
     best: int | None = None
-    if age_days is not None and age_days > plan.older_than_days and (paths.adapters / "adapters.safetensors").is_file():
+    if age_days is not None and age_days > plan.older_than_days and paths.best_adapters.is_file():
         why = f"finished {age_days:.0f} days ago ({state_name}): only the final adapters and summary are kept"
-        items += [CleanupItem(c.path, FINISHED_RUN_EXTRAS, c.bytes, why, paths.root, c.step) for c in ckpts]
+        items += [CleanupItem(c.path, FINISHED_RUN_EXTRAS, c.disk_bytes, why, paths.root, c.step) for c in ckpts]
         items += _finished_extras(paths, why)
     else:
-        keep = {c.step for c in valid[-plan.keep_last:]}
-        best_known = True
-        if valid:
-            best, best_known = _best_step(valid) if plan.keep_best else (None, True)
-            if best is not None:
-                keep.add(best)
-            for c in reversed(valid):  # the newest intact one, should the newest be damaged
-                if _intact(c):
-                    keep.add(c.step)
-                    break
-        kept = sorted(keep)
-        if not best_known:
-            plan.skipped.append(SkippedRun(paths.root, "checkpoints kept: best step unknown (no best_step or "
-                                                       "val_loss in the manifests)"))
-            kept = [c.step for c in valid]
-        else:
-            desc = f"beyond keep_last={plan.keep_last} (kept: {', '.join(map(str, kept)) or 'none'}"
-            desc += f"; best: {best})" if plan.keep_best else ")"
-            for c in valid:
-                if c.step not in keep:
-                    items.append(CleanupItem(c.path, OLD_CHECKPOINT, c.bytes, desc, paths.root, c.step))
-        for c in ckpts:
-            if c.manifest is None and newest_valid is not None and c.step < newest_valid:
-                items.append(CleanupItem(c.path, OLD_CHECKPOINT, c.bytes,
-                                         f"no usable manifest: never loadable, older than step {newest_valid}",
-                                         paths.root, c.step))
+        kept, best = _plan_checkpoints(plan, paths, store, ckpts, items)
+    _add_unprotected(plan, paths, protected, items)
+    plan.runs.append(RunPlan(paths.root, state_name, len(ckpts), tuple(kept), best, lock))
+
+
+def _plan_checkpoints(plan: CleanupPlan, paths: RunPaths, store: CheckpointStore, ckpts: list[ScannedCheckpoint],
+                      items: list[CleanupItem]) -> tuple[list[int], int | None]:
+    """Retention as the store keeps it (checked by sizes only), plus old directories that can never load."""
+    valid = [c.info for c in ckpts if c.info is not None]
+    best, best_known = store.recorded_best(valid) if valid and plan.keep_best else (None, True)
+    keep = store.retained(valid, RetentionPolicy(plan.keep_last, plan.keep_best), best_step=best, level=Verify.SIZES)
+    kept = sorted(keep)
+    if not best_known:
+        plan.skipped.append(SkippedRun(paths.root, "checkpoints kept: best step unknown (no best_step or "
+                                                   "val_loss in the manifests)"))
+        kept = [c.step for c in valid]
+    else:
+        desc = f"beyond keep_last={plan.keep_last} (kept: {', '.join(map(str, kept)) or 'none'}"
+        desc += f"; best: {best})" if plan.keep_best else ")"
+        items += [CleanupItem(c.path, OLD_CHECKPOINT, c.disk_bytes, desc, paths.root, c.step)
+                  for c in ckpts if c.info is not None and c.step not in keep]
+    newest_valid = valid[-1].step if valid else None
+    items += [CleanupItem(c.path, OLD_CHECKPOINT, c.disk_bytes,
+                          f"no usable manifest: never loadable, older than step {newest_valid}", paths.root, c.step)
+              for c in ckpts if c.info is None and newest_valid is not None and c.step < newest_valid]
+    return kept, best
+
+
+def _add_unprotected(plan: CleanupPlan, paths: RunPaths, protected: _Protected, items: list[CleanupItem]) -> None:
+    """Items enter the plan unless deleting them would touch production."""
+    ckpt_real = os.path.realpath(paths.checkpoints)
     run_real = os.path.realpath(paths.root)
     for item in items:
         if item.path.parent == paths.checkpoints:  # no realpath per checkpoint: thousands of them
@@ -359,7 +293,6 @@ def _plan_run(plan: CleanupPlan, paths: RunPaths, protected: _Protected, *, now:
             plan.skipped.append(SkippedRun(item.path, f"production: {hit}"))
             continue
         plan.items.append(item)
-    plan.runs.append(RunPlan(paths.root, state_name, len(ckpts), tuple(kept), best, lock))
 
 
 def _run_temporaries(paths: RunPaths) -> list[CleanupItem]:
@@ -430,6 +363,19 @@ def _plan_hf_cache(plan: CleanupPlan, protected: _Protected, models: set[str], c
                                       f"{repo.repo_id}: no config or run refers to it"))
 
 
+def plan_for_config(config: ExperimentConfig, *, older_than_days: float | None = None, **kw: Any) -> CleanupPlan:
+    """The cleanup plan of a config's runs directory by its own retention policy."""
+    return plan_cleanup(config.runs_dir, production_dir=config.production_dir, keep_last=config.checkpoint.keep_last,
+                        keep_best=config.checkpoint.keep_best,
+                        older_than_days=config.checkpoint.cleanup_after_days if older_than_days is None else older_than_days,
+                        **kw)
+
+
+def free_space_now(config: ExperimentConfig) -> int:
+    """Apply the config's cleanup policy at once (after a disk-full pause); returns the bytes freed."""
+    return apply_cleanup(plan_for_config(config)).bytes_freed
+
+
 def referenced_models(runs_dir: str | os.PathLike[str], config_dir: str | os.PathLike[str] | None = None) -> set[str]:
     """Model paths / repo ids named by the configs in `config_dir` and by every run's config.json."""
     from .config import ConfigError, default_config_dir, load_config
@@ -471,7 +417,7 @@ def apply_cleanup(plan: CleanupPlan, *, lock_timeout: float = 0.2) -> CleanupRes
             except OSError as exc:
                 # A disk too full to create run.lock: no trainer can hold a lock file that does not
                 # exist, and freeing space is the point, so go on when nobody holds one.
-                if exc.errno not in fsutil.DISK_FULL_ERRNOS or probe_lock(RunPaths(run).lock).held:
+                if not fsutil.is_disk_full_error(exc) or probe_lock(RunPaths(run).lock).held:
                     result.errors.append(f"{run}: cannot take the run lock: {exc}")
                     continue
         try:
@@ -496,26 +442,7 @@ _rename = os.rename  # a seam: tests make it fail as a full ext4 directory block
 
 def _delete(path: Path) -> bool:
     """Rename to a `.tmp-` name (readers never see it again), fsync the parent, then remove it."""
-    doomed = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-    try:
-        _rename(path, doomed)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        # The longer name may need a new directory block that a full disk cannot give. Delete in
-        # place, manifest first: from then on no reader takes what is left for a checkpoint.
-        if exc.errno not in fsutil.DISK_FULL_ERRNOS or not path.is_dir() or path.is_symlink():
-            raise
-        (path / MANIFEST_NAME).unlink(missing_ok=True)
-        fsutil.fsync_dir(path)
-        shutil.rmtree(path)
-        return True
-    fsutil.fsync_dir(path.parent)
-    if doomed.is_dir() and not doomed.is_symlink():
-        shutil.rmtree(doomed)
-    else:
-        doomed.unlink()
-    return True
+    return fsutil.remove_atomically(path, rename=lambda a, b: _rename(a, b))
 
 
 # --------------------------------------------------------------------------- presentation

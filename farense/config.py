@@ -16,7 +16,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import orjson
 
@@ -67,70 +67,91 @@ class Size(int):
 # --------------------------------------------------------------------------- sections
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass(frozen=True)
-class ModelConfig:
-    path: str = _f("", "Local model directory (Hugging Face layout), a .gguf file (imported once into "
-                       ".farense/models) or a Hugging Face repo id.")
-    quantize_bits: int = _f(0, "Quantize the base model on load: 0 keeps it as stored, 4 or 8 for QLoRA.")
-    quantize_group_size: int = _f(64, "Group size for on-load quantization (32, 64 or 128).")
-    trust_remote_code: bool = _f(False, "Allow tokenizer code shipped with the model.")
-    compute: str = _f("auto", "What a quantized base computes in: 'quantized' (QLoRA, 4-bit matmuls), 'dequantized' "
-                              "(dequantized once at load: faster where memory allows), or 'auto' (dequantized when "
-                              "the device's memory holds it with headroom; always on the CPU, in fp32).")
+class Check:
+    """A field's rule: `ok(value)`, and what is expected, as the error message says it."""
+
+    ok: Callable[[Any], bool]
+    expected: str
+
+
+def at_least(n: int, note: str = "") -> Check:
+    return Check(lambda v: v >= n, f"an integer >= {n}{note}")
+
+
+def number(op: str, n: float) -> Check:
+    """A number > n or >= n; NaN never passes."""
+    return Check((lambda v: v > n) if op == ">" else (lambda v: v >= n), f"a number {op} {n:g}")
+
+
+def one_of(*options: Any, text: str | None = None) -> Check:
+    return Check(lambda v: v in options, text or f"one of {', '.join(map(str, options))}")
+
+
+def _f(default: Any, help: str, check: Check | None = None, **kw: Any) -> Any:
+    meta = {"help": help, "check": check, **kw}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class _Section:
+    """A config section validates itself: each field's Check, then the rules that join fields (`cross`)."""
+
+    section: typing.ClassVar[str] = ""
 
     def problems(self) -> list[str]:
         out = []
-        if not self.path:
-            out.append("model.path: expected a model directory or a Hugging Face repo id, got nothing")
-        if self.quantize_bits not in (0, 4, 8):
-            out.append(f"model.quantize_bits: expected 0, 4 or 8, got {self.quantize_bits}")
-        if self.quantize_group_size not in (32, 64, 128):
-            out.append(f"model.quantize_group_size: expected 32, 64 or 128, got {self.quantize_group_size}")
-        if self.compute not in COMPUTE_MODES:
-            out.append(f"model.compute: expected one of {', '.join(COMPUTE_MODES)}, got {self.compute!r}")
-        return out
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            check, value = f.metadata.get("check"), getattr(self, f.name)
+            if check is not None and not check.ok(value):
+                got = "nothing" if value == "" else repr(value)
+                out.append(f"{self.section}.{f.name}: expected {check.expected}, got {got}")
+        return out + self.cross()
+
+    def cross(self) -> list[str]:
+        return []
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    dir: str = _f("", "Directory with train.jsonl, valid.jsonl and test.jsonl (mlx-lm formats).")
+class ModelConfig(_Section):
+    section = "model"
+    path: str = _f("", "Local model directory (Hugging Face layout), a .gguf file (imported once into "
+                       ".farense/models) or a Hugging Face repo id.",
+                   Check(bool, "a model directory or a Hugging Face repo id"))
+    quantize_bits: int = _f(0, "Quantize the base model on load: 0 keeps it as stored, 4 or 8 for QLoRA.",
+                            one_of(0, 4, 8, text="0, 4 or 8"))
+    quantize_group_size: int = _f(64, "Group size for on-load quantization (32, 64 or 128).",
+                                  one_of(32, 64, 128, text="32, 64 or 128"))
+    trust_remote_code: bool = _f(False, "Allow tokenizer code shipped with the model.")
+    compute: str = _f("auto", "What a quantized base computes in: 'quantized' (QLoRA, 4-bit matmuls), 'dequantized' "
+                              "(dequantized once at load: faster where memory allows), or 'auto' (dequantized when "
+                              "the device's memory holds it with headroom; always on the CPU, in fp32).",
+                   one_of(*COMPUTE_MODES))
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    section = "data"
+    dir: str = _f("", "Directory with train.jsonl, valid.jsonl and test.jsonl (mlx-lm formats).",
+                  Check(bool, "a directory with train.jsonl and valid.jsonl"))
     chat_feature: str = _f("messages", "Key of the chat messages list in chat data.")
     prompt_feature: str = _f("prompt", "Key of the prompt in prompt/completion data.")
     completion_feature: str = _f("completion", "Key of the completion in prompt/completion data.")
     text_feature: str = _f("text", "Key of the text in plain-text data.")
 
-    def problems(self) -> list[str]:
-        return [] if self.dir else ["data.dir: expected a directory with train.jsonl and valid.jsonl, got nothing"]
-
 
 @dataclass(frozen=True)
-class LoraConfig:
-    type: str = _f("lora", "Adapter type: lora or dora.")
-    rank: int = _f(8, "LoRA rank (r).")
-    scale: float = _f(20.0, "LoRA scale (mlx-lm's name; other frameworks call alpha/r the scale).")
-    dropout: float = _f(0.0, "Dropout on the LoRA input, 0 <= dropout < 1.")
-    num_layers: int = _f(16, "How many of the last transformer blocks get adapters (-1: all).")
+class LoraConfig(_Section):
+    section = "lora"
+    type: str = _f("lora", "Adapter type: lora or dora.", one_of("lora", "dora", text="'lora' or 'dora'"))
+    rank: int = _f(8, "LoRA rank (r).", at_least(1))
+    scale: float = _f(20.0, "LoRA scale (mlx-lm's name; other frameworks call alpha/r the scale).", number(">", 0))
+    dropout: float = _f(0.0, "Dropout on the LoRA input, 0 <= dropout < 1.",
+                        Check(lambda v: 0.0 <= v < 1.0, "0 <= dropout < 1"))
+    num_layers: int = _f(16, "How many of the last transformer blocks get adapters (-1: all).",
+                         Check(lambda v: v > 0 or v == -1, "a positive number of layers or -1 for all"))
     keys: list[str] = _f([], "Module keys to adapt (e.g. self_attn.q_proj); empty: every linear layer, as mlx-lm does.")
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.type not in ("lora", "dora"):
-            out.append(f"lora.type: expected 'lora' or 'dora', got {self.type!r}")
-        if self.rank < 1:
-            out.append(f"lora.rank: expected an integer >= 1, got {self.rank}")
-        if self.scale <= 0:
-            out.append(f"lora.scale: expected a number > 0, got {self.scale}")
-        if not 0.0 <= self.dropout < 1.0:
-            out.append(f"lora.dropout: expected 0 <= dropout < 1, got {self.dropout}")
-        if self.num_layers == 0 or self.num_layers < -1:
-            out.append(f"lora.num_layers: expected a positive number of layers or -1 for all, got {self.num_layers}")
-        return out
 
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -138,43 +159,31 @@ OPTIMIZERS = ("adam", "adamw")
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
-    batch_size: int = _f(4, "Examples per micro-batch (split across ranks in distributed runs).")
-    grad_accumulation: int = _f(1, "Micro-batches accumulated into one optimizer step.")
-    learning_rate: float = _f(1e-5, "Peak learning rate.")
-    schedule: str = _f("constant", "Learning-rate schedule after warm-up: constant, cosine or linear decay.")
-    warmup_steps: int = _f(0, "Optimizer steps of linear warm-up from 0 to learning_rate.")
+class TrainingConfig(_Section):
+    section = "training"
+    batch_size: int = _f(4, "Examples per micro-batch (split across ranks in distributed runs).", at_least(1))
+    grad_accumulation: int = _f(1, "Micro-batches accumulated into one optimizer step.", at_least(1))
+    learning_rate: float = _f(1e-5, "Peak learning rate.", number(">", 0))
+    schedule: str = _f("constant", "Learning-rate schedule after warm-up: constant, cosine or linear decay.",
+                       one_of(*SCHEDULES))
+    warmup_steps: int = _f(0, "Optimizer steps of linear warm-up from 0 to learning_rate.", at_least(0))
     min_learning_rate: float = _f(0.0, "Learning rate at the end of a cosine or linear decay.")
-    optimizer: str = _f("adam", "adam or adamw.")
-    weight_decay: float = _f(0.0, "Weight decay (adamw only).")
+    optimizer: str = _f("adam", "adam or adamw.", one_of(*OPTIMIZERS))
+    weight_decay: float = _f(0.0, "Weight decay (adamw only).", number(">=", 0))
     iters: int = _f(0, "Optimizer steps to run; set this or epochs, not both.")
     epochs: int = _f(0, "Passes over the training split; set this or iters, not both.")
-    max_seq_length: int = _f(2048, "Longer examples are truncated (data validation counts them).")
-    seed: int = _f(0, "Seed for weights init, dropout and the data order.")
+    max_seq_length: int = _f(2048, "Longer examples are truncated (data validation counts them).", at_least(8))
+    seed: int = _f(0, "Seed for weights init, dropout and the data order.", at_least(0))
     grad_checkpoint: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     mask_prompt: bool = _f(False, "Compute the loss on the answer only.")
 
-    def problems(self) -> list[str]:
+    def cross(self) -> list[str]:
         out = []
-        if self.batch_size < 1:
-            out.append(f"training.batch_size: expected an integer >= 1, got {self.batch_size}")
-        if self.grad_accumulation < 1:
-            out.append(f"training.grad_accumulation: expected an integer >= 1, got {self.grad_accumulation}")
-        if not self.learning_rate > 0:
-            out.append(f"training.learning_rate: expected a number > 0, got {self.learning_rate}")
-        if self.schedule not in SCHEDULES:
-            out.append(f"training.schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.warmup_steps < 0:
-            out.append(f"training.warmup_steps: expected an integer >= 0, got {self.warmup_steps}")
         if self.min_learning_rate < 0 or 0 < self.learning_rate < self.min_learning_rate:  # a bad lr is reported once
             out.append(
                 f"training.min_learning_rate: expected 0 <= min_learning_rate <= learning_rate "
                 f"({self.learning_rate}), got {self.min_learning_rate}"
             )
-        if self.optimizer not in OPTIMIZERS:
-            out.append(f"training.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.weight_decay < 0:
-            out.append(f"training.weight_decay: expected a number >= 0, got {self.weight_decay}")
         if self.iters < 0 or self.epochs < 0:
             out.append("training.iters / training.epochs: expected numbers >= 0")
         elif (self.iters > 0) == (self.epochs > 0):
@@ -184,75 +193,55 @@ class TrainingConfig:
             )
         if self.warmup_steps and self.iters and self.warmup_steps >= self.iters:
             out.append(f"training.warmup_steps: expected fewer than training.iters ({self.iters}), got {self.warmup_steps}")
-        if self.max_seq_length < 8:
-            out.append(f"training.max_seq_length: expected an integer >= 8, got {self.max_seq_length}")
-        if self.seed < 0:
-            out.append(f"training.seed: expected an integer >= 0, got {self.seed}")
         return out
 
 
 @dataclass(frozen=True)
-class ValidationConfig:
-    every_steps: int = _f(50, "Optimizer steps between validation passes (and the last step).")
-    batches: int = _f(-1, "Validation batches per pass; -1 uses the whole validation split.")
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.every_steps < 1:
-            out.append(f"validation.every_steps: expected an integer >= 1, got {self.every_steps}")
-        if self.batches == 0 or self.batches < -1:
-            out.append(f"validation.batches: expected a positive number or -1 for all, got {self.batches}")
-        return out
+class ValidationConfig(_Section):
+    section = "validation"
+    every_steps: int = _f(50, "Optimizer steps between validation passes (and the last step).", at_least(1))
+    batches: int = _f(-1, "Validation batches per pass; -1 uses the whole validation split.",
+                      Check(lambda v: v > 0 or v == -1, "a positive number or -1 for all"))
 
 
 @dataclass(frozen=True)
-class EarlyStoppingConfig:
-    patience: int = _f(0, "Validations without an improvement larger than min_delta before stopping; 0 disables.")
-    min_delta: float = _f(0.0, "Smallest decrease in validation loss that counts as an improvement.")
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.patience < 0:
-            out.append(f"early_stopping.patience: expected an integer >= 0 (0 disables), got {self.patience}")
-        if self.min_delta < 0:
-            out.append(f"early_stopping.min_delta: expected a number >= 0, got {self.min_delta}")
-        return out
+class EarlyStoppingConfig(_Section):
+    section = "early_stopping"
+    patience: int = _f(0, "Validations without an improvement larger than min_delta before stopping; 0 disables.",
+                       at_least(0, " (0 disables)"))
+    min_delta: float = _f(0.0, "Smallest decrease in validation loss that counts as an improvement.", number(">=", 0))
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
-    every_steps: int = _f(200, "Optimizer steps between full checkpoints.")
-    keep_last: int = _f(3, "Newest checkpoints kept by retention (the best is kept besides).")
+class CheckpointConfig(_Section):
+    section = "checkpoint"
+    every_steps: int = _f(200, "Optimizer steps between full checkpoints.", at_least(1))
+    keep_last: int = _f(3, "Newest checkpoints kept by retention (the best is kept besides).",
+                        at_least(1, " (the latest is needed to resume)"))
     keep_best: bool = _f(True, "Always keep the checkpoint with the best validation loss.")
+    cleanup_after_days: float = _f(30.0, "Cleanup keeps only the adapters, summary and evaluation of runs "
+                                         "finished longer ago than this.", number(">=", 0))
 
-    def problems(self) -> list[str]:
-        out = []
-        if self.every_steps < 1:
-            out.append(f"checkpoint.every_steps: expected an integer >= 1, got {self.every_steps}")
-        if self.keep_last < 1:
-            out.append(f"checkpoint.keep_last: expected an integer >= 1 (the latest is needed to resume), got {self.keep_last}")
-        return out
+
+_PERCENT = Check(lambda v: 0 < v <= 100, "a percentage in (0, 100]")
 
 
 @dataclass(frozen=True)
-class DiskConfig:
-    low_used_percent: float = _f(85.0, "Low watermark: warn and prune to policy above this share used...")
+class DiskConfig(_Section):
+    section = "disk"
+    low_used_percent: float = _f(85.0, "Low watermark: warn and prune to policy above this share used...", _PERCENT)
     low_free: Size = _f(Size(20 * 10**9), "...or below this much free, whichever is stricter.")
-    high_used_percent: float = _f(90.0, "High watermark: prune to latest + best above this share used...")
+    high_used_percent: float = _f(90.0, "High watermark: prune to latest + best above this share used...", _PERCENT)
     high_free: Size = _f(Size(10 * 10**9), "...or below this much free.")
-    flood_used_percent: float = _f(95.0, "Flood: write nothing, pause the run, above this share used...")
+    flood_used_percent: float = _f(95.0, "Flood: write nothing, pause the run, above this share used...", _PERCENT)
     flood_free: Size = _f(Size(5 * 10**9), "...or below this much free (or below the next checkpoint + reserve).")
     reserve: Size = _f(Size(1 * 10**9), "Space always left free for the system, added to every estimate.")
-    hysteresis_percent: float = _f(2.0, "Leave a level only when usage falls this many points below it.")
-    check_interval_seconds: float = _f(60.0, "Seconds between watermark checks during training.")
+    hysteresis_percent: float = _f(2.0, "Leave a level only when usage falls this many points below it.",
+                                   Check(lambda v: 0 <= v < 50, "0 <= value < 50"))
+    check_interval_seconds: float = _f(60.0, "Seconds between watermark checks during training.", number(">", 0))
 
-    def problems(self) -> list[str]:
+    def cross(self) -> list[str]:
         out = []
-        pcts = [("low_used_percent", self.low_used_percent), ("high_used_percent", self.high_used_percent),
-                ("flood_used_percent", self.flood_used_percent)]
-        for key, v in pcts:
-            if not 0 < v <= 100:
-                out.append(f"disk.{key}: expected a percentage in (0, 100], got {v}")
         if not self.low_used_percent <= self.high_used_percent <= self.flood_used_percent:
             out.append(
                 "disk: expected low_used_percent <= high_used_percent <= flood_used_percent, got "
@@ -263,20 +252,17 @@ class DiskConfig:
                 "disk: expected low_free >= high_free >= flood_free, got "
                 f"{format_size(self.low_free)} / {format_size(self.high_free)} / {format_size(self.flood_free)}"
             )
-        if not 0 <= self.hysteresis_percent < 50:
-            out.append(f"disk.hysteresis_percent: expected 0 <= value < 50, got {self.hysteresis_percent}")
-        if self.check_interval_seconds <= 0:
-            out.append(f"disk.check_interval_seconds: expected a number > 0, got {self.check_interval_seconds}")
         return out
 
 
 @dataclass(frozen=True)
-class OverfittingConfig:
+class OverfittingConfig(_Section):
+    section = "overfitting"
     excelente_below: float = _f(0.05, "Gap (val - train loss) below this is EXCELENTE.")
     bom_below: float = _f(0.15, "Below this BOM (the seed's target).")
     moderado_below: float = _f(0.30, "Below this MODERADO; at or above it CRÍTICO.")
 
-    def problems(self) -> list[str]:
+    def cross(self) -> list[str]:
         if not 0 < self.excelente_below <= self.bom_below <= self.moderado_below:
             return [
                 "overfitting: expected 0 < excelente_below <= bom_below <= moderado_below, got "
@@ -286,49 +272,33 @@ class OverfittingConfig:
 
 
 @dataclass(frozen=True)
-class EvaluationConfig:
-    max_new_tokens: int = _f(64, "Tokens generated per test answer (greedy).")
-    batch_size: int = _f(8, "Prompts generated together.")
-    max_examples: int = _f(0, "Evaluate at most this many test examples; 0 for all.")
+class EvaluationConfig(_Section):
+    section = "evaluation"
+    max_new_tokens: int = _f(64, "Tokens generated per test answer (greedy).", at_least(1))
+    batch_size: int = _f(8, "Prompts generated together.", at_least(1))
+    max_examples: int = _f(0, "Evaluate at most this many test examples; 0 for all.", at_least(0, " (0 for all)"))
 
-    def problems(self) -> list[str]:
-        out = []
-        if self.max_new_tokens < 1:
-            out.append(f"evaluation.max_new_tokens: expected an integer >= 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            out.append(f"evaluation.batch_size: expected an integer >= 1, got {self.batch_size}")
-        if self.max_examples < 0:
-            out.append(f"evaluation.max_examples: expected an integer >= 0 (0 for all), got {self.max_examples}")
-        return out
+
+_UNIT = Check(lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 @dataclass(frozen=True)
-class DecisionConfig:
-    max_gap: float = _f(0.15, "A candidate is preferred only if its train/validation gap is below this.")
-    min_f1: float = _f(0.93, "F1 at or above this means ready for production.")
-    max_f1_drop: float = _f(0.01, "A candidate may trail the incumbent's F1 by at most this much.")
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.max_gap <= 0:
-            out.append(f"decision.max_gap: expected a number > 0, got {self.max_gap}")
-        if not 0 <= self.min_f1 <= 1:
-            out.append(f"decision.min_f1: expected a number in [0, 1], got {self.min_f1}")
-        if not 0 <= self.max_f1_drop <= 1:
-            out.append(f"decision.max_f1_drop: expected a number in [0, 1], got {self.max_f1_drop}")
-        return out
+class DecisionConfig(_Section):
+    section = "decision"
+    max_gap: float = _f(0.15, "A candidate is preferred only if its train/validation gap is below this.",
+                        number(">", 0))
+    min_f1: float = _f(0.93, "F1 at or above this means ready for production.", _UNIT)
+    max_f1_drop: float = _f(0.01, "A candidate may trail the incumbent's F1 by at most this much.", _UNIT)
 
 
 @dataclass(frozen=True)
-class OutputConfig:
+class OutputConfig(_Section):
+    section = "output"
     runs_dir: str = _f("runs", "Where run directories live (checkpoints, metrics, adapters).")
     production_dir: str = _f("production", "Where releases live; production/current points at one.")
-    run_name: str = _f("", "Run directory name; empty uses the config's name.")
-
-    def problems(self) -> list[str]:
-        if self.run_name and not re.fullmatch(r"[A-Za-z0-9._-]+", self.run_name):
-            return [f"output.run_name: expected letters, digits, '.', '_' or '-', got {self.run_name!r}"]
-        return []
+    run_name: str = _f("", "Run directory name; empty uses the config's name.",
+                       Check(lambda v: not v or re.fullmatch(r"[A-Za-z0-9._-]+", v) is not None,
+                             "letters, digits, '.', '_' or '-'"))
 
 
 SECTIONS: dict[str, type] = {

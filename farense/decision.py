@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -31,7 +31,7 @@ from .config import DecisionConfig
 from .console import markdown_table
 from .errors import FarenseError
 from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
-from .layout import ProductionPaths, RunPaths
+from .layout import SUMMARY_FILE, ProductionPaths, RunPaths
 
 TOLERANCE = 1e-9
 REPORT_NAME = "evaluation_report.json"
@@ -187,7 +187,7 @@ def report_from_release(release_dir: Path) -> RunReport:
     manifest = _read_json(release_dir / RELEASE_MANIFEST, "release manifest")
     return _report_from_files(
         manifest.get("run_name", release_dir.name), "release", release_dir, release_dir / REPORT_NAME,
-        release_dir / "training_summary.json", release_id=manifest.get("id", release_dir.name),
+        release_dir / SUMMARY_FILE, release_id=manifest.get("id", release_dir.name),
     )
 
 
@@ -209,6 +209,34 @@ def load_report(path: Path) -> RunReport:
         assert inc is not None
         return inc
     return report_from_run(path)
+
+
+PRODUCTION = "production"  # the incumbent named by default: what production/current serves
+
+
+def incumbent_dir(spec: str, config_run_dir: Callable[[str], Path]) -> Path | None:
+    """Where the incumbent `spec` names lives: None for production, else a run, release or production
+    directory given as a path, or the run directory of a config name (`config_run_dir` resolves it)."""
+    if spec == PRODUCTION:
+        return None
+    p = Path(spec)
+    return p.resolve() if p.is_dir() else config_run_dir(spec)
+
+
+def load_incumbent(spec: str, production_dir: Path, config_run_dir: Callable[[str], Path]) -> RunReport | None:
+    """The report a candidate is compared with; None when `spec` is production and nothing was promoted."""
+    where = incumbent_dir(spec, config_run_dir)
+    return incumbent_from_production(production_dir) if where is None else load_report(where)
+
+
+def check_incumbent(spec: str, config_run_dir: Callable[[str], Path]) -> None:
+    """Fail before training if the run to compare with has no evaluation (production may be empty)."""
+    where = incumbent_dir(spec, config_run_dir)
+    if where is not None and not (RunPaths(where).evaluation / REPORT_NAME).is_file():
+        raise FarenseError(
+            f"compare_with={spec!r}: {where} has no evaluation report; train and evaluate it first "
+            f"(e.g. run this flow with config={spec!r})"
+        )
 
 
 # --------------------------------------------------------------------------- comparison

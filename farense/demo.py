@@ -10,7 +10,7 @@ a tokenizer trained on the shipped data) and the data ships inside the package.
         data/                     train.jsonl, valid.jsonl, test.jsonl (copies of farense/demo_data),
                                   .farense-demo.json (says the folder is ours to replace)
         model.tmp-<hex>/          a build in progress or killed (never read, removed by the next build)
-        .farense-demo.lock        fcntl.flock held while building
+        .farense-demo.lock        the build lock (farense.locks) held while building
 
 A build counts only when the marker verifies: same DEMO_VERSION and seed, every file it lists
 present with its size and SHA-256, and data identical to the shipped data.
@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FarenseError
-from .fsutil import exclusive_flock, fsync_dir, fsync_file, sha256_file, swap_in_dir, tmp_sibling, write_new_file
+from .fsutil import commit_dir, fsync_file, sha256_file, staged_dir, write_new_file
 from .layout import TMP_MARK
+from .locks import RunLock
 
 # Bump when anything that ends up in the built files changes (dimensions, tokenizer, template,
 # initialisation): an older build then stops counting and is rebuilt.
@@ -205,40 +206,35 @@ def build_demo(directory: str | os.PathLike[str], *, seed: int = 0, force: bool 
     if not force and _verify(paths, seed):
         return paths
     paths.root.mkdir(parents=True, exist_ok=True)
-    with exclusive_flock(paths.root / LOCK_NAME):
+    # flock is released by the kernel when the holder dies, even by SIGKILL: it never goes stale.
+    with RunLock(paths.root / LOCK_NAME, command="demo init", timeout=None):
         if not force and _verify(paths, seed):  # another process finished it while we waited
             return paths
         _refuse_foreign(paths)
         _remove_leftovers(paths.root)
-        data_tmp, model_tmp = tmp_sibling(paths.data), tmp_sibling(paths.model)
-        try:
+        # After a failure (ENOSPC, an error in mlx): no temporaries left behind.
+        with staged_dir(paths.data) as data_tmp, staged_dir(paths.model) as model_tmp:
             write_shipped_data(data_tmp, {"demo_version": DEMO_VERSION, "seed": seed})
 
-            model_tmp.mkdir()
             summary = _write_model(model_tmp, seed)
             files = {f"model/{p.name}": _file_record(p) for p in sorted(model_tmp.iterdir())}
             files.update({f"data/{p.name}": _file_record(p) for p in sorted(data_tmp.iterdir())})
             _write_json(model_tmp / MARKER_NAME, {"demo_version": DEMO_VERSION, "seed": seed, **summary,
                                                   "files": files})  # last: it makes the build count
-            fsync_dir(model_tmp)
 
             # Data first, model last: until the new model (and its marker) is in place, the build
             # does not verify, whatever moment a kill comes at.
-            swap_in_dir(data_tmp, paths.data)
-            swap_in_dir(model_tmp, paths.model)
-        finally:  # after a failure (ENOSPC, an error in mlx): no temporaries left behind
-            for tmp in (data_tmp, model_tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
+            commit_dir(data_tmp, paths.data, synced=True, replace=True)
+            commit_dir(model_tmp, paths.model, synced=True, replace=True)
     return paths
 
 
 def write_shipped_data(directory: Path, marker: dict[str, Any]) -> None:
-    """The shipped splits and a marker (saying the folder is ours to replace) into a new directory."""
-    directory.mkdir()
+    """The shipped splits and a marker (saying the folder is ours to replace) into a directory built aside."""
+    directory.mkdir(exist_ok=True)
     for split in SPLITS:
         write_new_file(directory / f"{split}.jsonl", shipped_split(split))
     _write_json(directory / MARKER_NAME, marker)
-    fsync_dir(directory)
 
 
 def shipped_data_intact(directory: Path) -> bool:

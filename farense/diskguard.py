@@ -1,4 +1,6 @@
-"""The disk guard: a preflight before the model loads, and watermarks checked during the run.
+"""The disk guard's level state machine: watermarks checked before every checkpoint write and during a run.
+
+The preflight before a run starts is farense.preflight.
 
 Three levels, each a share of the filesystem used AND an absolute amount free, whichever is
 stricter (so one config fits a 256 GB laptop and an 8 TB server):
@@ -24,13 +26,16 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .config import DiskConfig, ExperimentConfig, format_size
 from .errors import DiskFull
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointStore, RetentionPolicy
 
 
 class Level(str, Enum):
@@ -227,8 +232,8 @@ class DiskGuard:
     def enforce(
         self,
         reading: GuardReading,
-        store: Any,
-        policy: Any | None,
+        store: CheckpointStore,
+        policy: RetentionPolicy | None,
         best_step: int | None,
         protect: Iterable[int] = (),
     ) -> list[GuardAction]:
@@ -297,7 +302,7 @@ class RunDiskGuard(DiskGuard):
         config: DiskConfig,
         run_dir: str | os.PathLike[str],
         *,
-        policy: Any | None = None,
+        policy: RetentionPolicy | None = None,
         checkpoint_estimate: int = 0,
         usage: UsageFn = disk_usage,
         clock: Callable[[], float] = time.monotonic,
@@ -330,15 +335,15 @@ class RunDiskGuard(DiskGuard):
         return cls(config.disk, config.run_dir, policy=policy, checkpoint_estimate=estimate, usage=usage,
                    clock=clock, log=log)
 
-    def before_write(self, store: Any, next_bytes: int, *, best_step: int | None, protect: Iterable[int] = ()) -> GuardReading:
+    def before_write(self, store: CheckpointStore, next_bytes: int, *, best_step: int | None, protect: Iterable[int] = ()) -> GuardReading:
         """Call before every checkpoint write; raises DiskFull (write nothing) at the flood level."""
         return self._guard(store, next_bytes, best_step, protect, always_log=True)
 
-    def periodic(self, store: Any, next_bytes: int, *, best_step: int | None, protect: Iterable[int] = ()) -> GuardReading:
+    def periodic(self, store: CheckpointStore, next_bytes: int, *, best_step: int | None, protect: Iterable[int] = ()) -> GuardReading:
         """Call when due(); logs only when the level changes or something was pruned."""
         return self._guard(store, next_bytes, best_step, protect, always_log=False)
 
-    def _guard(self, store: Any, next_bytes: int, best_step: int | None, protect: Iterable[int],
+    def _guard(self, store: CheckpointStore, next_bytes: int, best_step: int | None, protect: Iterable[int],
                *, always_log: bool) -> GuardReading:
         reading = self.check(next_bytes or self.checkpoint_estimate)
         self.readings.append(reading)
@@ -356,245 +361,3 @@ class RunDiskGuard(DiskGuard):
         if changed and reading.level is Level.OK:
             self.log(reading.message)
         return reading
-
-
-# --------------------------------------------------------------------------- preflight
-
-
-@dataclass(frozen=True)
-class PreflightRow:
-    """One filesystem the run writes to: what it will write there against what is free."""
-
-    filesystem: str  # mount point
-    device: int
-    items: tuple[str, ...]  # what the run writes there
-    writes: int  # bytes the run writes (known items)
-    headroom: int  # what must stay free: max(reserve, flood level)
-    free: int
-    total: int
-    cleanup_could_free: int
-    unknown: tuple[str, ...] = ()  # items whose size could not be estimated
-
-    @property
-    def needed(self) -> int:
-        return self.writes + self.headroom
-
-    @property
-    def short(self) -> bool:
-        return self.free < self.needed
-
-    @property
-    def verdict(self) -> str:
-        if self.short:
-            return "short" if self.free + self.cleanup_could_free < self.needed else "short: cleanup needed"
-        return "ok" + (" (sizes partly unknown)" if self.unknown else "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"filesystem": self.filesystem, "items": list(self.items), "writes": self.writes,
-                "headroom": self.headroom, "needed": self.needed, "free": self.free, "total": self.total,
-                "cleanup_could_free": self.cleanup_could_free, "unknown": list(self.unknown), "verdict": self.verdict}
-
-
-@dataclass(frozen=True)
-class MemoryCheck:
-    model_bytes: int | None
-    available: int
-    total: int
-    warning: str | None
-
-
-@dataclass
-class PreflightReport:
-    """The preflight's answer: rows per filesystem, the estimate, memory, and any cleanup it ran."""
-
-    config_name: str
-    run_dir: Path
-    rows: list[PreflightRow]
-    estimate: Any  # estimate.RunEstimate
-    memory: MemoryCheck
-    warnings: list[str] = field(default_factory=list)
-    cleanup: Any = None  # cleanup.CleanupResult when the preflight applied the policy
-    cleanup_plan: Any = None  # cleanup.CleanupPlan
-
-    @property
-    def ok(self) -> bool:
-        return not any(r.short for r in self.rows)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config_name,
-            "run_dir": str(self.run_dir),
-            "ok": self.ok,
-            "rows": [r.to_dict() for r in self.rows],
-            "estimate": self.estimate.to_dict(),
-            "memory": {"model_bytes": self.memory.model_bytes, "available": self.memory.available,
-                       "total": self.memory.total, "warning": self.memory.warning},
-            "warnings": list(self.warnings),
-            "cleanup": self.cleanup.to_dict() if self.cleanup is not None else None,
-            "cleanup_could_free": self.cleanup_plan.total_bytes if self.cleanup_plan is not None else 0,
-        }
-
-
-# Beside the weights: activations, LoRA and optimizer tensors, the tokenizer, the runtime.
-MEMORY_OVERHEAD = 1.3
-
-
-def check_memory(model_bytes: int | None, *, memory: Callable[[], Any] | None = None) -> MemoryCheck:
-    """Warn (never refuse) when available memory looks short for the model's weights."""
-    import psutil
-
-    vm = (memory or psutil.virtual_memory)()
-    warning = None
-    if model_bytes is not None and model_bytes * MEMORY_OVERHEAD > vm.available:
-        warning = (f"memory: the model's weights need about {format_size(model_bytes)} "
-                   f"(x{MEMORY_OVERHEAD} with activations and optimizer: {format_size(model_bytes * MEMORY_OVERHEAD)}), "
-                   f"but only {format_size(vm.available)} of {format_size(vm.total)} is available; training may "
-                   "swap or be killed. Close other programs, quantize (model.quantize_bits = 4) or lower batch_size.")
-    return MemoryCheck(model_bytes, int(vm.available), int(vm.total), warning)
-
-
-def cleanup_command(config: ExperimentConfig, *, hf_cache: bool = False) -> str:
-    cmd = f"farense cleanup --runs-dir {config.runs_dir} --production-dir {config.production_dir} --apply"
-    return cmd + (" --hf-cache" if hf_cache else "")
-
-
-def preflight(
-    config: ExperimentConfig,
-    *,
-    usage: UsageFn = disk_usage,
-    now: float | None = None,
-    allow_cleanup: bool = True,
-    older_than_days: float = 30.0,
-    include_hf_cache: bool = False,
-    include_fused: bool = False,
-    allow_network: bool = False,
-    memory: Callable[[], Any] | None = None,
-    estimate: Any = None,
-    hf_cache_dir: Path | None = None,
-) -> PreflightReport:
-    """Before any model is loaded: will the run fit? Cleans by policy if short, else raises DiskFull.
-
-    The DiskFull carries `.report` (the table) and names the command that would free space.
-    """
-    from .cleanup import apply_cleanup, plan_cleanup, referenced_models
-    from .estimate import estimate_run
-
-    est = estimate or estimate_run(config, include_fused=include_fused, cache_dir=hf_cache_dir,
-                                   allow_network=allow_network)
-    refs = referenced_models(config.runs_dir) | {config.model.path} if include_hf_cache else set()
-    plan_kw = dict(production_dir=config.production_dir, keep_last=config.checkpoint.keep_last,
-                   keep_best=config.checkpoint.keep_best, older_than_days=older_than_days, now=now,
-                   include_hf_cache=include_hf_cache, referenced_models=refs, hf_cache_dir=hf_cache_dir)
-    plan = plan_cleanup(config.runs_dir, **plan_kw)
-    rows = _rows(config, est, plan, usage)
-    report = PreflightReport(config.name, config.run_dir, rows, est,
-                             check_memory(est.model_memory_bytes, memory=memory), list(est.notes), None, plan)
-    if any(r.short for r in rows) and allow_cleanup and plan.items:
-        report.cleanup = apply_cleanup(plan)
-        report.warnings += [f"cleanup: {e}" for e in report.cleanup.errors]
-        report.cleanup_plan = plan_cleanup(config.runs_dir, **plan_kw)
-        report.rows = _rows(config, est, report.cleanup_plan, usage)
-    if report.memory.warning:
-        report.warnings.append(report.memory.warning)
-    report.warnings += _watermark_warnings(config, report.rows, usage)
-    if not report.ok:
-        err = DiskFull(_short_message(config, report, include_hf_cache))
-        err.report = report  # type: ignore[attr-defined]
-        raise err
-    return report
-
-
-def _rows(config: ExperimentConfig, est: Any, plan: Any, usage: UsageFn) -> list[PreflightRow]:
-    by_dev: dict[int, dict[str, Any]] = {}
-    for item in est.items:
-        where = existing_path(item.path)
-        dev = os.stat(where).st_dev
-        g = by_dev.setdefault(dev, {"path": where, "items": [], "writes": 0, "unknown": []})
-        g["items"].append(item.name)
-        if item.bytes is None:
-            g["unknown"].append(item.name)
-        else:
-            g["writes"] += item.bytes
-    could: dict[int, int] = {}
-    for ci in plan.items:
-        try:
-            dev = os.stat(ci.path, follow_symlinks=False).st_dev
-        except OSError:
-            continue
-        could[dev] = could.get(dev, 0) + ci.bytes
-    rows = []
-    for dev, g in by_dev.items():
-        u = usage(g["path"])
-        headroom = max(int(config.disk.reserve), flood_floor(config.disk, u))
-        rows.append(PreflightRow(str(mount_point(g["path"])), dev, tuple(g["items"]), g["writes"], headroom,
-                                 u.free, u.total, could.get(dev, 0), tuple(g["unknown"])))
-    return rows
-
-
-def _watermark_warnings(config: ExperimentConfig, rows: list[PreflightRow], usage: UsageFn) -> list[str]:
-    """Where the run will end at the low or high level: pruning will happen, say so now."""
-    out = []
-    guard = DiskGuard(config.disk, Path("."), usage=usage)
-    for r in rows:
-        if r.short:
-            continue
-        u = usage(Path(r.filesystem))
-        after = Usage(u.total, u.used + r.writes, max(u.free - r.writes, 0))
-        level = guard.raw_level(after)
-        if level in (Level.LOW, Level.HIGH):
-            out.append(f"{r.filesystem}: after this run {format_size(after.free)} will be free "
-                       f"({after.used_percent:.1f}% used), at the {level.value} watermark: the guard will prune "
-                       "checkpoints during the run")
-    return out
-
-
-def _short_message(config: ExperimentConfig, report: PreflightReport, hf_cache: bool) -> str:
-    lines = [f"not enough disk space to start {config.name} (nothing was loaded or written):"]
-    for r in report.rows:
-        if r.short:
-            lines.append(f"  {r.filesystem}: needs {format_size(r.needed)} ({format_size(r.writes)} for "
-                         f"{', '.join(r.items)} + {format_size(r.headroom)} kept free: reserve or flood level), "
-                         f"{format_size(r.free)} free, short by {format_size(r.needed - r.free)}")
-    if report.cleanup is not None:
-        lines.append(f"  the cleanup policy already ran and freed {format_size(report.cleanup.bytes_freed)}")
-    could = report.cleanup_plan.total_bytes if report.cleanup_plan is not None else 0
-    lines.append(f"  cleanup could free {format_size(could)} more: {cleanup_command(config, hf_cache=hf_cache)}"
-                 + ("" if hf_cache else " (add --hf-cache to also drop unused models from the Hugging Face cache)"))
-    lines.append("  or free space by other means, or move output.runs_dir to a larger disk, then start again.")
-    return "\n".join(lines)
-
-
-PREFLIGHT_HEADERS = ("filesystem", "writes there", "needed", "free", "cleanup could free", "verdict")
-
-
-def preflight_rows(report: PreflightReport) -> list[list[str]]:
-    return [[r.filesystem, ", ".join(r.items), format_size(r.needed), format_size(r.free),
-             format_size(r.cleanup_could_free), r.verdict] for r in report.rows]
-
-
-ESTIMATE_HEADERS = ("item", "where", "bytes", "how")
-
-
-def estimate_rows(report: PreflightReport) -> list[list[str]]:
-    return [[i.name, str(i.path), format_size(i.bytes) if i.bytes is not None else "unknown", i.detail]
-            for i in report.estimate.items]
-
-
-def render_preflight(report: PreflightReport) -> str:
-    """The preflight as Markdown (for Prefect artifacts and logs)."""
-    from .console import markdown_table
-
-    parts = [f"## Disk preflight: {report.config_name} ({'ok' if report.ok else 'SHORT'})", "",
-             markdown_table(PREFLIGHT_HEADERS, preflight_rows(report)), "", "### What the run writes", "",
-             markdown_table(ESTIMATE_HEADERS, estimate_rows(report))]
-    ck = report.estimate.checkpoint_bytes
-    if ck is not None:
-        parts += ["", f"One checkpoint: {format_size(ck)} ({report.estimate.lora_parameters:,} LoRA parameters; "
-                      f"adapters {format_size(report.estimate.adapter_bytes)}, optimizer "
-                      f"{format_size(report.estimate.optimizer_bytes)})."]
-    if report.cleanup is not None:
-        parts += ["", f"Cleanup ran first: freed {format_size(report.cleanup.bytes_freed)} "
-                      f"({len(report.cleanup.deleted)} items)."]
-    if report.warnings:
-        parts += ["", "### Warnings", ""] + [f"- {w}" for w in report.warnings]
-    return "\n".join(parts) + "\n"

@@ -38,8 +38,8 @@ from typing import IO, Any, Callable, Iterator, Sequence
 
 import orjson
 
-from .errors import ConfigError, FarenseError, FingerprintMismatch
-from .states import EXIT_BAD_INPUT, EXIT_DISK_FULL, EXIT_FAILED, EXIT_LOCKED, EXIT_NUMERICAL, EXIT_OK, EXIT_PREEMPTED
+from .errors import ConfigError, FingerprintMismatch, PeerLost
+from .outcome import ExitCode, died, job_exit_code
 
 # A rank that completes no optimizer step for this long is taken for stuck behind a dead or hung
 # peer. It must exceed the slowest step plus a validation pass and a checkpoint write.
@@ -55,13 +55,6 @@ ENV_HOSTFILE = "FARENSE_HOSTFILE"
 BACKENDS = ("ring", "mpi", "nccl", "jaccl", "jaccl-ring")
 STOP_LINE = b"stop\n"  # written to every rank's stdin (mlx.launch broadcasts it): checkpoint and stop
 LOCAL_HOSTS = ("127.0.0.1",)  # mlx.launch starts these directly; every other name goes through ssh
-
-
-class PeerLost(FarenseError):
-    """Another rank died or was lost: this rank stopped; the job resumes from the last checkpoint."""
-
-    retryable = True
-    exit_code = EXIT_PREEMPTED
 
 
 # =========================================================================== launcher side
@@ -210,30 +203,6 @@ def parse_rank_exit(line: bytes) -> tuple[int, int | None] | None:
     return int(m.group(1)), (int(m.group(2)) if m.group(2) is not None else None)
 
 
-def died(code: int | None) -> bool:
-    """Ended by a signal (locally negative, through ssh 128+N or 255) or by the launcher: not its own decision."""
-    return code is None or code < 0 or code > 128
-
-
-def job_exit_code(rank_codes: dict[int, int | None], world_size: int) -> int:
-    """One exit code for the whole job, with the meaning a single trainer's code has.
-
-    A rank that died (signal, launcher kill, lost host) makes the job resumable, whatever the others
-    reported afterwards (they saw the loss). Otherwise the most telling code wins: bad input and
-    numerical errors cannot be cured by a retry; a full disk, a held lock and a preemption can.
-    A rank with no reported code finished cleanly (mlx.launch reports failures only).
-    """
-    codes = [rank_codes.get(r, EXIT_OK) for r in range(world_size)]
-    if all(c == EXIT_OK for c in codes):
-        return EXIT_OK
-    if any(died(c) for c in codes):
-        return EXIT_PREEMPTED
-    for wanted in (EXIT_BAD_INPUT, EXIT_NUMERICAL, EXIT_FAILED, EXIT_DISK_FULL, EXIT_LOCKED, EXIT_PREEMPTED):
-        if wanted in codes:
-            return wanted
-    return next(c for c in codes if c != EXIT_OK)  # type: ignore[return-value]
-
-
 @dataclass
 class JobOutcome:
     """What the launcher saw: each failed rank's code, whether we had to kill, how long it took."""
@@ -281,7 +250,7 @@ def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
                 hit = parse_rank_exit(line)
                 if hit is not None:
                     codes.setdefault(hit[0], hit[1])
-                    if hit[1] != EXIT_OK:
+                    if hit[1] != ExitCode.OK:
                         first_failure.set()
             try:
                 dst.write(line)
@@ -321,11 +290,11 @@ def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
         for r in range(world_size):
             codes.setdefault(r, None)  # whoever had not ended was killed by us
     code = job_exit_code(codes, world_size)
-    if code == EXIT_OK and proc.returncode != 0:
+    if code == ExitCode.OK and proc.returncode != 0:
         # mlx.launch exits 0 whatever its ranks did, so a failure here is its own: a bad host list
         # (argparse exits 2), or it was killed.
-        code = EXIT_BAD_INPUT if proc.returncode == 2 else EXIT_PREEMPTED if died(proc.returncode) else EXIT_FAILED
-    return JobOutcome(code, {r: c for r, c in codes.items() if c != EXIT_OK}, killed, stopped, clock() - started,
+        code = ExitCode.BAD_INPUT if proc.returncode == 2 else ExitCode.PREEMPTED if died(proc.returncode) else ExitCode.FAILED
+    return JobOutcome(code, {r: c for r, c in codes.items() if c != ExitCode.OK}, killed, stopped, clock() - started,
                       launcher_code=proc.returncode)
 
 
@@ -508,9 +477,9 @@ class Watchdog:
             return False
         what = "step" if self._started else "start-up (connect, load, first step)"
         self._log(f"farense: rank {self.rank}: no progress for {self.limit:.0f} s during {what}: a peer rank is "
-                  f"dead or hung; stopping as resumable (exit {EXIT_PREEMPTED}); the retry resumes from the "
+                  f"dead or hung; stopping as resumable (exit {int(ExitCode.PREEMPTED)}); the retry resumes from the "
                   "last checkpoint")
-        self._exit(EXIT_PREEMPTED)
+        self._exit(ExitCode.PREEMPTED)
         return True
 
     def start(self) -> "Watchdog":

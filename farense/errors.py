@@ -1,24 +1,30 @@
-"""Named errors, one flat module (like rq's exceptions.py).
+"""Named errors, one flat module (like rq's exceptions.py): every error farense raises on purpose.
 
 Each carries a message written for the person who must fix the problem: which file, key or
-line, and what is expected. `retryable` tells the orchestration layer whether running the same
-thing again could succeed.
+line, and what is expected; its `exit_code` (farense.outcome.ExitCode) and, from that code,
+`retryable`: whether running the same thing again could succeed.
 """
 
 from __future__ import annotations
+
+from .outcome import ExitCode, retryable
 
 
 class FarenseError(Exception):
     """Base class: every error farense raises on purpose."""
 
+    exit_code: int = ExitCode.FAILED
     retryable: bool = False
-    exit_code: int = 1
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.retryable = retryable(cls.exit_code)  # one rule: the code says whether a retry can help
 
 
 class ConfigError(FarenseError):
     """A config file is malformed: all problems are gathered into one message."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
     def __init__(self, problems: list[str] | str, source: str | None = None):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
@@ -36,7 +42,7 @@ class ConfigError(FarenseError):
 class DataError(FarenseError):
     """The training data is invalid (malformed JSON, missing fields, empty split)."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
     def __init__(self, problems: list[str] | str):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
@@ -60,7 +66,7 @@ class ModelImportError(FarenseError):
 class FingerprintMismatch(FarenseError):
     """Resuming with a config whose training fields differ from the checkpoint's."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 class CheckpointCorrupt(FarenseError):
@@ -70,31 +76,49 @@ class CheckpointCorrupt(FarenseError):
 class DiskFull(FarenseError):
     """The disk guard stopped the run (flood level or ENOSPC); resumable once space is freed."""
 
-    retryable = True
-    exit_code = 76
+    exit_code = ExitCode.DISK_FULL
 
 
 class Preempted(FarenseError):
     """SIGTERM/SIGINT: the run checkpointed and stopped; resume continues it."""
 
-    retryable = True
-    exit_code = 75
+    exit_code = ExitCode.PREEMPTED
 
 
 class NumericalError(FarenseError):
     """The loss became NaN or infinite; nothing from that step was checkpointed."""
 
-    exit_code = 3
+    exit_code = ExitCode.NUMERICAL
 
 
 class RunLocked(FarenseError):
     """Another live process holds the run's lock."""
 
-    retryable = True
-    exit_code = 73
+    exit_code = ExitCode.LOCKED
 
 
 class DecisionRefused(FarenseError):
     """Promotion was refused because the decision says no (use --force to override)."""
 
-    exit_code = 4
+    exit_code = ExitCode.DECISION_REFUSED
+
+
+class PeerLost(FarenseError):
+    """Another rank died or was lost: this rank stopped; the job resumes from the last checkpoint."""
+
+    exit_code = ExitCode.PREEMPTED
+
+
+class ResumeLimitReached(FarenseError):
+    """The run crashed and was resumed too many times in a row; a person should look."""
+
+
+class TrainingFailed(FarenseError):
+    """The trainer process exited with an error; `retryable` says whether Prefect should run it again."""
+
+    def __init__(self, message: str, exit_code: int, retryable: bool):
+        super().__init__(message, exit_code, retryable)  # all in args: picklable for Prefect
+        self.message, self.exit_code, self.retryable = message, exit_code, retryable
+
+    def __str__(self) -> str:
+        return self.message

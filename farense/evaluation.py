@@ -134,7 +134,7 @@ def load_model(config: ExperimentConfig, adapters_dir: Path) -> tuple[Any, Any]:
     """The base model as training loaded it (quantized on load for QLoRA) plus the run's adapters."""
     from mlx_lm.tuner.utils import load_adapters
 
-    from .trainer import load_base_model
+    from .train.setup import load_base_model
 
     model, tokenizer = load_base_model(config)
     model = load_adapters(model, str(adapters_dir))
@@ -235,7 +235,7 @@ def evaluate_base_model(config: ExperimentConfig, out_path: Path, *, max_example
                         log: Log | None = None) -> dict[str, Any]:
     """Score the base model without adapters on the test split (what fine-tuning must beat); the
     summary is written atomically to `out_path` and returned."""
-    from .trainer import load_base_model
+    from .train.setup import load_base_model
 
     ev = config.evaluation
     limit = max_examples if max_examples is not None else (ev.max_examples or None)
@@ -297,6 +297,53 @@ def _read_optional_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _report(config: ExperimentConfig, paths: RunPaths, test_path: Path, raw: list, scored: Any,
+            training: dict[str, Any], plots: tuple[Path, ...]) -> dict[str, Any]:
+    """evaluation_report.json (before its fingerprint): what was evaluated, how, and the scores."""
+    agg, ev = scored.aggregate, config.evaluation
+    return {
+        "format": REPORT_FORMAT,
+        "created_at": iso(utc_now()),
+        "run_name": paths.name,
+        "run_dir": str(paths.root),
+        "config_name": config.name,
+        "config_fingerprint": config.fingerprint,
+        "model_path": config.model_path,
+        "adapters": {"path": str(paths.adapters), "sha256": sha256_file(paths.best_adapters)},
+        "test_file": {"path": str(test_path), "sha256": sha256_file(test_path), "examples_evaluated": len(raw)},
+        "generation": {"sampler": "greedy", "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size},
+        "summary": {
+            "examples": agg.examples,
+            "exact_match": agg.exact_match,
+            "precision": agg.precision,
+            "recall": agg.recall,
+            "f1": agg.f1,
+            "f1_of_means": agg.f1_of_means,
+            "test_loss": _nan_to_none(scored.test_loss),
+            "test_perplexity": _nan_to_none(scored.perplexity),
+            "test_tokens": scored.test_tokens,
+        },
+        "training": training,
+        "timings": {"loss_seconds": round(scored.loss_seconds, 3),
+                    "generation_seconds": round(scored.generation_seconds, 3)},
+        "files": {"summary_csv": SUMMARY_CSV, "plots": [p.name for p in plots]},
+        "rows": scored.rows,
+    }
+
+
+def current_report(config: ExperimentConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The run's evaluation report, if it was made from this config and the adapters the run has now."""
+    from .fsutil import read_json_object
+
+    paths = RunPaths(Path(run_dir))
+    report = read_json_object(paths.evaluation / REPORT_NAME)
+    if not report or report.get("config_fingerprint") != config.fingerprint or not paths.best_adapters.is_file():
+        return None
+    if report.get("adapters", {}).get("sha256") != sha256_file(paths.best_adapters):
+        return None
+    return report
+
+
 def evaluate_run(
     run_dir: Path,
     *,
@@ -314,8 +361,8 @@ def evaluate_run(
 
     t_start = time.perf_counter()
     paths = RunPaths(Path(run_dir).resolve())
-    weights = paths.adapters / "adapters.safetensors"
-    if not weights.is_file() or not (paths.adapters / "adapter_config.json").is_file():
+    weights = paths.best_adapters
+    if not weights.is_file() or not paths.best_adapter_config.is_file():
         raise FarenseError(f"run {paths.name} has no best adapters in {paths.adapters} (train it first)")
     if config is None:
         if not paths.config.is_file():
@@ -330,9 +377,7 @@ def evaluate_run(
     say(f"loading {config.model_path} with the adapters of {paths.name}")
     model, tokenizer = load_model(config, paths.adapters)
     scored = score_model(model, tokenizer, config, raw, examples, log)
-    rows, agg, test_loss, perplexity, total_tok = (scored.rows, scored.aggregate, scored.test_loss,
-                                                   scored.perplexity, scored.test_tokens)
-    loss_seconds, gen_seconds = scored.loss_seconds, scored.generation_seconds
+    rows, agg, test_loss, perplexity = scored.rows, scored.aggregate, scored.test_loss, scored.perplexity
     training = _read_optional_json(paths.summary)
 
     paths.evaluation.mkdir(parents=True, exist_ok=True)
@@ -342,33 +387,7 @@ def evaluate_run(
         plot_f1_distribution(rows, paths.evaluation / F1_PNG, title=f"{paths.name}: per-example F1",
                              threshold=config.decision.min_f1),
     )
-    report: dict[str, Any] = {
-        "format": REPORT_FORMAT,
-        "created_at": iso(utc_now()),
-        "run_name": paths.name,
-        "run_dir": str(paths.root),
-        "config_name": config.name,
-        "config_fingerprint": config.fingerprint,
-        "model_path": config.model_path,
-        "adapters": {"path": str(paths.adapters), "sha256": sha256_file(weights)},
-        "test_file": {"path": str(test_path), "sha256": sha256_file(test_path), "examples_evaluated": len(raw)},
-        "generation": {"sampler": "greedy", "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size},
-        "summary": {
-            "examples": agg.examples,
-            "exact_match": agg.exact_match,
-            "precision": agg.precision,
-            "recall": agg.recall,
-            "f1": agg.f1,
-            "f1_of_means": agg.f1_of_means,
-            "test_loss": _nan_to_none(test_loss),
-            "test_perplexity": _nan_to_none(perplexity),
-            "test_tokens": total_tok,
-        },
-        "training": training,
-        "timings": {"loss_seconds": round(loss_seconds, 3), "generation_seconds": round(gen_seconds, 3)},
-        "files": {"summary_csv": SUMMARY_CSV, "plots": [p.name for p in plots]},
-        "rows": rows,
-    }
+    report = _report(config, paths, test_path, raw, scored, training, plots)
     report["fingerprint"] = report_fingerprint(report)
     csv_path = paths.evaluation / SUMMARY_CSV
     atomic_write_bytes(csv_path, summary_csv_bytes(report))

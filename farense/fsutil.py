@@ -1,34 +1,39 @@
-"""Durable-write helpers: fsync, atomic replace, hashing and sizes.
+"""Durable writes: fsync, atomic file replace, the atomic directory commit, hashing, sizes, disk-full.
 
-Every file farense must not lose goes through here, so the rules live in one place:
+Every file and directory farense must not lose goes through here, so the rules live in one place:
 write beside, fsync, rename, fsync the parent; and never retry a failed fsync (on Linux the
 failed pages are marked clean, so a second fsync reports success for data that is gone).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import fcntl
 import hashlib
 import os
 import shutil
 import stat
 import sys
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 
 from farense.layout import TMP_MARK
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: large enough to hash at disk speed, small enough to stream
+# Free space under which a writer's failure that carries no errno (mx.save_safetensors raises a
+# plain RuntimeError "[write] Unable to write N bytes") is taken for a full disk.
+NO_ERRNO_DISK_FULL_BYTES = 1 << 20
 DISK_FULL_ERRNOS = frozenset(
     code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EIO) if code is not None
 )
 
 if sys.platform == "darwin":  # pragma: no cover - exercised on macOS only
+    import fcntl
 
     def _flush_fd(fd: int) -> None:
         # On macOS fsync() only hands data to the drive; F_FULLFSYNC asks it to reach the media.
@@ -79,40 +84,11 @@ def write_new_file(path: str | os.PathLike[str], data: bytes) -> None:
     fsync_file(path)
 
 
-def swap_in_dir(tmp: Path, final: Path) -> None:
-    """Put the complete directory `tmp` at `final`, replacing what is there; the old one is deleted after.
-
-    Linux has no portable atomic directory exchange: the old one moves aside (to a temporary name that
-    never counts), the new one is renamed in, the parent is flushed, then the old one is deleted.
-    """
-    old = None
-    if final.exists():
-        old = tmp_sibling(final)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def exclusive_flock(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold an exclusive fcntl.flock on `path` (created if missing) while building something shared.
-
-    The kernel releases a flock when its holder dies, even by SIGKILL: the lock never goes stale.
-    """
-    with open(path, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> None:
     """Replace `path` with `data` so a reader sees the old file or the new one, never a mix.
 
     On any error the temporary file is removed and the error re-raised; the fsync is never retried.
+    `durable=False` skips the fsyncs: for files rewritten every step that resume never reads.
     """
     path = Path(path)
     tmp = tmp_sibling(path)
@@ -124,12 +100,14 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            _flush_fd(fd)
+            if durable:
+                _flush_fd(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
         replaced = True
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     except BaseException:
         if not replaced:
             try:
@@ -142,6 +120,36 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Atomically write `obj` as indented JSON (orjson), ending in a newline."""
     atomic_write_bytes(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A JSON object from a file farense wrote; None when the file is missing, unreadable or not an object."""
+    try:
+        data = orjson.loads(Path(path).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class JsonRecord:
+    """A dataclass kept as one JSON object in a file: written atomically, read back tolerating unknown keys."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> Any:
+        """The record at `path`; None when there is none (missing, unreadable, not a JSON object)."""
+        data = read_json_object(path)
+        return cls.from_json(data) if data is not None else None
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -191,17 +199,112 @@ def free_bytes(path: str | os.PathLike[str]) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def is_disk_full_error(exc: BaseException) -> bool:
-    """True when `exc` (or an exception it was raised from) means "stop now, resumable".
-
-    ENOSPC, EDQUOT and EIO: the write did not reach the disk; retrying an fsync would lie.
-    """
+def disk_full_errno(exc: BaseException) -> int | None:
+    """ENOSPC, EDQUOT or EIO found in `exc` or the exceptions it was raised from; None otherwise."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
-            return True
+            return current.errno
         current = current.__cause__ or current.__context__
-    return False
+    return None
 
+
+def is_disk_full_error(exc: BaseException, where: str | os.PathLike[str] | None = None) -> bool:
+    """True when `exc` means "stop now, resumable": the one test of a full disk in farense.
+
+    ENOSPC, EDQUOT and EIO: the write did not reach the disk; retrying an fsync would lie. With
+    `where` (for writers whose errors carry no errno), also when under 1 MiB is left there.
+    """
+    if disk_full_errno(exc) is not None:
+        return True
+    if where is None:
+        return False
+    try:
+        return free_bytes(where) < NO_ERRNO_DISK_FULL_BYTES
+    except OSError:
+        return False
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root` (the directories after what they hold)."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                fsync_file(path)
+        fsync_dir(dirpath)
+
+
+@contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """A new temporary directory beside `final` to build it in; removed on the way out unless committed."""
+    tmp = tmp_sibling(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after commit_dir there is nothing left to remove
+
+
+def commit_dir(tmp: Path, final: Path, *, replace: bool = False, synced: bool = False,
+               manifest: Callable[[Path], object] | None = None,
+               before_rename: Callable[[], None] | None = None) -> None:
+    """Put the directory built in `tmp` in place as `final`, whole or not at all (DESIGN.md, invariant 1).
+
+    Every file is fsynced (unless the writer did: `synced`), `manifest(tmp)` writes the manifest last,
+    the directory is fsynced, renamed to `final` and the parent fsynced. An existing `final` is an
+    error, or with `replace` moved aside to a temporary name first and deleted after the rename
+    (Linux has no portable atomic exchange of directories). A failure is never retried.
+    """
+    if not synced:
+        fsync_tree(tmp)
+    if manifest is not None:
+        manifest(tmp)
+    fsync_dir(tmp)
+    if before_rename is not None:
+        before_rename()
+    old = None
+    if os.path.lexists(final):
+        if not replace:
+            raise FileExistsError(errno.EEXIST, "already exists; not replacing it", str(final))
+        old = tmp_sibling(final)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+
+def remove_atomically(path: Path, *, rename: Callable[[Path, Path], None] = os.rename,
+                      ignore_errors: bool = False) -> bool:
+    """Delete a file or directory so that no reader ever takes what is left for the real thing.
+
+    Renamed to a temporary sibling first (never read; removed later if this is cut short), the
+    parent fsynced, then removed. When even the rename needs space that a full disk cannot give (a
+    longer name may need a new directory block), a directory is deleted in place, its manifest
+    first. Returns False when `path` was already gone.
+    """
+    from farense.layout import MANIFEST_NAME
+
+    doomed = tmp_sibling(path)
+    try:
+        rename(path, doomed)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if not is_disk_full_error(exc) or not path.is_dir() or path.is_symlink():
+            raise
+        (path / MANIFEST_NAME).unlink(missing_ok=True)
+        fsync_dir(path)
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+        return True
+    fsync_dir(path.parent)
+    if doomed.is_dir() and not doomed.is_symlink():
+        shutil.rmtree(doomed, ignore_errors=ignore_errors)
+    else:
+        doomed.unlink()
+    return True

@@ -12,7 +12,7 @@ directory. The import writes that directory once, whole or not at all:
         special_tokens_map.json
         .farense-import.json      the marker, written last: source SHA-256, each file's size and SHA-256
     <dest>.tmp-<hex>/             an import in progress or killed (never read; removed by the next one)
-    .<dest name>.lock             fcntl.flock held while importing
+    .<dest name>.lock             the import lock (farense.locks) held while importing
 
 Weights come from `mx.load`, MLX's own GGUF reader: Q4_0, Q4_1 and Q8_0 arrive as MLX quantized
 weights (affine, group size 32), F32 and F16 as they are, and Q2_K, Q4_K and Q6_K dequantized to
@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 
 from .errors import ModelImportError
-from .fsutil import exclusive_flock, fsync_dir, fsync_file, sha256_file, swap_in_dir, tmp_sibling, write_new_file
+from .fsutil import commit_dir, fsync_file, sha256_file, staged_dir, write_new_file
 from .layout import TMP_MARK
+from .locks import RunLock
 
 if TYPE_CHECKING:
     from .config import ExperimentConfig
@@ -611,9 +612,7 @@ def _build(header: GGUFHeader, dest: Path, source_sha256: str, *, dequantize: bo
     t0 = time.perf_counter()
     for leftover in dest.parent.glob(f"{dest.name}{TMP_MARK}*"):  # killed imports (we hold the lock)
         shutil.rmtree(leftover, ignore_errors=True)
-    tmp = tmp_sibling(dest)
-    try:
-        tmp.mkdir()
+    with staged_dir(dest) as tmp:  # after any failure (ENOSPC, an error in mlx): no temporary directory left
         summary = _write_model(tmp, header, dequantize=dequantize, dtype=dtype)
         files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
         marker = {"import_version": IMPORT_VERSION,
@@ -621,15 +620,13 @@ def _build(header: GGUFHeader, dest: Path, source_sha256: str, *, dequantize: bo
                   "dequantized": dequantize, "dtype": dtype if dequantize else None, **summary,
                   "seconds": round(time.perf_counter() - t0, 3), "versions": _versions(), "files": files}
         _write_json(tmp / MARKER_NAME, marker)  # last: it makes the import count
-        fsync_dir(tmp)
-        swap_in_dir(tmp, dest)
-    finally:  # after any failure (ENOSPC, an error in mlx): no temporary directory left behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        commit_dir(tmp, dest, synced=True, replace=True)
     return ImportInfo(dest, marker)
 
 
-def _lock_path(dest: Path) -> Path:
-    return dest.parent / f".{dest.name}.lock"
+def _import_lock(dest: Path) -> RunLock:
+    """One import into `dest` at a time; a second waits (farense.locks: never stale)."""
+    return RunLock(dest.parent / f".{dest.name}.lock", command=f"model import {dest.name}", timeout=None)
 
 
 def _check_dtype(dtype: str) -> None:
@@ -648,7 +645,7 @@ def import_gguf(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, de
     if dest.exists() and not force:
         raise ModelImportError(f"{dest} already exists (use --force to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_flock(_lock_path(dest)):
+    with _import_lock(dest):
         if dest.exists() and not (dest / MARKER_NAME).is_file():
             raise ModelImportError(f"{dest} exists but is not a farense import (no {MARKER_NAME}): "
                                    "remove it or choose another directory")
@@ -720,7 +717,7 @@ def ensure_imported(src: str | os.PathLike[str], cache_root: str | os.PathLike[s
     header = read_header(src)
     check_importable(header)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_flock(_lock_path(dest)):
+    with _import_lock(dest):
         if not verify_import(dest, source_sha256=sha, deep=deep_verify):  # another process may have done it
             _build(header, dest, sha, dequantize=dequantize, dtype=dtype)
     return dest

@@ -1,4 +1,4 @@
-"""Where a run keeps its files: one place that names every path, so no module guesses.
+"""Where a run keeps its files: one place that names every file and path, so no module guesses.
 
     <runs_dir>/<run_name>/
         run.lock                 fcntl.flock held by the live trainer (farense.locks)
@@ -27,6 +27,18 @@ from pathlib import Path
 CHECKPOINT_PREFIX = "step-"
 TMP_MARK = ".tmp-"
 MANIFEST_NAME = "MANIFEST.json"
+# Files of a run directory and of each checkpoint (the checkpoint holds the first four).
+ADAPTERS_FILE = "adapters.safetensors"  # mlx-lm's name: `--adapter-path` and fuse read it as is
+OPTIMIZER_FILE = "optimizer.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+STATE_FILE = "state.json"
+BEST_RECORD_FILE = "best.json"  # adapters/best.json: the step and validation loss of the best adapters
+RUN_STATE_FILE = "run_state.json"
+RUN_LOCK_FILE = "run.lock"
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "training_summary.json"
+# A directory holding any of these is a run (the trainer has started writing it).
+RUN_MARKERS = (RUN_STATE_FILE, CONFIG_FILE, "checkpoints", RUN_LOCK_FILE, SUMMARY_FILE)
 _CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 
 
@@ -56,15 +68,15 @@ class RunPaths:
 
     @property
     def lock(self) -> Path:
-        return self.root / "run.lock"
+        return self.root / RUN_LOCK_FILE
 
     @property
     def state(self) -> Path:
-        return self.root / "run_state.json"
+        return self.root / RUN_STATE_FILE
 
     @property
     def config(self) -> Path:
-        return self.root / "config.json"
+        return self.root / CONFIG_FILE
 
     @property
     def checkpoints(self) -> Path:
@@ -73,6 +85,18 @@ class RunPaths:
     @property
     def adapters(self) -> Path:
         return self.root / "adapters"
+
+    @property
+    def best_adapters(self) -> Path:
+        return self.adapters / ADAPTERS_FILE
+
+    @property
+    def best_adapter_config(self) -> Path:
+        return self.adapters / ADAPTER_CONFIG_FILE
+
+    @property
+    def best_record(self) -> Path:
+        return self.adapters / BEST_RECORD_FILE
 
     @property
     def metrics_jsonl(self) -> Path:
@@ -88,7 +112,7 @@ class RunPaths:
 
     @property
     def summary(self) -> Path:
-        return self.root / "training_summary.json"
+        return self.root / SUMMARY_FILE
 
     @property
     def evaluation(self) -> Path:

@@ -1,4 +1,7 @@
-"""The run lock: one live process per run directory, and a way to ask who that is.
+"""The one lock helper (fcntl.flock), and a way to ask who holds a lock.
+
+One live process per run, per production directory, per demo build or model import, and one
+training per machine all use RunLock.
 
 A run is locked with `fcntl.flock` on `<run>/run.lock` (layout.RunPaths.lock). The kernel drops a
 flock when its holder exits for any reason, SIGKILL included, so the lock never goes stale the way a
@@ -28,7 +31,7 @@ from typing import Any, Callable
 import orjson
 
 from .errors import RunLocked
-from .fsutil import DISK_FULL_ERRNOS
+from .fsutil import is_disk_full_error
 
 # Probes hold a shared flock for microseconds; an acquirer that meets one retries this long.
 DEFAULT_ACQUIRE_TIMEOUT = 0.5
@@ -102,10 +105,12 @@ def probe_lock(path: str | os.PathLike[str]) -> LockInfo:
 
 
 class RunLock:
-    """Exclusive, non-blocking lock of one run; a context manager.
+    """Exclusive lock of one file; a context manager.
 
     Raises errors.RunLocked naming the holder (pid, host, since, command) when another live process
-    holds it. `timeout` only rides out a concurrent probe or a cleanup finishing; it is not a queue.
+    holds it: `busy(info)` words that message (default: a run in use). `timeout` only rides out a
+    concurrent probe or a cleanup finishing; None waits for as long as it takes, polling every
+    `poll` seconds and telling `on_wait(info)` once.
     """
 
     def __init__(
@@ -113,14 +118,25 @@ class RunLock:
         path: str | os.PathLike[str],
         *,
         command: str = "",
-        timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+        timeout: float | None = DEFAULT_ACQUIRE_TIMEOUT,
+        poll: float = _POLL_SECONDS,
+        on_wait: Callable[[LockInfo], None] | None = None,
+        busy: Callable[[LockInfo], str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
         self.command = command
         self.timeout = timeout
+        self.poll = poll
+        self.on_wait = on_wait
+        self.busy = busy or self._run_in_use
         self._clock = clock
         self._fd: int | None = None
+
+    def _run_in_use(self, info: LockInfo) -> str:
+        return (f"run {self.path.parent} is in use: {self.path} is locked by {info.describe()}. "
+                "Wait for it to finish or stop that process; a lock whose holder died is "
+                "released by the kernel and never blocks.")
 
     @property
     def held(self) -> bool:
@@ -132,7 +148,8 @@ class RunLock:
             raise RuntimeError(f"{self.path}: this RunLock is already held")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        deadline = time.monotonic() + max(self.timeout, 0.0)
+        deadline = None if self.timeout is None else time.monotonic() + max(self.timeout, 0.0)
+        told = False
         try:
             while True:
                 try:
@@ -141,14 +158,12 @@ class RunLock:
                 except OSError as exc:
                     if exc.errno not in _WOULD_BLOCK:
                         raise
-                    if time.monotonic() >= deadline:
-                        info = _info(self.path, read_lock_record(self.path), held=True)
-                        raise RunLocked(
-                            f"run {self.path.parent} is in use: {self.path} is locked by {info.describe()}. "
-                            "Wait for it to finish or stop that process; a lock whose holder died is "
-                            "released by the kernel and never blocks."
-                        ) from None
-                    time.sleep(_POLL_SECONDS)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise RunLocked(self.busy(_info(self.path, read_lock_record(self.path), held=True))) from None
+                    if self.on_wait is not None and not told:
+                        self.on_wait(_info(self.path, read_lock_record(self.path), held=True))
+                        told = True
+                    time.sleep(self.poll)
             now = self._clock()
             record = {
                 "pid": os.getpid(),
@@ -163,7 +178,7 @@ class RunLock:
             except OSError as exc:
                 # On a full disk the record cannot be written; the flock holds all the same, and
                 # cleanup (which takes this lock) must still be able to free space.
-                if exc.errno not in DISK_FULL_ERRNOS:
+                if not is_disk_full_error(exc):
                     raise
         except BaseException:
             os.close(fd)  # closing drops the flock if we got it

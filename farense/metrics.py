@@ -22,17 +22,48 @@ CSV_COLUMNS = (
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Every complete line of a metrics file (a line torn by a crash is ignored)."""
-    rows: list[dict[str, Any]] = []
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        return rows
+        return []
+    return _parse_rows(data)
+
+
+def _parse_rows(data: bytes) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     for line in data.splitlines():
         try:
             rows.append(orjson.loads(line))
         except orjson.JSONDecodeError:
             continue
     return rows
+
+
+class MetricsTail:
+    """Reads the rows appended to a metrics file since the last call (a watcher's view of a live run).
+
+    A file rewritten by a resume (new inode, or shorter) is read again from its start; a line still
+    being written waits for the next call.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._inode: int | None = None
+        self._offset = 0
+
+    def new_rows(self) -> list[dict[str, Any]]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return []
+        if st.st_ino != self._inode or st.st_size < self._offset:
+            self._inode, self._offset = st.st_ino, 0
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        return _parse_rows(data[:end])
 
 
 class MetricsLog:
@@ -47,9 +78,9 @@ class MetricsLog:
         """Drop rows after `step` (work a crash threw away); returns the kept rows."""
         rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         if self.enabled:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-            os.replace(tmp, self.path)
+            from .fsutil import atomic_write_bytes
+
+            atomic_write_bytes(self.path, b"".join(orjson.dumps(r) + b"\n" for r in rows), durable=False)
         return rows
 
     def append(self, row: dict[str, Any]) -> None:

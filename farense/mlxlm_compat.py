@@ -2,7 +2,7 @@
 
 People arrive with a `lora_config.yaml` that `mlx_lm.lora -c` trains, and leave wanting files that
 `mlx_lm.generate --adapter-path` and `mlx_lm.fuse` read. The run's adapters/ already has mlx-lm's
-layout (trainer.adapter_config); this module covers the two other directions.
+layout (farense.train.setup.adapter_config); this module covers the two other directions.
 
 Import maps every key mlx-lm documents (mlx_lm/lora.py: CONFIG_DEFAULTS and its argument parser;
 LORA.md: the data feature keys and hf_dataset) as KEY_RULES says, or refuses it with the reason;
@@ -21,7 +21,6 @@ import difflib
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,8 +29,8 @@ from typing import Any, Callable, Mapping
 import orjson
 
 from .errors import ConfigError, FarenseError
-from .fsutil import atomic_write_bytes, fsync_dir, fsync_file, sha256_file
-from .layout import TMP_MARK, RunPaths
+from .fsutil import commit_dir, sha256_file, staged_dir
+from .layout import ADAPTER_CONFIG_FILE, ADAPTERS_FILE, BEST_RECORD_FILE, RunPaths
 
 # mlx_lm/lora.py CONFIG_DEFAULTS (mlx-lm 0.32); a test checks this copy against the installed one,
 # so that importing a config does not import mlx.
@@ -241,6 +240,55 @@ def import_lora_config(raw: Mapping[str, Any], *, name: str, source: str = "<mlx
 
     problems: list[str] = []
     notes: list[str] = []
+    raw = _usable_keys(raw, problems)  # the rest is still mapped, so that every problem is reported at once
+    # mlx-lm fills a key that is missing, or set to null, with its default.
+    v = {k: (raw[k] if raw.get(k) is not None else d) for k, d in MLX_LM_DEFAULTS.items()}
+    _refused_keys(raw, problems)
+
+    model = {"path": v["model"], "quantize_bits": 0, "trust_remote_code": bool(v["trust_remote_code"])}
+    data: dict[str, Any] = {"dir": v["data"], **{k: raw[k] for k in FEATURE_KEYS if raw.get(k) is not None}}
+    lora = _map_lora(v, problems)
+    training, total = _map_training(v, problems, notes)
+    _map_schedule(raw, v, training, total, problems, notes)
+    _map_optimizer(raw, v, training, problems, notes)
+
+    # Validation and checkpoints, in optimizer steps.
+    accum = v["grad_accumulation_steps"]
+    validation: dict[str, Any] = {"batches": v["val_batches"]}
+    checkpoint: dict[str, Any] = {}
+    if total >= 1:
+        validation["every_steps"] = _steps(v["steps_per_eval"], accum, total, "steps_per_eval",
+                                           "validation.every_steps", notes)
+        checkpoint["every_steps"] = _steps(v["save_every"], accum, total, "save_every", "checkpoint.every_steps",
+                                           notes)
+    # Accepted, without effect.
+    for key in ("adapter_path", "steps_per_report", "project_name", "train", "test", "test_batches",
+                "clear_cache_threshold", "config"):
+        if raw.get(key) is not None:
+            notes.append(f"{key}: {KEY_RULES[key]}")
+
+    if problems:
+        raise ConfigError(problems, source=source)
+    doc = {
+        "name": name,
+        "description": f"imported from mlx-lm config {Path(source).name}",
+        "model": model,
+        "data": data,
+        "lora": lora,
+        "training": training,
+        "validation": validation,
+        "early_stopping": {"patience": 0, "min_delta": 0.0},  # mlx-lm has none
+        "checkpoint": checkpoint,
+    }
+    try:
+        build_config(doc, source=source)
+    except ConfigError as e:  # values mlx-lm would take but farense refuses (e.g. rank 0)
+        raise ConfigError([f"{p} (after mapping the mlx-lm keys)" for p in e.problems], source=source) from None
+    return ImportedConfig(name=name, source=source, data=doc, notes=notes)
+
+
+def _usable_keys(raw: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The keys mlx-lm knows with values of the types it takes; unknown keys and wrong types are problems."""
     known = sorted(KEY_RULES)
     usable: dict[str, Any] = {}
     for key, value in raw.items():
@@ -251,12 +299,11 @@ def import_lora_config(raw: Mapping[str, Any], *, name: str, source: str = "<mlx
             problems.append(f"{key}: expected {want}, got {type(value).__name__} {value!r}")
         else:
             usable[key] = value
-    raw = usable  # the rest is still mapped, so that every problem is reported at once
+    return usable
 
-    # mlx-lm fills a key that is missing, or set to null, with its default.
-    v = {k: (raw[k] if raw.get(k) is not None else d) for k, d in MLX_LM_DEFAULTS.items()}
 
-    # ---- refused outright
+def _refused_keys(raw: Mapping[str, Any], problems: list[str]) -> None:
+    """Keys whose meaning farense does not provide: refused outright, each saying what to do instead."""
     if raw.get("data") is None:
         problems.append("data: missing; mlx-lm's default is the Hugging Face dataset "
                         f"{MLX_LM_DEFAULTS['data']!r}, and farense trains on a local directory with train.jsonl "
@@ -270,14 +317,9 @@ def import_lora_config(raw: Mapping[str, Any], *, name: str, source: str = "<mlx
     if raw.get("report_to") is not None:
         problems.append("report_to: " + KEY_RULES["report_to"].split(": ", 1)[1] + "; remove it")
 
-    # ---- model and data
-    model = {"path": v["model"], "quantize_bits": 0, "trust_remote_code": bool(v["trust_remote_code"])}
-    data: dict[str, Any] = {"dir": v["data"]}
-    for k in FEATURE_KEYS:
-        if raw.get(k) is not None:
-            data[k] = raw[k]
 
-    # ---- adapters
+def _map_lora(v: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """fine_tune_type and lora_parameters -> farense's [lora]."""
     lora: dict[str, Any] = {"num_layers": v["num_layers"]}
     ftt = v["fine_tune_type"]
     if ftt in ("lora", "dora"):
@@ -303,12 +345,12 @@ def import_lora_config(raw: Mapping[str, Any], *, name: str, source: str = "<mlx
             problems.append(f"lora_parameters.{k}: missing; mlx-lm's LoRA layers need rank, scale and dropout{hint}")
         else:
             lora[k] = params[k]
-    if params.get("keys") is not None:
-        lora["keys"] = params["keys"]
-    else:
-        lora["keys"] = []  # every linear layer, as mlx-lm does without keys
+    lora["keys"] = params["keys"] if params.get("keys") is not None else []  # none: every linear layer, as mlx-lm
+    return lora
 
-    # ---- training
+
+def _map_training(v: dict[str, Any], problems: list[str], notes: list[str]) -> tuple[dict[str, Any], int]:
+    """Batches, accumulation and iters (micro-batches in mlx-lm) -> farense's [training] in optimizer steps."""
     accum = v["grad_accumulation_steps"]
     training: dict[str, Any] = {
         "batch_size": v["batch_size"], "grad_accumulation": accum, "max_seq_length": v["max_seq_length"],
@@ -327,42 +369,7 @@ def import_lora_config(raw: Mapping[str, Any], *, name: str, source: str = "<mlx
                          f"applies the last {v['iters'] % accum}")
     else:
         problems.append(f"grad_accumulation_steps: expected an integer >= 1, got {accum!r}")
-    _map_schedule(raw, v, training, total, problems, notes)
-    _map_optimizer(raw, v, training, problems, notes)
-
-    # ---- validation and checkpoints (in optimizer steps)
-    validation: dict[str, Any] = {"batches": v["val_batches"]}
-    checkpoint: dict[str, Any] = {}
-    if total >= 1:
-        validation["every_steps"] = _steps(v["steps_per_eval"], accum, total, "steps_per_eval",
-                                           "validation.every_steps", notes)
-        checkpoint["every_steps"] = _steps(v["save_every"], accum, total, "save_every", "checkpoint.every_steps",
-                                           notes)
-
-    # ---- accepted, without effect
-    for key in ("adapter_path", "steps_per_report", "project_name", "train", "test", "test_batches",
-                "clear_cache_threshold", "config"):
-        if raw.get(key) is not None:
-            notes.append(f"{key}: {KEY_RULES[key]}")
-
-    if problems:
-        raise ConfigError(problems, source=source)
-    doc = {
-        "name": name,
-        "description": f"imported from mlx-lm config {Path(source).name}",
-        "model": model,
-        "data": data,
-        "lora": lora,
-        "training": training,
-        "validation": validation,
-        "early_stopping": {"patience": 0, "min_delta": 0.0},  # mlx-lm has none
-        "checkpoint": checkpoint,
-    }
-    try:
-        build_config(doc, source=source)
-    except ConfigError as e:  # values mlx-lm would take but farense refuses (e.g. rank 0)
-        raise ConfigError([f"{p} (after mapping the mlx-lm keys)" for p in e.problems], source=source) from None
-    return ImportedConfig(name=name, source=source, data=doc, notes=notes)
+    return training, total
 
 
 def _map_schedule(raw: Mapping[str, Any], v: dict[str, Any], training: dict[str, Any], total: int,
@@ -470,33 +477,16 @@ EXPORT_RECORD = "farense_export.json"
 
 def _adapter_files(run_dir: Path) -> tuple[RunPaths, dict[str, Any]]:
     paths = RunPaths(run_dir)
-    for f in (paths.adapters / "adapters.safetensors", paths.adapters / "adapter_config.json"):
+    for f in (paths.best_adapters, paths.best_adapter_config):
         if not f.is_file():
             raise FarenseError(f"cannot export {paths.name}: {f} not found (train the run first: its best "
                                "adapters are written at the first validation)")
-    return paths, orjson.loads((paths.adapters / "adapter_config.json").read_bytes())
+    return paths, orjson.loads(paths.best_adapter_config.read_bytes())
 
 
 def _check_target(out: Path, force: bool) -> None:
     if os.path.lexists(out) and not force:
         raise FarenseError(f"{out} already exists; choose another --out or pass --force to replace it")
-
-
-def _commit_dir(tmp: Path, out: Path, force: bool) -> None:
-    """Put a fully written directory in place by rename; an old one (with force) goes only afterwards."""
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            fsync_file(f)
-    fsync_dir(tmp)
-    old = None
-    if os.path.lexists(out):
-        _check_target(out, force)
-        old = out.parent / f"{out.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _record(paths: RunPaths, acfg: Mapping[str, Any], **extra: Any) -> bytes:
@@ -508,7 +498,7 @@ def _record(paths: RunPaths, acfg: Mapping[str, Any], **extra: Any) -> bytes:
         "run_dir": str(paths.root),
         "base_model": acfg.get("model"),
         "farense_fingerprint": acfg.get("farense_fingerprint"),
-        "adapters_sha256": sha256_file(paths.adapters / "adapters.safetensors"),
+        "adapters_sha256": sha256_file(paths.best_adapters),
         "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "mlx_lm": mlx_lm.__version__,
         **extra,
@@ -521,17 +511,13 @@ def export_adapters(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]
     paths, acfg = _adapter_files(Path(run_dir))
     out = Path(out) if out else paths.root / "export" / "adapters"
     _check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}{TMP_MARK}{uuid.uuid4().hex}"
-    try:
-        tmp.mkdir()
-        for name in ("adapters.safetensors", "adapter_config.json", "best.json"):
+    with staged_dir(out) as tmp:
+        for name in (ADAPTERS_FILE, ADAPTER_CONFIG_FILE, BEST_RECORD_FILE):
             if (paths.adapters / name).is_file():
                 shutil.copyfile(paths.adapters / name, tmp / name)
         (tmp / EXPORT_RECORD).write_bytes(_record(paths, acfg, fused=False))
-        _commit_dir(tmp, out, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _check_target(out, force)
+        commit_dir(tmp, out, replace=True)
     return out
 
 
@@ -583,14 +569,11 @@ def fuse_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
         model_config.pop("quantization", None)
         model_config.pop("quantization_config", None)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}{TMP_MARK}{uuid.uuid4().hex}"
-    try:
+    with staged_dir(out) as tmp:
         log(f"fusing {len(fused)} adapted layers into {out}")
         save(tmp, base, model, tokenizer, model_config, donate_model=False)
-        atomic_write_bytes(tmp / EXPORT_RECORD, _record(paths, acfg, fused=True, dequantized=dequantize,
-                                                        fused_layers=len(fused)))
-        _commit_dir(tmp, out, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / EXPORT_RECORD).write_bytes(_record(paths, acfg, fused=True, dequantized=dequantize,
+                                                  fused_layers=len(fused)))
+        _check_target(out, force)
+        commit_dir(tmp, out, replace=True)
     return out

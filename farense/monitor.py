@@ -1,4 +1,4 @@
-"""The live view of one run, read only from its files: no Prefect, no lock taken, safe while it writes.
+"""The live view of one run (monitor snapshot, rich and plain renderings), read only from its files.
 
 `snapshot(run_dir, now=...)` gathers every field a person watches into a MonitorSnapshot; it is
 pure apart from reading files, and the clock, the disk usage and the lock probe are parameters,
@@ -10,9 +10,7 @@ by a resume (we read one version or the other), run_state.json is replaced atomi
 checkpoints may be pruned between listing and reading (skipped). Nothing here raises on a file
 that is missing or half written; the field is left empty instead.
 
-What the run *is doing* comes from run_state.json corrected by the run lock: a state file saying
-"running" with no live holder of the lock is a crash (the kernel drops a flock when its holder
-dies, even by SIGKILL); a held lock means running whatever the state file still says.
+What the run *is doing* comes from farense.runstate (run_state.json corrected by the run lock).
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,86 +31,15 @@ from .errors import FarenseError
 from .layout import RunPaths
 from .locks import LockInfo, probe_lock
 from .metrics import read_metrics
-from .runstate import read_run_state
-from .states import RunState
+from .runstate import RunState, effective_state, find_runs, is_run_dir, pid_alive, read_run_state
+from .train.state import EARLY_STOPPING_KEY, PROGRESS_KEY, TOTAL_STEPS_KEY
 
-NOT_STARTED = "not-started"
 # Train-loss trend: mean of the last TREND_WINDOW steps against the mean of the window before.
 TREND_WINDOW = 20
 # A change smaller than this share of the loss is "flat".
 FLAT_RELATIVE = 0.01
 # A running run whose files have not changed for this long (and 20 steps' time) gets a warning.
 STALL_SECONDS = 900.0
-
-
-# --------------------------------------------------------------------------- state
-
-
-def pid_alive(pid: int) -> bool:
-    """Is `pid` a live process on this host? A zombie (dead, not yet reaped) counts as dead."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        import psutil
-
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:  # psutil missing or the process vanished between the two calls
-        return True
-
-
-def effective_state(
-    doc: Mapping[str, Any] | None,
-    lock: LockInfo,
-    *,
-    alive: Callable[[int], bool] = pid_alive,
-    host: str | None = None,
-) -> tuple[str, str, bool]:
-    """(state, detail, running) from run_state.json corrected by the lock.
-
-    `state` is a RunState value or "not-started"; `detail` is the sentence a person reads.
-    """
-    here = host or socket.gethostname()
-    doc = doc or {}
-    recorded = doc.get("state") if isinstance(doc.get("state"), str) else None
-    if lock.held:
-        who = f"pid {lock.pid}" if lock.pid is not None else "a live process"
-        if recorded != RunState.RUNNING.value:
-            return RunState.RUNNING.value, f"running ({who}, starting)", True
-        return RunState.RUNNING.value, f"running ({who})", True
-    if recorded is None:
-        return NOT_STARTED, "not started (no run_state.json yet)", False
-    pid = doc.get("pid") if isinstance(doc.get("pid"), int) else lock.pid
-    message = str(doc.get("message") or "")
-    if recorded == RunState.RUNNING.value:
-        doc_host = doc.get("host")
-        if isinstance(doc_host, str) and doc_host != here:
-            return (RunState.RUNNING.value,
-                    f"running on {doc_host} according to run_state.json (its lock cannot be checked from {here})",
-                    True)
-        if pid is None:
-            return RunState.CRASHED.value, "crashed (no live process holds the run lock)", False
-        if alive(pid):
-            return RunState.CRASHED.value, f"crashed (pid {pid} is alive but does not hold the run lock)", False
-        return RunState.CRASHED.value, f"crashed (pid {pid} is dead)", False
-    try:
-        state = RunState(recorded)
-    except ValueError:
-        return recorded, f"unknown state {recorded!r} in run_state.json", False
-    details = {
-        RunState.COMPLETED: "completed",
-        RunState.EARLY_STOPPED: f"early-stopped{': ' + message if message else ''}",
-        RunState.PREEMPTED: "preempted (resumable: run `farense train` again)",
-        RunState.PAUSED_DISK_FULL: "paused: disk full (resumable once space is freed)",
-        RunState.FAILED: f"failed{': ' + message if message else ''}",
-        RunState.CRASHED: "crashed",
-    }
-    return state.value, details.get(state, state.value), False
 
 
 # --------------------------------------------------------------------------- the snapshot
@@ -128,7 +54,7 @@ class MonitorSnapshot:
     taken_at: float
     config_name: str | None = None
     fingerprint: str | None = None
-    state: str = NOT_STARTED  # a RunState value, or "not-started"
+    state: str = RunState.NOT_STARTED.value  # a RunState value
     state_detail: str = ""
     running: bool = False
     pid: int | None = None
@@ -249,62 +175,28 @@ def _run_config(paths: RunPaths) -> ExperimentConfig | None:
 
 def _latest_checkpoint_state(infos: Sequence[Any]) -> dict[str, Any]:
     """state.json of the newest checkpoint still there (pruning may remove one as we read)."""
+    from .train.state import read_saved_state
+
     for info in reversed(infos):
-        try:
-            doc = orjson.loads((info.path / "state.json").read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            continue
-        if isinstance(doc, dict):
+        if (doc := read_saved_state(info)) is not None:
             return doc
     return {}
 
 
 def _disk(run_dir: Path, config: ExperimentConfig | None, usage: Callable[[Path], Any] | None,
           next_write: int) -> tuple[int | None, int | None, float | None, str | None]:
-    """(free, total, used %, watermark level) of the filesystem holding the run."""
+    """(free, total, used %, watermark level) of the filesystem holding the run: the disk guard's reading."""
+    from .diskguard import DiskGuard, Usage, disk_usage
+
     try:
-        from . import diskguard
-    except ImportError:  # an install without the guard: measure with statvfs, judge by the thresholds
-        diskguard = None  # type: ignore[assignment]
-    try:
-        if usage is not None:
-            u = usage(run_dir)
-        elif diskguard is not None:
-            u = diskguard.disk_usage(run_dir)
-        else:
-            st = os.statvfs(run_dir)
-            u = _Usage(st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize)
+        u = (usage or disk_usage)(run_dir)
     except OSError:
         return None, None, None, None
-    make = diskguard.Usage if diskguard is not None else _Usage
-    u = make(total=int(u.total), used=int(u.used), free=int(u.free))
-    denom = u.used + u.free
-    used_pct = 100.0 * u.used / denom if denom > 0 else 100.0
-    level: str | None = None
+    u = Usage(total=int(u.total), used=int(u.used), free=int(u.free))
+    level = None
     if config is not None:
-        if diskguard is not None:
-            guard = diskguard.DiskGuard(config.disk, run_dir, usage=lambda _p: u)
-            level = guard.raw_level(u, next_write).value
-        else:
-            d = config.disk
-            level = "ok"
-            if u.free < next_write + int(d.reserve):
-                level = "flood"
-            else:
-                for name, pct, free in (("flood", d.flood_used_percent, d.flood_free),
-                                        ("high", d.high_used_percent, d.high_free),
-                                        ("low", d.low_used_percent, d.low_free)):
-                    if used_pct >= pct or u.free < int(free):
-                        level = name
-                        break
-    return int(u.free), int(u.total), used_pct, level
-
-
-@dataclass(frozen=True)
-class _Usage:
-    total: int
-    used: int
-    free: int
+        level = DiskGuard(config.disk, run_dir, usage=lambda _p: u).raw_level(u, next_write).value
+    return u.free, u.total, u.used_percent, level
 
 
 def snapshot(
@@ -337,22 +229,58 @@ def snapshot(
     ckpt_state = _latest_checkpoint_state(checkpoints)
     warnings: list[str] = []
 
-    # Progress: the state file is rewritten after every step; metrics and checkpoints back it up.
-    step = max([_int(doc.get("step")) or 0, rows[-1]["step"] if rows else 0])
-    total = (_int(doc.get("total_steps")) or _int(ckpt_state.get("total_steps"))
-             or (config.training.iters if config is not None and config.training.iters else None))
-    progress = min(step / total, 1.0) if total else None
+    progress = _progress_fields(doc, rows, ckpt_state, config, running)
+    losses = _loss_fields(rows, paths)
     last = rows[-1] if rows else {}
-    elapsed = _num(last.get("elapsed_seconds"))
-    sps = _seconds_per_step(rows, _int(doc.get("resumed_from")) or 0)
-    eta = None
-    if running and sps is not None and total:
-        eta = max(total - step, 0) * sps
+    last_ckpt = checkpoints[-1] if checkpoints else None
+    free, total_disk, used_pct, level = _disk(paths.root, config, usage,
+                                              last_ckpt.size_bytes if last_ckpt is not None else 0)
+    if level in ("high", "flood"):
+        warnings.append(f"disk {level}: {format_size(free or 0)} free")
+    activity = last_activity(paths, doc)
+    age = now - activity if activity is not None else None
+    if running and age is not None and age > max(STALL_SECONDS, 20 * (progress["seconds_per_step"] or 0)):
+        warnings.append(f"no file of the run changed for {format_duration(age)}: is it stuck?")
 
-    # Losses and their trends.
+    return MonitorSnapshot(
+        run_dir=str(paths.root), run_name=paths.name, taken_at=now,
+        config_name=config.name if config is not None else None,
+        fingerprint=(config.fingerprint if config is not None else doc.get("fingerprint")),
+        state=state, state_detail=detail, running=running,
+        pid=lock.pid if lock.held else _int(doc.get("pid")),
+        host=doc.get("host") if isinstance(doc.get("host"), str) else lock.host,
+        message=str(doc.get("message") or ""),
+        **progress, **losses,
+        learning_rate=_num(last.get("learning_rate")),
+        tokens_per_second=_num(last.get("tokens_per_second")),
+        peak_memory_gb=_num(last.get("peak_memory_gb")),
+        checkpoints=len(checkpoints),
+        last_checkpoint_step=last_ckpt.step if last_ckpt is not None else None,
+        last_checkpoint_age_seconds=now - last_ckpt.created_at if last_ckpt is not None else None,
+        disk_free_bytes=free, disk_total_bytes=total_disk, disk_used_percent=used_pct, disk_level=level,
+        **_patience_fields(config, rows, ckpt_state, state),
+        updated_at=activity, last_activity_age_seconds=age, warnings=tuple(warnings),
+    )
+
+
+def _progress_fields(doc: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], ckpt_state: Mapping[str, Any],
+                     config: ExperimentConfig | None, running: bool) -> dict[str, Any]:
+    """Progress: the state file is rewritten after every step; metrics and checkpoints back it up."""
+    step = max([_int(doc.get("step")) or 0, rows[-1]["step"] if rows else 0])
+    total = (_int(doc.get("total_steps")) or _int(ckpt_state.get(TOTAL_STEPS_KEY))
+             or (config.training.iters if config is not None and config.training.iters else None))
+    sps = _seconds_per_step(rows, _int(doc.get("resumed_from")) or 0)
+    return {
+        "step": step, "total_steps": total, "progress": min(step / total, 1.0) if total else None,
+        "elapsed_seconds": _num(rows[-1].get("elapsed_seconds")) if rows else None, "seconds_per_step": sps,
+        "eta_seconds": max(total - step, 0) * sps if running and sps is not None and total else None,
+    }
+
+
+def _loss_fields(rows: Sequence[Mapping[str, Any]], paths: RunPaths) -> dict[str, Any]:
+    """The losses, their trends, the best validation and the gap at the last one."""
     train = [v for r in rows if (v := _num(r.get("train_loss"))) is not None]
     w = min(TREND_WINDOW, len(train) // 2)
-    train_mean = _mean(train[-TREND_WINDOW:])
     train_trend, train_delta = _trend(_mean(train[-2 * w:-w]), _mean(train[-w:])) if w >= 1 else (None, None)
     vals = [r for r in rows if _num(r.get("val_loss")) is not None]
     val_last = vals[-1] if vals else {}
@@ -361,84 +289,35 @@ def snapshot(
     best_val, best_step = (best["val_loss"], best["step"]) if best else (None, None)
     if best is None:
         try:
-            b = orjson.loads((paths.adapters / "best.json").read_bytes())
+            b = orjson.loads(paths.best_record.read_bytes())
             best_val, best_step = _num(b.get("val_loss")), _int(b.get("step"))
         except (OSError, orjson.JSONDecodeError, AttributeError):
             pass
+    gs = val_last.get("gap_status") if val_last else None
+    return {
+        "train_loss": _num(rows[-1].get("train_loss")) if rows else None,
+        "train_loss_mean": _mean(train[-TREND_WINDOW:]), "train_trend": train_trend, "train_trend_delta": train_delta,
+        "val_loss": _num(val_last.get("val_loss")) if val_last else None,
+        "val_step": _int(val_last.get("step")) if val_last else None,
+        "val_trend": val_trend, "val_trend_delta": val_delta, "best_val_loss": best_val, "best_step": best_step,
+        "gap": _num(val_last.get("gap")) if val_last else None,
+        "gap_status": gs if isinstance(gs, str) else None,
+    }
 
-    # Early stopping: the latest validation row says how much patience is left; else the checkpoint.
-    patience = config.early_stopping.patience if config is not None else None
-    patience = patience or None
-    patience_left = _int(val_last.get("patience_left")) if val_last else None
+
+def _patience_fields(config: ExperimentConfig | None, rows: Sequence[Mapping[str, Any]],
+                     ckpt_state: Mapping[str, Any], state: str) -> dict[str, Any]:
+    """Early stopping: the latest validation row says how much patience is left; else the checkpoint."""
+    patience = (config.early_stopping.patience if config is not None else None) or None
+    vals = [r for r in rows if _num(r.get("val_loss")) is not None]
+    patience_left = _int(vals[-1].get("patience_left")) if vals else None
     if patience and patience_left is None:
-        es = (ckpt_state.get("progress") or {}).get("early_stopping") or {}
+        es = (ckpt_state.get(PROGRESS_KEY) or {}).get(EARLY_STOPPING_KEY) or {}
         waited = _int(es.get("evaluations_without_improvement"))
         patience_left = patience - waited if waited is not None else patience
     if state == RunState.EARLY_STOPPED.value:
         patience_left = 0
-
-    # Checkpoints.
-    last_ckpt = checkpoints[-1] if checkpoints else None
-    ck_age = now - last_ckpt.created_at if last_ckpt is not None else None
-
-    # Disk.
-    next_write = last_ckpt.size_bytes if last_ckpt is not None else 0
-    free, total_disk, used_pct, level = _disk(paths.root, config, usage, next_write)
-    if level in ("high", "flood"):
-        warnings.append(f"disk {level}: {format_size(free or 0)} free")
-
-    activity = last_activity(paths, doc)
-    age = now - activity if activity is not None else None
-    if running and age is not None and age > max(STALL_SECONDS, 20 * (sps or 0)):
-        warnings.append(f"no file of the run changed for {format_duration(age)}: is it stuck?")
-    gs = val_last.get("gap_status") if val_last else None
-
-    return MonitorSnapshot(
-        run_dir=str(paths.root),
-        run_name=paths.name,
-        taken_at=now,
-        config_name=config.name if config is not None else None,
-        fingerprint=(config.fingerprint if config is not None else doc.get("fingerprint")),
-        state=state,
-        state_detail=detail,
-        running=running,
-        pid=lock.pid if lock.held else _int(doc.get("pid")),
-        host=doc.get("host") if isinstance(doc.get("host"), str) else lock.host,
-        message=str(doc.get("message") or ""),
-        step=step,
-        total_steps=total,
-        progress=progress,
-        elapsed_seconds=elapsed,
-        seconds_per_step=sps,
-        eta_seconds=eta,
-        train_loss=_num(last.get("train_loss")),
-        train_loss_mean=train_mean,
-        train_trend=train_trend,
-        train_trend_delta=train_delta,
-        val_loss=_num(val_last.get("val_loss")) if val_last else None,
-        val_step=_int(val_last.get("step")) if val_last else None,
-        val_trend=val_trend,
-        val_trend_delta=val_delta,
-        best_val_loss=best_val,
-        best_step=best_step,
-        gap=_num(val_last.get("gap")) if val_last else None,
-        gap_status=gs if isinstance(gs, str) else None,
-        learning_rate=_num(last.get("learning_rate")),
-        tokens_per_second=_num(last.get("tokens_per_second")),
-        peak_memory_gb=_num(last.get("peak_memory_gb")),
-        checkpoints=len(checkpoints),
-        last_checkpoint_step=last_ckpt.step if last_ckpt is not None else None,
-        last_checkpoint_age_seconds=ck_age,
-        disk_free_bytes=free,
-        disk_total_bytes=total_disk,
-        disk_used_percent=used_pct,
-        disk_level=level,
-        patience=patience,
-        patience_left=patience_left,
-        updated_at=activity,
-        last_activity_age_seconds=age,
-        warnings=tuple(warnings),
-    )
+    return {"patience": patience, "patience_left": patience_left}
 
 
 # --------------------------------------------------------------------------- formatting
@@ -528,7 +407,7 @@ _STATE_STYLE = {
     RunState.RUNNING.value: "bold green", RunState.COMPLETED.value: "bold blue",
     RunState.EARLY_STOPPED.value: "bold blue", RunState.PREEMPTED.value: "bold yellow",
     RunState.PAUSED_DISK_FULL.value: "bold yellow", RunState.CRASHED.value: "bold red",
-    RunState.FAILED.value: "bold red", NOT_STARTED: "dim",
+    RunState.FAILED.value: "bold red", RunState.NOT_STARTED.value: "dim",
 }
 GAP_STYLE = {"EXCELENTE": "bold green", "BOM": "green", "MODERADO": "yellow", "CRÍTICO": "bold red"}
 _LEVEL_STYLE = {"ok": "green", "low": "yellow", "high": "bold dark_orange", "flood": "bold red"}
@@ -606,33 +485,6 @@ def render_text(s: MonitorSnapshot, *, width: int = 110, color: bool = False) ->
 
 
 # --------------------------------------------------------------------------- finding a run
-
-
-def is_run_dir(path: Path) -> bool:
-    """A directory the trainer has started writing (its state file or its recorded config)."""
-    return (path / "run_state.json").is_file() or (path / "config.json").is_file()
-
-
-def find_runs(runs_dir: str | os.PathLike[str], *, max_depth: int = 3) -> list[Path]:
-    """Run directories under `runs_dir` (runs/v2, and runs/demo/v2 one level down), sorted by path."""
-    root = Path(runs_dir)
-    found: list[Path] = []
-
-    def walk(d: Path, depth: int) -> None:
-        try:
-            children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
-        except OSError:
-            return
-        for c in children:
-            if is_run_dir(c):
-                found.append(c)
-            elif depth < max_depth and c.name not in ("checkpoints", "adapters", "evaluation", "plots"):
-                walk(c, depth + 1)
-
-    if is_run_dir(root):
-        return [root]
-    walk(root, 1)
-    return found
 
 
 def most_recent_run(runs_dir: str | os.PathLike[str]) -> Path:

@@ -4,7 +4,7 @@
         releases/<release-id>/     adapters/, config.json, training_summary.json,
                                    evaluation_report.json, evaluation_summary.csv, decision.json,
                                    release.json (manifest: SHA-256 and size of every file, written last)
-        releases/.tmp-<id>/        a release being built (never read; removed by the next promotion)
+        releases/<id>.tmp-<hex>/   a release being built (never read; removed by the next promotion)
         current -> releases/<id>   relative symlink, replaced with os.replace (atomic)
         history.json               log of every switch (promote, rollback)
         .promotion.lock            fcntl.flock: one promotion or rollback at a time
@@ -17,16 +17,13 @@ records the release that was current when it was built (`previous`), which `roll
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import stat
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import orjson
 
@@ -42,9 +39,10 @@ from .decision import (
     read_decision,
     report_from_run,
 )
-from .errors import DecisionRefused, FarenseError, RunLocked
-from .fsutil import atomic_write_json, fsync_dir, fsync_file, sha256_file
-from .layout import TMP_MARK, ProductionPaths, RunPaths
+from .errors import DecisionRefused, FarenseError
+from .fsutil import atomic_write_json, commit_dir, fsync_dir, fsync_file, sha256_file, staged_dir, tmp_sibling
+from .layout import ADAPTERS_FILE, CONFIG_FILE, SUMMARY_FILE, TMP_MARK, ProductionPaths, RunPaths, is_temporary
+from .locks import RunLock
 
 RELEASE_FORMAT = "farense.release/1"
 HISTORY_NAME = "history.json"
@@ -93,7 +91,7 @@ class Release:
             id=m["id"], path=path, run_name=m.get("run_name", ""), created_at=m.get("created_at", ""),
             previous=m.get("previous"), forced=bool(m.get("forced")), config_name=m.get("config_name", ""),
             config_fingerprint=m.get("config_fingerprint", ""),
-            adapters_sha256=m.get("files", {}).get("adapters/adapters.safetensors", {}).get("sha256", ""),
+            adapters_sha256=m.get("files", {}).get(f"adapters/{ADAPTERS_FILE}", {}).get("sha256", ""),
             manifest=m,
         )
 
@@ -130,7 +128,7 @@ def list_releases(production_dir: Path) -> list[Release]:
         return []
     out = []
     for p in sorted(releases.iterdir(), key=lambda p: p.name):
-        if p.is_dir() and TMP_MARK not in p.name and (p / RELEASE_MANIFEST).exists():
+        if p.is_dir() and not is_temporary(p.name) and (p / RELEASE_MANIFEST).exists():
             out.append(Release.read(p))
     return out
 
@@ -161,18 +159,11 @@ def verify_release(release: Release) -> None:
 # --------------------------------------------------------------------------- primitives
 
 
-@contextmanager
-def _production_lock(prod: ProductionPaths) -> Iterator[None]:
-    prod.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(prod.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunLocked(f"another promotion or rollback holds {prod.root / LOCK_NAME}; try again when it ends") from None
-        yield
-    finally:
-        os.close(fd)  # closing releases the flock (the kernel also does when the process dies)
+def _production_lock(prod: ProductionPaths) -> RunLock:
+    """One promotion or rollback at a time (never waits: the second one is refused)."""
+    return RunLock(prod.root / LOCK_NAME, command="promote", timeout=0.0,
+                   busy=lambda info: f"another promotion or rollback holds {prod.root / LOCK_NAME} "
+                                     f"({info.describe()}); try again when it ends")
 
 
 def clean_temporaries(production_dir: Path) -> list[Path]:
@@ -181,7 +172,7 @@ def clean_temporaries(production_dir: Path) -> list[Path]:
     removed = []
     if prod.releases.is_dir():
         for p in prod.releases.iterdir():
-            if TMP_MARK in p.name:
+            if is_temporary(p.name):
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
@@ -201,7 +192,7 @@ def clean_temporaries(production_dir: Path) -> list[Path]:
 
 def _switch(prod: ProductionPaths, release_id: str, hook: Hook) -> None:
     """Point `current` at releases/<id>: a new relative symlink renamed over the old one."""
-    tmp = prod.root / f"{prod.current.name}{TMP_MARK}{uuid.uuid4().hex}"
+    tmp = tmp_sibling(prod.current)
     os.symlink(f"{prod.releases.name}/{release_id}", tmp)
     hook(STEP_SYMLINK_CREATED)
     if os.path.lexists(prod.current) and not prod.current.is_symlink():
@@ -222,6 +213,31 @@ def _copy_file(src: Path, dst: Path) -> dict[str, Any]:
     fsync_file(dst)
     os.chmod(dst, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # releases are read-only
     return {"size": dst.stat().st_size, "sha256": sha256_file(dst)}
+
+
+def _copy_release_files(run: RunPaths, tmp: Path, decision_path: Path | None) -> dict[str, Any]:
+    """The run's adapters, config, summary, evaluation and decision, copied read-only and fsynced."""
+    (tmp / "adapters").mkdir()
+    files: dict[str, Any] = {}
+    for f in sorted(run.adapters.iterdir()):
+        if f.is_file():
+            files[f"adapters/{f.name}"] = _copy_file(f, tmp / "adapters" / f.name)
+    fsync_dir(tmp / "adapters")
+    copies = [(run.config, CONFIG_FILE), (run.summary, SUMMARY_FILE),
+              (run.evaluation / REPORT_NAME, REPORT_NAME),
+              (run.evaluation / "evaluation_summary.csv", "evaluation_summary.csv")]
+    if decision_path is not None:
+        copies.append((decision_path, DECISION_NAME))
+    for src, name in copies:
+        if src.is_file():
+            files[name] = _copy_file(src, tmp / name)
+    return files
+
+
+def _write_read_only(path: Path, obj: Any) -> None:
+    path.write_bytes(orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+    fsync_file(path)
+    os.chmod(path, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
 
 
 def _no_hook(step: str) -> None:
@@ -300,7 +316,7 @@ def promote(
     """
     run = RunPaths(Path(run_dir).resolve())
     hook = hook or _no_hook
-    for needed in (run.adapters / "adapters.safetensors", run.adapters / "adapter_config.json", run.config,
+    for needed in (run.best_adapters, run.best_adapter_config, run.config,
                    run.evaluation / REPORT_NAME):
         if not needed.is_file():
             raise FarenseError(f"cannot promote {run.name}: {needed} not found (train and evaluate the run first)")
@@ -321,7 +337,7 @@ def promote(
             + "\nuse --force (promote(..., force=True)) to promote anyway"
         )
 
-    adapters_sha = sha256_file(run.adapters / "adapters.safetensors")
+    adapters_sha = sha256_file(run.best_adapters)
     prod.releases.mkdir(parents=True, exist_ok=True)
     with _production_lock(prod):
         clean_temporaries(prod.root)
@@ -330,51 +346,29 @@ def promote(
             return incumbent
         when = now or utc_now()
         rid = _release_id(run.name, adapters_sha[:8], when, prod.releases)
-        tmp = prod.releases / f"{TMP_MARK}{rid}"
         final = prod.releases / rid
-
-        tmp.mkdir()
-        (tmp / "adapters").mkdir()
-        files: dict[str, Any] = {}
-        for f in sorted(run.adapters.iterdir()):
-            if f.is_file():
-                files[f"adapters/{f.name}"] = _copy_file(f, tmp / "adapters" / f.name)
-        fsync_dir(tmp / "adapters")
-        copies = [(run.config, "config.json"), (run.summary, "training_summary.json"),
-                  (run.evaluation / REPORT_NAME, REPORT_NAME),
-                  (run.evaluation / "evaluation_summary.csv", "evaluation_summary.csv")]
-        if decision is not None:
-            copies.append((decision_path, DECISION_NAME))
-        for src, name in copies:
-            if src.is_file():
-                files[name] = _copy_file(src, tmp / name)
-        report = orjson.loads((tmp / REPORT_NAME).read_bytes())
-        manifest = {
-            "format": RELEASE_FORMAT,
-            "id": rid,
-            "created_at": iso(when),
-            "run_name": run.name,
-            "run_dir": str(run.root),
-            "config_name": config.get("name", ""),
-            "config_fingerprint": meta.get("fingerprint", ""),
-            "previous": incumbent.id if incumbent else None,
-            "forced": bool(force and reasons),
-            "refusal_overridden": reasons if force else [],
-            "decision": None if decision is None else {
-                "verdict": decision.verdict, "preferred": decision.preferred, "ready": decision.ready,
-                "failed_rules": [r.name for r in decision.failed_rules], "decided_at": decision.decided_at},
-            "metrics": report.get("summary", {}),
-            "files": files,
-        }
-        manifest_path = tmp / RELEASE_MANIFEST
-        manifest_path.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
-        fsync_file(manifest_path)
-        os.chmod(manifest_path, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-        fsync_dir(tmp)
-        hook(STEP_RELEASE_BUILT)
-
-        os.rename(tmp, final)
-        fsync_dir(prod.releases)
+        with staged_dir(final) as tmp:
+            files = _copy_release_files(run, tmp, decision_path if decision is not None else None)
+            report = orjson.loads((tmp / REPORT_NAME).read_bytes())
+            manifest = {
+                "format": RELEASE_FORMAT,
+                "id": rid,
+                "created_at": iso(when),
+                "run_name": run.name,
+                "run_dir": str(run.root),
+                "config_name": config.get("name", ""),
+                "config_fingerprint": meta.get("fingerprint", ""),
+                "previous": incumbent.id if incumbent else None,
+                "forced": bool(force and reasons),
+                "refusal_overridden": reasons if force else [],
+                "decision": None if decision is None else {
+                    "verdict": decision.verdict, "preferred": decision.preferred, "ready": decision.ready,
+                    "failed_rules": [r.name for r in decision.failed_rules], "decided_at": decision.decided_at},
+                "metrics": report.get("summary", {}),
+                "files": files,
+            }
+            commit_dir(tmp, final, synced=True, manifest=lambda d: _write_read_only(d / RELEASE_MANIFEST, manifest),
+                       before_rename=lambda: hook(STEP_RELEASE_BUILT))
         hook(STEP_RELEASE_COMMITTED)
 
         _switch(prod, rid, hook)
@@ -404,7 +398,7 @@ def rollback(
         if target_id == current.id:
             return current
         target_path = prod.releases / target_id
-        if TMP_MARK in target_id or not (target_path / RELEASE_MANIFEST).is_file():
+        if is_temporary(target_id) or not (target_path / RELEASE_MANIFEST).is_file():
             known = ", ".join(r.id for r in list_releases(prod.root)) or "none"
             raise FarenseError(f"no release {target_id!r} in {prod.releases} (releases: {known})")
         target = Release.read(target_path)

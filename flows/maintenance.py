@@ -30,9 +30,10 @@ def maintenance_flow(
     demo: bool | str = False,
     workspace: str | None = None,
     dry_run: bool = False,
-    older_than_days: float = 30.0,
+    older_than_days: float | None = None,
 ) -> CleanupResult:
-    """Clean the runs directory of `config` by its retention policy (dry_run: only report)."""
+    """Clean the runs directory of `config` by its retention policy (dry_run: only report; older_than_days:
+    None for the config's checkpoint.cleanup_after_days)."""
     cfg = load_experiment(config, demo=demo, workspace=workspace)
     return cleanup_task(cfg, dry_run=dry_run, older_than_days=older_than_days)
 

@@ -20,22 +20,20 @@ from typing import Any
 from prefect import flow, get_run_logger, tags
 
 from farense.config import ExperimentConfig
-from farense.errors import FarenseError
+from farense.decision import PRODUCTION
+from farense.errors import ResumeLimitReached
+from farense.outcome import TrainingOutcome
 
 from tasks.common import best_effort
-from tasks.decide import PRODUCTION, DecisionResult, decide_task
+from tasks.decide import DecisionResult, decide_task
 from tasks.disk import CleanupResult, PreflightResult, cleanup_task, preflight_task
 from tasks.evaluate import EvaluationResult, evaluate_task
 from tasks.inputs import check_inputs_task
 from tasks.notify import NotifyResult, notify_task, send_notification
 from tasks.promote import PromotionResult, promote_task
-from tasks.train import TrainingOutcome, train_model
+from tasks.train import train_model
 
 TRAINING_FLOW = "farense-training"
-
-
-class ResumeLimitReached(FarenseError):
-    """The run crashed and was resumed too many times in a row; a person should look."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,7 @@ def completion_message(cfg: ExperimentConfig, t: TrainingOutcome, e: EvaluationR
     best = "-" if t.best_val_loss is None else f"{t.best_val_loss:.4f} at step {t.best_step}"
     lines = [
         f"config: {cfg.name} (fingerprint {cfg.fingerprint})",
-        f"training: {t.state}, step {t.step}/{t.total_steps}"
+        f"training: {t.state.value}, step {t.step}/{t.total_steps}"
         + (f", resumed from step {t.resumed_from}" if t.resumed_from else "")
         + (" (already trained)" if t.skipped else ""),
         f"best validation loss: {best}",

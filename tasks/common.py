@@ -15,11 +15,12 @@ from typing import Any, Callable, TypeVar
 from tenacity import retry, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from farense.config import ExperimentConfig, load_config
+from farense.fsutil import DISK_FULL_ERRNOS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# ENOSPC, EDQUOT and EIO are never retried (see farense/fsutil.py for why).
-_NOT_TRANSIENT = frozenset(c for c in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EIO, errno.ENOENT) if c)
+# ENOSPC, EDQUOT and EIO are never retried (see farense/fsutil.py for why), nor a missing file.
+_NOT_TRANSIENT = DISK_FULL_ERRNOS | {errno.ENOENT}
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from farense.config import ExperimentConfig
-from farense.decision import RunReport, compare_and_decide, incumbent_from_production, load_report, report_from_run
-from farense.errors import FarenseError
+from farense.decision import PRODUCTION, compare_and_decide, load_incumbent, report_from_run
 from farense.layout import RunPaths
 
 from .common import artifact_key, best_effort, load_experiment
-
-PRODUCTION = "production"
-
 
 @dataclass(frozen=True)
 class DecisionResult:
@@ -35,32 +32,9 @@ class DecisionResult:
     failed_rules: tuple[str, ...] = ()
 
 
-def incumbent_run_dir(compare_with: str, config: ExperimentConfig, demo: bool | str) -> Path | None:
-    """Where the incumbent lives: None for production, else a run directory (a path or a config name)."""
-    if compare_with == PRODUCTION:
-        return None
-    p = Path(compare_with)
-    if p.is_dir():
-        return p.resolve()
-    other = load_experiment(compare_with, demo=demo, workspace=config.workspace)
-    return other.run_dir
-
-
-def check_incumbent(compare_with: str, config: ExperimentConfig, demo: bool | str) -> None:
-    """Fail before training if the run to compare with does not exist (production may be empty)."""
-    run_dir = incumbent_run_dir(compare_with, config, demo)
-    if run_dir is not None and not (run_dir / "evaluation" / "evaluation_report.json").is_file():
-        raise FarenseError(
-            f"compare_with={compare_with!r}: {run_dir} has no evaluation report; train and evaluate it first "
-            f"(e.g. run this flow with config={compare_with!r})"
-        )
-
-
-def load_incumbent(compare_with: str, config: ExperimentConfig, demo: bool | str) -> RunReport | None:
-    run_dir = incumbent_run_dir(compare_with, config, demo)
-    if run_dir is None:
-        return incumbent_from_production(config.production_dir)
-    return load_report(run_dir)
+def config_run_dir(config: ExperimentConfig, demo: bool | str) -> Callable[[str], Path]:
+    """How a config name given as compare_with becomes a run directory: as this flow resolves configs."""
+    return lambda name: load_experiment(name, demo=demo, workspace=config.workspace).run_dir
 
 
 @task(name="compare-and-decide", retries=0, cache_policy=NO_CACHE)
@@ -68,7 +42,7 @@ def decide_task(config: ExperimentConfig, run_dir: str, compare_with: str = PROD
     """Decide whether the candidate run should replace the incumbent, and publish why."""
     log = get_run_logger()
     candidate = report_from_run(Path(run_dir))
-    incumbent = load_incumbent(compare_with, config, demo)
+    incumbent = load_incumbent(compare_with, config.production_dir, config_run_dir(config, demo))
     out = compare_and_decide(incumbent, candidate, config.decision, out_dir=RunPaths(Path(run_dir)).evaluation)
     d = out.decision
     if out.comparison is not None:

@@ -42,7 +42,7 @@ class CleanupResult:
 @task(name="disk-preflight", retries=0, cache_policy=NO_CACHE)
 def preflight_task(config: ExperimentConfig) -> PreflightResult:
     """Will the run fit on disk? Publishes the preflight table; raises DiskFull when it cannot fit."""
-    from farense.diskguard import preflight, render_preflight
+    from farense.preflight import preflight, render_preflight
     from farense.errors import DiskFull
 
     log = get_run_logger()
@@ -66,27 +66,14 @@ def preflight_task(config: ExperimentConfig) -> PreflightResult:
     return PreflightResult(report.ok, needed, free, freed, tuple(report.warnings))
 
 
-def _plan(config: ExperimentConfig, older_than_days: float) -> object:
-    from farense.cleanup import plan_cleanup
-
-    return plan_cleanup(config.runs_dir, production_dir=config.production_dir, keep_last=config.checkpoint.keep_last,
-                        keep_best=config.checkpoint.keep_best, older_than_days=older_than_days)
-
-
-def free_disk_space(config: ExperimentConfig, older_than_days: float = 30.0) -> int:
-    """Apply the cleanup policy now (after a disk-full pause); returns the bytes freed."""
-    from farense.cleanup import apply_cleanup
-
-    return apply_cleanup(_plan(config, older_than_days)).bytes_freed
-
-
 @task(name="cleanup", retries=0, cache_policy=NO_CACHE)
-def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_days: float = 30.0) -> CleanupResult:
-    """Delete stale checkpoints and leftovers under the config's runs directory, by policy."""
-    from farense.cleanup import apply_cleanup, summary_rows
+def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_days: float | None = None) -> CleanupResult:
+    """Delete stale checkpoints and leftovers under the config's runs directory, by policy
+    (finished runs: after the config's checkpoint.cleanup_after_days unless `older_than_days`)."""
+    from farense.cleanup import apply_cleanup, plan_for_config, summary_rows
 
     log = get_run_logger()
-    plan = _plan(config, older_than_days)
+    plan = plan_for_config(config, older_than_days=older_than_days)
     rows = summary_rows(plan)
     verb = "would free" if dry_run else "frees"
     md = f"## Cleanup of {config.runs_dir}\n\n"

@@ -16,10 +16,9 @@ from prefect.cache_policies import NO_CACHE
 from farense.config import ExperimentConfig
 from farense.console import markdown_table
 from farense.decision import REPORT_NAME
-from farense.fsutil import sha256_file
 from farense.layout import RunPaths
 
-from .common import artifact_key, best_effort, read_json
+from .common import artifact_key, best_effort
 
 
 @dataclass(frozen=True)
@@ -37,12 +36,11 @@ class EvaluationResult:
 
 def existing_evaluation(config: ExperimentConfig, run_dir: Path) -> EvaluationResult | None:
     """The run's report, if it was made from this config and the adapters the run has now."""
+    from farense.evaluation import current_report
+
     paths = RunPaths(Path(run_dir))
-    report = read_json(paths.evaluation / REPORT_NAME)
-    weights = paths.adapters / "adapters.safetensors"
-    if not report or report.get("config_fingerprint") != config.fingerprint or not weights.is_file():
-        return None
-    if report.get("adapters", {}).get("sha256") != sha256_file(weights):
+    report = current_report(config, paths.root)
+    if report is None:
         return None
     s = report.get("summary", {})
     return EvaluationResult(str(paths.root), str(paths.evaluation / REPORT_NAME), int(s.get("examples", 0)),

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from farense.config import ExperimentConfig, check_inputs
 from farense.data import validate_data
+from farense.decision import PRODUCTION
 from farense.demo import demo_overlay, prepare_demo
 
 from .common import load_experiment
@@ -18,9 +19,11 @@ from .common import load_experiment
 
 @task(name="check-inputs", retries=0, cache_policy=NO_CACHE)
 def check_inputs_task(config: str, demo: bool | str = False, workspace: str | None = None,
-                      compare_with: str = "production") -> ExperimentConfig:
+                      compare_with: str = PRODUCTION) -> ExperimentConfig:
     """The resolved config, once it, its model, its data and the run to compare with are known good."""
-    from .decide import check_incumbent
+    from farense.decision import check_incumbent
+
+    from .decide import config_run_dir
 
     log = get_run_logger()
     cfg = load_experiment(config, demo=demo, workspace=workspace)
@@ -28,7 +31,7 @@ def check_inputs_task(config: str, demo: bool | str = False, workspace: str | No
         prepare_demo(demo_overlay(demo), cfg.model_path)  # idempotent: verifies an existing build
     check_inputs(cfg)
     report, _ = validate_data(cfg)
-    check_incumbent(compare_with, cfg, demo)
+    check_incumbent(compare_with, config_run_dir(cfg, demo))
     counts = ", ".join(f"{s.name} {s.examples}" for s in report.splits.values())
     log.info(f"{cfg.name}: config valid (fingerprint {cfg.fingerprint}), data {counts}, run dir {cfg.run_dir}")
     return cfg

@@ -16,7 +16,7 @@ import pytest
 from farense.checkpoint import CheckpointStore
 from farense.errors import DiskFull
 from farense.layout import RunPaths
-from farense.states import RunState
+from farense.runstate import RunState
 from farense.trainer import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -23,9 +23,8 @@ from farense.diskguard import (
     RunDiskGuard,
     Usage,
     disk_usage,
-    preflight,
-    render_preflight,
 )
+from farense.preflight import preflight, render_preflight
 from farense.errors import DiskFull
 from farense.estimate import ModelShape, checkpoint_sizes, estimate_run
 

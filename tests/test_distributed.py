@@ -23,14 +23,13 @@ from farense.distributed import (
     Watchdog,
     any_rank,
     broadcast_bytes,
-    job_exit_code,
     parse_rank_exit,
     share_checkpoint,
     spec_defaults_from_env,
     stop_on_stdin,
 )
 from farense.errors import ConfigError
-from farense.states import EXIT_BAD_INPUT, EXIT_DISK_FULL, EXIT_FAILED, EXIT_LOCKED, EXIT_NUMERICAL, EXIT_OK, EXIT_PREEMPTED
+from farense.outcome import ExitCode, job_exit_code
 from training_fixtures import REPO, SHORT, farense_env, write_config_file
 
 # --------------------------------------------------------------------------- the launcher's rules
@@ -44,17 +43,17 @@ def test_rank_exits_are_read_off_mlx_launch_warnings():
 
 
 @pytest.mark.parametrize("codes, expected", [
-    ({}, EXIT_OK),                                          # mlx.launch reports failures only
-    ({1: -9, 0: EXIT_PREEMPTED}, EXIT_PREEMPTED),           # a rank SIGKILLed; rank 0 saw the peer go
-    ({1: None, 0: EXIT_BAD_INPUT}, EXIT_PREEMPTED),         # a death outranks what the others said after it
-    ({1: 137}, EXIT_PREEMPTED),                             # killed on a remote host (ssh: 128 + 9)
-    ({1: 255}, EXIT_PREEMPTED),                             # ssh lost the host
-    ({1: EXIT_BAD_INPUT, 0: EXIT_PREEMPTED}, EXIT_BAD_INPUT),  # the data is missing on rank 1's host
-    ({0: EXIT_NUMERICAL, 1: EXIT_PREEMPTED}, EXIT_NUMERICAL),
-    ({1: EXIT_FAILED, 0: EXIT_PREEMPTED}, EXIT_FAILED),     # a bug on one rank is not cured by a retry
-    ({0: EXIT_DISK_FULL, 1: EXIT_PREEMPTED}, EXIT_DISK_FULL),
-    ({0: EXIT_LOCKED, 1: EXIT_PREEMPTED}, EXIT_LOCKED),
-    ({0: EXIT_PREEMPTED, 1: EXIT_PREEMPTED}, EXIT_PREEMPTED),
+    ({}, ExitCode.OK),                                          # mlx.launch reports failures only
+    ({1: -9, 0: ExitCode.PREEMPTED}, ExitCode.PREEMPTED),           # a rank SIGKILLed; rank 0 saw the peer go
+    ({1: None, 0: ExitCode.BAD_INPUT}, ExitCode.PREEMPTED),         # a death outranks what the others said after it
+    ({1: 137}, ExitCode.PREEMPTED),                             # killed on a remote host (ssh: 128 + 9)
+    ({1: 255}, ExitCode.PREEMPTED),                             # ssh lost the host
+    ({1: ExitCode.BAD_INPUT, 0: ExitCode.PREEMPTED}, ExitCode.BAD_INPUT),  # the data is missing on rank 1's host
+    ({0: ExitCode.NUMERICAL, 1: ExitCode.PREEMPTED}, ExitCode.NUMERICAL),
+    ({1: ExitCode.FAILED, 0: ExitCode.PREEMPTED}, ExitCode.FAILED),     # a bug on one rank is not cured by a retry
+    ({0: ExitCode.DISK_FULL, 1: ExitCode.PREEMPTED}, ExitCode.DISK_FULL),
+    ({0: ExitCode.LOCKED, 1: ExitCode.PREEMPTED}, ExitCode.LOCKED),
+    ({0: ExitCode.PREEMPTED, 1: ExitCode.PREEMPTED}, ExitCode.PREEMPTED),
 ])
 def test_one_exit_code_for_the_job_means_what_a_single_trainers_code_means(codes, expected):
     assert job_exit_code(codes, 2) == expected
@@ -114,7 +113,7 @@ def test_watchdog_allows_a_long_start_then_bounds_every_step():
     now[0] = 99
     assert not dog.check()
     now[0] = 101
-    assert dog.check() and exits == [EXIT_PREEMPTED]
+    assert dog.check() and exits == [ExitCode.PREEMPTED]
     assert "rank 1" in logs[0] and "resumable" in logs[0]
 
 
@@ -146,9 +145,9 @@ def test_cli_refuses_a_bad_launch_with_the_input_exit_code(tmp_path, demo_dir):
                             (["--hosts", "127.0.0.1", "-n", "3"], "cannot be split equally across 3 ranks")):
         out = subprocess.run(_train_argv(cfg, tmp_path, *extra, "--result-json", str(tmp_path / "r.json")),
                              capture_output=True, text=True, env=farense_env(), cwd=REPO, timeout=120)
-        assert out.returncode == EXIT_BAD_INPUT, out.stderr
+        assert out.returncode == ExitCode.BAD_INPUT, out.stderr
         assert expected in out.stderr
-        assert orjson.loads((tmp_path / "r.json").read_bytes())["exit_code"] == EXIT_BAD_INPUT
+        assert orjson.loads((tmp_path / "r.json").read_bytes())["exit_code"] == ExitCode.BAD_INPUT
 
 
 # --------------------------------------------------------------------------- two real ranks
@@ -243,7 +242,7 @@ def _metrics_steps(paths) -> int:
 
 def _finish(cfg_file: Path, ws: Path, log: Path) -> dict:
     proc = _launch(cfg_file, ws, log)
-    assert proc.wait(timeout=300) == EXIT_OK, log.read_text()[-4000:]
+    assert proc.wait(timeout=300) == ExitCode.OK, log.read_text()[-4000:]
     return orjson.loads((ws / "result.json").read_bytes())
 
 
@@ -296,7 +295,7 @@ def test_rank0_sigkilled_mid_checkpoint_stops_the_job_and_the_retry_is_byte_iden
     code = proc.wait(timeout=120)
     stopped_after = time.monotonic() - killed_at
     log1 = (ws / "log1.txt").read_text()
-    assert code == EXIT_PREEMPTED, log1[-4000:]
+    assert code == ExitCode.PREEMPTED, log1[-4000:]
     assert stopped_after < RANK_TIMEOUT, f"rank 1 should see the lost peer at once, took {stopped_after:.1f} s"
     assert "another rank was lost" in log1
     result = orjson.loads((ws / "result.json").read_bytes())
@@ -324,11 +323,11 @@ def test_a_hung_rank_stops_the_job_within_the_time_out_and_the_retry_is_byte_ide
     code = proc.wait(timeout=120)
     took = time.monotonic() - stopped_at
     log1 = (ws / "log1.txt").read_text()
-    assert code == EXIT_PREEMPTED, log1[-4000:]
+    assert code == ExitCode.PREEMPTED, log1[-4000:]
     assert RANK_TIMEOUT * 0.8 < took < 2 * RANK_TIMEOUT + 10, f"stopped after {took:.1f} s"
     assert "no progress for 8 s" in log1
     result = orjson.loads((ws / "result.json").read_bytes())
-    assert result["state"] == "preempted" and result["killed_after_timeout"] and result["ranks"]["0"] == EXIT_PREEMPTED
+    assert result["state"] == "preempted" and result["killed_after_timeout"] and result["ranks"]["0"] == ExitCode.PREEMPTED
     assert not [pid for pid in ranks if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
 
     result = _finish(cfg, ws, ws / "log2.txt")
@@ -348,7 +347,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step_and_loses_
     proc = _launch(cfg, ws, ws / "log1.txt")
     _wait_for(lambda: _metrics_steps(paths) >= 5, what="5 steps")
     proc.send_signal(signal.SIGTERM)  # what Prefect's cancellation and the OS's shutdown send
-    assert proc.wait(timeout=120) == EXIT_PREEMPTED, (ws / "log1.txt").read_text()[-4000:]
+    assert proc.wait(timeout=120) == ExitCode.PREEMPTED, (ws / "log1.txt").read_text()[-4000:]
     log1 = (ws / "log1.txt").read_text()
     last = read_metrics(paths.metrics_jsonl)[-1]["step"]
     assert CheckpointStore(paths.checkpoints).latest_verified().step == last, "the stop step is checkpointed"

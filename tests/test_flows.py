@@ -148,9 +148,13 @@ def test_farense_run_is_the_whole_pipeline_without_a_server(tmp_path: Path) -> N
     [(75, True), (76, True), (73, True), (-9, True), (2, False), (3, False), (1, False)],
 )
 def test_only_failures_a_retry_can_cure_are_retried(code: int, retryable: bool) -> None:
-    from tasks.train import TrainingFailed, _describe_failure, retry_only_curable
+    from farense.errors import TrainingFailed
+    from farense.outcome import TrainingOutcome
+    from farense.training_job import judge_exit
+    from tasks.train import retry_only_curable
 
-    message, curable = _describe_failure(code, {"message": "detail"}, [])
+    failure = judge_exit(code, TrainingOutcome.failure("run", code, "detail", "E", False), [], lambda: 1)
+    message, curable = failure.message, failure.retryable
     assert curable is retryable and "detail" in message
     state = SimpleNamespace(data=TrainingFailed(message, code, curable))
     assert retry_only_curable(None, None, state) is retryable
@@ -168,7 +172,7 @@ def test_already_trained_needs_a_finished_run_with_the_same_fingerprint(write_co
     import orjson
 
     from farense.config import load_config
-    from tasks.train import already_trained
+    from farense.training_job import already_trained
 
     from farense.data import data_fingerprint
 
@@ -187,12 +191,11 @@ def test_already_trained_needs_a_finished_run_with_the_same_fingerprint(write_co
     assert already_trained(cfg) is None
 
 
-@pytest.mark.filterwarnings("ignore:Artifact creation outside of a flow")  # the watcher alone, no flow around it
-def test_the_watcher_follows_a_resumed_run(prefect_api: None, tmp_path: Path) -> None:
+def test_the_watcher_follows_a_resumed_run(tmp_path: Path) -> None:
     import orjson
 
     from farense.layout import RunPaths, checkpoint_name
-    from tasks.train import TrainingWatcher
+    from farense.training_job import TrainingWatcher
 
     paths = RunPaths(tmp_path / "run")
     (paths.checkpoints / checkpoint_name(10)).mkdir(parents=True)
@@ -200,7 +203,7 @@ def test_the_watcher_follows_a_resumed_run(prefect_api: None, tmp_path: Path) ->
     paths.state.write_bytes(orjson.dumps({"state": "running", "pid": 4242, "total_steps": 40, "resumed_from": 10}))
     lines: list[str] = []
     saved: list[int] = []
-    watcher = TrainingWatcher(paths, 4242, SimpleNamespace(info=lines.append), on_checkpoint=saved.append)
+    watcher = TrainingWatcher(paths, 4242, lines.append, on_checkpoint=saved.append)
 
     watcher.poll()
     assert watcher.step == 13 and watcher.total == 40 and lines == ["training resumed from checkpoint step 10"]
@@ -222,7 +225,7 @@ def test_a_second_training_on_the_machine_waits_until_the_first_dies(tmp_path: P
     import sys
     import threading
 
-    from tasks.train import MACHINE_LOCK_ENV, one_training_on_this_machine
+    from farense.training_job import MACHINE_LOCK_ENV, one_training_on_this_machine
 
     lock = tmp_path / "training.lock"
     monkeypatch.setenv(MACHINE_LOCK_ENV, str(lock))
@@ -234,7 +237,7 @@ def test_a_second_training_on_the_machine_waits_until_the_first_dies(tmp_path: P
         messages: list[str] = []
         threading.Timer(1.0, holder.kill).start()  # SIGKILL: the kernel frees the flock
         started = time.monotonic()
-        with one_training_on_this_machine(SimpleNamespace(info=messages.append), "mine"):
+        with one_training_on_this_machine(messages.append, "mine"):
             waited = time.monotonic() - started
         assert waited >= 0.9
         assert "another training runs on this machine" in messages[0] and "train other" in messages[0]

@@ -439,7 +439,7 @@ def test_preflight_counts_the_import_until_it_exists(tiny, tmp_path: Path, write
 
 def test_trainer_loads_a_gguf_config_through_the_cache(tiny, tmp_path: Path, write_config):
     from farense.config import load_config
-    from farense.trainer import load_base_model
+    from farense.train.setup import load_base_model
 
     cfg = load_config(write_config({"model": {"path": str(tiny(Q.F32))}, "lora": {"num_layers": LAYERS}}),
                       workspace=tmp_path)

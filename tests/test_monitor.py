@@ -28,7 +28,6 @@ from farense.layout import RunPaths
 from farense.locks import LockInfo
 from farense.monitor import (
     MonitorSnapshot,
-    effective_state,
     parse_plain_line,
     plain_line,
     render_text,
@@ -38,7 +37,7 @@ from farense.monitor import (
 )
 from farense.overfitting import GapStatus
 from farense.runstate import write_run_state
-from farense.states import RunState
+from farense.runstate import RunState, effective_state
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -185,7 +184,7 @@ _HOLDER = """
 import sys, time
 from farense.locks import RunLock
 from farense.runstate import write_run_state
-from farense.states import RunState
+from farense.runstate import RunState
 run = sys.argv[1]
 with RunLock(run + "/run.lock", command="train"):
     write_run_state(__import__("pathlib").Path(run) / "run_state.json", RunState.RUNNING, step=3, total_steps=10)

@@ -15,7 +15,7 @@ import pytest
 from farense.checkpoint import CheckpointStore
 from farense.layout import RunPaths
 from farense.metrics import read_metrics
-from farense.states import EXIT_OK, EXIT_PREEMPTED
+from farense.outcome import ExitCode
 from training_fixtures import start_train, write_config_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -36,7 +36,7 @@ def wait_for(pred, timeout: float = 120, what: str = "condition") -> None:
 
 def train_to_end(cfg_file: Path, ws: Path, log: Path) -> None:
     proc = start_train(cfg_file, ws, log=log)
-    assert proc.wait(timeout=300) == EXIT_OK, log.read_text()[-3000:]
+    assert proc.wait(timeout=300) == ExitCode.OK, log.read_text()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_sigkill_anywhere_then_resume_gives_identical_adapters(tmp_path, referen
     assert orjson.loads(paths.state.read_bytes())["state"] == "running"  # what a crash leaves behind
 
     proc = start_train(cfg_file, ws, log=ws / "log2.txt")
-    assert proc.wait(timeout=300) == EXIT_OK, (ws / "log2.txt").read_text()[-3000:]
+    assert proc.wait(timeout=300) == ExitCode.OK, (ws / "log2.txt").read_text()[-3000:]
     state = orjson.loads(paths.state.read_bytes())
     assert state["state"] == "completed" and state["resumed_from"] == resumes_from
     assert not [p for p in paths.checkpoints.iterdir() if ".tmp-" in p.name]
@@ -109,7 +109,7 @@ def test_sigterm_checkpoints_with_zero_steps_lost_then_resume_is_exact(tmp_path,
     proc = start_train(cfg_file, ws, log=ws / "log1.txt")
     wait_for(lambda: len(read_metrics(paths.metrics_jsonl)) >= 10, what="10 steps")
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == EXIT_PREEMPTED, (ws / "log1.txt").read_text()[-3000:]
+    assert proc.wait(timeout=60) == ExitCode.PREEMPTED, (ws / "log1.txt").read_text()[-3000:]
 
     last_step = read_metrics(paths.metrics_jsonl)[-1]["step"]
     latest = CheckpointStore(paths.checkpoints).latest_verified()
@@ -117,7 +117,7 @@ def test_sigterm_checkpoints_with_zero_steps_lost_then_resume_is_exact(tmp_path,
     assert orjson.loads(paths.state.read_bytes())["state"] == "preempted"
 
     proc = start_train(cfg_file, ws, log=ws / "log2.txt")
-    assert proc.wait(timeout=300) == EXIT_OK
+    assert proc.wait(timeout=300) == ExitCode.OK
     assert orjson.loads(paths.state.read_bytes())["resumed_from"] == last_step
     assert sha(paths.adapters / "adapters.safetensors") == reference["adapters"]
 
@@ -146,7 +146,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_resume_uses_the_previous_one
         (newest / "MANIFEST.json").unlink()
 
     proc = start_train(cfg_file, ws, log=ws / "log2.txt")
-    assert proc.wait(timeout=300) == EXIT_OK
+    assert proc.wait(timeout=300) == ExitCode.OK
     log = (ws / "log2.txt").read_text()
     assert "skipping checkpoint" in log and "step-00000016" in log
     assert orjson.loads(paths.state.read_bytes())["resumed_from"] == 8

@@ -14,7 +14,7 @@ from farense.layout import RunPaths
 from farense.metrics import read_metrics
 from farense.overfitting import EarlyStoppingState, GapStatus, classify_gap, observe_validation
 from farense.signals import PreemptionFlag
-from farense.states import RunState
+from farense.runstate import RunState
 from farense.trainer import run_training
 
 pytestmark = pytest.mark.timeout(300)

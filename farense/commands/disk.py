@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 
-from ..config import format_size, load_config
+from ..config import CheckpointConfig, format_size, load_config
 from ..console import print_table
 
 
@@ -25,11 +25,13 @@ def _dump(obj: object) -> None:
 def cleanup(args: argparse.Namespace) -> int:
     from ..cleanup import apply_cleanup, item_rows, plan_cleanup, referenced_models, summary_rows
 
-    keep_last, keep_best = 3, True
+    defaults = CheckpointConfig()
+    keep_last, keep_best, older_than_days = defaults.keep_last, defaults.keep_best, defaults.cleanup_after_days
     if args.config:
         cfg = load_config(args.config, overlays=args.overlay or [])
         runs_dir, production_dir = cfg.runs_dir, cfg.production_dir
         keep_last, keep_best = cfg.checkpoint.keep_last, cfg.checkpoint.keep_best
+        older_than_days = cfg.checkpoint.cleanup_after_days
     else:
         ws = Path(os.environ.get("FARENSE_WORKSPACE", "."))  # set by `farense --workspace`
         runs_dir = ws / (args.runs_dir or "runs")
@@ -38,9 +40,11 @@ def cleanup(args: argparse.Namespace) -> int:
         production_dir = Path(args.production_dir)
     if args.keep_last is not None:
         keep_last = args.keep_last
+    if args.older_than_days is not None:
+        older_than_days = args.older_than_days
     refs = referenced_models(runs_dir) if args.hf_cache else set()
     plan = plan_cleanup(runs_dir, production_dir=production_dir, keep_last=keep_last, keep_best=keep_best,
-                        older_than_days=args.older_than_days, include_hf_cache=args.hf_cache, referenced_models=refs)
+                        older_than_days=older_than_days, include_hf_cache=args.hf_cache, referenced_models=refs)
     result = apply_cleanup(plan) if args.apply else None
     if args.json:
         _dump({"dry_run": not args.apply, "plan": plan.to_dict(),
@@ -49,7 +53,7 @@ def cleanup(args: argparse.Namespace) -> int:
 
     verb = "deleted" if args.apply else "would delete"
     title = (f"cleanup of {runs_dir} (keep_last={keep_last}, best={'kept' if keep_best else 'not kept'}, "
-             f"finished runs older than {args.older_than_days:g} days reduced)")
+             f"finished runs older than {older_than_days:g} days reduced)")
     if plan.items:
         if args.verbose:
             print_table(title, ["path", "kind", "size", "reason"], item_rows(plan))
@@ -72,7 +76,7 @@ def cleanup(args: argparse.Namespace) -> int:
 
 
 def preflight(args: argparse.Namespace) -> int:
-    from ..diskguard import (ESTIMATE_HEADERS, PREFLIGHT_HEADERS, estimate_rows, preflight as run_preflight,
+    from ..preflight import (ESTIMATE_HEADERS, PREFLIGHT_HEADERS, estimate_rows, preflight as run_preflight,
                              preflight_rows)
     from ..errors import DiskFull
 
@@ -117,8 +121,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--overlay", action="append", help="Overlay for CONFIG, repeatable.")
     add_demo_flags(c)
     c.add_argument("--keep-last", type=int, help="Checkpoints kept per run besides the best (default: config's, or 3).")
-    c.add_argument("--older-than-days", type=float, default=30.0,
-                   help="Finished runs older than this keep only adapters and summary (default 30).")
+    c.add_argument("--older-than-days", type=float,
+                   help="Finished runs older than this keep only adapters and summary "
+                        "(default: the config's checkpoint.cleanup_after_days, 30).")
     c.add_argument("--hf-cache", action="store_true", help="Also remove Hugging Face cache models no config refers to.")
     c.add_argument("--apply", action="store_true", help="Delete (default: dry run that deletes nothing).")
     c.add_argument("--json", action="store_true", help="Machine-readable output.")
@@ -130,7 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlay", action="append", help="Overlay to apply, repeatable.")
     add_demo_flags(p)
     p.add_argument("--no-cleanup", action="store_true", help="Report only; never run the cleanup policy when short.")
-    p.add_argument("--older-than-days", type=float, default=30.0, help="Cleanup policy for finished runs (default 30).")
+    p.add_argument("--older-than-days", type=float,
+                   help="Cleanup policy for finished runs (default: the config's checkpoint.cleanup_after_days).")
     p.add_argument("--hf-cache", action="store_true", help="Let the cleanup policy include unused Hugging Face models.")
     p.add_argument("--online", action="store_true", help="Fetch a hub model's config.json when it is not cached.")
     p.add_argument("--json", action="store_true", help="Machine-readable output.")

@@ -22,9 +22,6 @@ from ..console import print_table
 from ..errors import FarenseError
 from ..layout import RunPaths
 
-PRODUCTION = "production"
-
-
 def _overlays(args: argparse.Namespace) -> list[str]:
     return list(getattr(args, "overlay", None) or [])
 
@@ -32,15 +29,15 @@ def _overlays(args: argparse.Namespace) -> list[str]:
 def resolve_run(spec: str, args: argparse.Namespace) -> tuple[Path, ExperimentConfig]:
     """A run directory and its config from a path or a config name."""
     p = Path(spec)
-    if p.is_dir() and (p / "config.json").is_file():
-        return p.resolve(), config_from_json(p / "config.json")
+    if p.is_dir() and RunPaths(p).config.is_file():
+        return p.resolve(), config_from_json(RunPaths(p).config)
     if p.is_dir():
         raise FarenseError(f"{p} is not a run directory (no config.json in it)")
     cfg = load_config(spec, overlays=_overlays(args))
-    if not (cfg.run_dir / "config.json").is_file():
+    if not RunPaths(cfg.run_dir).config.is_file():
         hint = "".join(f" --{o}" for o in _overlays(args) if o in ("demo", "tiny"))
         raise FarenseError(f"no run of {cfg.name} at {cfg.run_dir} (train it first: farense train {spec}{hint})")
-    return cfg.run_dir, config_from_json(cfg.run_dir / "config.json")
+    return cfg.run_dir, config_from_json(RunPaths(cfg.run_dir).config)
 
 
 def _production_dir(args: argparse.Namespace, config: ExperimentConfig | None = None) -> Path:
@@ -85,19 +82,13 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def _load_incumbent(spec: str, args: argparse.Namespace, candidate_config: ExperimentConfig):
-    from ..decision import incumbent_from_production, load_report
+    from ..decision import load_incumbent
 
-    if spec == PRODUCTION:
-        prod = _production_dir(args, candidate_config)
-        inc = incumbent_from_production(prod)
-        if inc is None:
-            raise FarenseError(f"nothing in production yet ({prod}/current does not exist): promote a run first")
-        return inc
-    p = Path(spec)
-    if p.is_dir() and not (p / "config.json").is_file():
-        return load_report(p)  # a release or production directory
-    run_dir, _ = resolve_run(spec, args)
-    return load_report(run_dir)
+    prod = _production_dir(args, candidate_config)
+    inc = load_incumbent(spec, prod, lambda name: resolve_run(name, args)[0])
+    if inc is None:
+        raise FarenseError(f"nothing in production yet ({prod}/current does not exist): promote a run first")
+    return inc
 
 
 def compare_cmd(args: argparse.Namespace) -> int:

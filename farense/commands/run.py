@@ -62,7 +62,7 @@ def _pipeline(args: argparse.Namespace, demo: bool | str) -> int:
         return _failed(state)
     result = state.result()
     t, e, d, p = result.training, result.evaluation, result.decision, result.promotion
-    print(f"{result.config}: {t.state} at step {t.step}/{t.total_steps}"
+    print(f"{result.config}: {t.state.value} at step {t.step}/{t.total_steps}"
           + (f" (resumed from {t.resumed_from})" if t.resumed_from else "")
           + (" (already trained)" if t.skipped else ""))
     print(f"F1 {e.f1:.4f}  gap {t.train_val_gap if t.train_val_gap is None else round(t.train_val_gap, 4)}"

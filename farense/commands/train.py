@@ -12,17 +12,17 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from ..config import load_config
+from ..config import ExperimentConfig, load_config
 from ..demo import DEMO_OVERLAYS, prepare_demo
 from ..errors import FarenseError
+from ..outcome import ExitCode, TrainingOutcome
+from ..summary import TrainingSummary
 from . import add_demo_flags
-from ..states import EXIT_OK, RunState
 
-STATE_FOR_CODE = {75: RunState.PREEMPTED, 76: RunState.PAUSED_DISK_FULL}
+if TYPE_CHECKING:
+    from ..distributed import JobOutcome, LaunchSpec
 
 
 def train(args: argparse.Namespace) -> int:
@@ -40,41 +40,35 @@ def train(args: argparse.Namespace) -> int:
     return _run(args, config)
 
 
-def _run(args: argparse.Namespace, config: Any) -> int:
+def _run(args: argparse.Namespace, config: ExperimentConfig) -> int:
     """Train in this process: alone, or as one rank of a launched job (--rank-mode)."""
     from ..signals import PreemptionFlag
-    from ..trainer import TrainResult, run_training
+    from ..trainer import run_training
 
     flag = PreemptionFlag().install()
-    result: dict | None = None
-    code = EXIT_OK
+    outcome: TrainingOutcome | None = None
     rank, dog, log, on_step_end = 0, None, None, None
     if args.rank_mode:
         rank, dog, log, on_step_end = _join_job(args, flag)
     try:
         kwargs: dict[str, Any] = {"log": log} if log else {}
-        res: TrainResult = run_training(config, new_run=args.new_run, preemption=flag, on_step_end=on_step_end,
-                                        progress_bar=None if not args.no_progress else False, **kwargs)
-        result = res.to_dict()
+        outcome = run_training(config, new_run=args.new_run, preemption=flag, on_step_end=on_step_end,
+                               progress_bar=None if not args.no_progress else False, **kwargs)
         if rank == 0:
-            print(f"{res.state.value}: step {res.step}/{res.total_steps}, best val loss "
-                  f"{res.best_val_loss if res.best_val_loss is None else round(res.best_val_loss, 4)} at step "
-                  f"{res.best_step}, gap {res.gap_status} -> {res.run_dir}/adapters")
+            print(outcome.describe())
     except (FarenseError, RuntimeError) as e:
         e = _as_peer_lost(e) if args.rank_mode else e
         if not isinstance(e, FarenseError):
             raise
-        state = STATE_FOR_CODE.get(e.exit_code, RunState.FAILED)
-        result = _failure(config, state, str(e), type(e).__name__, e.retryable, e.exit_code)
-        print(f"farense: {f'rank {rank}: ' if args.rank_mode else ''}{state.value}: {e}", file=sys.stderr)
-        code = e.exit_code
+        outcome = TrainingOutcome.from_error(config.run_dir, e)
+        print(f"farense: {f'rank {rank}: ' if args.rank_mode else ''}{outcome.state.value}: {e}", file=sys.stderr)
     finally:
         if dog is not None:
             dog.stop()
         flag.restore()
-        if args.result_json and result is not None and rank == 0 and Path(args.result_json).parent.is_dir():
-            _write_json(args.result_json, result)
-    return code
+        if args.result_json and outcome is not None and rank == 0 and Path(args.result_json).parent.is_dir():
+            outcome.write(args.result_json)
+    return outcome.exit_code
 
 
 def _join_job(args: argparse.Namespace, flag: Any) -> tuple[int, Any, Any, Any]:
@@ -93,7 +87,8 @@ def _join_job(args: argparse.Namespace, flag: Any) -> tuple[int, Any, Any, Any]:
 
 
 def _as_peer_lost(e: BaseException) -> BaseException:
-    from ..distributed import PeerLost, peer_lost
+    from ..distributed import peer_lost
+    from ..errors import PeerLost
 
     if peer_lost(e):
         return PeerLost(f"another rank was lost ({e}); stopping as resumable, the retry resumes from the "
@@ -101,7 +96,7 @@ def _as_peer_lost(e: BaseException) -> BaseException:
     return e
 
 
-def _launch(args: argparse.Namespace, config: Any, hosts: str | None, hostfile: str | None) -> int:
+def _launch(args: argparse.Namespace, config: ExperimentConfig, hosts: str | None, hostfile: str | None) -> int:
     """Launch and watch the ranks; one exit code and one --result-json for the whole job."""
     from ..blas import thread_env
     from ..config import check_world_size
@@ -122,8 +117,7 @@ def _launch(args: argparse.Namespace, config: Any, hosts: str | None, hostfile: 
     except FarenseError as e:
         print(f"farense: error: {e}", file=sys.stderr)
         if args.result_json:
-            _write_json(args.result_json, _failure(config, RunState.FAILED, str(e), type(e).__name__,
-                                                   e.retryable, e.exit_code))
+            TrainingOutcome.from_error(config.run_dir, e).write(args.result_json)
         return e.exit_code
 
     flag = PreemptionFlag().install()
@@ -144,60 +138,42 @@ def _launch(args: argparse.Namespace, config: Any, hosts: str | None, hostfile: 
                                      **(thread_env(spec.world_size) if spec.all_local else {})})
         finally:
             flag.restore()
-        rank0 = _read_json(rank0_json)
+        rank0 = TrainingOutcome.read(rank0_json)
 
-    code = outcome.exit_code
-    if code == EXIT_OK and rank0 is not None and rank0.get("exit_code") not in (None, EXIT_OK):
-        code = int(rank0["exit_code"])  # mpirun reports no rank's exit; rank 0's own result does
-    elif code == EXIT_OK and rank0 is None and spec.all_local:
-        code = 75  # rank 0 ran here and left no result: it died before it could write one
-    if code == EXIT_OK:
-        result = rank0 or _summary_result(config)
-        print(f"farense: distributed job of {spec.world_size} ranks finished in {outcome.seconds:.1f} s",
-              file=sys.stderr)
-    else:
-        state = STATE_FOR_CODE.get(code, RunState.FAILED)
-        own = rank0 if rank0 and rank0.get("exit_code") == code else None
-        message = (own or {}).get("message") or f"distributed job stopped ({outcome.describe()})"
-        if code == 75 and not own:
-            message += "; resumable: the retry resumes from the last checkpoint"
-        result = _failure(config, state, message, (own or {}).get("error", "DistributedJobFailed"),
-                          code in (73, 75, 76), code)
-        print(f"farense: {state.value}: {message}", file=sys.stderr)
-    result.update(world_size=spec.world_size, ranks={str(r): c for r, c in outcome.rank_codes.items()},
-                  killed_after_timeout=outcome.killed_after_timeout)
+    result = _job_outcome(config, spec, outcome, rank0)
+    print(f"farense: {result.state.value}: {result.message}" if not result.ok else
+          f"farense: distributed job of {spec.world_size} ranks finished in {outcome.seconds:.1f} s", file=sys.stderr)
     if args.result_json:
-        _write_json(args.result_json, result)
-    return code
+        result.write(args.result_json)
+    return result.exit_code
 
 
-def _failure(config: Any, state: RunState, message: str, error: str, retryable: bool, code: int) -> dict[str, Any]:
-    return {"state": state.value, "run_dir": str(config.run_dir), "message": message, "error": error,
-            "retryable": retryable, "exit_code": code}
+def _job_outcome(config: ExperimentConfig, spec: LaunchSpec, job: JobOutcome, rank0: TrainingOutcome | None
+                 ) -> TrainingOutcome:
+    """One outcome for the whole job: the launcher's view of the ranks, completed by rank 0's own result."""
+    code = job.exit_code
+    if code == ExitCode.OK and rank0 is not None and not rank0.ok:
+        code = rank0.exit_code  # mpirun reports no rank's exit; rank 0's own result does
+    elif code == ExitCode.OK and rank0 is None and spec.all_local:
+        code = ExitCode.PREEMPTED  # rank 0 ran here and left no result: it died before it could write one
+    if code == ExitCode.OK:
+        result = rank0 or _summary_outcome(config)
+    else:
+        own = rank0 if rank0 is not None and rank0.exit_code == code else None
+        message = (own.message if own else "") or f"distributed job stopped ({job.describe()})"
+        if code == ExitCode.PREEMPTED and not own:
+            message += "; resumable: the retry resumes from the last checkpoint"
+        result = TrainingOutcome.failure(config.run_dir, code, message, own.error if own else "DistributedJobFailed")
+    return result.with_(world_size=spec.world_size, ranks={str(r): c for r, c in job.rank_codes.items()},
+                        killed_after_timeout=job.killed_after_timeout)
 
 
-def _summary_result(config: Any) -> dict[str, Any]:
+def _summary_outcome(config: ExperimentConfig) -> TrainingOutcome:
     """The job's outcome from training_summary.json, when rank 0 ran elsewhere but wrote here too."""
     from ..layout import RunPaths
 
-    s = _read_json(RunPaths(config.run_dir).summary) or {}
-    return {"state": s.get("state", RunState.COMPLETED.value), "run_dir": str(config.run_dir),
-            "step": s.get("final_step", 0), "total_steps": s.get("total_steps", 0), "resumed_from": None,
-            "best_step": s.get("best_step"), "best_val_loss": s.get("best_val_loss"),
-            "train_val_gap": s.get("train_val_gap"), "gap_status": s.get("gap_status"), "message": ""}
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return orjson.loads(Path(path).read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return None
-
-
-def _write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
-    from ..fsutil import atomic_write_bytes
-
-    atomic_write_bytes(path, orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    summary = TrainingSummary.read(RunPaths(config.run_dir).summary) or TrainingSummary()
+    return TrainingOutcome.from_summary(config.run_dir, summary)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,67 @@
+"""The end of a training: the seed's metrics files, training_summary.json, the loss curves, the final run state."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..config import ExperimentConfig
+from ..layout import RunPaths
+from ..metrics import write_seed_files
+from ..outcome import TrainingOutcome
+from ..overfitting import classify_gap
+from ..runstate import write_run_state
+from ..runstate import RunState
+from ..summary import TrainingSummary
+from .setup import library_versions
+from .state import TrainState
+
+
+def record_state(paths: RunPaths, state: RunState, st: TrainState, total: int, resumed_from: int | None,
+                 message: str, is_writer: bool) -> None:
+    """run_state.json once the loop stopped (best effort: on a full disk even this small file may not fit)."""
+    if not is_writer:
+        return
+    try:
+        write_run_state(paths.state, state, step=st.step, total_steps=total, resumed_from=resumed_from,
+                        message=message)
+    except OSError:
+        pass
+
+
+def summarize(config: ExperimentConfig, paths: RunPaths, st: TrainState, history: list[dict[str, Any]],
+              total_steps: int, outcome: RunState, data_fp: str) -> TrainingSummary:
+    """How the training ended, in the seed's terms: best step, its loss and gap, early stopping, time."""
+    es = st.early_stopping
+    best_row = next((r for r in history if r.get("step") == es.best_step and "val_loss" in r), {})
+    gap_at_best = best_row.get("gap")
+    return TrainingSummary(
+        run_name=config.run_name, config_name=config.name, fingerprint=config.fingerprint, data_fingerprint=data_fp,
+        state=outcome.value, final_step=st.step, total_steps=total_steps, best_step=es.best_step,
+        best_val_loss=es.best_val_loss, train_loss_at_best=best_row.get("train_loss_window"),
+        train_val_gap=gap_at_best,
+        gap_status=classify_gap(gap_at_best, config.overfitting).value if gap_at_best is not None else None,
+        final_train_loss=history[-1]["train_loss"] if history else None, final_val_loss=st.last_val_loss,
+        final_gap=st.last_gap, early_stopped=outcome is RunState.EARLY_STOPPED, early_stop_step=es.stopped_at,
+        training_time_seconds=st.elapsed_seconds, tokens_seen=st.tokens_seen,
+        best_checkpoint_step=st.best_checkpoint_step, adapters=str(paths.best_adapters),
+        versions=library_versions(),
+    )
+
+
+def finish(config: ExperimentConfig, paths: RunPaths, st: TrainState, history: list[dict[str, Any]], *,
+           total_steps: int, resumed_from: int | None, outcome: RunState, message: str, data_fp: str,
+           is_writer: bool, log: Callable[[str], None]) -> TrainingOutcome:
+    """Write what a finished run leaves (rank 0) and return its outcome."""
+    summary = summarize(config, paths, st, history, total_steps, outcome, data_fp)
+    if is_writer:
+        write_seed_files(history, paths.metrics_json, paths.metrics_csv)
+        summary.write(paths.summary)
+        try:  # the loss curves (`farense plot RUN` redraws them); a plot never fails a finished run
+            from ..plots import plot_loss_curves
+
+            plot_loss_curves(history, summary.to_json(), paths.plots / "loss_curves.png")
+        except Exception as e:
+            log(f"warning: could not draw the loss curves in {paths.plots}: {e}")
+        record_state(paths, outcome, st, total_steps, resumed_from, message, is_writer)
+    return TrainingOutcome(outcome, str(paths.root), st.step, total_steps, resumed_from, summary.best_step,
+                           summary.best_val_loss, summary.train_val_gap, summary.gap_status, message)

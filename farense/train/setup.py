@@ -1,0 +1,151 @@
+"""Training setup: config -> base model, LoRA adapters, optimizer and schedule, datasets and batch groups."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from .. import __version__
+from ..batching import batch_groups
+from ..config import ExperimentConfig, TrainingConfig
+from ..data import count_too_long, make_datasets
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+
+@dataclass
+class Setup:
+    """What the loop trains: the model with adapters, its optimizer, the data and the plan."""
+
+    model: nn.Module
+    optimizer: optim.Optimizer
+    train_set: Any
+    valid_set: Any
+    train_groups: list
+    valid_groups: list
+    total_steps: int
+
+
+def build_schedule(t: TrainingConfig, total_steps: int) -> Any:
+    """Linear warm-up to the peak, then constant, cosine or linear decay (mlx's schedulers)."""
+    import mlx.optimizers as optim
+
+    decay_steps = max(total_steps - t.warmup_steps, 1)
+    if t.schedule == "cosine":
+        main = optim.cosine_decay(t.learning_rate, decay_steps, t.min_learning_rate)
+    elif t.schedule == "linear":
+        main = optim.linear_schedule(t.learning_rate, t.min_learning_rate, decay_steps)
+    else:
+        main = t.learning_rate
+    if not t.warmup_steps:
+        return main
+    if not callable(main):
+        main = optim.linear_schedule(t.learning_rate, t.learning_rate, 1)
+    warm = optim.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
+    return optim.join_schedules([warm, main], [t.warmup_steps])
+
+
+def build_optimizer(config: ExperimentConfig, total_steps: int) -> optim.Optimizer:
+    import mlx.optimizers as optim
+
+    t = config.training
+    lr = build_schedule(t, total_steps)
+    if t.optimizer == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=t.weight_decay)
+    return optim.Adam(learning_rate=lr)
+
+
+def adapter_config(config: ExperimentConfig) -> dict[str, Any]:
+    """adapter_config.json in mlx-lm's format, so mlx_lm.generate/fuse read our adapters as is."""
+    params: dict[str, Any] = {"rank": config.lora.rank, "scale": config.lora.scale, "dropout": config.lora.dropout}
+    if config.lora.keys:
+        params["keys"] = list(config.lora.keys)
+    return {
+        "model": config.model_path,
+        "fine_tune_type": config.lora.type,
+        "num_layers": config.lora.num_layers,
+        "lora_parameters": params,
+        "max_seq_length": config.training.max_seq_length,
+        "mask_prompt": config.training.mask_prompt,
+        "seed": config.training.seed,
+        "farense_fingerprint": config.fingerprint,
+    }
+
+
+def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None = None) -> tuple[Any, Any]:
+    """The base model and tokenizer via mlx-lm, quantized on load when the config asks (QLoRA), then
+    dequantized or cast for the device as `model.compute` decides (farense.compute)."""
+    import mlx.nn as nn
+    from mlx_lm.utils import load
+
+    from ..compute import apply_compute, resolve_compute
+    from ..gguf import resolve_model_dir
+
+    model, tokenizer = load(resolve_model_dir(config),  # a .gguf is imported once into the workspace's cache
+                            tokenizer_config={"trust_remote_code": config.model.trust_remote_code})
+    if config.model.quantize_bits:
+        nn.quantize(model, group_size=config.model.quantize_group_size, bits=config.model.quantize_bits)
+    choice = resolve_compute(model, config.model.compute)
+    if log:
+        from ..blas import describe_blas
+
+        log(f"{choice.describe()}; {describe_blas()}")
+    return apply_compute(model, choice), tokenizer
+
+
+def attach_adapters(model: nn.Module, config: ExperimentConfig) -> None:
+    """Freeze the base and add LoRA/DoRA layers (initialised from the seed)."""
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    n_layers = len(model.layers)
+    if config.lora.num_layers > n_layers:  # check_inputs catches this first for local models
+        raise ConfigError(f"lora.num_layers: requested to train {config.lora.num_layers} layers but the model "
+                          f"only has {n_layers} layers (expected 1..{n_layers}, or -1 for all)", source=config.source)
+    mx.random.seed(config.training.seed)
+    model.freeze()
+    linear_to_lora_layers(model, config.lora.num_layers, adapter_config(config)["lora_parameters"],
+                          use_dora=config.lora.type == "dora")
+
+
+def library_versions() -> dict[str, str]:
+    import mlx.core as mx
+    import mlx_lm
+
+    return {"farense": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
+            "python": platform.python_version()}
+
+
+def plan_total_steps(config: ExperimentConfig, batches_per_epoch: int) -> int:
+    t = config.training
+    if t.iters:
+        return t.iters
+    return max((t.epochs * batches_per_epoch) // t.grad_accumulation, 1)
+
+
+def set_up(config: ExperimentConfig, loaded: dict, log: Callable[[str], None]) -> Setup:
+    """The model, the data, the adapters, the optimizer: everything heavy, after every check passed."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    t = config.training
+    log(f"loading {config.model_path}")
+    model, tokenizer = load_base_model(config, log)
+    datasets = make_datasets(config, tokenizer, loaded)
+    train_set, valid_set = datasets["train"], datasets["valid"]
+    too_long, longest = count_too_long(train_set, t.max_seq_length)
+    if too_long:
+        log(f"warning: {too_long} training examples exceed max_seq_length={t.max_seq_length} "
+            f"(longest {longest} tokens) and will be truncated")
+    attach_adapters(model, config)
+    if t.grad_checkpoint:
+        grad_checkpoint(model.layers[0])
+    train_groups = batch_groups([len(train_set[i][0]) for i in range(len(train_set))], t.batch_size)
+    valid_groups = batch_groups([len(valid_set[i][0]) for i in range(len(valid_set))], t.batch_size)
+    total_steps = plan_total_steps(config, len(train_groups))
+    optimizer = build_optimizer(config, total_steps)
+    optimizer.init(model.trainable_parameters())
+    return Setup(model, optimizer, train_set, valid_set, train_groups, valid_groups, total_steps)
