@@ -52,6 +52,11 @@ LAUNCH_GRACE_SECONDS = 20.0
 DEFAULT_PORT = 32323  # mlx.launch's default starting port for the ring backend
 ENV_HOSTS = "FARENSE_HOSTS"  # defaults for --hosts / --hostfile, e.g. from a Prefect work pool's env
 ENV_HOSTFILE = "FARENSE_HOSTFILE"
+# The launcher names each rank's GPU here (comma-separated, indexed by rank); the rank applies it
+# before mlx is imported. mlx.launch itself gives every rank `CUDA_VISIBLE_DEVICES=rank % -n`, and
+# with the host list already repeated (-n 1) that is GPU 0 for all of them: NCCL then refuses
+# ("Duplicate GPU detected: rank 0 and rank 1 both on CUDA device ...").
+ENV_RANK_GPUS = "FARENSE_RANK_GPUS"
 BACKENDS = ("ring", "mpi", "nccl", "jaccl", "jaccl-ring")
 STOP_LINE = b"stop\n"  # written to every rank's stdin (mlx.launch broadcasts it): checkpoint and stop
 LOCAL_HOSTS = ("127.0.0.1",)  # mlx.launch starts these directly; every other name goes through ssh
@@ -148,7 +153,15 @@ class LaunchSpec:
             return all(h.ssh_hostname in LOCAL_HOSTS for h in Hostfile.from_file(self.hostfile).hosts)
         return all(h in LOCAL_HOSTS for h in self.hosts)
 
-    def launcher_argv(self, rank_command: Sequence[str]) -> list[str]:
+    def rank_hosts(self) -> list[str]:
+        """The host of every rank, in rank order (ssh names; 127.0.0.1 for this machine)."""
+        if self.hostfile is not None:
+            from mlx._distributed_utils.common import Hostfile
+
+            return [h.ssh_hostname for h in Hostfile.from_file(self.hostfile).hosts]
+        return list(self.hosts)
+
+    def launcher_argv(self, rank_command: Sequence[str], environ: dict[str, str] | None = None) -> list[str]:
         """`mlx.launch ... -- rank_command` (the console script beside this interpreter when there)."""
         script = Path(sys.executable).with_name("mlx.launch")
         if script.exists():
@@ -163,7 +176,45 @@ class LaunchSpec:
         if self.backend:
             argv += ["--backend", self.backend]
         argv += ["--starting-port", str(self.port), "--nccl-port", str(self.port)]
+        env = os.environ if environ is None else environ
+        argv += ["--env", f"{ENV_RANK_GPUS}={','.join(rank_gpus(self.rank_hosts(), env.get('CUDA_VISIBLE_DEVICES')))}"]
+        # NCCL settings of the launching shell reach every rank, also one started through ssh with
+        # its own environment (NCCL_NVLS_ENABLE=0: NVLink multicast off on shared hosts).
+        argv += [a for k in sorted(env) if k.startswith("NCCL_") for a in ("--env", f"{k}={env[k]}")]
         return argv + ["--", *rank_command]
+
+
+def rank_gpus(rank_hosts: Sequence[str], visible: str | None = None) -> list[str]:
+    """The GPU of each rank: its position among the ranks of its host (local rank), or, on this
+    machine when CUDA_VISIBLE_DEVICES narrows the GPUs, the local rank-th of those."""
+    mine = [d.strip() for d in visible.split(",") if d.strip()] if visible else []
+    seen: dict[str, int] = {}
+    out = []
+    for host in rank_hosts:
+        local = seen.get(host, 0)
+        seen[host] = local + 1
+        out.append(mine[local] if host in LOCAL_HOSTS and local < len(mine) else str(local))
+    return out
+
+
+def pin_rank_gpu(environ: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
+    """In a launched rank, before mlx is imported: CUDA_VISIBLE_DEVICES = this rank's own GPU.
+
+    Returns the GPU chosen, or None when not launched by farense (nothing is changed then).
+    """
+    rank, gpus = environ.get("MLX_RANK"), environ.get(ENV_RANK_GPUS)
+    if rank is None or not gpus:
+        return None
+    table = gpus.split(",")
+    try:
+        gpu = table[int(rank)]
+    except (ValueError, IndexError):
+        return None
+    if "mlx.core" in sys.modules and environ.get("CUDA_VISIBLE_DEVICES") != gpu:
+        print(f"farense: warning: rank {rank}: mlx was imported before the rank's GPU ({gpu}) could be pinned",
+              file=sys.stderr, flush=True)
+    environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return gpu
 
 
 def spec_defaults_from_env(hosts: str | None, hostfile: str | None,
@@ -218,20 +269,29 @@ def died(code: int | None) -> bool:
 def job_exit_code(rank_codes: dict[int, int | None], world_size: int) -> int:
     """One exit code for the whole job, with the meaning a single trainer's code has.
 
-    A rank that died (signal, launcher kill, lost host) makes the job resumable, whatever the others
-    reported afterwards (they saw the loss). Otherwise the most telling code wins: bad input and
-    numerical errors cannot be cured by a retry; a full disk, a held lock and a preemption can.
-    A rank with no reported code finished cleanly (mlx.launch reports failures only).
+    `rank_codes` holds the failed ranks in the order the launcher reported them (a rank with no
+    code finished cleanly: mlx.launch reports failures only). What happened first decides: once a
+    rank fails, mlx.launch kills the others, and those deaths are consequences, not causes. So a
+    rank that died first (signal, lost host) makes the job resumable; a rank that exited with its
+    own code first (an exception: 1, bad input 2, NaN 3, ...) gives the job the most telling of
+    the codes reported before any death: bad input and numerical errors and bugs cannot be cured
+    by a retry; a full disk, a held lock and a preemption can.
     """
     codes = [rank_codes.get(r, EXIT_OK) for r in range(world_size)]
     if all(c == EXIT_OK for c in codes):
         return EXIT_OK
-    if any(died(c) for c in codes):
+    before_death: list[int] = []
+    for c in rank_codes.values():  # report order
+        if died(c):
+            break
+        if c != EXIT_OK:
+            before_death.append(c)  # type: ignore[arg-type]
+    if not before_death:
         return EXIT_PREEMPTED
     for wanted in (EXIT_BAD_INPUT, EXIT_NUMERICAL, EXIT_FAILED, EXIT_DISK_FULL, EXIT_LOCKED, EXIT_PREEMPTED):
-        if wanted in codes:
+        if wanted in before_death:
             return wanted
-    return next(c for c in codes if c != EXIT_OK)  # type: ignore[return-value]
+    return before_death[0]
 
 
 @dataclass
@@ -371,6 +431,26 @@ def rank_zero_lock(path: str | os.PathLike[str], *, command: str) -> Iterator[An
         yield lock
 
 
+def collective_stream() -> Any:
+    """The stream for the small collectives outside the compiled step (flags, losses, bytes).
+
+    mlx-lm runs them on the CPU stream, which the ring and MPI backends need; NCCL runs on the GPU
+    and refuses it ("There is no Stream(gpu, 0) in current thread"): there, the default stream.
+    """
+    import mlx.core as mx
+
+    return mx.default_stream(mx.default_device()) if nccl_backend() else mx.cpu
+
+
+def nccl_backend() -> bool:
+    """This rank was started for NCCL (mlx.launch --backend nccl sets the NCCL rendezvous address)."""
+    if "NCCL_HOST_IP" not in os.environ:
+        return False
+    import mlx.core as mx
+
+    return bool(mx.distributed.is_available("nccl")) and mx.default_device() == mx.gpu
+
+
 def any_rank(flag: bool, group: Any = None) -> bool:
     """True on every rank when it is true on any: all ranks take the same decision after a step."""
     group = group or world()
@@ -378,7 +458,8 @@ def any_rank(flag: bool, group: Any = None) -> bool:
         return bool(flag)
     import mlx.core as mx
 
-    return mx.distributed.all_sum(mx.array(int(bool(flag)), dtype=mx.int32), group=group, stream=mx.cpu).item() > 0
+    return mx.distributed.all_sum(mx.array(int(bool(flag)), dtype=mx.int32), group=group,
+                                  stream=collective_stream()).item() > 0
 
 
 def broadcast_bytes(data: bytes | None, group: Any = None) -> bytes:
@@ -390,11 +471,12 @@ def broadcast_bytes(data: bytes | None, group: Any = None) -> bytes:
     if group.size() == 1:
         return data or b""
     mine = data if group.rank() == 0 else None
-    n = mx.distributed.all_sum(mx.array(len(mine or b""), dtype=mx.int64), group=group, stream=mx.cpu).item()
+    stream = collective_stream()
+    n = mx.distributed.all_sum(mx.array(len(mine or b""), dtype=mx.int64), group=group, stream=stream).item()
     if n == 0:
         return b""
     buf = mx.array(np.frombuffer(mine, dtype=np.uint8)) if mine is not None else mx.zeros((n,), dtype=mx.uint8)
-    total = mx.distributed.all_sum(buf, group=group, stream=mx.cpu)
+    total = mx.distributed.all_sum(buf, group=group, stream=stream)
     return np.asarray(total).tobytes()
 
 
@@ -428,7 +510,8 @@ def share_checkpoint(info: Any, *, fingerprint: str, data_fingerprint: str, requ
                 if theirs[k] != {"fingerprint": fingerprint, "data_fingerprint": data_fingerprint}[k]]
     import mlx.core as mx
 
-    bad = mx.distributed.all_sum(mx.array(1 if mismatch else 0, dtype=mx.int32), group=group, stream=mx.cpu).item()
+    bad = mx.distributed.all_sum(mx.array(1 if mismatch else 0, dtype=mx.int32), group=group,
+                                 stream=collective_stream()).item()
     if bad:
         if mismatch:
             diffs = [f"{what} {mine} differs from rank 0's {theirs[key]}"

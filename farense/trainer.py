@@ -29,7 +29,7 @@ from .batching import batch_groups, eval_batches, position_of, train_batches
 from .checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy
 from .config import ExperimentConfig, check_inputs, check_world_size, config_to_json, fingerprint_diff
 from .data import count_too_long, data_fingerprint, make_datasets, validate_data
-from .distributed import any_rank, share_checkpoint
+from .distributed import any_rank, collective_stream, share_checkpoint
 from .errors import ConfigError, DiskFull, FingerprintMismatch, NumericalError, Preempted
 from .faults import fault_point
 from .fsutil import atomic_write_bytes, fsync_dir, fsync_file
@@ -289,8 +289,9 @@ def validation_loss(model: Any, dataset: Any, groups: list, config: ExperimentCo
         mx.eval(total, ntok)
         if i == 0:
             fault_point("validation", step)  # tests SIGKILL here, mid-validation
-    total = mx.distributed.all_sum(total, stream=mx.cpu)
-    ntok = mx.distributed.all_sum(ntok, stream=mx.cpu)
+    if world.size() > 1:
+        total = mx.distributed.all_sum(total, group=world, stream=collective_stream())
+        ntok = mx.distributed.all_sum(ntok, group=world, stream=collective_stream())
     model.train()
     return (total / ntok).item()
 

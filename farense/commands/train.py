@@ -24,9 +24,11 @@ STATE_FOR_CODE = {75: RunState.PREEMPTED, 76: RunState.PAUSED_DISK_FULL}
 
 
 def train(args: argparse.Namespace) -> int:
-    from ..distributed import spec_defaults_from_env
+    from ..distributed import pin_rank_gpu, spec_defaults_from_env
     from ..signals import die_with_parent
 
+    if args.rank_mode:
+        pin_rank_gpu()  # before anything imports mlx: the GPU is chosen when CUDA initialises
     if args.die_with_parent:
         die_with_parent()
     hosts, hostfile = (None, None) if args.rank_mode else spec_defaults_from_env(args.hosts, args.hostfile)
@@ -58,10 +60,14 @@ def _run(args: argparse.Namespace, config: Any) -> int:
             print(f"{res.state.value}: step {res.step}/{res.total_steps}, best val loss "
                   f"{res.best_val_loss if res.best_val_loss is None else round(res.best_val_loss, 4)} at step "
                   f"{res.best_step}, gap {res.gap_status} -> {res.run_dir}/adapters")
-    except (FarenseError, RuntimeError) as e:
+    except Exception as e:
+        if not isinstance(e, FarenseError) and not args.rank_mode:
+            raise
+        # A rank: a collective's error because a peer went away is resumable; any other exception
+        # is this rank's own failure (exit 1, not retried), never reported as a preemption.
         e = _as_peer_lost(e) if args.rank_mode else e
         if not isinstance(e, FarenseError):
-            raise
+            e = _as_failure(e, rank)
         state = STATE_FOR_CODE.get(e.exit_code, RunState.FAILED)
         result = _failure(config, state, str(e), type(e).__name__, e.retryable, e.exit_code)
         print(f"farense: {f'rank {rank}: ' if args.rank_mode else ''}{state.value}: {e}", file=sys.stderr)
@@ -88,6 +94,21 @@ def _join_job(args: argparse.Namespace, flag: Any) -> tuple[int, Any, Any, Any]:
         print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.stderr, flush=True)
 
     return rank, dog, log, lambda step, row, model: dog.beat()
+
+
+class RankFailed(FarenseError):
+    """A rank died of an exception that is no peer's loss: a bug or a broken install, not a
+    preemption; a retry would fail the same way."""
+
+    exit_code = 1
+    retryable = False
+
+
+def _as_failure(e: BaseException, rank: int) -> FarenseError:
+    import traceback
+
+    traceback.print_exception(e, file=sys.stderr)
+    return RankFailed(f"rank {rank} failed: {type(e).__name__}: {e}")
 
 
 def _as_peer_lost(e: BaseException) -> BaseException:
