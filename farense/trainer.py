@@ -85,6 +85,17 @@ class Progress:
     best_checkpoint_val: float | None = None
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    """An optimizer step queued on the device whose values have not been read yet."""
+
+    step: int
+    loss: Any  # mx.array: the mean micro-batch loss, summed over ranks
+    tokens: Any  # mx.array: this rank's tokens
+    learning_rate: Any  # mx.array: the rate this step used
+    started: float
+
+
 def step_seed(seed: int, step: int) -> int:
     """The RNG seed used for optimizer step `step` (1-based)."""
     return (seed * 1_000_003 + step) % (2**63)
@@ -455,6 +466,27 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
         store.prune(policy, best_step=prog.best_checkpoint_step, protect=protect)
         log(f"checkpoint {info.path.name} ({info.size_bytes} bytes)")
 
+    def launch(step_no: int) -> _InFlight:
+        """Queue optimizer step `step_no` on the device; nothing here waits for it."""
+        started = clock()
+        mx.random.seed(step_seed(t.seed, step_no))
+        grad, losses, toks = None, [], []
+        for k in range(t.grad_accumulation):
+            _, (batch, lengths) = next(batches)
+            lvalue, ntok, grad = step_fn(batch, lengths, grad, k == t.grad_accumulation - 1)
+            mx.async_eval(compiled_state, lvalue, ntok, grad)
+            losses.append(lvalue)
+            toks.append(ntok)
+            if k == 0:
+                fault_point("step", step_no)  # tests SIGKILL here, mid-step
+        loss = mx.stack(losses).mean()
+        if world_size > 1:
+            loss = mx.distributed.all_sum(loss, group=world, stream=collective_stream())
+        ntoks = sum(toks[1:], toks[0])
+        lr = optimizer.learning_rate  # this step's: the next step replaces it
+        mx.async_eval(loss, ntoks, lr)
+        return _InFlight(step_no, loss, ntoks, lr, started)
+
     protect = [resumed_from] if resumed_from else []
     if is_writer:
         write_run_state(paths.state, RunState.RUNNING, step=prog.step, total_steps=total_steps,
@@ -463,28 +495,34 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
     outcome = RunState.COMPLETED
     message = ""
     try:
-        # 4. The loop: one iteration is one optimizer step.
-        while prog.step < total_steps and prog.early_stopping.stopped_at is None:
-            tic = clock()
-            mx.random.seed(step_seed(t.seed, prog.step + 1))
-            grad, losses, ntoks = None, [], 0
-            for k in range(t.grad_accumulation):
-                _, (batch, lengths) = next(batches)
-                lvalue, toks, grad = step_fn(batch, lengths, grad, k == t.grad_accumulation - 1)
-                mx.eval(compiled_state, lvalue, toks, grad)
-                losses.append(lvalue)
-                ntoks += toks.item()
-                if k == 0:
-                    fault_point("step", prog.step + 1)  # tests SIGKILL here, mid-step
-            step_loss = mx.distributed.all_sum(mx.stack(losses).mean(), stream=mx.cpu).item() / world_size
+        # 4. The loop: one iteration is one optimizer step. The device runs ahead by one step:
+        # step s+1 is queued before step s's values are read and its bookkeeping (metrics, state
+        # file, hooks) is done, so that Python's work per step overlaps the device's instead of
+        # adding to it. Never across a step that validates or checkpoints: those need the model
+        # as it is after their own step, so exactness (invariant 2) is untouched.
+        inflight = launch(prog.step + 1) if prog.step < total_steps and prog.early_stopping.stopped_at is None else None
+        stop_pending = False  # a preemption agreed on while the next step was already queued
+        last_done: float | None = None
+        state_written = -math.inf
+        while inflight is not None:
+            cur = inflight
+            boundary = (cur.step % config.validation.every_steps == 0 or cur.step % config.checkpoint.every_steps == 0
+                        or cur.step == total_steps)
+            inflight = launch(cur.step + 1) if not boundary and not stop_pending else None
+            step_loss = cur.loss.item() / world_size  # waits for this step only; the next one keeps running
+            ntoks = int(cur.tokens.item())
+            done = clock()
             if not math.isfinite(step_loss):
                 raise NumericalError(
-                    f"step {prog.step + 1}: the training loss is {step_loss}; nothing from this step was "
+                    f"step {cur.step}: the training loss is {step_loss}; nothing from this step was "
                     f"checkpointed. Resume restarts from the last checkpoint; consider a lower learning rate."
                 )
-            prog.step += 1
+            # The step's time: from the end of the previous one when it was queued behind it (the
+            # previous step's bookkeeping included), else from its own start.
+            dt = done - (max(cur.started, last_done) if last_done is not None else cur.started)
+            last_done = done
+            prog.step = cur.step
             prog.tokens_seen += ntoks * world_size
-            dt = clock() - tic
             prog.elapsed_seconds += dt
             prog.window_loss_sum += step_loss
             prog.window_steps += 1
@@ -492,7 +530,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                 "step": prog.step,
                 "epoch": position_of(prog.step * t.grad_accumulation - 1, len(train_groups)).epoch,
                 "train_loss": step_loss,
-                "learning_rate": optimizer.learning_rate.item(),
+                "learning_rate": cur.learning_rate.item(),
                 "tokens": ntoks * world_size,
                 "tokens_per_second": (ntoks * world_size) / dt if dt > 0 else None,
                 "peak_memory_gb": mx.get_peak_memory() / 1e9,
@@ -519,10 +557,13 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                     f"gap {gap:+.4f} {row['gap_status']}{' (best)' if is_best else ''}")
 
             if on_step_end is not None:
-                on_step_end(prog.step, row, model)
+                on_step_end(prog.step, row, model)  # the next step may already be queued
             # One reading of the flag decides both the checkpoint and the exit: a signal that
-            # arrives later is served after the next step, never between the two.
-            preempt_now = any_rank(preemption.requested, world)  # all ranks: the same decision
+            # arrives later is served after the next step, never between the two. When the next
+            # step is already queued (every rank queues the same steps), it is that step.
+            preempt_now = stop_pending or any_rank(preemption.requested, world)  # all ranks: the same decision
+            if preempt_now and inflight is not None:
+                stop_pending, preempt_now = True, False
             due = (prog.step % config.checkpoint.every_steps == 0 or prog.step == total_steps
                    or prog.early_stopping.stopped_at is not None or preempt_now)
             if due:
@@ -534,7 +575,10 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                 row["checkpoint_seconds"] = clock() - started
             metrics.append(row)
             history.append(row)
-            if is_writer:
+            # run_state.json is for people and monitors: at most about once a second, and at every
+            # step that validated or checkpointed, not a file replaced every few milliseconds.
+            if is_writer and (boundary or due or done - state_written >= 1.0):
+                state_written = done
                 write_run_state(paths.state, RunState.RUNNING, durable=False, step=prog.step,
                                 total_steps=total_steps,
                                 resumed_from=resumed_from, fingerprint=config.fingerprint,
@@ -547,6 +591,8 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
             if guard and is_writer and guard.due(clock()):
                 guard.periodic(store, store.last_checkpoint_size() or 0,
                                best_step=prog.best_checkpoint_step, protect=protect)
+            if inflight is None and prog.step < total_steps and prog.early_stopping.stopped_at is None:
+                inflight = launch(prog.step + 1)
 
         if prog.early_stopping.stopped_at is not None:
             outcome = RunState.EARLY_STOPPED
