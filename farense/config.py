@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import orjson
 
+from .compute import COMPUTE_MODES
 from .errors import ConfigError
 
 # --------------------------------------------------------------------------- sizes
@@ -78,6 +79,9 @@ class ModelConfig:
     quantize_bits: int = _f(0, "Quantize the base model on load: 0 keeps it as stored, 4 or 8 for QLoRA.")
     quantize_group_size: int = _f(64, "Group size for on-load quantization (32, 64 or 128).")
     trust_remote_code: bool = _f(False, "Allow tokenizer code shipped with the model.")
+    compute: str = _f("auto", "What a quantized base computes in: 'quantized' (QLoRA, 4-bit matmuls), 'dequantized' "
+                              "(dequantized once at load: faster where memory allows), or 'auto' (dequantized when "
+                              "the device's memory holds it with headroom; always on the CPU, in fp32).")
 
     def problems(self) -> list[str]:
         out = []
@@ -87,6 +91,8 @@ class ModelConfig:
             out.append(f"model.quantize_bits: expected 0, 4 or 8, got {self.quantize_bits}")
         if self.quantize_group_size not in (32, 64, 128):
             out.append(f"model.quantize_group_size: expected 32, 64 or 128, got {self.quantize_group_size}")
+        if self.compute not in COMPUTE_MODES:
+            out.append(f"model.compute: expected one of {', '.join(COMPUTE_MODES)}, got {self.compute!r}")
         return out
 
 
@@ -342,6 +348,9 @@ TOP_LEVEL_KEYS = ("name", "description", "extends")
 
 # Sections whose fields change what training computes; the fingerprint covers them only.
 FINGERPRINT_SECTIONS = ("model", "data", "lora", "training", "validation", "early_stopping")
+# How the base computes, not what is trained: the adapters fit the same base values either way, so a
+# run may resume on another device (auto picks per device).
+NOT_FINGERPRINTED = frozenset({"model.compute"})
 
 
 @dataclass(frozen=True)
@@ -415,7 +424,8 @@ class ExperimentConfig:
         out = {}
         for sec in FINGERPRINT_SECTIONS:
             for k, v in _section_dict(getattr(self, sec)).items():
-                out[f"{sec}.{k}"] = v
+                if f"{sec}.{k}" not in NOT_FINGERPRINTED:
+                    out[f"{sec}.{k}"] = v
         # Paths enter the fingerprint as written, so moving a workspace does not change it.
         return out
 

@@ -147,15 +147,21 @@ def adapter_config(config: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def load_base_model(config: ExperimentConfig) -> tuple[Any, Any]:
-    """The base model and tokenizer via mlx-lm, quantized on load when the config asks (QLoRA)."""
+def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None = None) -> tuple[Any, Any]:
+    """The base model and tokenizer via mlx-lm, quantized on load when the config asks (QLoRA), then
+    dequantized or cast for the device as `model.compute` decides (farense.compute)."""
     import mlx.nn as nn
     from mlx_lm.utils import load
+
+    from .compute import apply_compute, resolve_compute
 
     model, tokenizer = load(config.model_path, tokenizer_config={"trust_remote_code": config.model.trust_remote_code})
     if config.model.quantize_bits:
         nn.quantize(model, group_size=config.model.quantize_group_size, bits=config.model.quantize_bits)
-    return model, tokenizer
+    choice = resolve_compute(model, config.model.compute)
+    if log:
+        log(choice.describe())
+    return apply_compute(model, choice), tokenizer
 
 
 def attach_adapters(model: Any, config: ExperimentConfig) -> None:
@@ -401,7 +407,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
 
     # 3. The model, the data, the adapters, the optimizer.
     log(f"loading {config.model_path}")
-    model, tokenizer = load_base_model(config)
+    model, tokenizer = load_base_model(config, log)
     datasets = make_datasets(config, tokenizer, loaded)
     train_set, valid_set = datasets["train"], datasets["valid"]
     too_long, longest = count_too_long(train_set, t.max_seq_length)
