@@ -96,6 +96,32 @@ class _InFlight:
     started: float
 
 
+class PhaseClock:
+    """Wall time per phase of a run (training_summary.json's "phase_seconds"): where a run's fixed
+    costs go, beside its steps. `lap(name)` books the time since the previous lap to `name`."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self._clock = clock
+        self._last = clock()
+        self.seconds: dict[str, float] = {}
+        self.started_at = time.time()  # wall clock, for tools that time the process from outside
+
+    def lap(self, name: str) -> None:
+        now = self._clock()
+        self.seconds[name] = self.seconds.get(name, 0.0) + (now - self._last)
+        self._last = now
+
+
+def _since_process_start() -> float | None:
+    """Seconds from this process's start to now: the interpreter and the imports before training."""
+    try:
+        import psutil
+
+        return max(time.time() - psutil.Process().create_time(), 0.0)
+    except Exception:
+        return None
+
+
 def step_seed(seed: int, step: int) -> int:
     """The RNG seed used for optimizer step `step` (1-based)."""
     return (seed * 1_000_003 + step) % (2**63)
@@ -161,7 +187,16 @@ def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None 
     choice = resolve_compute(model, config.model.compute)
     if log:
         log(choice.describe())
-    return apply_compute(model, choice), tokenizer
+    model = apply_compute(model, choice)
+    if choice.dequantize or choice.dtype:
+        import mlx.core as mx
+
+        # Now, not inside the first step: the packed weights are freed as each layer is done, and
+        # the load's time is booked to the load.
+        for layer in getattr(model, "layers", []):
+            mx.eval(layer.parameters())
+        mx.eval(model.parameters())
+    return model, tokenizer
 
 
 def attach_adapters(model: Any, config: ExperimentConfig) -> None:
@@ -340,6 +375,11 @@ def run_training(
     model is loaded). The disk guard (default: the config's; False for none), the preemption flag,
     the clock and `on_step_end(step, row, model)` are passed in, so tests drive them.
     """
+    phases = PhaseClock(clock)
+    phases.started_at = time.time()
+    start_up = _since_process_start()
+    if start_up is not None:
+        phases.seconds["process_start_to_training"] = start_up
     # 1. Everything that can be wrong with the input is found before anything heavy is loaded.
     check_inputs(config)
     _, loaded = validate_data(config)
@@ -356,7 +396,7 @@ def run_training(
     with rank_zero_lock(paths.lock, command="train"):  # only rank 0 writes, so only rank 0 locks
         return _train_locked(config, paths, loaded, data_fp, new_run=new_run,
                              preemption=preemption or PreemptionFlag(), guard=guard, clock=clock, log=log,
-                             progress_bar=progress_bar, on_step_end=on_step_end)
+                             progress_bar=progress_bar, on_step_end=on_step_end, phases=phases)
 
 
 def _start_over(paths: RunPaths, store: CheckpointStore) -> None:
@@ -374,7 +414,8 @@ def _start_over(paths: RunPaths, store: CheckpointStore) -> None:
 def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_fp: str, *, new_run: bool,
                   preemption: PreemptionFlag, guard: Any, clock: Callable[[], float],
                   log: Callable[[str], None], progress_bar: bool | None,
-                  on_step_end: Callable[[int, dict[str, Any], Any], None] | None) -> TrainResult:
+                  on_step_end: Callable[[int, dict[str, Any], Any], None] | None,
+                  phases: PhaseClock) -> TrainResult:
     import mlx.core as mx
     from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
 
@@ -406,8 +447,10 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
         atomic_write_bytes(paths.config, config_to_json(config))
 
     # 3. The model, the data, the adapters, the optimizer.
+    phases.lap("checks_and_resume_choice")
     log(f"loading {config.model_path}")
     model, tokenizer = load_base_model(config, log)
+    phases.lap("model_load")
     datasets = make_datasets(config, tokenizer, loaded)
     train_set, valid_set = datasets["train"], datasets["valid"]
     too_long, longest = count_too_long(train_set, t.max_seq_length)
@@ -430,6 +473,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                         early_stopping=EarlyStoppingState.from_dict(saved["progress"]["early_stopping"]))
         log(f"resuming from step {prog.step} ({resume.path.name})")
     resumed_from = prog.step if resume is not None else None
+    phases.lap("data_adapters_optimizer")
 
     # Metrics after the checkpoint belong to work a crash threw away.
     metrics = MetricsLog(paths.metrics_jsonl, enabled=is_writer)
@@ -518,6 +562,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
             step_loss = cur.loss.item() / world_size  # waits for this step only; the next one keeps running
             ntoks = int(cur.tokens.item())
             done = clock()
+            phases.lap("steps" if last_done is not None else "first_step_with_compile")
             if not math.isfinite(step_loss):
                 raise NumericalError(
                     f"step {cur.step}: the training loss is {step_loss}; nothing from this step was "
@@ -546,6 +591,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
 
             # Validation: the gap, its label, early stopping and the best adapters.
             if prog.step % config.validation.every_steps == 0 or prog.step == total_steps:
+                phases.lap("steps")
                 val = validation_loss(model, valid_set, valid_groups, config, default_loss, world, prog.step)
                 train_window = prog.window_loss_sum / max(prog.window_steps, 1)
                 gap = val - train_window
@@ -559,6 +605,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                                           if config.early_stopping.patience else None))
                 if is_best and is_writer:
                     save_best_adapters(paths, model, config, prog.step, val)
+                phases.lap("validation")
                 log(f"step {prog.step}/{total_steps}: train {train_window:.4f} val {val:.4f} "
                     f"gap {gap:+.4f} {row['gap_status']}{' (best)' if is_best else ''}")
 
@@ -576,9 +623,11 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                 if prog.last_val_loss is not None and (prog.best_checkpoint_val is None
                                                        or prog.last_val_loss < prog.best_checkpoint_val):
                     prog.best_checkpoint_step, prog.best_checkpoint_val = prog.step, prog.last_val_loss
+                phases.lap("steps")
                 started = clock()
                 checkpoint()
                 row["checkpoint_seconds"] = clock() - started
+                phases.lap("checkpoints")
             metrics.append(row)
             history.append(row)
             # run_state.json is for people and monitors: at most about once a second, and at every
@@ -599,6 +648,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                                best_step=prog.best_checkpoint_step, protect=protect)
             if inflight is None and prog.step < total_steps and prog.early_stopping.stopped_at is None:
                 inflight = launch(prog.step + 1)
+            phases.lap("steps")
 
         if prog.early_stopping.stopped_at is not None:
             outcome = RunState.EARLY_STOPPED
@@ -655,13 +705,17 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
     }
     if is_writer:
         write_seed_files(history, paths.metrics_json, paths.metrics_csv)
-        atomic_write_bytes(paths.summary, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        phases.lap("finish_metrics_files")
         try:  # the loss curves (`farense plot RUN` redraws them); a plot never fails a finished run
             from .plots import plot_loss_curves
 
             plot_loss_curves(history, summary, paths.plots / "loss_curves.png")
         except Exception as e:
             log(f"warning: could not draw the loss curves in {paths.plots}: {e}")
+        phases.lap("finish_plot")
+        summary["phase_seconds"] = {k: round(v, 4) for k, v in phases.seconds.items()}
+        summary["training_started_at"] = phases.started_at
+        atomic_write_bytes(paths.summary, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         _finish_state(paths, outcome, prog, total_steps, resumed_from, message, is_writer)
     return TrainResult(outcome, str(paths.root), prog.step, total_steps, resumed_from, es.best_step,
                        es.best_val_loss, gap_at_best, summary["gap_status"], message)
