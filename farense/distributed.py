@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import math
 import os
 import re
 import shutil
@@ -49,6 +50,11 @@ DEFAULT_STARTUP_TIMEOUT = 900.0
 # After the first rank failed, how long the launcher waits beyond the rank time-out before it
 # kills what is left (a rank that ignores SIGTERM because it is stopped, or mlx.launch waiting on it).
 LAUNCH_GRACE_SECONDS = 20.0
+# After a rank was killed or lost (not its own exit): the others cannot agree on anything any more
+# (every decision is a collective); those blocked in a collective (NCCL waits for the dead peer
+# until the rank time-out) are killed this long after it. Enough for a checkpoint already being
+# written to finish; the last committed checkpoint is intact either way.
+DEATH_GRACE_SECONDS = 5.0
 DEFAULT_PORT = 32323  # mlx.launch's default starting port for the ring backend
 ENV_HOSTS = "FARENSE_HOSTS"  # defaults for --hosts / --hostfile, e.g. from a Prefect work pool's env
 ENV_HOSTFILE = "FARENSE_HOSTFILE"
@@ -316,7 +322,8 @@ class JobOutcome:
 
 def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
               stop_requested: Callable[[], bool] = lambda: False,
-              grace: float = LAUNCH_GRACE_SECONDS, env: dict[str, str] | None = None,
+              grace: float = LAUNCH_GRACE_SECONDS, death_grace: float = DEATH_GRACE_SECONDS,
+              env: dict[str, str] | None = None,
               out: IO[bytes] | None = None, err: IO[bytes] | None = None,
               clock: Callable[[], float] = time.monotonic, poll: float = 0.2) -> JobOutcome:
     """Run mlx.launch and bound how the job ends.
@@ -325,7 +332,8 @@ def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
     0 whatever happened. Here: its output is forwarded; the ranks' failures are read off it; a stop
     request (SIGTERM on us) is passed to every rank as a 'stop' line on stdin (they checkpoint and
     exit 75); and from the first failure or stop on, the job gets `rank_timeout + grace` seconds
-    before its whole process group is killed.
+    before its whole process group is killed, or `death_grace` seconds from a rank that was killed
+    or lost (the survivors would only wait for it until their own time-out).
     """
     out = out or sys.stdout.buffer
     err = err or sys.stderr.buffer
@@ -334,6 +342,7 @@ def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
                             start_new_session=True, env=env, preexec_fn=_die_with_us)
     codes: dict[int, int | None] = {}
     first_failure = threading.Event()
+    first_death = threading.Event()
 
     def pump(src: IO[bytes], dst: IO[bytes], parse: bool) -> None:
         for line in iter(src.readline, b""):
@@ -343,6 +352,8 @@ def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
                     codes.setdefault(hit[0], hit[1])
                     if hit[1] != EXIT_OK:
                         first_failure.set()
+                    if died(hit[1]):
+                        first_death.set()
             try:
                 dst.write(line)
                 dst.flush()
@@ -354,7 +365,7 @@ def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
     for t in pumps:
         t.start()
     deadline: float | None = None
-    stopped = killed = False
+    stopped = killed = death_seen = False
     try:
         while proc.poll() is None:
             if stop_requested() and not stopped:
@@ -362,6 +373,9 @@ def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
                 _write_stop(proc)
             if deadline is None and (stopped or first_failure.is_set()):
                 deadline = clock() + rank_timeout + min(grace, rank_timeout)
+            if first_death.is_set() and not death_seen:
+                death_seen = True
+                deadline = min(deadline if deadline is not None else math.inf, clock() + death_grace)
             if deadline is not None and clock() > deadline:
                 killed = True
                 _kill_group(proc)

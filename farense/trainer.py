@@ -29,7 +29,7 @@ from .batching import batch_groups, eval_batches, position_of, train_batches
 from .checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy
 from .config import ExperimentConfig, check_inputs, check_world_size, config_to_json, fingerprint_diff
 from .data import count_too_long, data_fingerprint, make_datasets, validate_data
-from .distributed import any_rank, collective_stream, share_checkpoint
+from .distributed import collective_stream, share_checkpoint
 from .errors import ConfigError, DiskFull, FingerprintMismatch, NumericalError, Preempted
 from .faults import fault_point
 from .fsutil import atomic_write_bytes, fsync_dir, fsync_file
@@ -94,6 +94,7 @@ class _InFlight:
     tokens: Any  # mx.array: this rank's tokens
     learning_rate: Any  # mx.array: the rate this step used
     started: float
+    stop_votes: Any = None  # mx.array: ranks whose preemption flag was up when the step was queued
 
 
 class PhaseClock:
@@ -530,12 +531,18 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
             if k == 0:
                 fault_point("step", step_no)  # tests SIGKILL here, mid-step
         loss = mx.stack(losses).mean()
+        stop_votes = None
         if world_size > 1:
-            loss = mx.distributed.all_sum(loss, group=world, stream=collective_stream())
+            # The ranks' preemption flags ride on the loss's all_sum, queued behind this step: a
+            # collective of its own, read after the step, would wait for the next step queued on
+            # the same stream (NCCL) and undo the overlap.
+            both = mx.stack([loss.astype(mx.float32), mx.array(float(preemption.requested))])
+            both = mx.distributed.all_sum(both, group=world, stream=collective_stream())
+            loss, stop_votes = both[0], both[1]
         ntoks = sum(toks[1:], toks[0])
         lr = optimizer.learning_rate  # this step's: the next step replaces it
-        mx.async_eval(loss, ntoks, lr)
-        return _InFlight(step_no, loss, ntoks, lr, started)
+        mx.async_eval(loss, ntoks, lr, *([stop_votes] if stop_votes is not None else []))
+        return _InFlight(step_no, loss, ntoks, lr, started, stop_votes)
 
     protect = [resumed_from] if resumed_from else []
     if is_writer:
@@ -613,8 +620,11 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                 on_step_end(prog.step, row, model)  # the next step may already be queued
             # One reading of the flag decides both the checkpoint and the exit: a signal that
             # arrives later is served after the next step, never between the two. When the next
-            # step is already queued (every rank queues the same steps), it is that step.
-            preempt_now = stop_pending or any_rank(preemption.requested, world)  # all ranks: the same decision
+            # step is already queued (every rank queues the same steps), it is that step. Several
+            # ranks read the flags as they were when this step was queued, summed over all ranks
+            # with its loss: every rank takes the same decision.
+            requested = cur.stop_votes.item() > 0 if cur.stop_votes is not None else preemption.requested
+            preempt_now = stop_pending or requested
             if preempt_now and inflight is not None:
                 stop_pending, preempt_now = True, False
             due = (prog.step % config.checkpoint.every_steps == 0 or prog.step == total_steps

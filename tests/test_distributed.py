@@ -158,6 +158,19 @@ def test_collectives_run_on_the_cpu_stream_except_under_nccl(monkeypatch):
     assert collective_stream() == (mx.default_stream(mx.default_device()) if nccl_backend() else mx.cpu)
 
 
+def test_a_killed_rank_stops_the_job_after_a_short_grace_not_the_rank_time_out():
+    """NCCL ranks wait for a dead peer until their own time-out: once a rank is reported killed,
+    the launcher ends the rest after death_grace seconds."""
+    from farense.distributed import supervise
+
+    fake_launch = ("import sys, time; print('[WARN] Node with rank 1 exited with code -9', file=sys.stderr, "
+                   "flush=True); time.sleep(60)")
+    out = supervise([sys.executable, "-c", fake_launch], world_size=2, rank_timeout=300, death_grace=0.5,
+                    out=open(os.devnull, "wb"), err=open(os.devnull, "wb"), poll=0.05)
+    assert out.seconds < 10 and out.killed_after_timeout
+    assert out.exit_code == EXIT_PREEMPTED and out.rank_codes == {1: -9, 0: None}
+
+
 def test_hosts_default_to_the_environment_so_a_work_pool_can_set_them():
     env = {"FARENSE_HOSTS": "10.0.0.1,10.0.0.2"}
     assert spec_defaults_from_env(None, None, env) == ("10.0.0.1,10.0.0.2", None)
