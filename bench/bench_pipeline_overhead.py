@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-CONFIG = """extends = ["{repo}/configs/v2.toml", "{repo}/configs/overlays/demo.toml"]
+CONFIG = """extends = ["{repo}/configs/v2.toml", "{repo}/configs/overlays/tiny.toml"]
 name = "bench"
 
 [training]
@@ -39,7 +39,7 @@ def workspace(root: Path, name: str, iters: int) -> tuple[Path, Path]:
     from farense.demo import build_demo
 
     ws = root / name
-    build_demo(ws / ".farense" / "demo")
+    build_demo(ws / ".farense" / "tiny")
     cfg = ws / "bench.toml"
     cfg.write_text(CONFIG.format(repo=REPO, iters=iters))
     return ws, cfg

@@ -75,7 +75,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = _f("", "Local model directory (Hugging Face layout) or a Hugging Face repo id.")
+    path: str = _f("", "Local model directory (Hugging Face layout), a .gguf file (imported once into "
+                       ".farense/models) or a Hugging Face repo id.")
     quantize_bits: int = _f(0, "Quantize the base model on load: 0 keeps it as stored, 4 or 8 for QLoRA.")
     quantize_group_size: int = _f(64, "Group size for on-load quantization (32, 64 or 128).")
     trust_remote_code: bool = _f(False, "Allow tokenizer code shipped with the model.")
@@ -405,7 +406,8 @@ class ExperimentConfig:
     def model_is_local(self) -> bool:
         """A path-like value (or an existing directory) is local; anything else is a hub repo id."""
         v = self.model.path
-        return v.startswith((".", "/", "~")) or v.count("/") != 1 or self.resolve(v).exists()
+        return (v.startswith((".", "/", "~")) or v.count("/") != 1 or v.lower().endswith(".gguf")
+                or self.resolve(v).exists())
 
     @property
     def model_path(self) -> str:
@@ -775,6 +777,8 @@ def check_model_path(config: ExperimentConfig) -> list[str]:
     """Problems with the model location, found without loading anything."""
     if config.model_is_local:
         p = Path(config.model_path)
+        if p.suffix.lower() == ".gguf":
+            return _gguf_problems(config, p)
         if not p.is_dir():
             return [f"model.path: model directory not found: {p} (for the demo model run `farense demo init`)"]
         if not (p / "config.json").exists():
@@ -783,6 +787,15 @@ def check_model_path(config: ExperimentConfig) -> list[str]:
             return [f"model.path: {p} has no *.safetensors weights"]
         return _layer_count_problems(config, p / "config.json")
     return _hub_model_problems(config)
+
+
+def _gguf_problems(config: ExperimentConfig, p: Path) -> list[str]:
+    """A .gguf model.path: the file's header is read (no weights) for its architecture, types and layers."""
+    if not p.is_file():
+        return [f"model.path: GGUF file not found: {p}"]
+    from .gguf import gguf_problems
+
+    return gguf_problems(p, config.lora.num_layers)
 
 
 def _layer_count_problems(config: ExperimentConfig, model_config: Path) -> list[str]:

@@ -18,19 +18,17 @@ present with its size and SHA-256, and data identical to the shipped data.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import FarenseError
-from .fsutil import fsync_dir, fsync_file, sha256_file, tmp_sibling
+from .fsutil import exclusive_flock, fsync_dir, fsync_file, sha256_file, swap_in_dir, tmp_sibling, write_new_file
 from .layout import TMP_MARK
 
 # Bump when anything that ends up in the built files changes (dimensions, tokenizer, template,
@@ -207,18 +205,14 @@ def build_demo(directory: str | os.PathLike[str], *, seed: int = 0, force: bool 
     if not force and _verify(paths, seed):
         return paths
     paths.root.mkdir(parents=True, exist_ok=True)
-    with _build_lock(paths.root):
+    with exclusive_flock(paths.root / LOCK_NAME):
         if not force and _verify(paths, seed):  # another process finished it while we waited
             return paths
         _refuse_foreign(paths)
         _remove_leftovers(paths.root)
         data_tmp, model_tmp = tmp_sibling(paths.data), tmp_sibling(paths.model)
         try:
-            data_tmp.mkdir()
-            for split in SPLITS:
-                _write_file(data_tmp / f"{split}.jsonl", shipped_split(split))
-            _write_json(data_tmp / MARKER_NAME, {"demo_version": DEMO_VERSION, "seed": seed})
-            fsync_dir(data_tmp)
+            write_shipped_data(data_tmp, {"demo_version": DEMO_VERSION, "seed": seed})
 
             model_tmp.mkdir()
             summary = _write_model(model_tmp, seed)
@@ -230,23 +224,29 @@ def build_demo(directory: str | os.PathLike[str], *, seed: int = 0, force: bool 
 
             # Data first, model last: until the new model (and its marker) is in place, the build
             # does not verify, whatever moment a kill comes at.
-            _swap_in(data_tmp, paths.data)
-            _swap_in(model_tmp, paths.model)
+            swap_in_dir(data_tmp, paths.data)
+            swap_in_dir(model_tmp, paths.model)
         finally:  # after a failure (ENOSPC, an error in mlx): no temporaries left behind
             for tmp in (data_tmp, model_tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
     return paths
 
 
-@contextmanager
-def _build_lock(root: Path) -> Iterator[None]:
-    # flock is released by the kernel when the holder dies, even by SIGKILL: it never goes stale.
-    with open(root / LOCK_NAME, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def write_shipped_data(directory: Path, marker: dict[str, Any]) -> None:
+    """The shipped splits and a marker (saying the folder is ours to replace) into a new directory."""
+    directory.mkdir()
+    for split in SPLITS:
+        write_new_file(directory / f"{split}.jsonl", shipped_split(split))
+    _write_json(directory / MARKER_NAME, marker)
+    fsync_dir(directory)
+
+
+def shipped_data_intact(directory: Path) -> bool:
+    """True when `directory` holds today's shipped splits byte for byte."""
+    try:
+        return all((directory / f"{s}.jsonl").read_bytes() == shipped_split(s) for s in SPLITS)
+    except OSError:
+        return False
 
 
 def _refuse_foreign(paths: DemoPaths) -> None:
@@ -267,30 +267,11 @@ def _remove_leftovers(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    # Linux has no portable atomic directory exchange: move the old one aside (to a temporary name
-    # that never counts), rename the new one in, then delete the old one.
-    old = None
-    if final.exists():
-        old = tmp_sibling(final)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-    fsync_file(path)
-
-
 def _write_model(out: Path, seed: int) -> dict[str, Any]:
     """Tokenizer, config and random weights into `out`; returns the marker's summary fields."""
     spec = DEMO_SPEC
     tokenizer = _train_tokenizer(spec.vocab_size)
-    _write_file(out / "tokenizer.json", tokenizer.to_str().encode("utf-8"))
+    write_new_file(out / "tokenizer.json", tokenizer.to_str().encode("utf-8"))
     special_map = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "additional_special_tokens": [INST, END_INST]}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -309,7 +290,7 @@ def _write_model(out: Path, seed: int) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _write_file(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_new_file(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _train_tokenizer(vocab_size: int) -> Any:
@@ -369,6 +350,33 @@ def _write_weights(path: Path, spec: DemoModelSpec, seed: int) -> int:
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
     fsync_file(path)
     return sum(int(w.size) for w in weights.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Which demo: the real pretrained model (overlay "demo") or this tiny random one (overlay "tiny")
+
+DEMO_OVERLAYS = ("demo", "tiny")
+
+
+def demo_overlay(demo: bool | str | None) -> str | None:
+    """The overlay a `demo` setting names: True or "demo" the real model, "tiny" the random one."""
+    if demo in (None, False, ""):
+        return None
+    if demo is True or demo in ("demo", "smollm2"):
+        return "demo"
+    if demo == "tiny":
+        return "tiny"
+    raise FarenseError(f"demo: expected true, false, 'demo' or 'tiny', got {demo!r}")
+
+
+def prepare_demo(overlay: str, model_dir: str | os.PathLike[str]) -> Path:
+    """Build (or verify and reuse) the demo model and data the overlay points at; returns the root."""
+    root = Path(model_dir).parent
+    if overlay == "tiny":
+        return build_demo(root).root
+    from .smollm2 import build_smollm2_demo
+
+    return build_smollm2_demo(root).root
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,12 @@ class DataError(FarenseError):
         super().__init__(msg)
 
 
+class ModelImportError(FarenseError):
+    """A model file cannot be imported: not a GGUF, truncated, or an architecture or tensor type we cannot read."""
+
+    exit_code = 2
+
+
 class FingerprintMismatch(FarenseError):
     """Resuming with a config whose training fields differ from the checkpoint's."""
 

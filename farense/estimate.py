@@ -246,6 +246,8 @@ class ModelSource:
     download_bytes: int | None  # 0 for a local directory or a complete cached snapshot
     cache_dir: Path | None  # the Hugging Face cache a hub model lands in
     note: str = ""
+    import_dir: Path | None = None  # a .gguf model: where its MLX import lives (farense.gguf's cache)
+    import_bytes: int | None = None  # what that import still has to write (0 once imported)
 
 
 def hf_cache_dir() -> Path:
@@ -257,6 +259,8 @@ def hf_cache_dir() -> Path:
 
 def locate_model(config: ExperimentConfig, *, cache_dir: Path | None = None, allow_network: bool = False) -> ModelSource:
     """config.json of the model and the bytes still to download, reading only small files."""
+    if config.model_is_local and config.model_path.lower().endswith(".gguf"):
+        return _gguf_source(config)
     if config.model_is_local:
         p = Path(config.model_path) / "config.json"
         try:
@@ -278,6 +282,21 @@ def locate_model(config: ExperimentConfig, *, cache_dir: Path | None = None, all
                            f"{repo}: not in the Hugging Face cache ({cache}); checkpoint and download sizes unknown "
                            "(allow network access to fetch its config.json)")
     return ModelSource(cfg, _download_bytes(repo, cfg, cache), cache)
+
+
+def _gguf_source(config: ExperimentConfig) -> ModelSource:
+    """A .gguf model: its shape from the file's header, and the bytes its import will write if not done yet."""
+    from .errors import ModelImportError
+    from .gguf import MODELS_CACHE, cache_dir_for, hf_config, imported_bytes, read_header, verify_import
+
+    try:
+        header = read_header(config.model_path)
+        cfg = hf_config(header)
+        dest = cache_dir_for(config.model_path, Path(config.workspace) / MODELS_CACHE)
+    except ModelImportError as exc:
+        return ModelSource(None, 0, None, f"{exc}; checkpoint size unknown")
+    pending = 0 if verify_import(dest) else imported_bytes(header)
+    return ModelSource(cfg, 0, None, import_dir=dest, import_bytes=pending)
 
 
 def _cached(repo: str, filename: str, cache: Path) -> Path | None:
@@ -392,6 +411,10 @@ def estimate_run(
         memory = shape.weights_bytes(config.model.quantize_bits or None) if config.model.quantize_bits else stored
         if include_fused:
             items.append(EstimateItem("fused model", run / "fused", stored, "base weights with adapters merged"))
+    if source.import_dir is not None:
+        items.append(EstimateItem("imported model", source.import_dir, source.import_bytes,
+                                  "already imported" if source.import_bytes == 0
+                                  else f"{Path(config.model_path).name} imported into MLX's format"))
     if not config.model_is_local:
         items.append(EstimateItem("model download", source.cache_dir or hf_cache_dir(), source.download_bytes,
                                   "already cached" if source.download_bytes == 0 else f"{config.model.path} weights"))

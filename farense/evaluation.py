@@ -190,6 +190,75 @@ def generate_answers(
     return out
 
 
+@dataclass(frozen=True)
+class ScoredModel:
+    """One model's scores on the test examples: per-example rows and their aggregate."""
+
+    rows: list[dict[str, Any]]
+    aggregate: Any
+    test_loss: float
+    perplexity: float
+    test_tokens: int
+    loss_seconds: float
+    generation_seconds: float
+
+
+def score_model(model: Any, tokenizer: Any, config: ExperimentConfig, raw: list[dict[str, Any]],
+                examples: list[EvalExample], log: Log | None = None) -> ScoredModel:
+    """Test loss (mlx-lm's masking) and greedy answers scored against the references, per example."""
+    ev, say = config.evaluation, log or (lambda _msg: None)
+    t0 = time.perf_counter()
+    dataset = make_datasets(config, tokenizer, {"test": raw}, splits=("test",))["test"]
+    losses = example_losses(model, dataset, ev.batch_size, config.training.max_seq_length)
+    total_ce = sum(ce for ce, _ in losses)
+    total_tok = sum(n for _, n in losses)
+    test_loss = total_ce / total_tok if total_tok else float("nan")
+    loss_seconds = time.perf_counter() - t0
+    say(f"test loss {test_loss:.4f} over {total_tok} tokens ({len(raw)} examples)")
+
+    t0 = time.perf_counter()
+    prompts = [encode_prompt(tokenizer, ex.messages) for ex in examples]
+    answers = generate_answers(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size, log)
+    gen_seconds = time.perf_counter() - t0
+    rows = []
+    for ex, prompt, (text, n_gen), (ce, ntok) in zip(examples, prompts, answers, losses):
+        rows.append({
+            "index": ex.index, "prompt": ex.question, "reference": ex.reference, "generated": text,
+            **token_scores(text, ex.reference).to_dict(), "loss": _nan_to_none(ce / ntok) if ntok else None,
+            "prompt_tokens": len(prompt), "generated_tokens": n_gen,
+        })
+    perplexity = math.exp(test_loss) if math.isfinite(test_loss) and test_loss < 700 else float("inf")
+    return ScoredModel(rows, aggregate(rows), test_loss, perplexity, total_tok, loss_seconds, gen_seconds)
+
+
+def evaluate_base_model(config: ExperimentConfig, out_path: Path, *, max_examples: int | None = None,
+                        log: Log | None = None) -> dict[str, Any]:
+    """Score the base model without adapters on the test split (what fine-tuning must beat); the
+    summary is written atomically to `out_path` and returned."""
+    from .trainer import load_base_model
+
+    ev = config.evaluation
+    limit = max_examples if max_examples is not None else (ev.max_examples or None)
+    test_path, raw = load_test_examples(config, limit)
+    examples = [prompt_and_reference(e, config, i) for i, e in enumerate(raw)]
+    (log or (lambda _m: None))(f"loading {config.model_path} without adapters (the base model)")
+    model, tokenizer = load_base_model(config, log)
+    model.eval()
+    s = score_model(model, tokenizer, config, raw, examples, log)
+    report = {
+        "format": REPORT_FORMAT, "created_at": iso(utc_now()), "model_path": config.model_path,
+        "test_file": {"path": str(test_path), "sha256": sha256_file(test_path), "examples_evaluated": len(raw)},
+        "summary": {"examples": s.aggregate.examples, "exact_match": s.aggregate.exact_match,
+                    "precision": s.aggregate.precision, "recall": s.aggregate.recall, "f1": s.aggregate.f1,
+                    "f1_of_means": s.aggregate.f1_of_means, "test_loss": _nan_to_none(s.test_loss),
+                    "test_perplexity": _nan_to_none(s.perplexity), "test_tokens": s.test_tokens},
+        "rows": s.rows,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_path, orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    return report
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -260,32 +329,11 @@ def evaluate_run(
 
     say(f"loading {config.model_path} with the adapters of {paths.name}")
     model, tokenizer = load_model(config, paths.adapters)
-
-    t0 = time.perf_counter()
-    dataset = make_datasets(config, tokenizer, {"test": raw}, splits=("test",))["test"]
-    losses = example_losses(model, dataset, ev.batch_size, config.training.max_seq_length)
-    total_ce = sum(ce for ce, _ in losses)
-    total_tok = sum(n for _, n in losses)
-    test_loss = total_ce / total_tok if total_tok else float("nan")
-    loss_seconds = time.perf_counter() - t0
-    say(f"test loss {test_loss:.4f} over {total_tok} tokens ({len(raw)} examples)")
-
-    t0 = time.perf_counter()
-    prompts = [encode_prompt(tokenizer, ex.messages) for ex in examples]
-    answers = generate_answers(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size, log)
-    gen_seconds = time.perf_counter() - t0
-
-    rows = []
-    for ex, prompt, (text, n_gen), (ce, ntok) in zip(examples, prompts, answers, losses):
-        scores = token_scores(text, ex.reference)
-        rows.append({
-            "index": ex.index, "prompt": ex.question, "reference": ex.reference, "generated": text,
-            **scores.to_dict(), "loss": _nan_to_none(ce / ntok) if ntok else None,
-            "prompt_tokens": len(prompt), "generated_tokens": n_gen,
-        })
-    agg = aggregate(rows)
+    scored = score_model(model, tokenizer, config, raw, examples, log)
+    rows, agg, test_loss, perplexity, total_tok = (scored.rows, scored.aggregate, scored.test_loss,
+                                                   scored.perplexity, scored.test_tokens)
+    loss_seconds, gen_seconds = scored.loss_seconds, scored.generation_seconds
     training = _read_optional_json(paths.summary)
-    perplexity = math.exp(test_loss) if math.isfinite(test_loss) and test_loss < 700 else float("inf")
 
     paths.evaluation.mkdir(parents=True, exist_ok=True)
     plots = (

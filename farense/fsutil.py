@@ -8,13 +8,16 @@ failed pages are marked clean, so a second fsync reports success for data that i
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
+import shutil
 import stat
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 
@@ -26,7 +29,6 @@ DISK_FULL_ERRNOS = frozenset(
 )
 
 if sys.platform == "darwin":  # pragma: no cover - exercised on macOS only
-    import fcntl
 
     def _flush_fd(fd: int) -> None:
         # On macOS fsync() only hands data to the drive; F_FULLFSYNC asks it to reach the media.
@@ -68,6 +70,43 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 def tmp_sibling(path: Path) -> Path:
     """A unique temporary name beside `path` (`<name>.tmp-<hex>`), never seen as the real thing."""
     return path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex}")
+
+
+def write_new_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create `path` (it must not exist) holding `data`, flushed: for files of a directory built aside."""
+    with open(path, "xb") as f:
+        f.write(data)
+    fsync_file(path)
+
+
+def swap_in_dir(tmp: Path, final: Path) -> None:
+    """Put the complete directory `tmp` at `final`, replacing what is there; the old one is deleted after.
+
+    Linux has no portable atomic directory exchange: the old one moves aside (to a temporary name that
+    never counts), the new one is renamed in, the parent is flushed, then the old one is deleted.
+    """
+    old = None
+    if final.exists():
+        old = tmp_sibling(final)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def exclusive_flock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive fcntl.flock on `path` (created if missing) while building something shared.
+
+    The kernel releases a flock when its holder dies, even by SIGKILL: the lock never goes stale.
+    """
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

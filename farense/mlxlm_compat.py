@@ -553,17 +553,20 @@ def fuse_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
     out = Path(out) if out else paths.root / "export" / "fused_model"
     _check_target(out, force)
     base = acfg.get("model")
-    bits, group = 0, 64
+    bits, group, workspace = 0, 64, "."
     try:
         from .config import config_from_json
 
         cfg = config_from_json(paths.config)
         base = base or cfg.model_path
-        bits, group = cfg.model.quantize_bits, cfg.model.quantize_group_size
+        bits, group, workspace = cfg.model.quantize_bits, cfg.model.quantize_group_size, cfg.workspace
     except (OSError, ValueError, FarenseError):
         pass  # adapters copied without their run: the adapter config names the base model
     if not base:
         raise FarenseError(f"cannot export {paths.name}: adapter_config.json names no base model")
+    from .gguf import resolve_model_path
+
+    base = resolve_model_path(base, workspace)  # a .gguf base: its imported directory (imported if need be)
 
     log(f"loading {base}")
     model, tokenizer, model_config = load(base, return_config=True)

@@ -181,13 +181,17 @@ def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None 
     from mlx_lm.utils import load
 
     from .compute import apply_compute, resolve_compute
+    from .gguf import resolve_model_dir
 
-    model, tokenizer = load(config.model_path, tokenizer_config={"trust_remote_code": config.model.trust_remote_code})
+    model, tokenizer = load(resolve_model_dir(config),  # a .gguf is imported once into the workspace's cache
+                            tokenizer_config={"trust_remote_code": config.model.trust_remote_code})
     if config.model.quantize_bits:
         nn.quantize(model, group_size=config.model.quantize_group_size, bits=config.model.quantize_bits)
     choice = resolve_compute(model, config.model.compute)
     if log:
-        log(choice.describe())
+        from .blas import describe_blas
+
+        log(f"{choice.describe()}; {describe_blas()}")
     model = apply_compute(model, choice)
     if choice.dequantize or choice.dtype:
         import mlx.core as mx

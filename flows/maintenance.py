@@ -27,7 +27,7 @@ def maintenance_run_name() -> str:
 @flow(name=MAINTENANCE_FLOW, flow_run_name=maintenance_run_name, retries=0)
 def maintenance_flow(
     config: str = "v2",
-    demo: bool = False,
+    demo: bool | str = False,
     workspace: str | None = None,
     dry_run: bool = False,
     older_than_days: float = 30.0,

@@ -59,7 +59,9 @@ def training_run_name() -> str:
 
     p = flow_run.parameters
     name = Path(str(p.get("config", "v2"))).stem
-    demo = "-demo" if p.get("demo") else ""
+    from farense.demo import demo_overlay
+
+    demo = f"-{demo_overlay(p.get('demo'))}" if p.get("demo") else ""
     resume = f"-resume{p['resume_attempt']}" if p.get("resume_attempt") else ""
     return f"{name}{demo}-{datetime.now():%Y-%m-%d-%H%M}{resume}"
 
@@ -74,12 +76,14 @@ def refuse_endless_resumes(resume_attempt: int, max_resume_attempts: int) -> Non
         )
 
 
-def _tag_flow_run(config: ExperimentConfig, demo: bool) -> None:
+def _tag_flow_run(config: ExperimentConfig, demo: bool | str) -> None:
     """Tags in the UI: which config, whether on the demo model."""
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
-    wanted = {"farense", f"config:{config.name}", *(["demo"] if demo else [])}
+    from farense.demo import demo_overlay
+
+    wanted = {"farense", f"config:{config.name}", *([demo_overlay(demo)] if demo else [])}
     current = set(flow_run.tags or [])
     if wanted <= current:
         return
@@ -136,14 +140,16 @@ def training_flow(
     config: str = "v2",
     compare_with: str = PRODUCTION,
     promote: bool = True,
-    demo: bool = False,
+    demo: bool | str = False,
     workspace: str | None = None,
     notify_block: str | None = None,
+    notify: bool = True,
     resume_attempt: int = 0,
     max_resume_attempts: int = 3,
 ) -> PipelineResult:
     """Train `config`, evaluate it, compare it with `compare_with` ("production" or a run such as
-    "v1"), promote it if the rules allow and `promote` is set, and say how it went."""
+    "v1"), promote it if the rules allow and `promote` is set, and say how it went (unless `notify`
+    is off: a campaign tells once, at its end)."""
     refuse_endless_resumes(resume_attempt, max_resume_attempts)
     cfg = check_inputs_task(config, demo, workspace, compare_with)
     _tag_flow_run(cfg, demo)
@@ -158,7 +164,8 @@ def training_flow(
         decision = decide_task(cfg, trained.run_dir, compare_with, demo)
         promotion = promote_task(cfg, trained.run_dir, decision, promote)
         subject, body = completion_message(cfg, trained, evaluation, decision, promotion)
-        notification = notify_task(subject, body, notify_block)
+        notification = (notify_task(subject, body, notify_block) if notify
+                        else NotifyResult(False, None, "left to the calling flow"))
 
     return PipelineResult(cfg.name, trained.run_dir, preflight, cleanup, trained, evaluation, decision, promotion,
                           notification)

@@ -60,9 +60,13 @@ def best_effort(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
         return None
 
 
-def load_experiment(config: str, *, demo: bool = False, workspace: str | None = None) -> ExperimentConfig:
-    """The config as every step sees it: the named file, the demo overlay if asked, the workspace."""
-    return load_config(config, overlays=["demo"] if demo else [], workspace=workspace)
+def load_experiment(config: str, *, demo: bool | str = False, workspace: str | None = None) -> ExperimentConfig:
+    """The config as every step sees it: the named file, the demo overlay if asked (True or "demo":
+    the real demo model; "tiny": the tiny random one), the workspace."""
+    from farense.demo import demo_overlay
+
+    overlay = demo_overlay(demo)
+    return load_config(config, overlays=[overlay] if overlay else [], workspace=workspace)
 
 
 def artifact_key(*parts: str) -> str:

@@ -35,7 +35,7 @@ class DecisionResult:
     failed_rules: tuple[str, ...] = ()
 
 
-def incumbent_run_dir(compare_with: str, config: ExperimentConfig, demo: bool) -> Path | None:
+def incumbent_run_dir(compare_with: str, config: ExperimentConfig, demo: bool | str) -> Path | None:
     """Where the incumbent lives: None for production, else a run directory (a path or a config name)."""
     if compare_with == PRODUCTION:
         return None
@@ -46,7 +46,7 @@ def incumbent_run_dir(compare_with: str, config: ExperimentConfig, demo: bool) -
     return other.run_dir
 
 
-def check_incumbent(compare_with: str, config: ExperimentConfig, demo: bool) -> None:
+def check_incumbent(compare_with: str, config: ExperimentConfig, demo: bool | str) -> None:
     """Fail before training if the run to compare with does not exist (production may be empty)."""
     run_dir = incumbent_run_dir(compare_with, config, demo)
     if run_dir is not None and not (run_dir / "evaluation" / "evaluation_report.json").is_file():
@@ -56,7 +56,7 @@ def check_incumbent(compare_with: str, config: ExperimentConfig, demo: bool) -> 
         )
 
 
-def load_incumbent(compare_with: str, config: ExperimentConfig, demo: bool) -> RunReport | None:
+def load_incumbent(compare_with: str, config: ExperimentConfig, demo: bool | str) -> RunReport | None:
     run_dir = incumbent_run_dir(compare_with, config, demo)
     if run_dir is None:
         return incumbent_from_production(config.production_dir)
@@ -64,7 +64,7 @@ def load_incumbent(compare_with: str, config: ExperimentConfig, demo: bool) -> R
 
 
 @task(name="compare-and-decide", retries=0, cache_policy=NO_CACHE)
-def decide_task(config: ExperimentConfig, run_dir: str, compare_with: str = PRODUCTION, demo: bool = False) -> DecisionResult:
+def decide_task(config: ExperimentConfig, run_dir: str, compare_with: str = PRODUCTION, demo: bool | str = False) -> DecisionResult:
     """Decide whether the candidate run should replace the incumbent, and publish why."""
     log = get_run_logger()
     candidate = report_from_run(Path(run_dir))

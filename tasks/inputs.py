@@ -6,29 +6,26 @@ file, the key or line, and what is expected (farense's ConfigError / DataError m
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from farense.config import ExperimentConfig, check_inputs
 from farense.data import validate_data
+from farense.demo import demo_overlay, prepare_demo
 
 from .common import load_experiment
 
 
 @task(name="check-inputs", retries=0, cache_policy=NO_CACHE)
-def check_inputs_task(config: str, demo: bool = False, workspace: str | None = None,
+def check_inputs_task(config: str, demo: bool | str = False, workspace: str | None = None,
                       compare_with: str = "production") -> ExperimentConfig:
     """The resolved config, once it, its model, its data and the run to compare with are known good."""
     from .decide import check_incumbent
 
     log = get_run_logger()
     cfg = load_experiment(config, demo=demo, workspace=workspace)
-    if demo:
-        from farense.demo import build_demo
-
-        build_demo(Path(cfg.model_path).parent)  # idempotent: verifies an existing build
+    if demo_overlay(demo):
+        prepare_demo(demo_overlay(demo), cfg.model_path)  # idempotent: verifies an existing build
     check_inputs(cfg)
     report, _ = validate_data(cfg)
     check_incumbent(compare_with, cfg, demo)

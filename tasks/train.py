@@ -142,11 +142,13 @@ def one_training_on_this_machine(log: Any, run_name: str) -> Iterator[None]:
         lock.release()
 
 
-def trainer_command(config: ExperimentConfig, demo: bool, result_json: Path) -> list[str]:
+def trainer_command(config: ExperimentConfig, demo: bool | str, result_json: Path) -> list[str]:
     """`python -m farense train` for this config, exactly as the flow resolved it."""
+    from farense.demo import demo_overlay
+
     argv = [sys.executable, "-m", "farense", "--workspace", config.workspace, "train", config.source]
-    if demo:
-        argv.append("--demo")
+    if demo_overlay(demo):
+        argv += ["--overlay", demo_overlay(demo)]
     return argv + ["--result-json", str(result_json), "--die-with-parent", "--no-progress"]
 
 
@@ -275,7 +277,7 @@ def _describe_failure(code: int, result: dict[str, Any] | None, tail: list[str])
     tags=["farense-train"],
     cache_policy=NO_CACHE,
 )
-def train_model(config: ExperimentConfig, demo: bool = False) -> TrainingOutcome:
+def train_model(config: ExperimentConfig, demo: bool | str = False) -> TrainingOutcome:
     """Train or resume `config`; skipped when this exact config already finished training."""
     log = get_run_logger()
     paths = RunPaths(config.run_dir)

@@ -70,12 +70,12 @@ def test_show_json_includes_the_fingerprint_and_chain(capsys):
 
 
 def test_show_with_the_demo_overlay(capsys, tmp_path):
-    rc, out, _ = run_main(capsys, "--workspace", str(tmp_path), "config", "show", "v2", "--demo", "--json")
+    rc, out, _ = run_main(capsys, "--workspace", str(tmp_path), "config", "show", "v2", "--tiny", "--json")
     assert rc == 0
     payload = json.loads(out)
-    assert payload["training"]["iters"] == 150 and payload["model"]["path"] == ".farense/demo/model"
-    assert payload["fingerprint"] == load_config("v2", overlays=["demo"]).fingerprint
-    rc, out2, _ = run_main(capsys, "config", "show", "v2", "--overlay", "demo", "--json")
+    assert payload["training"]["iters"] == 150 and payload["model"]["path"] == ".farense/tiny/model"
+    assert payload["fingerprint"] == load_config("v2", overlays=["tiny"]).fingerprint
+    rc, out2, _ = run_main(capsys, "config", "show", "v2", "--overlay", "tiny", "--json")
     assert json.loads(out2) == payload
 
 
@@ -115,7 +115,7 @@ def test_diff_of_identical_configs(capsys):
 
 
 def test_diff_under_an_overlay_shows_the_same_changes(capsys):
-    rc, out, _ = run_main(capsys, "config", "diff", "v1", "v2", "--demo", "--json")
+    rc, out, _ = run_main(capsys, "config", "diff", "v1", "v2", "--tiny", "--json")
     assert rc == 0 and {r["key"] for r in json.loads(out)} == V1_V2_KEYS
 
 
@@ -237,7 +237,7 @@ def test_unknown_config_name(capsys):
 
 
 def test_missing_demo_model_names_the_command_that_builds_it(capsys, tmp_path):
-    rc, out, err = run_main(capsys, "--workspace", str(tmp_path), "config", "check", "v2", "--demo")
+    rc, out, err = run_main(capsys, "--workspace", str(tmp_path), "config", "check", "v2", "--tiny")
     assert rc == 2
-    assert f"model.path: model directory not found: {tmp_path.resolve() / '.farense/demo/model'}" in err
+    assert f"model.path: model directory not found: {tmp_path.resolve() / '.farense/tiny/model'}" in err
     assert "farense demo init" in err and "data.dir: directory not found" in err

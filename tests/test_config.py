@@ -95,14 +95,14 @@ def test_v2_inherits_everything_else_from_v1():
     assert v2.name == "v2" and v2.description != v1.description
 
 
-def test_demo_overlay_changes_scale_not_the_experiment():
-    v2, demo = load("v2"), load("v2", overlays=["demo"])
+def test_tiny_overlay_changes_scale_not_the_experiment():
+    v2, demo = load("v2"), load("v2", overlays=["tiny"])
     assert demo.name == "v2"  # an overlay never renames
     assert demo.training.iters == 150 and demo.training.epochs == 0
-    assert demo.model_is_local and demo.model.path == ".farense/demo/model"
+    assert demo.model_is_local and demo.model.path == ".farense/tiny/model"
     assert (demo.lora.rank, demo.lora.dropout, demo.training.batch_size) == (6, 0.08, 2)
     assert demo.fingerprint != v2.fingerprint
-    assert Path(demo.chain[-1]).name == "demo.toml"
+    assert Path(demo.chain[-1]).name == "tiny.toml"
 
 
 # --------------------------------------------------------------------------- extends and overlays
@@ -284,7 +284,7 @@ def test_fingerprint_fields_cover_training_sections_only():
 
 
 def test_fingerprint_survives_config_json_round_trip(tmp_path):
-    v2 = load("v2", overlays=["demo"], workspace=tmp_path)
+    v2 = load("v2", overlays=["tiny"], workspace=tmp_path)
     p = tmp_path / "config.json"
     p.write_bytes(config_to_json(v2))
     back = config_from_json(p)
@@ -541,10 +541,10 @@ def test_check_inputs_hub_model_offline_and_not_cached(write_config, tmp_path, m
 
 
 def test_relative_paths_resolve_against_the_workspace(tmp_path):
-    c = load("v2", overlays=["demo"], workspace=tmp_path)
-    assert c.model_is_local and c.model_path == str(tmp_path.resolve() / ".farense/demo/model")
-    assert c.data_dir == tmp_path.resolve() / ".farense/demo/data"
-    assert c.production_dir == tmp_path.resolve() / "production/demo"
+    c = load("v2", overlays=["tiny"], workspace=tmp_path)
+    assert c.model_is_local and c.model_path == str(tmp_path.resolve() / ".farense/tiny/model")
+    assert c.data_dir == tmp_path.resolve() / ".farense/tiny/data"
+    assert c.production_dir == tmp_path.resolve() / "production/tiny"
 
 
 def test_loading_a_config_and_validating_data_imports_nothing_heavy(write_config):

@@ -106,7 +106,7 @@ def test_leftover_temporary_build_is_ignored_and_removed(built: DemoPaths, tmp_p
 
 
 def test_kill_between_data_and_model_swap(copy_of: DemoPaths):
-    # _swap_in moved the old model aside and the process died before renaming the new one in.
+    # swap_in_dir moved the old model aside and the process died before renaming the new one in.
     os.rename(copy_of.model, copy_of.root / "model.tmp-deadbeef")
     assert existing_demo(copy_of.root) is None
     build_demo(copy_of.root)

@@ -27,7 +27,7 @@ ITERS, CHECKPOINT_EVERY = 40, 10
 
 # v2 on the demo model, shortened so the whole scenario takes a couple of minutes on 2 cores.
 E2E_CONFIG = f"""
-extends = ["{REPO}/configs/v2.toml", "{REPO}/configs/overlays/demo.toml"]
+extends = ["{REPO}/configs/v2.toml", "{REPO}/configs/overlays/tiny.toml"]
 name = "e2e"
 
 [training]
@@ -88,10 +88,10 @@ class Stack:
 
         self.tmp = tmp_path
         self.workspace, self.logs = tmp_path / "workspace", tmp_path / "logs"
-        build_demo(self.workspace / ".farense" / "demo")
+        build_demo(self.workspace / ".farense" / "tiny")
         self.config = self.workspace / "e2e.toml"
         self.config.write_text(E2E_CONFIG)
-        self.run_dir = self.workspace / "runs" / "demo" / "e2e"
+        self.run_dir = self.workspace / "runs" / "tiny" / "e2e"
         self.extra_env, self.setup_args = env, setup_args
         self.server = self.listener = None
         self.workers: list = []

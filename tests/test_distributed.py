@@ -241,7 +241,7 @@ RANK_TIMEOUT = 8  # seconds without a completed step; a step here takes well und
 def _config(ws: Path, demo_dir: Path) -> Path:
     from farense.config import load_config
 
-    cfg = load_config("v2", overlays=["demo"], workspace=ws).with_overrides(
+    cfg = load_config("v2", overlays=["tiny"], workspace=ws).with_overrides(
         **{**DIST, "model": {"path": str(demo_dir / "model")}, "data": {"dir": str(demo_dir / "data")}})
     return write_config_file(cfg, ws / "v2.toml")
 

@@ -47,7 +47,7 @@ def demo_config(workspace: Path, demo_dir: Path, **sections):
     }
     for sec, values in sections.items():
         base[sec] = {**base.get(sec, {}), **values}
-    return load_config("v2", overlays=["demo"], workspace=workspace, config_dir=REPO / "configs").with_overrides(**base)
+    return load_config("v2", overlays=["tiny"], workspace=workspace, config_dir=REPO / "configs").with_overrides(**base)
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,7 @@ def test_bad_input_fails_the_flow_at_once_without_retries(
 def test_resume_limit_fails_instead_of_looping(prefect_api: None) -> None:
     from flows.pipeline import training_flow
 
-    state = training_flow(config="v2", demo=True, resume_attempt=4, max_resume_attempts=3, return_state=True)
+    state = training_flow(config="v2", demo="tiny", resume_attempt=4, max_resume_attempts=3, return_state=True)
 
     assert state.is_failed() and not state.is_crashed()
     assert "resumed 3 times after crashes (max_resume_attempts=3)" in state.message
@@ -118,9 +118,9 @@ def test_farense_run_is_the_whole_pipeline_without_a_server(tmp_path: Path) -> N
 
     from farense.demo import build_demo
 
-    build_demo(tmp_path / ".farense" / "demo")
+    build_demo(tmp_path / ".farense" / "tiny")
     config = tmp_path / "short.toml"
-    config.write_text(f'extends = ["{REPO}/configs/v2.toml", "{REPO}/configs/overlays/demo.toml"]\nname = "short"\n'
+    config.write_text(f'extends = ["{REPO}/configs/v2.toml", "{REPO}/configs/overlays/tiny.toml"]\nname = "short"\n'
                       "[training]\niters = 12\nwarmup_steps = 2\n[validation]\nevery_steps = 6\n"
                       "[checkpoint]\nevery_steps = 6\n[evaluation]\nmax_examples = 4\nmax_new_tokens = 8\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -131,7 +131,7 @@ def test_farense_run_is_the_whole_pipeline_without_a_server(tmp_path: Path) -> N
     first = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr[-3000:]
     assert "short: completed at step 12/12" in first.stdout and "decision: short is" in first.stdout
-    run_dir = tmp_path / "runs" / "demo" / "short"
+    run_dir = tmp_path / "runs" / "tiny" / "short"
     assert (run_dir / "evaluation" / "decision.json").is_file()
 
     again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -264,7 +264,7 @@ def test_resume_automation_passes_the_crashed_runs_parameters_and_counts_attempt
     # A deployment run that set only some parameters: the others keep the flow's defaults.
     first = render({"config": "v1", "demo": True})
     assert first == {"config": "v1", "compare_with": "production", "promote": True, "demo": True, "workspace": None,
-                     "notify_block": None, "resume_attempt": 1, "max_resume_attempts": 3}
+                     "notify_block": None, "notify": True, "resume_attempt": 1, "max_resume_attempts": 3}
     again = render({**first, "workspace": "/w"})
     assert again["resume_attempt"] == 2 and again["workspace"] == "/w"
 
@@ -303,3 +303,11 @@ def test_prefect_yaml_nightly_and_weekly_deployments() -> None:
     assert nightly["entrypoint"] == "flows/pipeline.py:training_flow" and training_flow.name == "farense-training"
     assert weekly["entrypoint"] == "flows/maintenance.py:maintenance_flow" and maintenance_flow.name == "farense-maintenance"
     assert set(weekly["parameters"]) <= set(__import__("inspect").signature(maintenance_flow.fn).parameters)
+
+    from flows.campaign import campaign_flow
+
+    campaign = deps["campaign"]
+    assert campaign["entrypoint"] == "flows/campaign.py:campaign_flow" and campaign_flow.name == "farense-campaign"
+    assert campaign["parameters"]["configs"] == ["v1", "v2"]
+    assert set(campaign["parameters"]) <= set(__import__("inspect").signature(campaign_flow.fn).parameters)
+    assert campaign["work_pool"]["work_queue_name"] == nightly["work_pool"]["work_queue_name"]

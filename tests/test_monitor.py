@@ -53,7 +53,7 @@ def trained(demo_dir, tmp_path_factory):
     from farense.trainer import run_training
 
     ws = tmp_path_factory.mktemp("ws")
-    cfg = load_config("v2", overlays=["demo"], workspace=ws).with_overrides(
+    cfg = load_config("v2", overlays=["tiny"], workspace=ws).with_overrides(
         model={"path": str(demo_dir / "model")}, data={"dir": str(demo_dir / "data")},
         training={"iters": 8, "warmup_steps": 2, "max_seq_length": 128, "batch_size": 2, "grad_accumulation": 2},
         validation={"every_steps": 2, "batches": 2}, checkpoint={"every_steps": 4, "keep_last": 2},
@@ -245,7 +245,7 @@ def _fabricated_run(tmp_path: Path, name: str = "fab", steps: int = 30) -> Path:
     """A run's files without a training: config.json (v2 + demo), metrics, a state file."""
     run = tmp_path / "runs" / name
     run.mkdir(parents=True)
-    cfg = load_config("v2", overlays=["demo"], workspace=tmp_path)
+    cfg = load_config("v2", overlays=["tiny"], workspace=tmp_path)
     (run / "config.json").write_bytes(config_to_json(cfg))
     rows = []
     for step in range(1, steps + 1):
@@ -319,7 +319,7 @@ def test_run_resolves_from_a_directory_a_config_name_or_the_latest_run(tmp_path,
     assert resolve_run_dir(str(b)) == b.resolve()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FARENSE_WORKSPACE", str(tmp_path))
-    assert resolve_run_dir("v2", overlays=["demo"], runs_dir=None) == tmp_path / "runs" / "demo" / "v2"
+    assert resolve_run_dir("v2", overlays=["tiny"], runs_dir=None) == tmp_path / "runs" / "tiny" / "v2"
     from farense.errors import FarenseError
 
     with pytest.raises(FarenseError, match="no runs under"):

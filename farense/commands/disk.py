@@ -5,6 +5,8 @@ cleanup is a dry run unless --apply: it prints what would go and the bytes, and 
 
 from __future__ import annotations
 
+from . import add_demo_flags
+
 import argparse
 import os
 import sys
@@ -113,7 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--runs-dir", help="Runs directory (default: ./runs).")
     c.add_argument("--production-dir", help="Production directory never to touch (default: the config's, or ./production).")
     c.add_argument("--overlay", action="append", help="Overlay for CONFIG, repeatable.")
-    c.add_argument("--demo", dest="overlay", action="append_const", const="demo", help="Apply the demo overlay.")
+    add_demo_flags(c)
     c.add_argument("--keep-last", type=int, help="Checkpoints kept per run besides the best (default: config's, or 3).")
     c.add_argument("--older-than-days", type=float, default=30.0,
                    help="Finished runs older than this keep only adapters and summary (default 30).")
@@ -126,7 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preflight", help="Estimate what a run will write and check free space and memory.")
     p.add_argument("config", help="Config name (configs/NAME.toml) or path.")
     p.add_argument("--overlay", action="append", help="Overlay to apply, repeatable.")
-    p.add_argument("--demo", dest="overlay", action="append_const", const="demo", help="Apply the demo overlay.")
+    add_demo_flags(p)
     p.add_argument("--no-cleanup", action="store_true", help="Report only; never run the cleanup policy when short.")
     p.add_argument("--older-than-days", type=float, default=30.0, help="Cleanup policy for finished runs (default 30).")
     p.add_argument("--hf-cache", action="store_true", help="Let the cleanup policy include unused Hugging Face models.")

@@ -9,6 +9,8 @@ and otherwise decides against what production serves now.
 
 from __future__ import annotations
 
+from . import add_demo_flags
+
 import argparse
 import sys
 from pathlib import Path
@@ -36,7 +38,7 @@ def resolve_run(spec: str, args: argparse.Namespace) -> tuple[Path, ExperimentCo
         raise FarenseError(f"{p} is not a run directory (no config.json in it)")
     cfg = load_config(spec, overlays=_overlays(args))
     if not (cfg.run_dir / "config.json").is_file():
-        hint = " --demo" if "demo" in _overlays(args) else ""
+        hint = "".join(f" --{o}" for o in _overlays(args) if o in ("demo", "tiny"))
         raise FarenseError(f"no run of {cfg.name} at {cfg.run_dir} (train it first: farense train {spec}{hint})")
     return cfg.run_dir, config_from_json(cfg.run_dir / "config.json")
 
@@ -189,7 +191,7 @@ def _f4(v: object) -> str:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlay", action="append", help="Overlay to apply when RUN is a config name, repeatable.")
-    p.add_argument("--demo", dest="overlay", action="append_const", const="demo", help="Apply the demo overlay.")
+    add_demo_flags(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

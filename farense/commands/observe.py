@@ -10,6 +10,8 @@ monitor, nothing: the run under ./runs (or --runs-dir) that wrote last.
 
 from __future__ import annotations
 
+from . import add_demo_flags
+
 import argparse
 import json
 import os
@@ -58,8 +60,9 @@ def status_cmd(args: argparse.Namespace) -> int:
     if args.config:
         cfg = load_config(args.config, overlays=args.overlay or [])
         runs_dir, prod_dir = cfg.runs_dir, cfg.production_dir
-    elif args.overlay and "demo" in args.overlay:
-        runs_dir, prod_dir = ws / "runs" / "demo", ws / "production" / "demo"
+    elif args.overlay and set(args.overlay) & {"demo", "tiny"}:
+        which = "tiny" if "tiny" in args.overlay else "demo"
+        runs_dir, prod_dir = ws / "runs" / which, ws / "production" / which
     else:
         runs_dir, prod_dir = ws / "runs", ws / "production"
     if args.runs_dir:
@@ -168,7 +171,7 @@ def _run_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
     else:
         p.add_argument("run", help="Run directory or config name.")
     p.add_argument("--overlay", action="append", help="Overlay to apply when RUN is a config name, repeatable.")
-    p.add_argument("--demo", dest="overlay", action="append_const", const="demo", help="Apply the demo overlay.")
+    add_demo_flags(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -188,8 +191,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--runs-dir", help="Runs directory (default: ./runs, searched two levels deep).")
     s.add_argument("--production-dir", help="Production directory (default: ./production).")
     s.add_argument("--overlay", action="append", help="Overlay for CONFIG, repeatable.")
-    s.add_argument("--demo", dest="overlay", action="append_const", const="demo",
-                   help="The demo runs and production (runs/demo, production/demo).")
+    add_demo_flags(s)
     s.add_argument("--json", action="store_true", help="Machine-readable output.")
     s.set_defaults(handler=status_cmd)
 

@@ -1,8 +1,10 @@
-"""`farense run CONFIG`: the whole pipeline as a Prefect flow, with no server to start.
+"""`farense run CONFIG [CONFIG ...]`: the whole pipeline as a Prefect flow, with no server to start.
 
-Prefect's ephemeral local API (SQLite under PREFECT_HOME) records the run unless PREFECT_API_URL
-points at a server. farense/ never imports Prefect itself: this module imports flows.pipeline,
-which does, only when the command runs.
+One config runs the training pipeline; several (`farense run v1 v2 --demo`) run a campaign: each
+trained in turn, decided against the one before it, the winner promoted if ready, and a table of
+the base model against every config. Prefect's ephemeral local API (SQLite under PREFECT_HOME)
+records the run unless PREFECT_API_URL points at a server. farense/ never imports Prefect itself:
+this module imports the flows, which do, only when the command runs.
 """
 
 from __future__ import annotations
@@ -10,53 +12,115 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from typing import Any
+
+from . import add_demo_flags
 
 
 def run(args: argparse.Namespace) -> int:
     # No traffic leaves the machine, whatever the user's Prefect profile says about telemetry.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    # A bad config fails here, in a second, before Prefect and its local API start; the flow
-    # checks again (model, data) as its first task.
+    # The embedded API is a server process of its own: on a busy 2-core machine it can take longer
+    # than Prefect's default 20 s to answer, which would fail the run before it starts.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from ..demo import demo_overlay
+
+    overlays = [o for o in (args.overlay or []) if o in ("demo", "tiny")]
+    if len(set(overlays)) > 1:
+        print("farense: error: --demo and --tiny exclude each other", file=sys.stderr)
+        return 2
+    demo: bool | str = overlays[0] if overlays else False
+    _check_early(args.config, demo_overlay(demo))
+    started = time.monotonic()
+    if len(args.config) == 1:
+        return _pipeline(args, demo)
+    code = _campaign(args, demo)
+    print(f"total {time.monotonic() - started:.0f} s")
+    return code
+
+
+def _check_early(configs: list[str], overlay: str | None) -> None:
+    """A bad config fails here, in a second, before Prefect and its local API start; the flow checks
+    again (model, data) as its first task. The demo model is built by that task."""
     from ..config import check_inputs, load_config
 
-    config = load_config(args.config, overlays=["demo"] if args.demo else [])
-    if not args.demo:  # the demo model is built by the flow's first task
-        check_inputs(config)
+    for name in configs:
+        config = load_config(name, overlays=[overlay] if overlay else [])
+        if not overlay:
+            check_inputs(config)
+
+
+def _pipeline(args: argparse.Namespace, demo: bool | str) -> int:
     from flows.pipeline import training_flow
 
-    state = training_flow(
-        config=args.config,
-        compare_with=args.compare_with,
-        promote=not args.no_promote,
-        demo=args.demo,
-        workspace=os.environ.get("FARENSE_WORKSPACE"),
-        notify_block=args.notify_block,
-        return_state=True,
-    )
-    if state.is_completed():
-        result = state.result()
-        t, e, d, p = result.training, result.evaluation, result.decision, result.promotion
-        print(f"{result.config}: {t.state} at step {t.step}/{t.total_steps}"
-              + (f" (resumed from {t.resumed_from})" if t.resumed_from else "")
-              + (" (already trained)" if t.skipped else ""))
-        print(f"F1 {e.f1:.4f}  gap {t.train_val_gap if t.train_val_gap is None else round(t.train_val_gap, 4)}"
-              f" ({t.gap_status})")
-        print(f"decision: {d.verdict}")
-        print(f"promotion: {p.reason}" + (f" (release {p.release_id})" if p.release_id else ""))
-        print(f"run directory: {result.run_dir}")
-        return 0
+    state = training_flow(config=args.config[0], compare_with=args.compare_with, promote=not args.no_promote,
+                          demo=demo, workspace=os.environ.get("FARENSE_WORKSPACE"),
+                          notify_block=args.notify_block, return_state=True)
+    if not state.is_completed():
+        return _failed(state)
+    result = state.result()
+    t, e, d, p = result.training, result.evaluation, result.decision, result.promotion
+    print(f"{result.config}: {t.state} at step {t.step}/{t.total_steps}"
+          + (f" (resumed from {t.resumed_from})" if t.resumed_from else "")
+          + (" (already trained)" if t.skipped else ""))
+    print(f"F1 {e.f1:.4f}  gap {t.train_val_gap if t.train_val_gap is None else round(t.train_val_gap, 4)}"
+          f" ({t.gap_status})")
+    print(f"decision: {d.verdict}")
+    print(f"promotion: {p.reason}" + (f" (release {p.release_id})" if p.release_id else ""))
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _campaign(args: argparse.Namespace, demo: bool | str) -> int:
+    from flows.campaign import campaign_flow
+
+    from ..campaign import TABLE_HEADERS, CampaignEntry, base_report_path, decision_path_of, table_rows
+    from ..console import print_table
+
+    state = campaign_flow(configs=list(args.config), demo=demo, workspace=os.environ.get("FARENSE_WORKSPACE"),
+                          promote=not args.no_promote, notify_block=args.notify_block, return_state=True)
+    if not state.is_completed():
+        return _failed(state)
+    result = state.result()
+    entries = [CampaignEntry(n, r.run_dir, decision_path_of(r.run_dir)) for n, r in zip(result.configs, result.runs)]
+    base = _read(base_report_path(result.runs_dir))
+    print_table("base model vs " + " vs ".join(result.configs), TABLE_HEADERS, table_rows(base, entries))
+    d, p = result.decision, result.promotion
+    print(f"decision: {d.verdict}")
+    for reason in d.reasons:
+        print(f"  - {reason}")
+    print(f"promotion: {p.reason}" + (f" (release {p.release_id})" if p.release_id else ""))
+    print("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.stage_seconds.items()))
+    print(f"campaign table: {result.runs_dir}/campaign.md")
+    return 0
+
+
+def _read(path: Any) -> dict[str, Any] | None:
+    import orjson
+
+    try:
+        with open(path, "rb") as f:
+            return orjson.loads(f.read())
+    except OSError:
+        return None
+
+
+def _failed(state: Any) -> int:
     error = state.result(raise_on_failure=False)
     print(f"farense: {state.name}: {state.message}", file=sys.stderr)
     return int(getattr(error, "exit_code", 1) or 1)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="Run the whole pipeline (preflight, cleanup, train, evaluate, decide, promote, notify).")
-    p.add_argument("config", help="Config name (configs/NAME.toml) or path.")
-    p.add_argument("--demo", action="store_true", help="On the tiny offline demo model (built if missing).")
+    p = sub.add_parser("run", help="Run the whole pipeline (preflight, cleanup, train, evaluate, decide, promote, "
+                                   "notify); several configs run a campaign (e.g. `farense run v1 v2 --demo`).")
+    p.add_argument("config", nargs="+", help="Config name (configs/NAME.toml) or path; several: a campaign, in order.")
+    add_demo_flags(p)
     p.add_argument("--compare-with", default="production",
-                   help="What to compare with: 'production' (the current release, default) or a run such as v1.")
+                   help="One config: what to compare with, 'production' (the current release, default) or a run "
+                        "such as v1. A campaign compares each config with the one before it.")
     p.add_argument("--no-promote", action="store_true", help="Decide, but never promote.")
     p.add_argument("--notify-block", help="Prefect notification block to tell, as SLUG/NAME (e.g. slack-webhook/team).")
     p.set_defaults(handler=run)

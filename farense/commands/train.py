@@ -17,7 +17,9 @@ from typing import Any
 import orjson
 
 from ..config import load_config
+from ..demo import DEMO_OVERLAYS, prepare_demo
 from ..errors import FarenseError
+from . import add_demo_flags
 from ..states import EXIT_OK, RunState
 
 STATE_FOR_CODE = {75: RunState.PREEMPTED, 76: RunState.PAUSED_DISK_FULL}
@@ -33,8 +35,8 @@ def train(args: argparse.Namespace) -> int:
         die_with_parent()
     hosts, hostfile = (None, None) if args.rank_mode else spec_defaults_from_env(args.hosts, args.hostfile)
     config = load_config(args.config, overlays=args.overlay or [])
-    if "demo" in (args.overlay or []):
-        _ensure_demo(config)
+    for overlay in set(args.overlay or []) & set(DEMO_OVERLAYS):
+        prepare_demo(overlay, config.model_path)
     if hosts or hostfile:
         return _launch(args, config, hosts, hostfile)
     return _run(args, config)
@@ -122,6 +124,7 @@ def _as_peer_lost(e: BaseException) -> BaseException:
 
 def _launch(args: argparse.Namespace, config: Any, hosts: str | None, hostfile: str | None) -> int:
     """Launch and watch the ranks; one exit code and one --result-json for the whole job."""
+    from ..blas import thread_env
     from ..config import check_world_size
     from ..distributed import LaunchSpec, supervise
     from ..errors import RunLocked
@@ -158,7 +161,8 @@ def _launch(args: argparse.Namespace, config: Any, hosts: str | None, hostfile: 
         try:
             outcome = supervise(spec.launcher_argv(rank_cmd), world_size=spec.world_size,
                                 rank_timeout=spec.rank_timeout, stop_requested=lambda: flag.requested,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                     **(thread_env(spec.world_size) if spec.all_local else {})})
         finally:
             flag.restore()
         rank0 = _read_json(rank0_json)
@@ -217,14 +221,6 @@ def _write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
     atomic_write_bytes(path, orjson.dumps(data, option=orjson.OPT_INDENT_2))
 
 
-def _ensure_demo(config) -> None:
-    """With --demo, build the demo model and data where the overlay expects them (idempotent)."""
-    from ..demo import build_demo
-
-    model_dir = Path(config.model_path)
-    build_demo(model_dir.parent)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     from ..distributed import DEFAULT_PORT, DEFAULT_RANK_TIMEOUT, DEFAULT_STARTUP_TIMEOUT
 
@@ -232,8 +228,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="Config name (configs/NAME.toml) or path.")
     p.add_argument("--new-run", action="store_true", help="Start over: delete this run's checkpoints and metrics.")
     p.add_argument("--overlay", action="append", help="Overlay to apply (configs/overlays/NAME.toml), repeatable.")
-    p.add_argument("--demo", dest="overlay", action="append_const", const="demo",
-                   help="Use the demo overlay (tiny offline model; built if missing).")
+    add_demo_flags(p)
     p.add_argument("--result-json", help="Write the outcome as JSON here (for orchestrators).")
     p.add_argument("--die-with-parent", action="store_true",
                    help="Exit when the parent process dies (so an orphan never holds the run lock).")

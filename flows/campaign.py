@@ -1,0 +1,95 @@
+"""A campaign as one Prefect flow: the seed's V1 and V2 trained one after the other, then chosen between.
+
+    check every config -> evaluate the base model -> train + evaluate V1 (a subflow: the whole
+      training pipeline) -> train + evaluate V2, decided against V1 (a subflow) -> choose the
+      winner by the seed's rules -> promote it if it is ready -> notification
+
+One training at a time (the subflows run in order). `farense run v1 v2 --demo` runs it on the real
+demo model with Prefect's embedded API; the `campaign` deployment runs it from a server.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from prefect import flow, get_run_logger, tags
+
+from farense.campaign import CampaignDecision, CampaignEntry, decision_path_of
+
+from flows.pipeline import PipelineResult, training_flow
+from tasks.campaign import BaseEvaluation, campaign_decide_task, evaluate_base_task, winner_decision
+from tasks.inputs import check_inputs_task
+from tasks.notify import NotifyResult, notify_task
+from tasks.promote import PromotionResult, promote_task
+
+CAMPAIGN_FLOW = "farense-campaign"
+
+
+@dataclass(frozen=True)
+class CampaignResult:
+    """What the campaign did: the base model's score, each config's pipeline, the choice, promotion."""
+
+    configs: list[str]
+    runs_dir: str
+    base: BaseEvaluation
+    runs: list[PipelineResult]
+    decision: CampaignDecision
+    promotion: PromotionResult
+    notification: NotifyResult
+    stage_seconds: dict[str, float]
+
+
+def campaign_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return f"campaign-{'-'.join(p.get('configs') or [])}-{datetime.now():%Y-%m-%d-%H%M}"
+
+
+@flow(name=CAMPAIGN_FLOW, flow_run_name=campaign_run_name, retries=0)
+def campaign_flow(
+    configs: list[str] = ["v1", "v2"],  # noqa: B006 - Prefect parameters are copied per run
+    demo: bool | str = False,
+    workspace: str | None = None,
+    promote: bool = True,
+    notify_block: str | None = None,
+) -> CampaignResult:
+    """Train each config in order (each decided against the one before it), choose, promote, tell."""
+    log, timings = get_run_logger(), {}
+    clock = time.monotonic()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        timings[stage] = round(time.monotonic() - clock, 1)
+        clock = time.monotonic()
+        log.info(f"stage {stage}: {timings[stage]:.1f} s")
+
+    cfgs = [check_inputs_task(c, demo, workspace) for c in configs]  # every config, before any training
+    lap("check inputs")
+    with tags("farense", "campaign"):
+        base = evaluate_base_task(cfgs[0])
+        lap("base model evaluation")
+        runs: list[PipelineResult] = []
+        for i, config in enumerate(configs):
+            runs.append(training_flow(config=config, demo=demo, workspace=workspace, promote=False, notify=False,
+                                      compare_with=configs[i - 1] if i else "production"))
+            lap(f"{cfgs[i].name} pipeline")
+        entries = [CampaignEntry(c.name, r.run_dir, decision_path_of(r.run_dir)) for c, r in zip(cfgs, runs)]
+        decision = campaign_decide_task(str(cfgs[0].runs_dir), entries, timings)
+        winner = next((c for c in cfgs if c.name == decision.winner), None)
+        if winner is None:
+            promotion = PromotionResult(False, None, None, decision.verdict)
+        else:
+            promotion = promote_task(winner, decision.winner_run_dir, winner_decision(decision), promote)
+        lap("decision and promotion")
+        notification = notify_task(f"farense campaign {' vs '.join(c.name for c in cfgs)}: {decision.verdict}",
+                                   "\n".join([decision.verdict, *decision.reasons, f"promotion: {promotion.reason}"]),
+                                   notify_block)
+    return CampaignResult([c.name for c in cfgs], str(cfgs[0].runs_dir), base, runs, decision, promotion,
+                          notification, timings)
+
+
+if __name__ == "__main__":
+    campaign_flow()
