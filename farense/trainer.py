@@ -187,7 +187,8 @@ def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None 
                             tokenizer_config={"trust_remote_code": config.model.trust_remote_code})
     if config.model.quantize_bits:
         nn.quantize(model, group_size=config.model.quantize_group_size, bits=config.model.quantize_bits)
-    choice = resolve_compute(model, config.model.compute)
+    t = config.training
+    choice = resolve_compute(model, config.model.compute, tokens_per_step=t.batch_size * t.max_seq_length)
     if log:
         from .blas import describe_blas
 
