@@ -250,7 +250,7 @@ def _plan_run(plan: CleanupPlan, paths: RunPaths, protected: _Protected, *, now:
     if age_days is not None and age_days > plan.older_than_days and paths.best_adapters.is_file():
         why = f"finished {age_days:.0f} days ago ({state_name}): only the final adapters and summary are kept"
         items += [CleanupItem(c.path, FINISHED_RUN_EXTRAS, c.disk_bytes, why, paths.root, c.step) for c in ckpts]
-        items += _finished_extras(paths, why)
+        items += _finished_extras(paths, why, plan.skipped)
     else:
         kept, best = _plan_checkpoints(plan, paths, store, ckpts, items)
     _add_unprotected(plan, paths, protected, items)
@@ -311,11 +311,17 @@ def _run_temporaries(paths: RunPaths) -> list[CleanupItem]:
     return out
 
 
-def _finished_extras(paths: RunPaths, why: str) -> list[CleanupItem]:
+def _finished_extras(paths: RunPaths, why: str, skipped: list[SkippedRun]) -> list[CleanupItem]:
+    """What an old finished run may lose; a directory holding runs is never one run's extras."""
     out = []
     with os.scandir(paths.root) as it:
         for e in sorted(it, key=lambda e: e.name):
             if e.name in FINISHED_KEEP or e.name == paths.checkpoints.name or is_temporary(e.name):
+                continue
+            if e.is_dir(follow_symlinks=False) and (inner := find_runs(e.path, max_depth=_MAX_DEPTH,
+                                                                          follow_symlinks=False)):
+                skipped.append(SkippedRun(Path(e.path), f"holds {len(inner)} run(s) ({inner[0]}...): "
+                                                        f"never the extras of the run {paths.root}"))
                 continue
             out.append(CleanupItem(Path(e.path), FINISHED_RUN_EXTRAS, fsutil.dir_size(e.path), why, paths.root))
     return out

@@ -282,6 +282,11 @@ class EvaluationConfig(_Section):
 _UNIT = Check(lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+def is_plain_name(value: str) -> bool:
+    """A name that is one plain path component (a run directory's): no '/', not '.' or '..'."""
+    return re.fullmatch(r"[A-Za-z0-9._-]+", value) is not None and value not in (".", "..")
+
+
 @dataclass(frozen=True)
 class DecisionConfig(_Section):
     section = "decision"
@@ -296,9 +301,9 @@ class OutputConfig(_Section):
     section = "output"
     runs_dir: str = _f("runs", "Where run directories live (checkpoints, metrics, adapters).")
     production_dir: str = _f("production", "Where releases live; production/current points at one.")
-    run_name: str = _f("", "Run directory name; empty uses the config's name.",
-                       Check(lambda v: not v or re.fullmatch(r"[A-Za-z0-9._-]+", v) is not None,
-                             "letters, digits, '.', '_' or '-'"))
+    run_name: str = _f("", "Run directory name (one plain path component); empty uses the config's name.",
+                       Check(lambda v: not v or is_plain_name(v),
+                             "letters, digits, '.', '_' or '-' (one path component, not '.' or '..')"))
 
 
 SECTIONS: dict[str, type] = {
@@ -513,8 +518,8 @@ def build_config(
         problems.extend(obj.problems())
         built[sec] = obj
     name = data.get("name", "")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name or "x"):
-        problems.append(f"name: expected letters, digits, '.', '_' or '-', got {name!r}")
+    if not isinstance(name, str) or not (not name or is_plain_name(name)):
+        problems.append(f"name: expected letters, digits, '.', '_' or '-' (not '.' or '..'), got {name!r}")
     if not problems:
         problems.extend(_cross_problems(built))
     if problems:
@@ -811,7 +816,7 @@ def check_world_size(config: ExperimentConfig, world_size: int) -> None:
 
 
 def check_inputs(config: ExperimentConfig) -> None:
-    """Fail before any heavy work if the model or the data files are missing."""
+    """Fail before any heavy work if the model or the data files are missing, or the run would nest in another."""
     problems = check_model_path(config)
     d = config.data_dir
     if not d.is_dir():
@@ -820,5 +825,9 @@ def check_inputs(config: ExperimentConfig) -> None:
         for split in ("train", "valid"):
             if not (d / f"{split}.jsonl").exists():
                 problems.append(f"data.dir: {d / (split + '.jsonl')} not found (the {split} split is required)")
+    from .runstate import run_placement_problem
+
+    if (placement := run_placement_problem(config.run_dir, workspace=config.workspace)) is not None:
+        problems.append(f"output.run_name: {placement}")
     if problems:
         raise ConfigError(problems, source=config.source)

@@ -39,6 +39,8 @@ CONFIG_FILE = "config.json"
 SUMMARY_FILE = "training_summary.json"
 # A directory holding any of these is a run (the trainer has started writing it).
 RUN_MARKERS = (RUN_STATE_FILE, CONFIG_FILE, "checkpoints", RUN_LOCK_FILE, SUMMARY_FILE)
+# Directories a run owns: never searched for other runs, never another run's.
+RUN_OWN_DIRS = frozenset({"checkpoints", "adapters", "evaluation", "plots"})
 _CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import orjson
 
-from .layout import RUN_MARKERS, is_temporary
+from .layout import RUN_MARKERS, RUN_OWN_DIRS, is_temporary
 
 if TYPE_CHECKING:
     from .locks import LockInfo
@@ -194,3 +194,40 @@ def find_runs(root: str | os.PathLike[str], *, max_depth: int = 3, follow_symlin
 
     walk(root, 1)
     return found
+
+
+def runs_inside(path: str | os.PathLike[str], *, max_depth: int = 3) -> list[Path]:
+    """Runs below `path`, not `path` itself (a run's own checkpoints, adapters, ... are not searched)."""
+    found: list[Path] = []
+    try:
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return found
+    for e in entries:
+        if e.name in RUN_OWN_DIRS or e.name.startswith(".") or is_temporary(e.name) \
+                or not e.is_dir(follow_symlinks=False):
+            continue
+        found += find_runs(e.path, max_depth=max_depth - 1, follow_symlinks=False)
+    return found
+
+
+def run_placement_problem(run_dir: str | os.PathLike[str], *, workspace: str | os.PathLike[str] | None = None,
+                          levels: int = 3) -> str | None:
+    """Why `run_dir` may not hold a run (it lies inside another run, or holds runs); None when it may.
+
+    A run directory never contains another: cleanup of the outer one would take the inner one as
+    its extras. `levels` parents are looked at (as deep as cleanup looks for runs), below the workspace.
+    """
+    run_dir = Path(run_dir)
+    above = {Path(workspace), *Path(workspace).parents} if workspace is not None else set()
+    for parent in list(run_dir.parents)[:levels]:
+        if parent not in above and is_run_dir(parent):
+            return (f"{run_dir} would lie inside the run {parent}; a run directory never contains another run "
+                    "(choose another output.run_name or output.runs_dir)")
+    inner = runs_inside(run_dir)
+    if inner:
+        shown = ", ".join(str(p) for p in inner[:3]) + (", ..." if len(inner) > 3 else "")
+        return (f"{run_dir} holds other runs ({shown}); a run directory never contains another run "
+                "(choose another output.run_name or output.runs_dir)")
+    return None

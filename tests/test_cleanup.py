@@ -271,6 +271,26 @@ def test_production_and_what_its_symlinks_point_at_are_untouched(tmp_path: Path)
     assert (prod / "current" / "adapters" / "adapters.safetensors").read_bytes() == b"w" * 64
 
 
+def test_cleanup_never_takes_runs_inside_a_finished_run_as_its_extras(tmp_path: Path) -> None:
+    """Issue 13.1: a finished run runs/demo that holds runs/demo/v2 (made before such runs were
+    refused) loses its extras, never the inner run."""
+    runs = tmp_path / "runs"
+    outer, inner = runs / "demo", runs / "demo" / "v2"
+    make_run(outer, [10, 20], best=20, state="completed", updated_at=NOW - 40 * DAY)
+    make_run(inner, [10, 20], best=20, state="completed", updated_at=NOW)
+    for run in (outer, inner):
+        (run / "adapters").mkdir()
+        (run / "adapters" / "adapters.safetensors").write_bytes(b"a" * 100)
+    (outer / "metrics.jsonl").write_bytes(b"{}\n")
+
+    plan = plan_cleanup(runs, keep_last=1, older_than_days=0, now=NOW)
+    assert not [i for i in plan.items if i.path == inner or inner in i.path.parents]
+    assert any(s.path == inner and "never the extras" in s.reason for s in plan.skipped)
+    apply_cleanup(plan)
+    assert steps_on_disk(inner) == [10, 20] and (inner / "adapters" / "adapters.safetensors").is_file()
+    assert not (outer / "metrics.jsonl").exists()
+
+
 def test_finished_runs_older_than_n_days_keep_only_adapters_and_summary(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     old, recent, no_adapters = runs / "old", runs / "recent", runs / "old-without-adapters"
