@@ -354,8 +354,13 @@ class ExperimentConfig:
     # ---- derived paths (relative paths resolve against the workspace)
 
     def resolve(self, value: str) -> Path:
+        return self.resolve_in(self.workspace, value)
+
+    @staticmethod
+    def resolve_in(workspace: str | os.PathLike[str], value: str) -> Path:
+        """`value` as a path: absolute as it is, relative against `workspace`."""
         p = Path(os.path.expanduser(value))
-        return p if p.is_absolute() else Path(self.workspace) / p
+        return p if p.is_absolute() else Path(workspace) / p
 
     @property
     def run_name(self) -> str:
@@ -673,16 +678,31 @@ def load_config(
         merged = _deep_merge(merged, odata)
         chain += ochain
         origins |= oorigins
-    ws = Path(workspace) if workspace is not None else Path(os.environ.get("FARENSE_WORKSPACE", Path.cwd()))
+    ws = Path(workspace) if workspace is not None else current_workspace()
     return build_config(merged, source=str(path), chain=chain, workspace=ws.resolve(), origins=origins)
 
 
+def current_workspace() -> Path:
+    """The workspace this command works in: `farense --workspace` (FARENSE_WORKSPACE), else the current directory."""
+    return Path(os.environ.get("FARENSE_WORKSPACE") or Path.cwd()).resolve()
+
+
 def config_from_json(path: Path, *, workspace: str | os.PathLike | None = None) -> ExperimentConfig:
-    """The config a run recorded in its config.json."""
-    data = orjson.loads(Path(path).read_bytes())
+    """The config a run recorded in its config.json (a ConfigError naming the file when it is not one)."""
+    try:
+        data = orjson.loads(Path(path).read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"not valid JSON ({exc}); a run's config.json is written by farense train",
+                          source=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a JSON object (the run's resolved config), got {type(data).__name__}",
+                          source=str(path))
     meta = data.pop("_meta", {})
-    ws = workspace if workspace is not None else meta.get("workspace", ".")
-    return build_config(data, source=meta.get("source", str(path)), chain=tuple(meta.get("chain", ())), workspace=ws)
+    meta = meta if isinstance(meta, dict) else {}
+    ws = workspace if workspace is not None else str(meta.get("workspace", "."))
+    chain = meta.get("chain")
+    chain = tuple(str(c) for c in chain) if isinstance(chain, list) else ()
+    return build_config(data, source=str(meta.get("source", path)), chain=chain, workspace=ws)
 
 
 def config_to_json(config: ExperimentConfig) -> bytes:

@@ -12,12 +12,13 @@ from __future__ import annotations
 from . import add_demo_flags
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import orjson
 
-from ..config import ExperimentConfig, config_from_json, load_config
+from ..config import ExperimentConfig, config_from_json, current_workspace, load_config
 from ..console import print_table
 from ..errors import FarenseError
 from ..layout import RunPaths
@@ -33,6 +34,8 @@ def resolve_run(spec: str, args: argparse.Namespace) -> tuple[Path, ExperimentCo
         return p.resolve(), config_from_json(RunPaths(p).config)
     if p.is_dir():
         raise FarenseError(f"{p} is not a run directory (no config.json in it)")
+    if os.sep in spec or (os.altsep and os.altsep in spec) or spec in (".", ".."):
+        raise FarenseError(f"no run directory at {p} (RUN is a run directory or a config name)")
     cfg = load_config(spec, overlays=_overlays(args))
     if not RunPaths(cfg.run_dir).config.is_file():
         hint = "".join(f" --{o}" for o in _overlays(args) if o in ("demo", "tiny"))
@@ -41,10 +44,11 @@ def resolve_run(spec: str, args: argparse.Namespace) -> tuple[Path, ExperimentCo
 
 
 def _production_dir(args: argparse.Namespace, config: ExperimentConfig | None = None) -> Path:
+    """--production, else the config's production_dir in the current workspace (never the one a run recorded)."""
     if getattr(args, "production", None):
         return Path(args.production)
     if config is not None:
-        return config.production_dir
+        return config.resolve_in(current_workspace(), config.output.production_dir)
     return load_config(getattr(args, "config", None) or "v2", overlays=_overlays(args)).production_dir
 
 
