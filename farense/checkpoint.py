@@ -33,7 +33,14 @@ import orjson
 
 from farense import fsutil
 from farense.errors import CheckpointCorrupt, DiskFull, FarenseError
-from farense.layout import MANIFEST_NAME, checkpoint_name, is_temporary, parse_checkpoint_name
+from farense.layout import (
+    MANIFEST_NAME,
+    QUARANTINE_DIR,
+    QUARANTINE_REASON_SUFFIX,
+    checkpoint_name,
+    is_temporary,
+    parse_checkpoint_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 Writer = Callable[[Path], None]
 SkipHandler = Callable[[Path, str], None]
+Check = Callable[["CheckpointInfo"], "str | None"]  # why a verified checkpoint still cannot be loaded, or None
 
 
 @dataclass(frozen=True)
@@ -359,6 +367,60 @@ class CheckpointStore:
                 self.on_skip(path, getattr(exc, "reason", str(exc)))
         return None
 
+    def latest_usable(self, check: Check | None = None) -> tuple[CheckpointInfo | None, builtins.list[Path]]:
+        """The newest checkpoint that verifies and passes `check` (e.g. its state.json parses), and the
+        newer ones that did not, each moved to quarantine/ with its reason (never deleted for failing)."""
+        moved: builtins.list[Path] = []
+        for _, path in reversed(self._committed_dirs()):
+            ok, reason = self.verify_path(path)
+            if ok:
+                try:
+                    info = _info_from_manifest(path, read_manifest(path))
+                except CheckpointCorrupt as exc:  # changed under us between verify and read
+                    reason = getattr(exc, "reason", str(exc))
+                else:
+                    why = check(info) if check is not None else None
+                    if why is None:
+                        return info, moved
+                    reason = why
+            self.on_skip(path, reason)
+            if (target := self.quarantine(path, reason)) is not None:
+                moved.append(target)
+        return None, moved
+
+    def quarantine(self, path: Path, reason: str) -> Path | None:
+        """Move a checkpoint that must not be loaded to quarantine/<name>, its reason beside it; the new path."""
+        if self.rank != 0:
+            return None
+        qdir = self.directory / QUARANTINE_DIR
+        with self._lock:
+            qdir.mkdir(exist_ok=True)
+            target, n = qdir / path.name, 1
+            while os.path.lexists(target) or os.path.lexists(_reason_file(target)):
+                n += 1
+                target = qdir / f"{path.name}-{n}"
+            record = {"checkpoint": path.name, "reason": reason, "quarantined_at": self._clock(),
+                      "quarantined_at_utc": datetime.fromtimestamp(self._clock(), timezone.utc).isoformat()}
+            fsutil.atomic_write_bytes(_reason_file(target), orjson.dumps(record, option=orjson.OPT_INDENT_2))
+            os.rename(path, target)
+            fsutil.fsync_dir(self.directory)
+            fsutil.fsync_dir(qdir)
+        return target
+
+    def quarantined(self) -> builtins.list[tuple[Path, str]]:
+        """Checkpoints moved to quarantine/, oldest name first, with the reason recorded for each."""
+        qdir = self.directory / QUARANTINE_DIR
+        try:
+            with os.scandir(qdir) as it:
+                dirs = sorted(Path(e.path) for e in it if e.is_dir(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for d in dirs:
+            record = fsutil.read_json_object(_reason_file(d)) or {}
+            out.append((d, str(record.get("reason", "reason not recorded"))))
+        return out
+
     def scan(self) -> builtins.list[ScannedCheckpoint]:
         """Every committed-looking checkpoint directory, oldest first, with or without a usable manifest.
 
@@ -539,6 +601,10 @@ class _AlreadySaved(Exception):
     def __init__(self, info: CheckpointInfo):
         super().__init__(str(info.path))
         self.info = info
+
+
+def _reason_file(quarantined: Path) -> Path:
+    return quarantined.with_name(quarantined.name + QUARANTINE_REASON_SUFFIX)
 
 
 def _warn_skip(path: Path, reason: str) -> None:
