@@ -96,6 +96,9 @@ class Release:
             raise FarenseError(f"not a release (no {RELEASE_MANIFEST}): {path}") from None
         except orjson.JSONDecodeError as e:
             raise FarenseError(f"release manifest is not valid JSON: {path / RELEASE_MANIFEST} ({e})") from None
+        if not isinstance(m, dict) or not isinstance(m.get("id"), str) or not isinstance(m.get("files", {}), dict):
+            raise FarenseError(f"release manifest is not a release's: {path / RELEASE_MANIFEST} (expected an object "
+                               "with an id and files)")
         return cls(
             id=m["id"], path=path, run_name=m.get("run_name", ""), created_at=m.get("created_at", ""),
             previous=m.get("previous"), forced=bool(m.get("forced")), config_name=m.get("config_name", ""),
@@ -128,6 +131,12 @@ def current_release(production_dir: Path) -> Release | None:
     if not path.is_dir():
         raise FarenseError(f"{prod.current} points at {target}, which does not exist")
     return Release.read(path)
+
+
+def current_target(production_dir: Path) -> Path | None:
+    """The real directory production/current points at (wherever that is); None when there is no link."""
+    current = ProductionPaths(Path(production_dir)).current
+    return Path(os.path.realpath(current)) if current.is_symlink() else None
 
 
 def list_releases(production_dir: Path) -> list[Release]:
@@ -433,6 +442,8 @@ def rollback(
     """Switch production/current back to the release that was current before it (or to `to`)."""
     prod = ProductionPaths(Path(production_dir).resolve())
     hook = hook or _no_hook
+    if not prod.root.is_dir():  # never created by a rollback: a mistyped --production must not leave one
+        raise FarenseError(f"nothing to roll back: no production directory at {prod.root}")
     with _production_lock(prod):
         clean_temporaries(prod.root)
         current = current_release(prod.root)
@@ -446,11 +457,12 @@ def rollback(
             )
         if target_id == current.id:
             return current
-        target_path = prod.releases / target_id
-        if is_temporary(target_id) or not (target_path / RELEASE_MANIFEST).is_file():
-            known = ", ".join(r.id for r in list_releases(prod.root)) or "none"
-            raise FarenseError(f"no release {target_id!r} in {prod.releases} (releases: {known})")
-        target = Release.read(target_path)
+        releases = {r.path.name: r for r in list_releases(prod.root)}
+        if target_id not in releases:  # ids only: a path (`../../x`) is never a release
+            known = ", ".join(releases) or "none"
+            raise FarenseError(f"no release {target_id!r} in {prod.releases} (--to takes a release id; "
+                               f"releases: {known})")
+        target = releases[target_id]
         verify_release(target)
         _switch(prod, target_id, hook)
         hook(STEP_SWITCHED)

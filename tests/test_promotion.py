@@ -387,3 +387,41 @@ def test_promote_of_a_missing_or_broken_run_says_what_is_wrong(ws, capsys):
     assert main(["promote", str(run), "--production", str(prod_of(ws))]) == 2
     err = capsys.readouterr().err
     assert "config.json" in err and "expected a JSON object" in err and "Traceback" not in err
+
+
+def test_rollback_takes_release_ids_only_and_releases_marks_what_current_points_at(ws, capsys):
+    """Issue 13.4: `--to ../../x` never points production/current outside releases/; `releases` marks the
+    release `current` really points at, and says so when it points at none of them."""
+    import shutil
+
+    from farense.cli import main
+
+    prod = prod_of(ws)
+    r1 = promote(decided_run(ws, "v1", config="v1"), None, prod, now=T0)
+    r2 = promote(decided_run(ws, "v2", incumbent=prod), None, prod, force=True, now=T0 + timedelta(hours=1))
+    evil = ws / "elsewhere" / "evilrel"
+    shutil.copytree(r1.path, evil)  # a whole, verifying release outside releases/
+    rel_path = os.path.relpath(evil, prod / "releases")
+    for to in (rel_path, str(evil), "../current", f"{r1.id}/.."):
+        assert main(["rollback", "--production", str(prod), "--to", to]) == 1
+        assert "--to takes a release id" in capsys.readouterr().err
+        assert os.readlink(prod / "current") == f"releases/{r2.id}"
+
+    assert main(["releases", "--production", str(prod), "--json"]) == 0
+    assert [(r["id"], r["current"]) for r in orjson.loads(capsys.readouterr().out)] == [(r1.id, False), (r2.id, True)]
+    os.replace(prod / "current", prod / "current.old")
+    os.symlink(os.path.relpath(evil, prod), prod / "current")  # as the old --to made it: r1's manifest, elsewhere
+    assert main(["releases", "--production", str(prod), "--json"]) == 0
+    out = capsys.readouterr()
+    assert [r["current"] for r in orjson.loads(out.out)] == [False, False]
+    assert "none of the releases listed" in out.err and str(evil) in out.err
+
+
+def test_rollback_of_a_missing_production_directory_creates_nothing(tmp_path, capsys):
+    """Issue 13.11: `rollback --production /nonexistent` says so and leaves no directory behind."""
+    from farense.cli import main
+
+    missing = tmp_path / "no" / "such" / "production"
+    assert main(["rollback", "--production", str(missing)]) == 1
+    assert "no production directory at" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()

@@ -161,19 +161,24 @@ def rollback_cmd(args: argparse.Namespace) -> int:
 
 
 def releases_cmd(args: argparse.Namespace) -> int:
-    from ..promotion import current_release, list_releases
+    """Every release, the current one marked by where production/current points (whatever its manifest says)."""
+    from ..promotion import current_target, list_releases
 
     prod = _production_dir(args)
-    cur = current_release(prod)
+    target = current_target(prod)
     rels = list_releases(prod)
+    is_current = {r.id: target is not None and Path(os.path.realpath(r.path)) == target for r in rels}
     if args.json:
-        _print_json([{"id": r.id, "current": cur is not None and r.id == cur.id, "run_name": r.run_name,
+        _print_json([{"id": r.id, "current": is_current[r.id], "run_name": r.run_name,
                       "created_at": r.created_at, "previous": r.previous, "forced": r.forced,
                       "metrics": r.metrics, "path": str(r.path)} for r in rels])
-        return 0
-    rows = [["*" if cur and r.id == cur.id else "", r.id, r.run_name, _f4(r.metrics.get("f1")),
-             r.previous or "-", "yes" if r.forced else ""] for r in rels]
-    print_table(f"releases in {prod}", ["current", "id", "run", "F1", "previous", "forced"], rows)
+    else:
+        rows = [["*" if is_current[r.id] else "", r.id, r.run_name, _f4(r.metrics.get("f1")),
+                 r.previous or "-", "yes" if r.forced else ""] for r in rels]
+        print_table(f"releases in {prod}", ["current", "id", "run", "F1", "previous", "forced"], rows)
+    if target is not None and not any(is_current.values()):
+        print(f"farense: warning: {prod}/current points at {target}, which is none of the releases listed; "
+              "`farense rollback --to ID` switches it to one", file=sys.stderr)
     return 0
 
 
