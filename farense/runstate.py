@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import orjson
 
-from .layout import RUN_MARKERS, RUN_OWN_DIRS, is_temporary
+from .layout import RUN_MARKERS, RUN_OWN_DIRS, RUN_STATE_FILE, is_temporary
 
 if TYPE_CHECKING:
     from .locks import LockInfo
@@ -74,6 +74,28 @@ def read_run_state(path: Path) -> dict[str, Any] | None:
     return read_json_object(path)
 
 
+CORRUPT = "corrupt"  # not a RunState: run_state.json is there but says nothing readable
+
+
+def run_state_problem(path: Path) -> str | None:
+    """Why an existing run_state.json cannot be read as a state; None when it reads (or is missing)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        return f"not valid JSON: {exc}"
+    if not isinstance(doc, dict):
+        return f"not a JSON object but {type(doc).__name__}"
+    if not isinstance(doc.get("state"), str):
+        return f"its state is {doc.get('state')!r}, expected one of {', '.join(s.value for s in RunState)}"
+    return None
+
+
 # --------------------------------------------------------------------------- the state, corrected by the lock
 
 
@@ -112,8 +134,8 @@ _DETAILS = {
 
 
 def effective_state(doc: Mapping[str, Any] | None, lock: LockInfo, *, alive: Callable[[int], bool] = pid_alive,
-                    host: str | None = None) -> EffectiveState:
-    """run_state.json (`doc`) corrected by the run lock."""
+                    host: str | None = None, problem: str | None = None) -> EffectiveState:
+    """run_state.json (`doc`) corrected by the run lock; `problem`: why the file there could not be read."""
     here = host or socket.gethostname()
     doc = doc or {}
     recorded = doc.get("state") if isinstance(doc.get("state"), str) else None
@@ -121,6 +143,9 @@ def effective_state(doc: Mapping[str, Any] | None, lock: LockInfo, *, alive: Cal
         who = f"pid {lock.pid}" if lock.pid is not None else "a live process"
         starting = ", starting" if recorded != RunState.RUNNING.value else ""
         return EffectiveState(RunState.RUNNING.value, f"running ({who}{starting})", True)
+    if problem is not None:
+        return EffectiveState(CORRUPT, f"unknown: {RUN_STATE_FILE} is corrupt ({problem}); `farense train` "
+                              "resumes from the checkpoints all the same", False)
     if recorded is None:
         return EffectiveState(RunState.NOT_STARTED.value, "not started (no run_state.json yet)", False)
     pid = doc.get("pid") if isinstance(doc.get("pid"), int) else lock.pid
