@@ -85,7 +85,7 @@ class ScannedCheckpoint:
     step: int
     path: Path
     info: CheckpointInfo | None  # None: no usable manifest, so never loadable
-    disk_bytes: int  # its files and manifest (the manifest's sizes; a directory walk when there is none)
+    disk_bytes: int  # what deleting it frees: the blocks allocated to its directory and files
 
 
 @dataclass(frozen=True)
@@ -424,20 +424,13 @@ class CheckpointStore:
     def scan(self) -> builtins.list[ScannedCheckpoint]:
         """Every committed-looking checkpoint directory, oldest first, with or without a usable manifest.
 
-        Reads manifests only (never hashes): planning over thousands of directories stays fast.
+        Reads manifests and stats files (never hashes): planning over thousands of directories stays fast.
         """
         out = []
         for step, path in self._committed_dirs():
             manifest, _ = _load_manifest(path)
-            if manifest is None:
-                out.append(ScannedCheckpoint(step, path, None, fsutil.dir_size(path)))
-                continue
-            info = _info_from_manifest(path, manifest)
-            try:
-                manifest_bytes = os.stat(path / MANIFEST_NAME).st_size
-            except OSError:
-                manifest_bytes = 0
-            out.append(ScannedCheckpoint(step, path, info, info.size_bytes + manifest_bytes))
+            info = _info_from_manifest(path, manifest) if manifest is not None else None
+            out.append(ScannedCheckpoint(step, path, info, fsutil.allocated_bytes(path)))
         return out
 
     def temporaries(self) -> builtins.list[Path]:
