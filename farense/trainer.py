@@ -179,11 +179,13 @@ def _refuse_to_start_over(paths: RunPaths, store: CheckpointStore) -> None:
     if not quarantined:
         return
     reasons = "\n".join(f"  - {path.name}: {why}" for path, why in quarantined[-5:])
-    raise NoUsableCheckpoint(
+    error = NoUsableCheckpoint(
         f"no checkpoint of {paths.root} can be loaded; {len(quarantined)} failed verification and "
         f"{'is' if len(quarantined) == 1 else 'are'} kept in {paths.quarantine}:\n{reasons}\n"
         "Training does not start over by itself: move a checkpoint you trust back into "
         f"{paths.checkpoints}, or start over explicitly with `farense train ... --new-run`.")
+    write_run_state(paths.state, RunState.FAILED, step=0, message=str(error).splitlines()[0])
+    raise error
 
 
 def _start_over(paths: RunPaths, store: CheckpointStore) -> None:

@@ -180,6 +180,7 @@ def test_checkpoints_that_fail_verification_are_quarantined_and_never_silently_s
         with pytest.raises(NoUsableCheckpoint, match=r"(?s)no checkpoint of .* can be loaded.*--new-run") as e:
             run_training(cfg, progress_bar=False)
         assert e.value.exit_code == ExitCode.NO_USABLE_CHECKPOINT == 74 and not e.value.retryable
+        assert orjson.loads(paths.state.read_bytes())["state"] == "failed"
     assert not [p for p in paths.checkpoints.iterdir() if p.name.startswith("step-")]
     assert sorted(p.name for p in paths.quarantine.iterdir()) == sorted(
         [*committed, *(n + ".reason.json" for n in committed)])
