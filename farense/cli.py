@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from .errors import FarenseError
+from .errors import FarenseError, storage_error
 
 # Areas in the order `farense --help` lists them; a module that is missing is skipped so that a
 # partial install still answers `--help`.
@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     except FarenseError as e:
         print(f"farense: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # storage the command could not use (read-only, not ours, full): one line, its code
+        err = storage_error(e)
+        print(f"farense: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("farense: interrupted", file=sys.stderr)
         return 130

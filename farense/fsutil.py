@@ -199,6 +199,38 @@ def free_bytes(path: str | os.PathLike[str]) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def existing_path(path: str | os.PathLike[str]) -> Path:
+    """`path` or its nearest existing ancestor: where a path not created yet will live."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def write_problem(directory: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """Where and why a file cannot be written in `directory` (or, while it does not exist, in the ancestor
+    it would be created in): a real probe (create, fsync, delete a temporary file), since mode bits lie
+    to root and to read-only mounts. None when the probe succeeds, or fails only for lack of space (the
+    disk checks report that)."""
+    where = existing_path(directory)
+    if not where.is_dir():
+        return where, "not a directory"
+    probe = where / f".farense-write-probe{TMP_MARK}{uuid.uuid4().hex}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _flush_fd(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:
+            return None
+        return where, {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                       errno.EPERM: "operation not permitted"}.get(e.errno or 0, e.strerror or str(e))
+    return None
+
+
 def disk_full_errno(exc: BaseException) -> int | None:
     """ENOSPC, EDQUOT or EIO found in `exc` or the exceptions it was raised from; None otherwise."""
     seen: set[int] = set()
