@@ -6,6 +6,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -81,6 +83,21 @@ class PreemptionFlag:
 
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def kept_from_new_threads() -> Iterator[None]:
+    """Threads started inside (native ones too: OpenBLAS starts its pool as it loads) inherit a mask
+    that blocks the preemption signals, so the kernel hands those to the main thread, where Python
+    handles them, and never to a thread that would drop them while system() ignores SIGINT."""
+    if not _in_main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def die_with_parent() -> None:
