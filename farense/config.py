@@ -652,7 +652,7 @@ def _load_merged(
     origins: dict[str, str] = {}
     for parent in parents:
         ppath = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
-        if not ppath.suffix:
+        if not ppath.suffix and ppath.name:  # "/" has no name to add a suffix to
             ppath = ppath.with_suffix(".toml")
         if not ppath.exists():
             raise ConfigError(f"extends: parent config {parent!r} not found (looked for {ppath})", source=str(path))
