@@ -33,7 +33,14 @@ import orjson
 
 from farense import fsutil
 from farense.errors import CheckpointCorrupt, DiskFull, FarenseError
-from farense.layout import MANIFEST_NAME, checkpoint_name, is_temporary, parse_checkpoint_name
+from farense.layout import (
+    MANIFEST_NAME,
+    QUARANTINE_DIR,
+    QUARANTINE_REASON_SUFFIX,
+    checkpoint_name,
+    is_temporary,
+    parse_checkpoint_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 Writer = Callable[[Path], None]
 SkipHandler = Callable[[Path, str], None]
+Check = Callable[["CheckpointInfo"], "str | None"]  # why a verified checkpoint still cannot be loaded, or None
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,7 @@ class ScannedCheckpoint:
     step: int
     path: Path
     info: CheckpointInfo | None  # None: no usable manifest, so never loadable
-    disk_bytes: int  # its files and manifest (the manifest's sizes; a directory walk when there is none)
+    disk_bytes: int  # what deleting it frees: the blocks allocated to its directory and files
 
 
 @dataclass(frozen=True)
@@ -359,23 +367,70 @@ class CheckpointStore:
                 self.on_skip(path, getattr(exc, "reason", str(exc)))
         return None
 
+    def latest_usable(self, check: Check | None = None) -> tuple[CheckpointInfo | None, builtins.list[Path]]:
+        """The newest checkpoint that verifies and passes `check` (e.g. its state.json parses), and the
+        newer ones that did not, each moved to quarantine/ with its reason (never deleted for failing)."""
+        moved: builtins.list[Path] = []
+        for _, path in reversed(self._committed_dirs()):
+            ok, reason = self.verify_path(path)
+            if ok:
+                try:
+                    info = _info_from_manifest(path, read_manifest(path))
+                except CheckpointCorrupt as exc:  # changed under us between verify and read
+                    reason = getattr(exc, "reason", str(exc))
+                else:
+                    why = check(info) if check is not None else None
+                    if why is None:
+                        return info, moved
+                    reason = why
+            self.on_skip(path, reason)
+            if (target := self.quarantine(path, reason)) is not None:
+                moved.append(target)
+        return None, moved
+
+    def quarantine(self, path: Path, reason: str) -> Path | None:
+        """Move a checkpoint that must not be loaded to quarantine/<name>, its reason beside it; the new path."""
+        if self.rank != 0:
+            return None
+        qdir = self.directory / QUARANTINE_DIR
+        with self._lock:
+            qdir.mkdir(exist_ok=True)
+            target, n = qdir / path.name, 1
+            while os.path.lexists(target) or os.path.lexists(_reason_file(target)):
+                n += 1
+                target = qdir / f"{path.name}-{n}"
+            record = {"checkpoint": path.name, "reason": reason, "quarantined_at": self._clock(),
+                      "quarantined_at_utc": datetime.fromtimestamp(self._clock(), timezone.utc).isoformat()}
+            fsutil.atomic_write_bytes(_reason_file(target), orjson.dumps(record, option=orjson.OPT_INDENT_2))
+            os.rename(path, target)
+            fsutil.fsync_dir(self.directory)
+            fsutil.fsync_dir(qdir)
+        return target
+
+    def quarantined(self) -> builtins.list[tuple[Path, str]]:
+        """Checkpoints moved to quarantine/, oldest name first, with the reason recorded for each."""
+        qdir = self.directory / QUARANTINE_DIR
+        try:
+            with os.scandir(qdir) as it:
+                dirs = sorted(Path(e.path) for e in it if e.is_dir(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for d in dirs:
+            record = fsutil.read_json_object(_reason_file(d)) or {}
+            out.append((d, str(record.get("reason", "reason not recorded"))))
+        return out
+
     def scan(self) -> builtins.list[ScannedCheckpoint]:
         """Every committed-looking checkpoint directory, oldest first, with or without a usable manifest.
 
-        Reads manifests only (never hashes): planning over thousands of directories stays fast.
+        Reads manifests and stats files (never hashes): planning over thousands of directories stays fast.
         """
         out = []
         for step, path in self._committed_dirs():
             manifest, _ = _load_manifest(path)
-            if manifest is None:
-                out.append(ScannedCheckpoint(step, path, None, fsutil.dir_size(path)))
-                continue
-            info = _info_from_manifest(path, manifest)
-            try:
-                manifest_bytes = os.stat(path / MANIFEST_NAME).st_size
-            except OSError:
-                manifest_bytes = 0
-            out.append(ScannedCheckpoint(step, path, info, info.size_bytes + manifest_bytes))
+            info = _info_from_manifest(path, manifest) if manifest is not None else None
+            out.append(ScannedCheckpoint(step, path, info, fsutil.allocated_bytes(path)))
         return out
 
     def temporaries(self) -> builtins.list[Path]:
@@ -539,6 +594,10 @@ class _AlreadySaved(Exception):
     def __init__(self, info: CheckpointInfo):
         super().__init__(str(info.path))
         self.info = info
+
+
+def _reason_file(quarantined: Path) -> Path:
+    return quarantined.with_name(quarantined.name + QUARANTINE_REASON_SUFFIX)
 
 
 def _warn_skip(path: Path, reason: str) -> None:

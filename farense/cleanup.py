@@ -10,8 +10,9 @@ applies:
     Hugging Face cache      optionally, models that no config and no run refers to
 
 Never touched: a run whose lock a live process holds (farense.locks), the production directory and
-anything a symlink inside it resolves to. Planning reads manifests for sizes and never hashes, so
-it stays fast over thousands of checkpoints; applying re-takes each run's lock before deleting,
+anything a symlink inside it resolves to. Sizes are what deleting frees (allocated blocks, not file
+lengths). Planning reads manifests and stats files but never hashes, so it stays fast over thousands
+of checkpoints; applying re-takes each run's lock before deleting,
 and deletes by renaming to a `.tmp-` name first, so a delete cut short never leaves a half
 checkpoint under a committed name.
 """
@@ -104,6 +105,7 @@ class CleanupPlan:
     older_than_days: float
     items: list[CleanupItem] = field(default_factory=list)
     skipped: list[SkippedRun] = field(default_factory=list)
+    kept: list[SkippedRun] = field(default_factory=list)  # could have gone, but cleanup leaves it: what and why
     runs: list[RunPlan] = field(default_factory=list)
     planning_seconds: float = 0.0
 
@@ -126,6 +128,7 @@ class CleanupPlan:
             "bytes_by_kind": self.bytes_by_kind(),
             "items": [i.to_dict() for i in self.items],
             "skipped": [s.to_dict() for s in self.skipped],
+            "kept": [s.to_dict() for s in self.kept],
             "runs": [r.to_dict() for r in self.runs],
             "planning_seconds": self.planning_seconds,
         }
@@ -239,7 +242,7 @@ def _plan_run(plan: CleanupPlan, paths: RunPaths, protected: _Protected, *, now:
     if (m := _run_model(paths)) is not None:
         models.add(m)
     store = CheckpointStore(paths.checkpoints)
-    items = [CleanupItem(p, TEMPORARY, fsutil.dir_size(p), "left by an interrupted checkpoint write or delete",
+    items = [CleanupItem(p, TEMPORARY, fsutil.allocated_bytes(p), "left by an interrupted checkpoint write or delete",
                          paths.root) for p in store.temporaries()]
     items += _run_temporaries(paths)
     ckpts = store.scan()
@@ -250,9 +253,10 @@ def _plan_run(plan: CleanupPlan, paths: RunPaths, protected: _Protected, *, now:
     if age_days is not None and age_days > plan.older_than_days and paths.best_adapters.is_file():
         why = f"finished {age_days:.0f} days ago ({state_name}): only the final adapters and summary are kept"
         items += [CleanupItem(c.path, FINISHED_RUN_EXTRAS, c.disk_bytes, why, paths.root, c.step) for c in ckpts]
-        items += _finished_extras(paths, why)
+        items += _finished_extras(paths, why, plan.skipped)
     else:
         kept, best = _plan_checkpoints(plan, paths, store, ckpts, items)
+    _plan_quarantine(plan, paths, store)
     _add_unprotected(plan, paths, protected, items)
     plan.runs.append(RunPlan(paths.root, state_name, len(ckpts), tuple(kept), best, lock))
 
@@ -277,7 +281,23 @@ def _plan_checkpoints(plan: CleanupPlan, paths: RunPaths, store: CheckpointStore
     items += [CleanupItem(c.path, OLD_CHECKPOINT, c.disk_bytes,
                           f"no usable manifest: never loadable, older than step {newest_valid}", paths.root, c.step)
               for c in ckpts if c.info is None and newest_valid is not None and c.step < newest_valid]
+    for c in ckpts:
+        if c.info is None and (newest_valid is None or c.step > newest_valid):
+            why = store.verify_path(c.path, Verify.SIZES)[1]
+            plan.kept.append(SkippedRun(c.path, f"{format_size(c.disk_bytes)} kept: it does not verify ({why}) but "
+                                                "no newer checkpoint does either; `farense train` moves it to "
+                                                "checkpoints/quarantine/ when it resumes"))
     return kept, best
+
+
+def _plan_quarantine(plan: CleanupPlan, paths: RunPaths, store: CheckpointStore) -> None:
+    """Quarantined checkpoints are never deleted by cleanup; the plan says so, with their size."""
+    quarantined = store.quarantined()
+    if quarantined:
+        size = fsutil.allocated_bytes(paths.quarantine)
+        plan.kept.append(SkippedRun(paths.quarantine, f"{format_size(size)} kept: {len(quarantined)} checkpoint(s) "
+                                                      "that failed verification; cleanup never deletes them: "
+                                                      "inspect, then remove by hand"))
 
 
 def _add_unprotected(plan: CleanupPlan, paths: RunPaths, protected: _Protected, items: list[CleanupItem]) -> None:
@@ -304,20 +324,26 @@ def _run_temporaries(paths: RunPaths) -> list[CleanupItem]:
             with os.scandir(d) as it:
                 for e in it:
                     if match(e.name):
-                        out.append(CleanupItem(Path(e.path), TEMPORARY, fsutil.dir_size(e.path),
+                        out.append(CleanupItem(Path(e.path), TEMPORARY, fsutil.allocated_bytes(e.path),
                                                "left by an interrupted write", paths.root))
         except (FileNotFoundError, NotADirectoryError):
             pass
     return out
 
 
-def _finished_extras(paths: RunPaths, why: str) -> list[CleanupItem]:
+def _finished_extras(paths: RunPaths, why: str, skipped: list[SkippedRun]) -> list[CleanupItem]:
+    """What an old finished run may lose; a directory holding runs is never one run's extras."""
     out = []
     with os.scandir(paths.root) as it:
         for e in sorted(it, key=lambda e: e.name):
             if e.name in FINISHED_KEEP or e.name == paths.checkpoints.name or is_temporary(e.name):
                 continue
-            out.append(CleanupItem(Path(e.path), FINISHED_RUN_EXTRAS, fsutil.dir_size(e.path), why, paths.root))
+            if e.is_dir(follow_symlinks=False) and (inner := find_runs(e.path, max_depth=_MAX_DEPTH,
+                                                                          follow_symlinks=False)):
+                skipped.append(SkippedRun(Path(e.path), f"holds {len(inner)} run(s) ({inner[0]}...): "
+                                                        f"never the extras of the run {paths.root}"))
+                continue
+            out.append(CleanupItem(Path(e.path), FINISHED_RUN_EXTRAS, fsutil.allocated_bytes(e.path), why, paths.root))
     return out
 
 

@@ -305,6 +305,11 @@ class EvaluationConfig(_Section):
 _UNIT = Check(lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+def is_plain_name(value: str) -> bool:
+    """A name that is one plain path component (a run directory's): no '/', not '.' or '..'."""
+    return re.fullmatch(r"[A-Za-z0-9._-]+", value) is not None and value not in (".", "..")
+
+
 @dataclass(frozen=True)
 class DecisionConfig(_Section):
     section = "decision"
@@ -319,9 +324,9 @@ class OutputConfig(_Section):
     section = "output"
     runs_dir: str = _f("runs", "Where run directories live (checkpoints, metrics, adapters).")
     production_dir: str = _f("production", "Where releases live; production/current points at one.")
-    run_name: str = _f("", "Run directory name; empty uses the config's name.",
-                       Check(lambda v: not v or re.fullmatch(r"[A-Za-z0-9._-]+", v) is not None,
-                             "letters, digits, '.', '_' or '-'"))
+    run_name: str = _f("", "Run directory name (one plain path component); empty uses the config's name.",
+                       Check(lambda v: not v or is_plain_name(v),
+                             "letters, digits, '.', '_' or '-' (one path component, not '.' or '..')"))
 
 
 SECTIONS: dict[str, type] = {
@@ -372,8 +377,13 @@ class ExperimentConfig:
     # ---- derived paths (relative paths resolve against the workspace)
 
     def resolve(self, value: str) -> Path:
+        return self.resolve_in(self.workspace, value)
+
+    @staticmethod
+    def resolve_in(workspace: str | os.PathLike[str], value: str) -> Path:
+        """`value` as a path: absolute as it is, relative against `workspace`."""
         p = Path(os.path.expanduser(value))
-        return p if p.is_absolute() else Path(self.workspace) / p
+        return p if p.is_absolute() else Path(workspace) / p
 
     @property
     def run_name(self) -> str:
@@ -539,8 +549,8 @@ def build_config(
         problems.extend(obj.problems())
         built[sec] = obj
     name = data.get("name", "")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name or "x"):
-        problems.append(f"name: expected letters, digits, '.', '_' or '-', got {name!r}")
+    if not isinstance(name, str) or not (not name or is_plain_name(name)):
+        problems.append(f"name: expected letters, digits, '.', '_' or '-' (not '.' or '..'), got {name!r}")
     if not problems:
         problems.extend(_cross_problems(built))
     if problems:
@@ -722,16 +732,31 @@ def load_config(
         merged = _deep_merge(merged, odata)
         chain += ochain
         origins |= oorigins
-    ws = Path(workspace) if workspace is not None else Path(os.environ.get("FARENSE_WORKSPACE", Path.cwd()))
+    ws = Path(workspace) if workspace is not None else current_workspace()
     return build_config(merged, source=str(path), chain=chain, workspace=ws.resolve(), origins=origins)
 
 
+def current_workspace() -> Path:
+    """The workspace this command works in: `farense --workspace` (FARENSE_WORKSPACE), else the current directory."""
+    return Path(os.environ.get("FARENSE_WORKSPACE") or Path.cwd()).resolve()
+
+
 def config_from_json(path: Path, *, workspace: str | os.PathLike | None = None) -> ExperimentConfig:
-    """The config a run recorded in its config.json."""
-    data = orjson.loads(Path(path).read_bytes())
+    """The config a run recorded in its config.json (a ConfigError naming the file when it is not one)."""
+    try:
+        data = orjson.loads(Path(path).read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"not valid JSON ({exc}); a run's config.json is written by farense train",
+                          source=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a JSON object (the run's resolved config), got {type(data).__name__}",
+                          source=str(path))
     meta = data.pop("_meta", {})
-    ws = workspace if workspace is not None else meta.get("workspace", ".")
-    return build_config(data, source=meta.get("source", str(path)), chain=tuple(meta.get("chain", ())), workspace=ws)
+    meta = meta if isinstance(meta, dict) else {}
+    ws = workspace if workspace is not None else str(meta.get("workspace", "."))
+    chain = meta.get("chain")
+    chain = tuple(str(c) for c in chain) if isinstance(chain, list) else ()
+    return build_config(data, source=str(meta.get("source", path)), chain=chain, workspace=ws)
 
 
 def config_to_json(config: ExperimentConfig) -> bytes:
@@ -865,7 +890,7 @@ def check_world_size(config: ExperimentConfig, world_size: int) -> None:
 
 
 def check_inputs(config: ExperimentConfig) -> None:
-    """Fail before any heavy work if the model or the data files are missing."""
+    """Fail before any heavy work if the model or the data files are missing, or the run would nest in another."""
     problems = check_model_path(config)
     d = config.data_dir
     if not d.is_dir():
@@ -874,5 +899,9 @@ def check_inputs(config: ExperimentConfig) -> None:
         for split in ("train", "valid"):
             if not (d / f"{split}.jsonl").exists():
                 problems.append(f"data.dir: {d / (split + '.jsonl')} not found (the {split} split is required)")
+    from .runstate import run_placement_problem
+
+    if (placement := run_placement_problem(config.run_dir, workspace=config.workspace)) is not None:
+        problems.append(f"output.run_name: {placement}")
     if problems:
         raise ConfigError(problems, source=config.source)

@@ -82,6 +82,12 @@ class CheckpointCorrupt(FarenseError):
     """A checkpoint's manifest does not verify; it must never be loaded."""
 
 
+class NoUsableCheckpoint(FarenseError):
+    """Checkpoints exist but none verifies: they were moved to quarantine/ and training does not start over by itself."""
+
+    exit_code = ExitCode.NO_USABLE_CHECKPOINT
+
+
 class DiskFull(FarenseError):
     """The disk guard stopped the run (flood level or ENOSPC); resumable once space is freed."""
 

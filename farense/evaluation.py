@@ -299,7 +299,7 @@ def _read_optional_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _report(config: ExperimentConfig, paths: RunPaths, test_path: Path, raw: list, scored: Any,
+def _report(config: ExperimentConfig, paths: RunPaths, adapters_sha: str, test_path: Path, raw: list, scored: Any,
             training: dict[str, Any], plots: tuple[Path, ...]) -> dict[str, Any]:
     """evaluation_report.json (before its fingerprint): what was evaluated, how, and the scores."""
     agg, ev = scored.aggregate, config.evaluation
@@ -311,7 +311,7 @@ def _report(config: ExperimentConfig, paths: RunPaths, test_path: Path, raw: lis
         "config_name": config.name,
         "config_fingerprint": config.fingerprint,
         "model_path": config.model_path,
-        "adapters": {"path": str(paths.adapters), "sha256": sha256_file(paths.best_adapters)},
+        "adapters": {"path": str(paths.adapters), "sha256": adapters_sha},
         "test_file": {"path": str(test_path), "sha256": sha256_file(test_path), "examples_evaluated": len(raw)},
         "generation": {"sampler": "greedy", "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size},
         "summary": {
@@ -378,7 +378,11 @@ def evaluate_run(
     say = log or (lambda _msg: None)
 
     say(f"loading {config.model_path} with the adapters of {paths.name}")
+    adapters_sha = sha256_file(weights)  # the report names the adapters evaluated, not whatever is there later
     model, tokenizer = load_model(config, paths.adapters)
+    if sha256_file(weights) != adapters_sha:
+        raise FarenseError(f"the adapters of {paths.name} changed while they were loaded ({weights}); is the run "
+                           "training? Evaluate again when it ends")
     scored = score_model(model, tokenizer, config, raw, examples, log)
     rows, agg, test_loss, perplexity = scored.rows, scored.aggregate, scored.test_loss, scored.perplexity
     training = _read_optional_json(paths.summary)
@@ -390,7 +394,7 @@ def evaluate_run(
         plot_f1_distribution(rows, paths.evaluation / F1_PNG, title=f"{paths.name}: per-example F1",
                              threshold=config.decision.min_f1),
     )
-    report = _report(config, paths, test_path, raw, scored, training, plots)
+    report = _report(config, paths, adapters_sha, test_path, raw, scored, training, plots)
     report["fingerprint"] = report_fingerprint(report)
     csv_path = paths.evaluation / SUMMARY_CSV
     atomic_write_bytes(csv_path, summary_csv_bytes(report))

@@ -163,18 +163,16 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def dir_size(path: str | os.PathLike[str]) -> int:
-    """Bytes of the regular files under `path` (symlinks not followed); 0 if it is gone.
-
-    Tolerates entries vanishing while it walks (a concurrent prune), since callers only size things.
-    """
+def _tree_stats(path: str | os.PathLike[str]) -> Iterator[os.stat_result]:
+    """The lstat of `path` and of everything under it (symlinks not followed); tolerates entries vanishing
+    while it walks (a concurrent prune), since callers only size things."""
     try:
         st = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
-        return 0
+        return
+    yield st
     if not stat.S_ISDIR(st.st_mode):
-        return st.st_size if stat.S_ISREG(st.st_mode) else 0
-    total = 0
+        return
     stack = [os.fspath(path)]
     while stack:
         current = stack.pop()
@@ -184,13 +182,28 @@ def dir_size(path: str | os.PathLike[str]) -> int:
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(entry.path)
-                        elif entry.is_file(follow_symlinks=False):
-                            total += entry.stat(follow_symlinks=False).st_size
+                        yield entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
         except (FileNotFoundError, NotADirectoryError):
             continue
-    return total
+
+
+def dir_size(path: str | os.PathLike[str]) -> int:
+    """Bytes of the regular files under `path` (symlinks not followed); 0 if it is gone."""
+    return sum(st.st_size for st in _tree_stats(path) if stat.S_ISREG(st.st_mode))
+
+
+def allocated_bytes(path: str | os.PathLike[str]) -> int:
+    """What deleting `path` frees on its filesystem: the blocks allocated to it and everything under it
+    (st_blocks * 512, each inode once, directories included); 0 if it is gone. A file with hard links
+    outside `path` frees nothing, so it is not counted."""
+    seen: dict[tuple[int, int], list[int]] = {}  # inode -> [links found here, links it has, bytes]
+    for st in _tree_stats(path):
+        key = (st.st_dev, st.st_ino)
+        found = seen.setdefault(key, [0, 1 if stat.S_ISDIR(st.st_mode) else st.st_nlink, st.st_blocks * 512])
+        found[0] += 1
+    return sum(size for here, links, size in seen.values() if here >= links)
 
 
 def free_bytes(path: str | os.PathLike[str]) -> int:

@@ -7,6 +7,9 @@
         checkpoints/
             step-00000200/       a committed checkpoint (MANIFEST.json written last)
             step-00000400.tmp-<hex>/   a write in progress (never read)
+            quarantine/          checkpoints that failed verification, moved aside (never deleted for it)
+                step-00000600/   as it was found
+                step-00000600.reason.json   why, and when
         adapters/                best adapters: adapters.safetensors + adapter_config.json
         metrics.jsonl            one orjson line per step
         training_metrics.json    the seed's names for metrics and summary
@@ -27,6 +30,8 @@ from pathlib import Path
 CHECKPOINT_PREFIX = "step-"
 TMP_MARK = ".tmp-"
 MANIFEST_NAME = "MANIFEST.json"
+QUARANTINE_DIR = "quarantine"  # inside checkpoints/: what failed verification, kept with the reason
+QUARANTINE_REASON_SUFFIX = ".reason.json"
 # Files of a run directory and of each checkpoint (the checkpoint holds the first four).
 ADAPTERS_FILE = "adapters.safetensors"  # mlx-lm's name: `--adapter-path` and fuse read it as is
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -39,6 +44,8 @@ CONFIG_FILE = "config.json"
 SUMMARY_FILE = "training_summary.json"
 # A directory holding any of these is a run (the trainer has started writing it).
 RUN_MARKERS = (RUN_STATE_FILE, CONFIG_FILE, "checkpoints", RUN_LOCK_FILE, SUMMARY_FILE)
+# Directories a run owns: never searched for other runs, never another run's.
+RUN_OWN_DIRS = frozenset({"checkpoints", "adapters", "evaluation", "plots"})
 _CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 
 
@@ -81,6 +88,10 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.checkpoints / QUARANTINE_DIR
 
     @property
     def adapters(self) -> Path:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import orjson
+
+log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
     "step", "epoch", "train_loss", "val_loss", "gap", "gap_status", "learning_rate",
@@ -20,22 +23,55 @@ CSV_COLUMNS = (
 )
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every complete line of a metrics file (a line torn by a crash is ignored)."""
+# Fields a row may carry and what each must be when present (null is always allowed).
+_NUMBER_FIELDS = ("epoch", "train_loss", "val_loss", "gap", "learning_rate", "tokens", "tokens_per_second",
+                  "peak_memory_gb", "elapsed_seconds")
+
+Warn = Callable[[str], None]
+
+
+def row_problem(row: Any) -> str | None:
+    """Why a parsed line is not a metrics row (an object with an integer step, numeric values); None if it is."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    step = row.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"step: expected an integer >= 0, got {step!r}"
+    for key in _NUMBER_FIELDS:
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key}: expected a number, got {value!r}"
+    if not isinstance(row.get("gap_status", ""), (str, type(None))):
+        return f"gap_status: expected a string, got {row['gap_status']!r}"
+    return None
+
+
+def _warn(message: str) -> None:
+    log.warning(message)
+
+
+def read_metrics(path: Path, *, warn: Warn | None = _warn) -> list[dict[str, Any]]:
+    """Every valid line of a metrics file; a torn or malformed line is skipped, `warn` told its file:line."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return []
-    return _parse_rows(data)
+    return _parse_rows(data, str(path), warn)
 
 
-def _parse_rows(data: bytes) -> list[dict[str, Any]]:
+def _parse_rows(data: bytes, source: str, warn: Warn | None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for line in data.splitlines():
+    for number, line in enumerate(data.splitlines(), 1):
         try:
-            rows.append(orjson.loads(line))
+            row = orjson.loads(line)
         except orjson.JSONDecodeError:
-            continue
+            problem: str | None = "not valid JSON (a torn or hand-edited line)"
+        else:
+            problem = row_problem(row)
+        if problem is None:
+            rows.append(row)
+        elif warn is not None and line.strip():
+            warn(f"warning: {source}:{number}: skipped: {problem}")
     return rows
 
 
@@ -63,7 +99,7 @@ class MetricsTail:
             data = f.read()
         end = data.rfind(b"\n") + 1
         self._offset += end
-        return _parse_rows(data[:end])
+        return _parse_rows(data[:end], str(self.path), None)
 
 
 class MetricsLog:
@@ -74,9 +110,9 @@ class MetricsLog:
         self.enabled = enabled
         self._fh: io.BufferedWriter | None = None
 
-    def truncate_after(self, step: int) -> list[dict[str, Any]]:
-        """Drop rows after `step` (work a crash threw away); returns the kept rows."""
-        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+    def truncate_after(self, step: int, *, warn: Warn | None = _warn) -> list[dict[str, Any]]:
+        """Drop rows after `step` (work a crash threw away) and lines that are not rows; returns the kept rows."""
+        rows = [r for r in read_metrics(self.path, warn=warn) if r["step"] <= step]
         if self.enabled:
             from .fsutil import atomic_write_bytes
 

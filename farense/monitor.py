@@ -31,7 +31,15 @@ from .errors import FarenseError
 from .layout import RunPaths
 from .locks import LockInfo, probe_lock
 from .metrics import read_metrics
-from .runstate import RunState, effective_state, find_runs, is_run_dir, pid_alive, read_run_state
+from .runstate import (
+    RunState,
+    effective_state,
+    find_runs,
+    is_run_dir,
+    pid_alive,
+    read_run_state,
+    run_state_problem,
+)
 from .train.state import EARLY_STOPPING_KEY, PROGRESS_KEY, TOTAL_STEPS_KEY
 
 # Train-loss trend: mean of the last TREND_WINDOW steps against the mean of the window before.
@@ -218,10 +226,10 @@ def snapshot(
     paths = RunPaths(Path(run_dir))
     doc = read_run_state(paths.state)
     lock = lock_probe(paths.lock)
-    state, detail, running = effective_state(doc, lock, alive=alive)
+    state, detail, running = effective_state(doc, lock, alive=alive, problem=run_state_problem(paths.state))
     doc = doc or {}
     config = _run_config(paths)
-    rows = [r for r in read_metrics(paths.metrics_jsonl) if isinstance(r, dict) and _int(r.get("step")) is not None]
+    rows = read_metrics(paths.metrics_jsonl, warn=None)  # valid rows only; a watcher does not warn every refresh
     try:
         checkpoints = CheckpointStore(paths.checkpoints).list()
     except OSError:

@@ -28,6 +28,7 @@ class ExitCode(IntEnum):
     NUMERICAL = 3
     DECISION_REFUSED = 4  # promotion refused by the decision rules (--force overrides)
     LOCKED = 73  # EX_CANTCREAT-like: another live process holds the run lock
+    NO_USABLE_CHECKPOINT = 74  # EX_IOERR-like: checkpoints exist, none verifies (moved to quarantine/)
     PREEMPTED = 75  # EX_TEMPFAIL: checkpointed and stopped; running again resumes
     DISK_FULL = 76  # paused before the disk filled; resumable once space is freed
 
@@ -49,12 +50,14 @@ _ADVICE: dict[ExitCode, tuple[bool, str]] = {
     ExitCode.LOCKED: (True, "another process holds the run lock; the retry waits for it"),
     ExitCode.BAD_INPUT: (False, "bad config or data: fix the input, a retry cannot help"),
     ExitCode.NUMERICAL: (False, "the loss became NaN or infinite: lower the learning rate"),
+    ExitCode.NO_USABLE_CHECKPOINT: (False, "no checkpoint verifies (moved to checkpoints/quarantine/); a retry "
+                                           "would start over: restore one, or start over with --new-run"),
 }
 _STATE = {ExitCode.OK: RunState.COMPLETED, ExitCode.PREEMPTED: RunState.PREEMPTED,
           ExitCode.DISK_FULL: RunState.PAUSED_DISK_FULL}
 # A data-parallel job's code when ranks disagree: what a retry cannot cure first.
-_JOB_PRIORITY = (ExitCode.BAD_INPUT, ExitCode.NUMERICAL, ExitCode.FAILED, ExitCode.DISK_FULL, ExitCode.LOCKED,
-                 ExitCode.PREEMPTED)
+_JOB_PRIORITY = (ExitCode.BAD_INPUT, ExitCode.NO_USABLE_CHECKPOINT, ExitCode.NUMERICAL, ExitCode.FAILED,
+                 ExitCode.DISK_FULL, ExitCode.LOCKED, ExitCode.PREEMPTED)
 
 
 def as_exit_code(code: int) -> ExitCode | None:

@@ -40,7 +40,16 @@ from .decision import (
     report_from_run,
 )
 from .errors import DecisionRefused, FarenseError
-from .fsutil import atomic_write_json, commit_dir, fsync_dir, fsync_file, sha256_file, staged_dir, tmp_sibling
+from .fsutil import (
+    atomic_write_json,
+    commit_dir,
+    fsync_dir,
+    fsync_file,
+    read_json_object,
+    sha256_file,
+    staged_dir,
+    tmp_sibling,
+)
 from .layout import ADAPTERS_FILE, CONFIG_FILE, SUMMARY_FILE, TMP_MARK, ProductionPaths, RunPaths, is_temporary
 from .locks import RunLock
 
@@ -87,6 +96,9 @@ class Release:
             raise FarenseError(f"not a release (no {RELEASE_MANIFEST}): {path}") from None
         except orjson.JSONDecodeError as e:
             raise FarenseError(f"release manifest is not valid JSON: {path / RELEASE_MANIFEST} ({e})") from None
+        if not isinstance(m, dict) or not isinstance(m.get("id"), str) or not isinstance(m.get("files", {}), dict):
+            raise FarenseError(f"release manifest is not a release's: {path / RELEASE_MANIFEST} (expected an object "
+                               "with an id and files)")
         return cls(
             id=m["id"], path=path, run_name=m.get("run_name", ""), created_at=m.get("created_at", ""),
             previous=m.get("previous"), forced=bool(m.get("forced")), config_name=m.get("config_name", ""),
@@ -119,6 +131,12 @@ def current_release(production_dir: Path) -> Release | None:
     if not path.is_dir():
         raise FarenseError(f"{prod.current} points at {target}, which does not exist")
     return Release.read(path)
+
+
+def current_target(production_dir: Path) -> Path | None:
+    """The real directory production/current points at (wherever that is); None when there is no link."""
+    current = ProductionPaths(Path(production_dir)).current
+    return Path(os.path.realpath(current)) if current.is_symlink() else None
 
 
 def list_releases(production_dir: Path) -> list[Release]:
@@ -297,6 +315,39 @@ def _release_id(run_name: str, short: str, when: datetime, releases: Path) -> st
     return rid
 
 
+def _run_config(run: RunPaths) -> dict[str, Any]:
+    """The run's config.json as an object; a clear error when it is missing or is not one."""
+    for needed in (run.best_adapters, run.best_adapter_config, run.config, run.evaluation / REPORT_NAME):
+        if not needed.is_file():
+            raise FarenseError(f"cannot promote {run.name}: {needed} not found (train and evaluate the run first)")
+    config = read_json_object(run.config)
+    if config is None:
+        raise FarenseError(f"cannot promote {run.name}: {run.config} is not a JSON object (the run's resolved config)")
+    return config
+
+
+def evaluated_adapters_problem(run: RunPaths, adapters_sha: str) -> str | None:
+    """Why the run's evaluation report does not describe the adapters it has now; None when it does."""
+    report_path = run.evaluation / REPORT_NAME
+    report = read_json_object(report_path) or {}
+    evaluated = report.get("adapters")
+    recorded = evaluated.get("sha256") if isinstance(evaluated, dict) else None
+    again = f"evaluate again: farense evaluate {run.root}"
+    if not isinstance(recorded, str):
+        return f"{report_path} does not record which adapters it evaluated (no adapters.sha256); {again}"
+    if recorded != adapters_sha:
+        return (f"the adapters changed since they were evaluated: {run.best_adapters} has SHA-256 "
+                f"{adapters_sha[:12]}, {report_path} describes {recorded[:12]}; {again}")
+    return None
+
+
+def _run_lock(run: RunPaths) -> RunLock:
+    """Held while a promotion reads the run: refused (even with --force) while the run is training."""
+    return RunLock(run.lock, command="promote", timeout=0.0,
+                   busy=lambda info: f"cannot promote {run.name} while it is training ({info.describe()}): its "
+                                     "adapters may still change; promote when it ends (--force does not override this)")
+
+
 def promote(
     run_dir: Path,
     decision_path: Path | None = None,
@@ -309,73 +360,80 @@ def promote(
     """Make the run's best adapters the production release, atomically.
 
     Refused (DecisionRefused, naming every failed rule) when the decision does not say "preferred and
-    ready", or was made from another evaluation than the run's current one, unless `force`. When the
+    ready", was made from another evaluation than the run's current one, or the adapters are not the
+    ones evaluated, unless `force`; refused while the run is training, whatever `force` says. When the
     current release already serves these exact adapters, it is returned unchanged (unless `force`).
-    `decision_path` defaults to the run's evaluation/decision.json, `production_dir` to the one in the
-    run's config.json. `hook(step)` is called at each of STEPS (tests kill the process there).
+    `decision_path` defaults to the run's evaluation/decision.json, `production_dir` to the config's
+    resolved in the current workspace (never the one recorded in the run's config.json). `hook(step)`
+    is called at each of STEPS (tests kill the process there).
     """
     run = RunPaths(Path(run_dir).resolve())
-    hook = hook or _no_hook
-    for needed in (run.best_adapters, run.best_adapter_config, run.config,
-                   run.evaluation / REPORT_NAME):
-        if not needed.is_file():
-            raise FarenseError(f"cannot promote {run.name}: {needed} not found (train and evaluate the run first)")
-    config = orjson.loads(run.config.read_bytes())
-    meta = config.get("_meta", {})
+    config = _run_config(run)
     if production_dir is None:
-        from .config import config_from_json
+        from .config import config_from_json, current_workspace
 
-        production_dir = config_from_json(run.config).production_dir
+        production_dir = config_from_json(run.config, workspace=current_workspace()).production_dir
     prod = ProductionPaths(Path(production_dir).resolve())
     decision_path = Path(decision_path) if decision_path is not None else run.evaluation / DECISION_NAME
     decision = read_decision(decision_path) if decision_path.exists() else None
+    with _run_lock(run):  # the adapters stay what was hashed until the release holds its copy
+        adapters_sha = sha256_file(run.best_adapters)
+        reasons = _refusal_reasons(run, decision, decision_path)
+        if (changed := evaluated_adapters_problem(run, adapters_sha)) is not None:
+            reasons.insert(0, changed)
+        if reasons and not force:
+            raise DecisionRefused(
+                f"promotion of {run.name} refused:\n" + "\n".join(f"  - {r}" for r in reasons)
+                + "\nuse --force (promote(..., force=True)) to promote anyway"
+            )
+        prod.releases.mkdir(parents=True, exist_ok=True)
+        with _production_lock(prod):
+            return _release(run, prod, config, decision, decision_path, adapters_sha, reasons,
+                            force=force, when=now or utc_now(), hook=hook or _no_hook)
 
-    reasons = _refusal_reasons(run, decision, decision_path)
-    if reasons and not force:
-        raise DecisionRefused(
-            f"promotion of {run.name} refused:\n" + "\n".join(f"  - {r}" for r in reasons)
-            + "\nuse --force (promote(..., force=True)) to promote anyway"
-        )
 
-    adapters_sha = sha256_file(run.best_adapters)
-    prod.releases.mkdir(parents=True, exist_ok=True)
-    with _production_lock(prod):
-        clean_temporaries(prod.root)
-        incumbent = current_release(prod.root)
-        if incumbent is not None and incumbent.adapters_sha256 == adapters_sha and not force:
-            return incumbent
-        when = now or utc_now()
-        rid = _release_id(run.name, adapters_sha[:8], when, prod.releases)
-        final = prod.releases / rid
-        with staged_dir(final) as tmp:
-            files = _copy_release_files(run, tmp, decision_path if decision is not None else None)
-            report = orjson.loads((tmp / REPORT_NAME).read_bytes())
-            manifest = {
-                "format": RELEASE_FORMAT,
-                "id": rid,
-                "created_at": iso(when),
-                "run_name": run.name,
-                "run_dir": str(run.root),
-                "config_name": config.get("name", ""),
-                "config_fingerprint": meta.get("fingerprint", ""),
-                "previous": incumbent.id if incumbent else None,
-                "forced": bool(force and reasons),
-                "refusal_overridden": reasons if force else [],
-                "decision": None if decision is None else {
-                    "verdict": decision.verdict, "preferred": decision.preferred, "ready": decision.ready,
-                    "failed_rules": [r.name for r in decision.failed_rules], "decided_at": decision.decided_at},
-                "metrics": report.get("summary", {}),
-                "files": files,
-            }
-            commit_dir(tmp, final, synced=True, manifest=lambda d: _write_read_only(d / RELEASE_MANIFEST, manifest),
-                       before_rename=lambda: hook(STEP_RELEASE_BUILT))
-        hook(STEP_RELEASE_COMMITTED)
+def _release(run: RunPaths, prod: ProductionPaths, config: dict[str, Any], decision: Decision | None,
+             decision_path: Path, adapters_sha: str, reasons: list[str], *, force: bool, when: datetime,
+             hook: Hook) -> Release:
+    """Build the release and switch `current` to it (under the production lock)."""
+    clean_temporaries(prod.root)
+    incumbent = current_release(prod.root)
+    if incumbent is not None and incumbent.adapters_sha256 == adapters_sha and not force:
+        return incumbent
+    rid = _release_id(run.name, adapters_sha[:8], when, prod.releases)
+    final = prod.releases / rid
+    meta = config.get("_meta") if isinstance(config.get("_meta"), dict) else {}
+    with staged_dir(final) as tmp:
+        files = _copy_release_files(run, tmp, decision_path if decision is not None else None)
+        if files.get(f"adapters/{ADAPTERS_FILE}", {}).get("sha256") != adapters_sha:
+            raise FarenseError(f"cannot promote {run.name}: {run.best_adapters} changed while it was copied")
+        report = read_json_object(tmp / REPORT_NAME) or {}
+        manifest = {
+            "format": RELEASE_FORMAT,
+            "id": rid,
+            "created_at": iso(when),
+            "run_name": run.name,
+            "run_dir": str(run.root),
+            "config_name": config.get("name", ""),
+            "config_fingerprint": meta.get("fingerprint", ""),
+            "previous": incumbent.id if incumbent else None,
+            "forced": bool(force and reasons),
+            "refusal_overridden": reasons if force else [],
+            "decision": None if decision is None else {
+                "verdict": decision.verdict, "preferred": decision.preferred, "ready": decision.ready,
+                "failed_rules": [r.name for r in decision.failed_rules], "decided_at": decision.decided_at},
+            "metrics": report.get("summary", {}),
+            "files": files,
+        }
+        commit_dir(tmp, final, synced=True, manifest=lambda d: _write_read_only(d / RELEASE_MANIFEST, manifest),
+                   before_rename=lambda: hook(STEP_RELEASE_BUILT))
+    hook(STEP_RELEASE_COMMITTED)
 
-        _switch(prod, rid, hook)
-        hook(STEP_SWITCHED)
-        _append_history(prod, {"at": iso(when), "action": "promote", "release": rid,
-                               "previous": manifest["previous"], "run_name": run.name, "forced": manifest["forced"]})
-        return Release.read(final)
+    _switch(prod, rid, hook)
+    hook(STEP_SWITCHED)
+    _append_history(prod, {"at": iso(when), "action": "promote", "release": rid,
+                           "previous": manifest["previous"], "run_name": run.name, "forced": manifest["forced"]})
+    return Release.read(final)
 
 
 def rollback(
@@ -384,6 +442,8 @@ def rollback(
     """Switch production/current back to the release that was current before it (or to `to`)."""
     prod = ProductionPaths(Path(production_dir).resolve())
     hook = hook or _no_hook
+    if not prod.root.is_dir():  # never created by a rollback: a mistyped --production must not leave one
+        raise FarenseError(f"nothing to roll back: no production directory at {prod.root}")
     with _production_lock(prod):
         clean_temporaries(prod.root)
         current = current_release(prod.root)
@@ -397,11 +457,12 @@ def rollback(
             )
         if target_id == current.id:
             return current
-        target_path = prod.releases / target_id
-        if is_temporary(target_id) or not (target_path / RELEASE_MANIFEST).is_file():
-            known = ", ".join(r.id for r in list_releases(prod.root)) or "none"
-            raise FarenseError(f"no release {target_id!r} in {prod.releases} (releases: {known})")
-        target = Release.read(target_path)
+        releases = {r.path.name: r for r in list_releases(prod.root)}
+        if target_id not in releases:  # ids only: a path (`../../x`) is never a release
+            known = ", ".join(releases) or "none"
+            raise FarenseError(f"no release {target_id!r} in {prod.releases} (--to takes a release id; "
+                               f"releases: {known})")
+        target = releases[target_id]
         verify_release(target)
         _switch(prod, target_id, hook)
         hook(STEP_SWITCHED)

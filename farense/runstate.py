@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import orjson
 
-from .layout import RUN_MARKERS, is_temporary
+from .layout import RUN_MARKERS, RUN_OWN_DIRS, RUN_STATE_FILE, is_temporary
 
 if TYPE_CHECKING:
     from .locks import LockInfo
@@ -74,6 +74,28 @@ def read_run_state(path: Path) -> dict[str, Any] | None:
     return read_json_object(path)
 
 
+CORRUPT = "corrupt"  # not a RunState: run_state.json is there but says nothing readable
+
+
+def run_state_problem(path: Path) -> str | None:
+    """Why an existing run_state.json cannot be read as a state; None when it reads (or is missing)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        return f"not valid JSON: {exc}"
+    if not isinstance(doc, dict):
+        return f"not a JSON object but {type(doc).__name__}"
+    if not isinstance(doc.get("state"), str):
+        return f"its state is {doc.get('state')!r}, expected one of {', '.join(s.value for s in RunState)}"
+    return None
+
+
 # --------------------------------------------------------------------------- the state, corrected by the lock
 
 
@@ -112,8 +134,8 @@ _DETAILS = {
 
 
 def effective_state(doc: Mapping[str, Any] | None, lock: LockInfo, *, alive: Callable[[int], bool] = pid_alive,
-                    host: str | None = None) -> EffectiveState:
-    """run_state.json (`doc`) corrected by the run lock."""
+                    host: str | None = None, problem: str | None = None) -> EffectiveState:
+    """run_state.json (`doc`) corrected by the run lock; `problem`: why the file there could not be read."""
     here = host or socket.gethostname()
     doc = doc or {}
     recorded = doc.get("state") if isinstance(doc.get("state"), str) else None
@@ -121,6 +143,9 @@ def effective_state(doc: Mapping[str, Any] | None, lock: LockInfo, *, alive: Cal
         who = f"pid {lock.pid}" if lock.pid is not None else "a live process"
         starting = ", starting" if recorded != RunState.RUNNING.value else ""
         return EffectiveState(RunState.RUNNING.value, f"running ({who}{starting})", True)
+    if problem is not None:
+        return EffectiveState(CORRUPT, f"unknown: {RUN_STATE_FILE} is corrupt ({problem}); `farense train` "
+                              "resumes from the checkpoints all the same", False)
     if recorded is None:
         return EffectiveState(RunState.NOT_STARTED.value, "not started (no run_state.json yet)", False)
     pid = doc.get("pid") if isinstance(doc.get("pid"), int) else lock.pid
@@ -194,3 +219,40 @@ def find_runs(root: str | os.PathLike[str], *, max_depth: int = 3, follow_symlin
 
     walk(root, 1)
     return found
+
+
+def runs_inside(path: str | os.PathLike[str], *, max_depth: int = 3) -> list[Path]:
+    """Runs below `path`, not `path` itself (a run's own checkpoints, adapters, ... are not searched)."""
+    found: list[Path] = []
+    try:
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return found
+    for e in entries:
+        if e.name in RUN_OWN_DIRS or e.name.startswith(".") or is_temporary(e.name) \
+                or not e.is_dir(follow_symlinks=False):
+            continue
+        found += find_runs(e.path, max_depth=max_depth - 1, follow_symlinks=False)
+    return found
+
+
+def run_placement_problem(run_dir: str | os.PathLike[str], *, workspace: str | os.PathLike[str] | None = None,
+                          levels: int = 3) -> str | None:
+    """Why `run_dir` may not hold a run (it lies inside another run, or holds runs); None when it may.
+
+    A run directory never contains another: cleanup of the outer one would take the inner one as
+    its extras. `levels` parents are looked at (as deep as cleanup looks for runs), below the workspace.
+    """
+    run_dir = Path(run_dir)
+    above = {Path(workspace), *Path(workspace).parents} if workspace is not None else set()
+    for parent in list(run_dir.parents)[:levels]:
+        if parent not in above and is_run_dir(parent):
+            return (f"{run_dir} would lie inside the run {parent}; a run directory never contains another run "
+                    "(choose another output.run_name or output.runs_dir)")
+    inner = runs_inside(run_dir)
+    if inner:
+        shown = ", ".join(str(p) for p in inner[:3]) + (", ..." if len(inner) > 3 else "")
+        return (f"{run_dir} holds other runs ({shown}); a run directory never contains another run "
+                "(choose another output.run_name or output.runs_dir)")
+    return None

@@ -8,6 +8,7 @@ is shown as crashed, whatever the file says.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -163,13 +164,19 @@ def status_report(
     return StatusReport(str(root), str(production_dir) if production_dir is not None else None, rows, prod, err)
 
 
-def plot_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
-    """The run's loss curves as a PNG (default <run>/plots/loss_curves.png), from its metrics and summary."""
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def plot_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
+             warn: Callable[[str], None] = _stderr) -> Path:
+    """The run's loss curves as a PNG (default <run>/plots/loss_curves.png), from its metrics and summary;
+    lines that are not metrics rows are skipped, `warn` told their file:line."""
     from .metrics import read_metrics
     from .plots import plot_loss_curves
 
     paths = RunPaths(Path(run_dir))
-    rows = read_metrics(paths.metrics_jsonl)
+    rows = read_metrics(paths.metrics_jsonl, warn=warn)
     if not rows:
         raise FarenseError(f"{paths.root}: no metrics to plot ({paths.metrics_jsonl} is missing or empty)")
     summary = {"run_name": paths.name, **(read_json_object(paths.summary) or {})}  # as written (plots take a dict)

@@ -22,7 +22,7 @@ from .checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy, SavePo
 from .config import ExperimentConfig, check_inputs, check_world_size, config_to_json
 from .data import data_fingerprint, validate_data
 from .distributed import share_checkpoint
-from .errors import DiskFull, NumericalError, Preempted
+from .errors import DiskFull, NoUsableCheckpoint, NumericalError, Preempted
 from .fsutil import atomic_write_bytes, fsync_dir, fsync_file
 from .layout import RunPaths
 from .metrics import MetricsLog
@@ -40,6 +40,7 @@ from .train.state import (
     check_resume_compatible,
     checkpoint_writers,
     restore_checkpoint,
+    saved_state_problem,
 )
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
 
     # Metrics after the checkpoint belong to work a crash threw away.
     metrics = MetricsLog(paths.metrics_jsonl, enabled=is_writer)
-    history = metrics.truncate_after(state.step) if is_writer else []
+    history = metrics.truncate_after(state.step, warn=log) if is_writer else []
     checkpoints = RunCheckpoints(config, setup, store, guard if is_writer else None, data_fp=data_fp,
                                  protect=[resumed_from] if resumed_from else [], clock=clock, log=log)
     if is_writer:
@@ -155,15 +156,17 @@ def _resume_point(config: ExperimentConfig, paths: RunPaths, store: CheckpointSt
                   new_run: bool, world: mx.distributed.Group, log: Log) -> CheckpointInfo | None:
     """Where do we start? The newest checkpoint that verifies (rank 0's, on every rank); never a half-written one."""
     is_writer = world.rank() == 0
-    if new_run and is_writer:
-        _start_over(paths, store)
+    resume = None
     if is_writer:
+        if new_run:
+            _start_over(paths, store)
         store.remove_temporaries()  # leftovers of writes killed mid-way; we hold the run lock
-    resume = None if new_run or not is_writer else store.latest_verified()
-    if is_writer:
-        # Checkpoints newer than the one we resume from failed verification: they go.
-        for path in store.discard_after(resume.step if resume else None):
-            log(f"removed unverifiable checkpoint {path.name}")
+        # Checkpoints newer than the one we resume from cannot be loaded: moved aside, never deleted.
+        resume, moved = store.latest_usable(check=saved_state_problem)
+        for path in moved:
+            log(f"moved unusable checkpoint to {path} (the reason is beside it)")
+        if resume is None and not new_run:
+            _refuse_to_start_over(paths, store)
     if world.size() > 1:  # every rank starts from rank 0's checkpoint, verified again, disks shared or not
         resume = share_checkpoint(resume, fingerprint=config.fingerprint, data_fingerprint=data_fp,
                                   required_files=CHECKPOINT_FILES, group=world)
@@ -172,10 +175,26 @@ def _resume_point(config: ExperimentConfig, paths: RunPaths, store: CheckpointSt
     return resume
 
 
+def _refuse_to_start_over(paths: RunPaths, store: CheckpointStore) -> None:
+    """No checkpoint can be loaded but some were written: starting from step 0 is for --new-run to say."""
+    quarantined = store.quarantined()
+    if not quarantined:
+        return
+    reasons = "\n".join(f"  - {path.name}: {why}" for path, why in quarantined[-5:])
+    error = NoUsableCheckpoint(
+        f"no checkpoint of {paths.root} can be loaded; {len(quarantined)} failed verification and "
+        f"{'is' if len(quarantined) == 1 else 'are'} kept in {paths.quarantine}:\n{reasons}\n"
+        "Training does not start over by itself: move a checkpoint you trust back into "
+        f"{paths.checkpoints}, or start over explicitly with `farense train ... --new-run`.")
+    write_run_state(paths.state, RunState.FAILED, step=0, message=str(error).splitlines()[0])
+    raise error
+
+
 def _start_over(paths: RunPaths, store: CheckpointStore) -> None:
-    """--new-run: the old run's checkpoints, adapters and metrics go (we hold the lock)."""
+    """--new-run: the old run's checkpoints (quarantined ones too), adapters and metrics go (we hold the lock)."""
     store.discard_after(None)
     store.remove_temporaries()
+    shutil.rmtree(paths.quarantine, ignore_errors=True)
     shutil.rmtree(paths.adapters, ignore_errors=True)
     shutil.rmtree(paths.evaluation, ignore_errors=True)
     for p in (paths.metrics_jsonl, paths.metrics_json, paths.metrics_csv, paths.summary, paths.state):

@@ -24,6 +24,7 @@ from farense.cleanup import (
     apply_cleanup,
     plan_cleanup,
 )
+from farense.fsutil import allocated_bytes
 from farense.layout import RunPaths, checkpoint_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ DAY = 86_400.0
 def make_checkpoint(run: Path, step: int, *, size: int = 1000, meta: dict | None = None) -> int:
     """A committed checkpoint in the store's own format (manifest written as the store writes it).
 
-    Returns its bytes on disk (files + manifest). Written directly, without fsync, to stay fast.
+    Returns its bytes on disk (allocated blocks). Written directly, without fsync, to stay fast.
     """
     d = RunPaths(run).checkpoints / checkpoint_name(step)
     d.mkdir(parents=True)
@@ -50,7 +51,7 @@ def make_checkpoint(run: Path, step: int, *, size: int = 1000, meta: dict | None
                 "created_at_utc": "2025-06-15T00:00:00+00:00", "meta": meta if meta is not None else {}, "files": files}
     raw = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
     (d / "MANIFEST.json").write_bytes(raw)
-    return sum(f["size"] for f in files.values()) + len(raw)
+    return allocated_bytes(d)  # what deleting it frees, as cleanup reports it
 
 
 def make_run(run: Path, steps: list[int], *, best: int | None, state: str | None = "preempted",
@@ -171,7 +172,8 @@ def test_damaged_newest_keeps_the_newest_intact_and_unloadable_old_dirs_go(tmp_p
     plan = plan_cleanup(run.parent, keep_last=1, now=NOW)
     assert list(plan.runs[0].kept_steps) == [400, 500]
     assert sorted(i.step for i in plan.items) == [50, 100, 200, 300]
-    assert next(i for i in plan.items if i.step == 50).bytes == 300
+    step50 = next(i for i in plan.items if i.step == 50)
+    assert step50.bytes == allocated_bytes(step50.path) > 300
     apply_cleanup(plan)
     assert steps_on_disk(run) == [400, 500, 600]
 
@@ -242,8 +244,10 @@ def test_leftover_temporaries_are_removed(tmp_path: Path) -> None:
     (run / "adapters" / "adapters.safetensors").write_bytes(b"a" * 100)
     plan = plan_cleanup(runs, keep_last=1, now=NOW)
     temps = {i.path.name: i.bytes for i in plan.items if i.kind == TEMPORARY}
-    assert temps == {"step-00000200.tmp-0123abcd": 700, "run_state.json.tmp-ffff": 2, ".best-4242.tmp.safetensors": 100}
-    assert apply_cleanup(plan).bytes_freed == 802
+    expected = {p.name: allocated_bytes(p) for p in (partial, run / "run_state.json.tmp-ffff",
+                                                     run / "adapters" / ".best-4242.tmp.safetensors")}
+    assert temps == expected
+    assert apply_cleanup(plan).bytes_freed == sum(expected.values())
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000100"]
     assert sorted(p.name for p in (run / "adapters").iterdir()) == ["adapters.safetensors"]
     assert (run / "run_state.json").exists()
@@ -269,6 +273,26 @@ def test_production_and_what_its_symlinks_point_at_are_untouched(tmp_path: Path)
     assert steps_on_disk(runs / "r") == [200, 400]
     assert sorted(str(p.relative_to(prod)) for p in prod.rglob("*")) == before
     assert (prod / "current" / "adapters" / "adapters.safetensors").read_bytes() == b"w" * 64
+
+
+def test_cleanup_never_takes_runs_inside_a_finished_run_as_its_extras(tmp_path: Path) -> None:
+    """Issue 13.1: a finished run runs/demo that holds runs/demo/v2 (made before such runs were
+    refused) loses its extras, never the inner run."""
+    runs = tmp_path / "runs"
+    outer, inner = runs / "demo", runs / "demo" / "v2"
+    make_run(outer, [10, 20], best=20, state="completed", updated_at=NOW - 40 * DAY)
+    make_run(inner, [10, 20], best=20, state="completed", updated_at=NOW)
+    for run in (outer, inner):
+        (run / "adapters").mkdir()
+        (run / "adapters" / "adapters.safetensors").write_bytes(b"a" * 100)
+    (outer / "metrics.jsonl").write_bytes(b"{}\n")
+
+    plan = plan_cleanup(runs, keep_last=1, older_than_days=0, now=NOW)
+    assert not [i for i in plan.items if i.path == inner or inner in i.path.parents]
+    assert any(s.path == inner and "never the extras" in s.reason for s in plan.skipped)
+    apply_cleanup(plan)
+    assert steps_on_disk(inner) == [10, 20] and (inner / "adapters" / "adapters.safetensors").is_file()
+    assert not (outer / "metrics.jsonl").exists()
 
 
 def test_finished_runs_older_than_n_days_keep_only_adapters_and_summary(tmp_path: Path) -> None:
@@ -364,7 +388,7 @@ def test_cli_cleanup_is_a_dry_run_unless_apply(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     sizes = make_run(runs / "r", [100, 200, 300, 400, 500], best=200)
     (runs / "r" / "checkpoints" / "step-00000600.tmp-dead").mkdir()
-    doomed = sizes[100] + sizes[300]
+    doomed = sizes[100] + sizes[300] + allocated_bytes(runs / "r" / "checkpoints" / "step-00000600.tmp-dead")
 
     out = farense("cleanup", "--runs-dir", str(runs), "--keep-last", "2", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -443,3 +467,32 @@ def test_delete_when_even_a_rename_needs_space_removes_the_manifest_first(tmp_pa
     result = apply_cleanup(plan_cleanup(runs, keep_last=1, now=NOW))
     assert result.errors == [] and [i.step for i in result.deleted] == [100]
     assert steps_on_disk(runs / "r") == [200]
+
+
+def test_cleanup_reports_what_the_filesystem_frees_and_says_what_it_keeps(tmp_path: Path) -> None:
+    """Issue 13.10: sizes are allocated blocks (a sparse file's length is not freed space, 4 KB blocks
+    are); checkpoints newer than the newest valid one that do not verify, and quarantined ones, are kept
+    and the dry run says what and why."""
+    runs = tmp_path / "runs"
+    run = runs / "r"
+    make_run(run, [100, 200], best=100, state="preempted")
+    with open(RunPaths(run).checkpoints / "step-00000100" / "sparse.bin", "wb") as f:
+        f.truncate(50_000_000)  # 50 MB long, (almost) nothing allocated
+    broken = RunPaths(run).checkpoints / "step-00000300"
+    broken.mkdir()
+    (broken / "adapters.safetensors").write_bytes(b"x" * 5000)  # no manifest: a write that never committed
+    q = RunPaths(run).quarantine
+    (q / "step-00000400").mkdir(parents=True)
+    (q / "step-00000400" / "adapters.safetensors").write_bytes(b"q" * 9000)
+    (q / "step-00000400.reason.json").write_bytes(b'{"reason": "sha256 mismatch in adapters.safetensors"}')
+
+    plan = plan_cleanup(runs, keep_last=1, keep_best=False, now=NOW)
+    [item] = plan.items
+    assert item.step == 100 and item.bytes == allocated_bytes(item.path) < 1_000_000
+    kept = {k.path: k.reason for k in plan.kept}
+    assert "does not verify (manifest missing)" in kept[broken] and "quarantine" in kept[broken]
+    assert "1 checkpoint(s) that failed verification" in kept[q] and "never deletes" in kept[q]
+    out = farense("cleanup", "--runs-dir", str(runs), "--keep-last", "1", cwd=tmp_path)
+    assert f"kept {broken}: " in out.stdout and f"kept {q}: " in out.stdout
+    result = apply_cleanup(plan)
+    assert result.bytes_freed == item.bytes and broken.is_dir() and (q / "step-00000400").is_dir()

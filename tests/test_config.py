@@ -441,8 +441,14 @@ BAD = [
     ({"disk": {"flood_free": "30GB"}}, ["disk: expected low_free >= high_free >= flood_free, got 20.0 GB / 10.0 GB / 30.0 GB"]),
     ({"decision": {"min_f1": 1.5}}, ["decision.min_f1: expected a number in [0, 1], got 1.5"]),
     ({"overfitting": {"bom_below": 0.01}}, ["overfitting: expected 0 < excelente_below <= bom_below <= moderado_below"]),
-    ({"output": {"run_name": "a b"}}, ["output.run_name: expected letters, digits, '.', '_' or '-', got 'a b'"]),
-    ({"name": "v 2"}, ["name: expected letters, digits, '.', '_' or '-', got 'v 2'"]),
+    ({"output": {"run_name": "a b"}}, ["output.run_name: expected letters, digits, '.', '_' or '-' (one path "
+                                       "component, not '.' or '..'), got 'a b'"]),
+    ({"output": {"run_name": "."}}, ["output.run_name: expected letters, digits, '.', '_' or '-' (one path "
+                                     "component, not '.' or '..'), got '.'"]),
+    ({"output": {"run_name": ".."}}, ["output.run_name: expected letters, digits, '.', '_' or '-' (one path "
+                                      "component, not '.' or '..'), got '..'"]),
+    ({"name": "v 2"}, ["name: expected letters, digits, '.', '_' or '-' (not '.' or '..'), got 'v 2'"]),
+    ({"name": ".."}, ["name: expected letters, digits, '.', '_' or '-' (not '.' or '..'), got '..'"]),
 ]
 
 
@@ -576,3 +582,18 @@ def test_check_inputs_refuses_more_lora_layers_than_the_model_has(write_config, 
     with pytest.raises(ConfigError, match=r"lora.num_layers: requested to train 16 layers but the model only has 4"):
         check_inputs(cfg)
     check_inputs(load_config(write_config({"lora": {"num_layers": -1}}, name="all"), workspace=tmp_path))
+
+
+def test_a_run_is_never_created_inside_another_run_or_around_one(write_config, tmp_path):
+    """Issue 13.1: runs/demo as a run would hold the demo overlay's runs/demo/v2 (and cleanup would
+    take it as its extras); both orders are refused before training."""
+    runs = tmp_path / "runs"
+    (runs / "demo" / "v2" / "checkpoints").mkdir(parents=True)  # the demo overlay's run
+    outer = load_config(write_config({"output": {"runs_dir": str(runs), "run_name": "demo"}}))
+    with pytest.raises(ConfigError, match=r"output.run_name: .*runs/demo holds other runs \(.*runs/demo/v2\)"):
+        check_inputs(outer)
+    (runs / "solo" / "checkpoints").mkdir(parents=True)
+    inner = load_config(write_config({"output": {"runs_dir": str(runs / "solo"), "run_name": "v2"}}))
+    with pytest.raises(ConfigError, match=r"would lie inside the run .*runs/solo"):
+        check_inputs(inner)
+    check_inputs(load_config(write_config({"output": {"runs_dir": str(runs / "demo"), "run_name": "v3"}})))

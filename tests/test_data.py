@@ -247,3 +247,17 @@ def test_data_fingerprint_follows_train_and_valid_bytes(tmp_path, write_jsonl, c
     assert data_fingerprint(cfg) == fp  # the test split does not change training
     write_jsonl(d / "train.jsonl", [chat_example(1)] * 4)
     assert data_fingerprint(cfg) != fp
+
+
+def test_farense_run_with_bad_data_fails_before_prefect_starts(write_config, data_dir, tmp_path):
+    """Issue 13.11: like a bad config, bad data fails `farense run` in a second, Prefect never imported."""
+    import subprocess
+    import sys
+
+    (data_dir / "train.jsonl").write_text('{"messages": "not a list"}\n')
+    script = ("import sys; from farense.cli import main; rc = main(['run', sys.argv[1]]); "
+              "print('RESULT', rc, 'prefect' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script, str(write_config())], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert "RESULT 2 False" in proc.stdout, proc.stdout + proc.stderr
+    assert f"{data_dir / 'train.jsonl'}:1" in proc.stderr and "Traceback" not in proc.stderr

@@ -17,6 +17,7 @@ import pytest
 import farense
 from farense import decision as decision_mod
 from farense.config import DecisionConfig, config_to_json, load_config
+from farense.fsutil import sha256_file
 from farense.decision import (
     TOLERANCE,
     Decision,
@@ -81,6 +82,7 @@ def make_fake_run(
         "summary": {"examples": 10, "f1": f1, "precision": precision, "recall": recall, "exact_match": exact_match,
                     "test_loss": test_loss, "test_perplexity": math.exp(test_loss)},
         "training": {k: summary[k] for k in ("best_step", "final_step", "train_val_gap", "gap_status")},
+        "adapters": {"path": str(run / "adapters"), "sha256": sha256_file(run / "adapters" / "adapters.safetensors")},
         "rows": [],
     }
     (run / "evaluation" / "evaluation_report.json").write_bytes(orjson.dumps(report))

@@ -69,3 +69,15 @@ def test_plot_of_a_run_without_metrics_says_so(tmp_path, capsys):
     assert main(["plot", str(empty)]) == 1
     assert "no metrics to plot" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "nope")]) == 2, "neither a run directory nor a config name"
+
+
+def test_plot_skips_lines_that_are_not_metrics_rows_naming_file_and_line(run, capsys):
+    """Issue 13.7: torn, non-object and wrong-typed lines are skipped with a warning, never a traceback."""
+    metrics = run / "metrics.jsonl"
+    with metrics.open("ab") as f:
+        f.write(b'[1,2,3]\n{"step":"abc"}\n{"step": 61, "train_loss": "x"}\n{"step": 62, "tra')
+    assert main(["plot", str(run)]) == 0
+    err = capsys.readouterr().err
+    for line in (61, 62, 63, 64):
+        assert f"{metrics}:{line}: skipped" in err
+    assert "Traceback" not in err and png_size(run / "plots" / "loss_curves.png") == (1000, 600)

@@ -77,10 +77,71 @@ def test_promote_builds_an_immutable_release_and_switches_current(ws):
     assert [r.id for r in list_releases(prod_of(ws))] == [rel.id]
 
 
-def test_production_dir_defaults_to_the_runs_config(ws):
+def test_production_dir_defaults_to_the_runs_config_in_the_current_workspace(ws, monkeypatch):
     run = decided_run(ws, "v2")
+    monkeypatch.setenv("FARENSE_WORKSPACE", str(ws))
     rel = promote(run, now=T0)
     assert rel.path.parent.parent == (ws / "production").resolve()  # v2.toml: production_dir = "production"
+
+
+def test_promote_acts_on_the_current_workspace_never_the_one_the_run_recorded(tmp_path, capsys, monkeypatch):
+    """Issue 13.2: a run copied from ws1 into ws2 and promoted in ws2 switches ws2's production, not ws1's."""
+    import shutil
+
+    from farense.cli import main
+
+    ws1, ws2 = tmp_path / "ws1", tmp_path / "ws2"
+    monkeypatch.setenv("FARENSE_WORKSPACE", str(ws1))  # restored after the test (main sets it)
+    run1 = decided_run(ws1, "v2")
+    assert main(["--workspace", str(ws1), "promote", str(run1)]) == 0
+    before = os.readlink(ws1 / "production" / "current")
+    shutil.copytree(run1, ws2 / "runs" / "v2", symlinks=True)
+    (ws2 / "runs" / "v2" / "adapters" / "adapters.safetensors").write_bytes(b"other adapters" * 30)
+    assert main(["--workspace", str(ws2), "promote", str(ws2 / "runs" / "v2"), "--force"]) == 0
+    assert os.readlink(ws1 / "production" / "current") == before
+    assert current_release(ws2 / "production").run_name == "v2"
+    assert "ws2/production" in capsys.readouterr().out
+
+
+def test_promotion_refuses_adapters_other_than_the_evaluated_ones(ws, capsys):
+    """Issue 13.3: evaluate at step 30, resume to 60, promote: refused, the report describes other adapters."""
+    from farense.cli import main
+
+    run = decided_run(ws, "v2")
+    (run / "adapters" / "adapters.safetensors").write_bytes(b"step-60 adapters" * 40)  # trained on after evaluation
+    with pytest.raises(DecisionRefused, match=r"adapters changed since they were evaluated.*farense evaluate"):
+        promote(run, None, prod_of(ws), now=T0)
+    assert main(["promote", str(run), "--production", str(prod_of(ws))]) == 4
+    assert "adapters changed since they were evaluated" in capsys.readouterr().err
+    assert not (prod_of(ws) / "current").exists()
+    rel = promote(run, None, prod_of(ws), force=True, now=T0)
+    assert rel.forced and "adapters changed" in rel.manifest["refusal_overridden"][0]
+
+
+def test_promotion_is_refused_while_the_run_is_training_even_with_force(ws):
+    """Issue 13.3: the run lock held (a trainer) means the adapters may still change: no promotion."""
+    from farense.locks import RunLock
+
+    run = decided_run(ws, "v2")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from farense.locks import RunLock
+        RunLock(sys.argv[1], command="train").acquire()
+        print("locked", flush=True)
+        time.sleep(60)
+        """), str(run / "run.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for force in (False, True):
+            with pytest.raises(RunLocked, match=r"while it is training.*--force does not override"):
+                promote(run, None, prod_of(ws), force=force, now=T0)
+        assert not (prod_of(ws) / "current").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(run / "run.lock"):
+        pass
+    assert promote(run, None, prod_of(ws), now=T0).run_name == "v2"
 
 
 def test_refused_when_the_decision_says_no_and_says_why(ws):
@@ -312,3 +373,55 @@ def test_ensure_decision_reuses_a_fresh_one_and_otherwise_decides_against_produc
     report.write_bytes(report.read_bytes().replace(b'"f1":0.955', b'"f1":0.975'))  # evaluated again
     redone = ensure_decision(v2, prod_of(ws), T)
     assert not redone.reused and redone.decision.promote
+
+
+def test_promote_of_a_missing_or_broken_run_says_what_is_wrong(ws, capsys):
+    """Issue 13.11: a missing run is named as such (not "Config is not well-formed")."""
+    from farense.cli import main
+
+    assert main(["promote", str(ws / "runs" / "nope"), "--production", str(prod_of(ws))]) == 1
+    err = capsys.readouterr().err
+    assert "no run directory at" in err and "nope" in err and "Config is not well-formed" not in err
+    run = decided_run(ws, "v2")
+    (run / "config.json").write_bytes(b"[1, 2, 3]")
+    assert main(["promote", str(run), "--production", str(prod_of(ws))]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "expected a JSON object" in err and "Traceback" not in err
+
+
+def test_rollback_takes_release_ids_only_and_releases_marks_what_current_points_at(ws, capsys):
+    """Issue 13.4: `--to ../../x` never points production/current outside releases/; `releases` marks the
+    release `current` really points at, and says so when it points at none of them."""
+    import shutil
+
+    from farense.cli import main
+
+    prod = prod_of(ws)
+    r1 = promote(decided_run(ws, "v1", config="v1"), None, prod, now=T0)
+    r2 = promote(decided_run(ws, "v2", incumbent=prod), None, prod, force=True, now=T0 + timedelta(hours=1))
+    evil = ws / "elsewhere" / "evilrel"
+    shutil.copytree(r1.path, evil)  # a whole, verifying release outside releases/
+    rel_path = os.path.relpath(evil, prod / "releases")
+    for to in (rel_path, str(evil), "../current", f"{r1.id}/.."):
+        assert main(["rollback", "--production", str(prod), "--to", to]) == 1
+        assert "--to takes a release id" in capsys.readouterr().err
+        assert os.readlink(prod / "current") == f"releases/{r2.id}"
+
+    assert main(["releases", "--production", str(prod), "--json"]) == 0
+    assert [(r["id"], r["current"]) for r in orjson.loads(capsys.readouterr().out)] == [(r1.id, False), (r2.id, True)]
+    os.replace(prod / "current", prod / "current.old")
+    os.symlink(os.path.relpath(evil, prod), prod / "current")  # as the old --to made it: r1's manifest, elsewhere
+    assert main(["releases", "--production", str(prod), "--json"]) == 0
+    out = capsys.readouterr()
+    assert [r["current"] for r in orjson.loads(out.out)] == [False, False]
+    assert "none of the releases listed" in out.err and str(evil) in out.err
+
+
+def test_rollback_of_a_missing_production_directory_creates_nothing(tmp_path, capsys):
+    """Issue 13.11: `rollback --production /nonexistent` says so and leaves no directory behind."""
+    from farense.cli import main
+
+    missing = tmp_path / "no" / "such" / "production"
+    assert main(["rollback", "--production", str(missing)]) == 1
+    assert "no production directory at" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()

@@ -160,3 +160,19 @@ def test_status_with_nothing_yet(tmp_path, capsys):
     assert main(["status", "--runs-dir", str(tmp_path / "runs"), "--production-dir", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
     assert f"no runs in {tmp_path / 'runs'}" in out and "nothing promoted yet" in out
+
+
+def test_status_survives_a_config_that_is_not_an_object_and_names_a_corrupt_run_state(tmp_path, capsys):
+    """Issue 13.7: a config.json of `[1,2,3]` crashes nothing; a torn run_state.json reads as corrupt,
+    not as "no run_state.json yet"."""
+    runs = tmp_path / "runs"
+    odd = _run(runs, "odd", RunState.PREEMPTED, steps=5)
+    (odd / "config.json").write_bytes(b"[1, 2, 3]")
+    torn = _run(runs, "torn", None, steps=5)
+    (torn / "run_state.json").write_bytes(b'{"state": "runn')
+    fresh = _run(runs, "fresh", None, steps=0)
+    assert main(["status", "--runs-dir", str(runs), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
+    assert rows["odd"]["state"] == "preempted" and rows["odd"]["config"] is None
+    assert rows["torn"]["state"] == "corrupt" and "run_state.json is corrupt" in rows["torn"]["state_detail"]
+    assert rows["fresh"]["state_detail"] == "not started (no run_state.json yet)"

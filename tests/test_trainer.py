@@ -152,3 +152,72 @@ def test_gap_labels_follow_the_documented_thresholds(gap, label):
     from farense.config import OverfittingConfig
 
     assert classify_gap(gap, OverfittingConfig()).value == label
+
+
+def _preempted_run(make_config, at: int):
+    """A run preempted during step `at` (checkpoints every 4 steps and at `at`); its config and paths."""
+    cfg = make_config(checkpoint={"every_steps": 4, "keep_last": 3})
+    flag = PreemptionFlag()
+    with pytest.raises(Preempted):
+        run_training(cfg, progress_bar=False, preemption=flag,
+                     on_step_end=lambda step, row, model: flag.request() if step == at else None)
+    return cfg, RunPaths(cfg.run_dir)
+
+
+def test_checkpoints_that_fail_verification_are_quarantined_and_never_silently_started_over(make_config):
+    """Issue 13.6: every checkpoint damaged -> none deleted (moved to quarantine/ with the reason), a
+    distinct exit code, the same refusal on the retry, and --new-run starts over explicitly."""
+    from farense.errors import NoUsableCheckpoint
+    from farense.outcome import ExitCode
+
+    cfg, paths = _preempted_run(make_config, 9)
+    committed = sorted(p.name for p in paths.checkpoints.iterdir() if p.name.startswith("step-"))
+    assert committed == ["step-00000004", "step-00000008", "step-00000009"]
+    for name in committed:
+        f = paths.checkpoints / name / "adapters.safetensors"
+        f.write_bytes(f.read_bytes()[:100])
+    for attempt in range(2):  # the retry must not start over either
+        with pytest.raises(NoUsableCheckpoint, match=r"(?s)no checkpoint of .* can be loaded.*--new-run") as e:
+            run_training(cfg, progress_bar=False)
+        assert e.value.exit_code == ExitCode.NO_USABLE_CHECKPOINT == 74 and not e.value.retryable
+        assert orjson.loads(paths.state.read_bytes())["state"] == "failed"
+    assert not [p for p in paths.checkpoints.iterdir() if p.name.startswith("step-")]
+    assert sorted(p.name for p in paths.quarantine.iterdir()) == sorted(
+        [*committed, *(n + ".reason.json" for n in committed)])
+    reason = orjson.loads((paths.quarantine / "step-00000009.reason.json").read_bytes())
+    assert "adapters.safetensors: size" in reason["reason"]
+    result = run_training(cfg, progress_bar=False, new_run=True)
+    assert result.resumed_from is None and result.state is RunState.COMPLETED
+    assert not paths.quarantine.exists()
+
+
+def test_a_checkpoint_whose_state_does_not_parse_is_quarantined_and_resume_uses_the_previous(make_config):
+    """Issue 13.7: state.json that is not JSON (manifest re-hashed) makes the checkpoint invalid, not the config."""
+    import hashlib
+
+    cfg, paths = _preempted_run(make_config, 9)
+    newest = paths.checkpoints / "step-00000009"
+    bad = b"this is not json {"
+    (newest / "state.json").write_bytes(bad)
+    manifest = orjson.loads((newest / "MANIFEST.json").read_bytes())
+    manifest["files"]["state.json"] = {"size": len(bad), "sha256": hashlib.sha256(bad).hexdigest()}
+    (newest / "MANIFEST.json").write_bytes(orjson.dumps(manifest))
+    logs: list[str] = []
+    result = run_training(cfg, progress_bar=False, log=logs.append)
+    assert result.resumed_from == 8 and result.state is RunState.COMPLETED
+    assert "state.json cannot be read as JSON" in orjson.loads(
+        (paths.quarantine / "step-00000009.reason.json").read_bytes())["reason"]
+    assert any("moved unusable checkpoint" in line for line in logs)
+
+
+def test_resume_skips_and_repairs_metrics_lines_that_are_not_rows(make_config):
+    """Issue 13.7: '[1,2,3]', '{"step":"abc"}' and torn lines in metrics.jsonl never crash a resume."""
+    cfg, paths = _preempted_run(make_config, 9)
+    with paths.metrics_jsonl.open("ab") as f:
+        f.write(b'[1,2,3]\n{"step":"abc"}\n{"step": 5, "train_loss": [1]}\n{"step": 10, "tra')
+    logs: list[str] = []
+    result = run_training(cfg, progress_bar=False, log=logs.append)
+    assert result.resumed_from == 9 and result.state is RunState.COMPLETED
+    for line in (10, 11, 12, 13):
+        assert any(f"{paths.metrics_jsonl}:{line}: skipped" in m for m in logs), logs
+    assert [r["step"] for r in read_metrics(paths.metrics_jsonl)] == list(range(1, 25))

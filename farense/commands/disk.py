@@ -63,6 +63,8 @@ def cleanup(args: argparse.Namespace) -> int:
         print(f"{title}: nothing to delete")
     for s in plan.skipped:
         print(f"skipped {s.path}: {s.reason}")
+    for s in plan.kept:
+        print(f"kept {s.path}: {s.reason}")
     if result is None:
         print(f"dry run: {verb} {len(plan.items)} items, {format_size(plan.total_bytes)} "
               f"({plan.total_bytes} bytes); nothing was deleted. Run again with --apply to delete.")

@@ -12,12 +12,13 @@ from __future__ import annotations
 from . import add_demo_flags
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import orjson
 
-from ..config import ExperimentConfig, config_from_json, load_config
+from ..config import ExperimentConfig, config_from_json, current_workspace, load_config
 from ..console import print_table
 from ..errors import FarenseError
 from ..layout import RunPaths
@@ -33,6 +34,8 @@ def resolve_run(spec: str, args: argparse.Namespace) -> tuple[Path, ExperimentCo
         return p.resolve(), config_from_json(RunPaths(p).config)
     if p.is_dir():
         raise FarenseError(f"{p} is not a run directory (no config.json in it)")
+    if os.sep in spec or (os.altsep and os.altsep in spec) or spec in (".", ".."):
+        raise FarenseError(f"no run directory at {p} (RUN is a run directory or a config name)")
     cfg = load_config(spec, overlays=_overlays(args))
     if not RunPaths(cfg.run_dir).config.is_file():
         hint = "".join(f" --{o}" for o in _overlays(args) if o in ("demo", "tiny"))
@@ -41,10 +44,11 @@ def resolve_run(spec: str, args: argparse.Namespace) -> tuple[Path, ExperimentCo
 
 
 def _production_dir(args: argparse.Namespace, config: ExperimentConfig | None = None) -> Path:
+    """--production, else the config's production_dir in the current workspace (never the one a run recorded)."""
     if getattr(args, "production", None):
         return Path(args.production)
     if config is not None:
-        return config.production_dir
+        return config.resolve_in(current_workspace(), config.output.production_dir)
     return load_config(getattr(args, "config", None) or "v2", overlays=_overlays(args)).production_dir
 
 
@@ -157,19 +161,24 @@ def rollback_cmd(args: argparse.Namespace) -> int:
 
 
 def releases_cmd(args: argparse.Namespace) -> int:
-    from ..promotion import current_release, list_releases
+    """Every release, the current one marked by where production/current points (whatever its manifest says)."""
+    from ..promotion import current_target, list_releases
 
     prod = _production_dir(args)
-    cur = current_release(prod)
+    target = current_target(prod)
     rels = list_releases(prod)
+    is_current = {r.id: target is not None and Path(os.path.realpath(r.path)) == target for r in rels}
     if args.json:
-        _print_json([{"id": r.id, "current": cur is not None and r.id == cur.id, "run_name": r.run_name,
+        _print_json([{"id": r.id, "current": is_current[r.id], "run_name": r.run_name,
                       "created_at": r.created_at, "previous": r.previous, "forced": r.forced,
                       "metrics": r.metrics, "path": str(r.path)} for r in rels])
-        return 0
-    rows = [["*" if cur and r.id == cur.id else "", r.id, r.run_name, _f4(r.metrics.get("f1")),
-             r.previous or "-", "yes" if r.forced else ""] for r in rels]
-    print_table(f"releases in {prod}", ["current", "id", "run", "F1", "previous", "forced"], rows)
+    else:
+        rows = [["*" if is_current[r.id] else "", r.id, r.run_name, _f4(r.metrics.get("f1")),
+                 r.previous or "-", "yes" if r.forced else ""] for r in rels]
+        print_table(f"releases in {prod}", ["current", "id", "run", "F1", "previous", "forced"], rows)
+    if target is not None and not any(is_current.values()):
+        print(f"farense: warning: {prod}/current points at {target}, which is none of the releases listed; "
+              "`farense rollback --to ID` switches it to one", file=sys.stderr)
     return 0
 
 

@@ -42,14 +42,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_early(configs: list[str], overlay: str | None) -> None:
-    """A bad config fails here, in a second, before Prefect and its local API start; the flow checks
-    again (model, data) as its first task. The demo model is built by that task."""
+    """A bad config or bad data fails here, in a second, before Prefect and its local API start; the
+    flow checks again as its first task. The demo model and data are built by that task."""
     from ..config import check_inputs, load_config
+    from ..data import validate_data
 
     for name in configs:
         config = load_config(name, overlays=[overlay] if overlay else [])
         if not overlay:
             check_inputs(config)
+            validate_data(config)
 
 
 def _pipeline(args: argparse.Namespace, demo: bool | str) -> int:

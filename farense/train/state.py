@@ -16,7 +16,7 @@ import orjson
 from ..batching import position_of
 from ..checkpoint import CheckpointInfo
 from ..config import ExperimentConfig, fingerprint_diff
-from ..errors import FingerprintMismatch
+from ..errors import CheckpointCorrupt, FingerprintMismatch
 from ..faults import fault_point
 from ..layout import ADAPTER_CONFIG_FILE, ADAPTERS_FILE, OPTIMIZER_FILE, STATE_FILE
 from ..overfitting import EarlyStoppingState
@@ -95,6 +95,51 @@ class TrainState:
                    early_stopping=EarlyStoppingState.from_dict(progress[EARLY_STOPPING_KEY]))
 
 
+def _numbers_problem(values: dict[str, Any], where: str) -> str | None:
+    """Every progress value is a number or null (what TrainState and EarlyStoppingState hold)."""
+    for key, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{where}.{key} is {type(value).__name__} {value!r}, expected a number or null"
+    return None
+
+
+def load_saved_state(info: CheckpointInfo) -> tuple[dict[str, Any], TrainState]:
+    """state.json and the TrainState in it; CheckpointCorrupt (with `.reason`) when it does not parse as one."""
+    def corrupt(reason: str) -> CheckpointCorrupt:
+        err = CheckpointCorrupt(f"checkpoint {info.path}: {STATE_FILE} {reason}")
+        err.reason = f"{STATE_FILE} {reason}"  # type: ignore[attr-defined]
+        return err
+
+    try:
+        saved = orjson.loads(info.file(STATE_FILE).read_bytes())
+    except (KeyError, OSError, orjson.JSONDecodeError) as exc:
+        raise corrupt(f"cannot be read as JSON: {exc}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get(PROGRESS_KEY), dict):
+        raise corrupt(f"is not an object with a {PROGRESS_KEY!r} object")
+    progress = dict(saved[PROGRESS_KEY])
+    early = progress.pop(EARLY_STOPPING_KEY, None)
+    if not isinstance(early, dict):
+        raise corrupt(f"has no {PROGRESS_KEY}.{EARLY_STOPPING_KEY} object")
+    problem = _numbers_problem(progress, PROGRESS_KEY) or _numbers_problem(early, f"{PROGRESS_KEY}.{EARLY_STOPPING_KEY}")
+    if problem is not None:
+        raise corrupt(problem)
+    if progress.get("step") != info.step or saved.get(STEP_KEY) != info.step:
+        raise corrupt(f"says step {saved.get(STEP_KEY)!r} / {progress.get('step')!r}, its directory {info.step}")
+    try:
+        return saved, TrainState.from_json(saved)
+    except TypeError as exc:  # unknown or missing fields
+        raise corrupt(f"does not hold a training state: {exc}") from None
+
+
+def saved_state_problem(info: CheckpointInfo) -> str | None:
+    """Why a verified checkpoint's state.json cannot be resumed from; None when it can (the store's check)."""
+    try:
+        load_saved_state(info)
+    except CheckpointCorrupt as exc:
+        return getattr(exc, "reason", str(exc))
+    return None
+
+
 def read_saved_state(info: CheckpointInfo) -> dict[str, Any] | None:
     """A checkpoint's state.json for readers that only look (the monitor); None if it is gone or torn."""
     from ..fsutil import read_json_object
@@ -128,19 +173,20 @@ def restore_checkpoint(info: CheckpointInfo, model: nn.Module, optimizer: optim.
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    saved = orjson.loads(info.file(STATE_FILE).read_bytes())
+    _, state = load_saved_state(info)
     model.load_weights(list(mx.load(str(info.file(ADAPTERS_FILE))).items()), strict=False)
     optimizer.init(model.trainable_parameters())
     optimizer.state = tree_unflatten(list(mx.load(str(info.file(OPTIMIZER_FILE))).items()))
     mx.eval(model.parameters(), optimizer.state)
-    return TrainState.from_json(saved)
+    return state
 
 
 def check_resume_compatible(info: CheckpointInfo, config: ExperimentConfig, data_fp: str) -> None:
     """Resuming under a different training config would silently mix two runs: refuse it."""
-    state = orjson.loads(info.file(STATE_FILE).read_bytes())
+    state, _ = load_saved_state(info)
     if state.get(FINGERPRINT_KEY) != config.fingerprint:
-        rows = fingerprint_diff(state.get(FINGERPRINT_FIELDS_KEY, {}), config)
+        recorded = state.get(FINGERPRINT_FIELDS_KEY)
+        rows = fingerprint_diff(recorded if isinstance(recorded, dict) else {}, config)
         lines = "\n".join(f"  - {k}: checkpoint has {a!r}, config has {b!r}" for k, a, b in rows)
         raise FingerprintMismatch(
             f"cannot resume {info.path}: the config's training fields differ from the checkpoint's "
