@@ -14,6 +14,8 @@ import os
 import shutil
 import stat
 import sys
+import types
+import typing
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -139,8 +141,10 @@ class JsonRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Any:
+        """Unknown keys, and values not of their field's type (a damaged file), are left out: the defaults stand."""
+        hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in known and _fits(v, hints.get(k, Any))})
 
     def write(self, path: str | os.PathLike[str]) -> None:
         atomic_write_json(path, self.to_json())
@@ -150,6 +154,23 @@ class JsonRecord:
         """The record at `path`; None when there is none (missing, unreadable, not a JSON object)."""
         data = read_json_object(path)
         return cls.from_json(data) if data is not None else None
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a JSON value has a declared field type (None only where the type allows it; a bool is no number)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_fits(value, arg) for arg in typing.get_args(tp))
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    tp = origin or tp
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
