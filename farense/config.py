@@ -305,9 +305,19 @@ class EvaluationConfig(_Section):
 _UNIT = Check(lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+MAX_NAME_LENGTH = 100
+
+
 def is_plain_name(value: str) -> bool:
     """A name that is one plain path component (a run directory's): no '/', not '.' or '..'."""
     return re.fullmatch(r"[A-Za-z0-9._-]+", value) is not None and value not in (".", "..")
+
+
+def name_length_problem(key: str, value: str) -> list[str]:
+    """A run directory's name must fit any filesystem (NAME_MAX is 255 bytes; temporary siblings add a suffix)."""
+    if len(value) > MAX_NAME_LENGTH:
+        return [f"{key}: expected at most {MAX_NAME_LENGTH} characters (a directory name), got {len(value)}"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -327,6 +337,9 @@ class OutputConfig(_Section):
     run_name: str = _f("", "Run directory name (one plain path component); empty uses the config's name.",
                        Check(lambda v: not v or is_plain_name(v),
                              "letters, digits, '.', '_' or '-' (one path component, not '.' or '..')"))
+
+    def cross(self) -> list[str]:
+        return name_length_problem("output.run_name", self.run_name)
 
 
 SECTIONS: dict[str, type] = {
@@ -551,6 +564,8 @@ def build_config(
     name = data.get("name", "")
     if not isinstance(name, str) or not (not name or is_plain_name(name)):
         problems.append(f"name: expected letters, digits, '.', '_' or '-' (not '.' or '..'), got {name!r}")
+    elif isinstance(name, str):
+        problems.extend(name_length_problem("name", name))
     if not problems:
         problems.extend(_cross_problems(built))
     if problems:

@@ -95,7 +95,7 @@ class DiskFull(FarenseError):
 
 
 class Preempted(FarenseError):
-    """SIGTERM/SIGINT: the run checkpointed and stopped; resume continues it."""
+    """SIGTERM, SIGINT or SIGHUP: the run checkpointed and stopped; resume continues it."""
 
     exit_code = ExitCode.PREEMPTED
 

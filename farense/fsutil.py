@@ -236,9 +236,16 @@ def free_bytes(path: str | os.PathLike[str]) -> int:
 def existing_path(path: str | os.PathLike[str]) -> Path:
     """`path` or its nearest existing ancestor: where a path not created yet will live."""
     p = Path(os.path.abspath(path))
-    while not p.exists() and p != p.parent:
+    while not _exists(p) and p != p.parent:
         p = p.parent
     return p
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except OSError:  # a component too long (ENAMETOOLONG): that path cannot exist
+        return False
 
 
 def write_problem(directory: str | os.PathLike[str]) -> tuple[Path, str] | None:

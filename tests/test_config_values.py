@@ -129,3 +129,11 @@ def test_a_parent_that_is_not_readable_names_the_parent(capsys, tmp_path, write_
     path.write_text(path.read_text().replace(str(CONFIGS / "v1.toml"), str(parent)))
     rc, out, err = check(capsys, path)
     assert rc == 2 and str(parent) in err and "byte-order mark" in err, err
+
+
+def test_a_run_name_too_long_for_a_directory_is_a_config_error(capsys, write_config):
+    """Found by the property test: a 300-character run name failed with ENAMETOOLONG once training began."""
+    rc, out, err = check(capsys, write_config({"output": {"run_name": "x" * 300}}))
+    assert rc == 2 and "output.run_name: expected at most 100 characters (a directory name), got 300" in err, err
+    rc, out, err = check(capsys, write_config({"output": {"run_name": "x" * 100}}))
+    assert "output.run_name" not in err, err
