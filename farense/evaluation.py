@@ -238,7 +238,7 @@ def evaluate_base_model(config: ExperimentConfig, out_path: Path, *, max_example
     summary is written atomically to `out_path` and returned."""
     from .train.setup import load_base_model
 
-    require_writable({"the evaluation directory": paths.evaluation}, f"evaluating {paths.name}")  # before loading
+    require_writable({"the report's directory": out_path.parent}, "evaluating the base model")  # before loading
     ev = config.evaluation
     limit = max_examples if max_examples is not None else (ev.max_examples or None)
     test_path, raw = load_test_examples(config, limit)
