@@ -13,7 +13,8 @@ import os
 import sys
 
 from .blas import announce, ensure_fast_blas
-from .errors import FarenseError
+from .errors import FarenseError, storage_error
+from .signals import kept_from_new_threads
 
 # Areas in the order `farense --help` lists them; a module that is missing is skipped so that a
 # partial install still answers `--help`.
@@ -48,8 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before any command imports mlx, so that MLX's Linux CPU backend multiplies with OpenBLAS.
-    announce(ensure_fast_blas())
+    # Before any command imports mlx, so that MLX's Linux CPU backend multiplies with OpenBLAS; its
+    # threads start here and must never take a Ctrl-C meant for the main thread (farense.signals).
+    try:
+        with kept_from_new_threads():
+            info = ensure_fast_blas()
+    except KeyboardInterrupt:
+        return _interrupted()
+    announce(info)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.workspace:
@@ -63,9 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     except FarenseError as e:
         print(f"farense: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # storage the command could not use (read-only, not ours, full): one line, its code
+        err = storage_error(e)
+        print(f"farense: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
-        print("farense: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    print("farense: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

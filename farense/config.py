@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import math
 import os
 import re
 import tomllib
@@ -48,7 +49,10 @@ def parse_size(value: int | str) -> int:
     m = _SIZE_RE.match(str(value))
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"expected a size such as 20GB, 512MiB or a number of bytes, got {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(n):
+        raise ValueError(f"expected a size such as 20GB, got {value!r}, which is too large")
+    return int(n)
 
 
 def format_size(n: float) -> str:
@@ -101,16 +105,35 @@ class _Section:
     section: typing.ClassVar[str] = ""
 
     def problems(self) -> list[str]:
-        out = []
+        out, out_of_range = [], False
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             check, value = f.metadata.get("check"), getattr(self, f.name)
-            if check is not None and not check.ok(value):
+            if not _in_range(value):  # before the field's own rule: NaN would pass or fail it by accident
+                out_of_range = True
+                out.append(f"{self.section}.{f.name}: expected {_RANGE_EXPECTED[type(value) is float]}, "
+                           f"got {value!r}")
+            elif check is not None and not check.ok(value):
                 got = "nothing" if value == "" else repr(value)
                 out.append(f"{self.section}.{f.name}: expected {check.expected}, got {got}")
-        return out + self.cross()
+        return out + ([] if out_of_range else self.cross())  # joint rules compare numbers, never NaN
 
     def cross(self) -> list[str]:
         return []
+
+
+# Every number a config holds is finite and fits 64 bits (TOML's integers, JSON readers, the fingerprint).
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+_RANGE_EXPECTED = {True: "a finite number (not nan or inf)",
+                   False: f"an integer from {INT_MIN} to {INT_MAX} (64 bits)"}
+
+
+def _in_range(value: Any) -> bool:
+    """A float is finite and an int fits 64 bits; other values have no range here."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return INT_MIN <= value <= INT_MAX
+    return True
 
 
 @dataclass(frozen=True)
@@ -282,9 +305,19 @@ class EvaluationConfig(_Section):
 _UNIT = Check(lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+MAX_NAME_LENGTH = 100
+
+
 def is_plain_name(value: str) -> bool:
     """A name that is one plain path component (a run directory's): no '/', not '.' or '..'."""
     return re.fullmatch(r"[A-Za-z0-9._-]+", value) is not None and value not in (".", "..")
+
+
+def name_length_problem(key: str, value: str) -> list[str]:
+    """A run directory's name must fit any filesystem (NAME_MAX is 255 bytes; temporary siblings add a suffix)."""
+    if len(value) > MAX_NAME_LENGTH:
+        return [f"{key}: expected at most {MAX_NAME_LENGTH} characters (a directory name), got {len(value)}"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -304,6 +337,9 @@ class OutputConfig(_Section):
     run_name: str = _f("", "Run directory name (one plain path component); empty uses the config's name.",
                        Check(lambda v: not v or is_plain_name(v),
                              "letters, digits, '.', '_' or '-' (one path component, not '.' or '..')"))
+
+    def cross(self) -> list[str]:
+        return name_length_problem("output.run_name", self.run_name)
 
 
 SECTIONS: dict[str, type] = {
@@ -474,7 +510,10 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer too large for a float
+                raise ValueError(f"expected {_RANGE_EXPECTED[True]}, got {value!r}") from None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -525,6 +564,8 @@ def build_config(
     name = data.get("name", "")
     if not isinstance(name, str) or not (not name or is_plain_name(name)):
         problems.append(f"name: expected letters, digits, '.', '_' or '-' (not '.' or '..'), got {name!r}")
+    elif isinstance(name, str):
+        problems.extend(name_length_problem("name", name))
     if not problems:
         problems.extend(_cross_problems(built))
     if problems:
@@ -579,21 +620,49 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
+    """The file's TOML; what keeps it from being read (missing, a directory, not UTF-8, a BOM) is named."""
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"file not found: {path}", source=str(path)) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; expected a TOML config file", source=str(path)) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}", source=str(path)) from None
+    if raw.startswith(_BOM):
+        raise ConfigError("the file starts with a UTF-8 byte-order mark (BOM); save it without one",
+                          source=str(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"not UTF-8 text (invalid byte 0x{raw[e.start]:02x} on line {line}); TOML files are "
+                          "UTF-8", source=str(path)) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"TOML syntax error: {e}", source=str(path)) from None
+
+
+def _resolved(path: Path) -> Path:
+    """The absolute path, or a ConfigError for a symlink loop (resolve raises RuntimeError for it in 3.11)."""
+    try:
+        return path.resolve(strict=path.is_symlink())
+    except FileNotFoundError:
+        raise ConfigError(f"file not found: {path} (a symbolic link to a missing file)", source=str(path)) from None
+    except (OSError, RuntimeError) as e:
+        raise ConfigError(f"cannot follow {path}: {getattr(e, 'strerror', None) or e}", source=str(path)) from None
 
 
 def _load_merged(
     path: Path, seen: tuple[Path, ...]
 ) -> tuple[dict[str, Any], tuple[str, ...], dict[str, str]]:
     """The merged mapping of a file and its parents, the files in order, and who set each key."""
-    path = path.resolve()
+    path = _resolved(path)
     if path in seen:
         cycle = " -> ".join(p.name for p in (*seen, path))
         raise ConfigError(f"extends: circular inheritance ({cycle})", source=str(path))
@@ -608,7 +677,7 @@ def _load_merged(
     origins: dict[str, str] = {}
     for parent in parents:
         ppath = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
-        if not ppath.suffix:
+        if not ppath.suffix and ppath.name:  # "/" has no name to add a suffix to
             ppath = ppath.with_suffix(".toml")
         if not ppath.exists():
             raise ConfigError(f"extends: parent config {parent!r} not found (looked for {ppath})", source=str(path))

@@ -32,6 +32,7 @@ from .console import markdown_table
 from .errors import FarenseError
 from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
 from .layout import SUMMARY_FILE, ProductionPaths, RunPaths
+from .summary import TrainingSummary
 
 TOLERANCE = 1e-9
 REPORT_NAME = "evaluation_report.json"
@@ -121,25 +122,62 @@ class RunReport:
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        return orjson.loads(path.read_bytes())
+        data = orjson.loads(path.read_bytes())
     except FileNotFoundError:
         raise FarenseError(f"{what} not found: {path}") from None
     except orjson.JSONDecodeError as e:
         raise FarenseError(f"{what} is not valid JSON: {path} ({e})") from None
+    if not isinstance(data, dict):
+        raise FarenseError(f"{what} is not a JSON object: {path} (got {type(data).__name__})")
+    return data
+
+
+REPORT_METRICS = ("f1", "precision", "recall", "exact_match")
+
+
+def _metrics(report: dict[str, Any], report_path: Path) -> dict[str, Any]:
+    """The report's summary: the four metrics as finite numbers, the optional ones numbers or None."""
+    s = report.get("summary") or {}
+    if not isinstance(s, dict):
+        raise FarenseError(f"{report_path}: summary is {type(s).__name__}, expected an object "
+                           "(was it written by farense evaluate?)")
+    missing = [k for k in REPORT_METRICS if s.get(k) is None]
+    if missing:
+        raise FarenseError(f"{report_path}: summary lacks {', '.join(missing)} (was it written by farense evaluate?)")
+    bad = [f"{k}={s[k]!r}" for k in REPORT_METRICS if not _finite_number(s[k])]
+    bad += [f"{k}={s[k]!r}" for k in ("test_loss", "test_perplexity", "examples")
+            if s.get(k) is not None and not _finite_number(s[k])]
+    if bad:
+        raise FarenseError(f"{report_path}: summary has {', '.join(bad)}; expected numbers "
+                           "(was it written by farense evaluate?)")
+    return s
+
+
+def _training_fields(d: Any) -> dict[str, Any]:
+    """The training summary's keys present in `d`, each of its declared type (a damaged value reads as unknown)."""
+    if not isinstance(d, dict):
+        return {}
+    typed = TrainingSummary.from_json(d).to_json()
+    return {k: typed[k] for k in d if k in typed}
+
+
+def _text(v: Any) -> str:
+    return v if isinstance(v, str) else ""
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _report_from_files(
     name: str, kind: str, path: Path, report_path: Path, summary_path: Path | None, release_id: str | None = None
 ) -> RunReport:
     report = _read_json(report_path, "evaluation report")
-    s = report.get("summary") or {}
-    missing = [k for k in ("f1", "precision", "recall", "exact_match") if s.get(k) is None]
-    if missing:
-        raise FarenseError(f"{report_path}: summary lacks {', '.join(missing)} (was it written by farense evaluate?)")
-    training = dict(report.get("training") or {})
+    s = _metrics(report, report_path)
+    training = _training_fields(report.get("training"))
     summary_sha = None
     if summary_path is not None and summary_path.exists():
-        training.update(_read_json(summary_path, "training summary"))
+        training.update(_training_fields(_read_json(summary_path, "training summary")))
         summary_sha = sha256_file(summary_path)
     else:
         summary_path = None
@@ -155,9 +193,9 @@ def _report_from_files(
         exact_match=float(s["exact_match"]),
         test_loss=s.get("test_loss"),
         test_perplexity=s.get("test_perplexity"),
-        examples=int(s.get("examples", 0)),
-        config_name=report.get("config_name", training.get("config_name", "")),
-        config_fingerprint=report.get("config_fingerprint", training.get("fingerprint", "")),
+        examples=int(s.get("examples") or 0),
+        config_name=_text(report.get("config_name", training.get("config_name"))),
+        config_fingerprint=_text(report.get("config_fingerprint", training.get("fingerprint"))),
         train_val_gap=training.get("train_val_gap"),
         gap_status=training.get("gap_status"),
         best_step=training.get("best_step"),
@@ -168,7 +206,7 @@ def _report_from_files(
         training_summary=summary_path,
         training_summary_sha256=summary_sha,
         release_id=release_id,
-        evaluated_at=report.get("created_at"),
+        evaluated_at=_text(report.get("created_at")) or None,
     )
 
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .config import DiskConfig, ExperimentConfig, format_size
 from .errors import DiskFull
+from .fsutil import existing_path
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointStore, RetentionPolicy
@@ -69,14 +70,6 @@ class Usage:
 
 
 UsageFn = Callable[[Path], Usage]
-
-
-def existing_path(path: str | os.PathLike[str]) -> Path:
-    """`path` or its nearest existing ancestor: where a path not created yet will live."""
-    p = Path(os.path.abspath(path))
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
 
 
 def disk_usage(path: str | os.PathLike[str]) -> Usage:

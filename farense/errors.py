@@ -7,6 +7,9 @@ line, and what is expected; its `exit_code` (farense.outcome.ExitCode) and, from
 
 from __future__ import annotations
 
+import errno
+import os
+
 from .outcome import ExitCode, retryable
 
 
@@ -63,6 +66,12 @@ class ModelImportError(FarenseError):
     exit_code = 2
 
 
+class NotWritable(FarenseError):
+    """A directory farense must write to is read-only or not ours to write: found before any work starts."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
 class FingerprintMismatch(FarenseError):
     """Resuming with a config whose training fields differ from the checkpoint's."""
 
@@ -86,7 +95,7 @@ class DiskFull(FarenseError):
 
 
 class Preempted(FarenseError):
-    """SIGTERM/SIGINT: the run checkpointed and stopped; resume continues it."""
+    """SIGTERM, SIGINT or SIGHUP: the run checkpointed and stopped; resume continues it."""
 
     exit_code = ExitCode.PREEMPTED
 
@@ -128,3 +137,19 @@ class TrainingFailed(FarenseError):
 
     def __str__(self) -> str:
         return self.message
+
+
+_NOT_OURS = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
+
+
+def storage_error(exc: OSError) -> FarenseError:
+    """An OSError that reached the command line as the named error a person can act on (one line, its code)."""
+    name = exc.filename
+    where = f"{os.path.abspath(name) if isinstance(name, str) else name}: " if name else ""
+    if exc.errno in _NOT_OURS:
+        return NotWritable(f"cannot use {where}{_NOT_OURS[exc.errno]}; make it writable (or use another "
+                           "workspace) and run again")
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return DiskFull(f"disk full while writing {where}{exc.strerror}; free space and run again")
+    return FarenseError(f"{where}{exc.strerror or exc}")
+

@@ -32,6 +32,7 @@ from .decision import REPORT_NAME, iso
 from .errors import DataError, FarenseError
 from .fsutil import atomic_write_bytes, sha256_file
 from .layout import RunPaths
+from .preflight import require_writable
 from .textmetrics import aggregate, token_scores
 
 REPORT_FORMAT = "farense.evaluation/1"
@@ -237,6 +238,7 @@ def evaluate_base_model(config: ExperimentConfig, out_path: Path, *, max_example
     summary is written atomically to `out_path` and returned."""
     from .train.setup import load_base_model
 
+    require_writable({"the report's directory": out_path.parent}, "evaluating the base model")  # before loading
     ev = config.evaluation
     limit = max_examples if max_examples is not None else (ev.max_examples or None)
     test_path, raw = load_test_examples(config, limit)
@@ -368,6 +370,7 @@ def evaluate_run(
         if not paths.config.is_file():
             raise FarenseError(f"run {paths.name} has no config.json ({paths.config}); pass the config explicitly")
         config = config_from_json(paths.config)
+    require_writable({"the evaluation directory": paths.evaluation}, f"evaluating {paths.name}")  # before loading
     ev = config.evaluation
     limit = max_examples if max_examples is not None else (ev.max_examples or None)
     test_path, raw = load_test_examples(config, limit)

@@ -14,6 +14,8 @@ import os
 import shutil
 import stat
 import sys
+import types
+import typing
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -139,8 +141,10 @@ class JsonRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Any:
+        """Unknown keys, and values not of their field's type (a damaged file), are left out: the defaults stand."""
+        hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in known and _fits(v, hints.get(k, Any))})
 
     def write(self, path: str | os.PathLike[str]) -> None:
         atomic_write_json(path, self.to_json())
@@ -150,6 +154,23 @@ class JsonRecord:
         """The record at `path`; None when there is none (missing, unreadable, not a JSON object)."""
         data = read_json_object(path)
         return cls.from_json(data) if data is not None else None
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a JSON value has a declared field type (None only where the type allows it; a bool is no number)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_fits(value, arg) for arg in typing.get_args(tp))
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    tp = origin or tp
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -210,6 +231,45 @@ def free_bytes(path: str | os.PathLike[str]) -> int:
     """Space a non-root writer may still use on `path`'s filesystem (statvfs f_bavail)."""
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def existing_path(path: str | os.PathLike[str]) -> Path:
+    """`path` or its nearest existing ancestor: where a path not created yet will live."""
+    p = Path(os.path.abspath(path))
+    while not _exists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except OSError:  # a component too long (ENAMETOOLONG): that path cannot exist
+        return False
+
+
+def write_problem(directory: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """Where and why a file cannot be written in `directory` (or, while it does not exist, in the ancestor
+    it would be created in): a real probe (create, fsync, delete a temporary file), since mode bits lie
+    to root and to read-only mounts. None when the probe succeeds, or fails only for lack of space (the
+    disk checks report that)."""
+    where = existing_path(directory)
+    if not where.is_dir():
+        return where, "not a directory"
+    probe = where / f".farense-write-probe{TMP_MARK}{uuid.uuid4().hex}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _flush_fd(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:
+            return None
+        return where, {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                       errno.EPERM: "operation not permitted"}.get(e.errno or 0, e.strerror or str(e))
+    return None
 
 
 def disk_full_errno(exc: BaseException) -> int | None:

@@ -110,7 +110,14 @@ KEY_RULES: dict[str, str] = {
     "test_batches": "ignored: see evaluation.max_examples",
     "clear_cache_threshold": "ignored: allocator housekeeping, no effect on what is trained",
     "config": "ignored (the -c option itself)",
+    # Newer mlx-lm versions (examples/lora_config.yaml) and older ones document these too.
+    "training_mode": "normal: accepted (what farense trains); grpo and other modes refused",
+    "wandb": "refused when set: mlx-lm's older name for report_to; farense does not report to wandb",
+    **{k: "ignored unless training_mode is grpo (a GRPO setting)" for k in (
+        "reference_model_path", "group_size", "beta", "epsilon", "max_completion_length", "use_chat_template",
+        "use_prompt", "temperature", "reward_weights", "answer_feature", "system_feature")},
 }
+GRPO_KEYS = tuple(k for k, rule in KEY_RULES.items() if "a GRPO setting" in rule)
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "data": (str,), "chat_feature": (str,), "prompt_feature": (str,),
@@ -122,6 +129,10 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "save_every": (int,), "adapter_path": (str,), "resume_adapter_file": (str,), "steps_per_report": (int,),
     "report_to": (str,), "project_name": (str,), "train": (bool,), "test": (bool,), "test_batches": (int,),
     "clear_cache_threshold": (int, str), "config": (str,), "hf_dataset": (dict, list),
+    "training_mode": (str,), "wandb": (str,), "reference_model_path": (str,), "group_size": (int,),
+    "beta": (float, int), "epsilon": (float, int), "max_completion_length": (int,), "use_chat_template": (bool,),
+    "use_prompt": (bool,), "temperature": (float, int), "reward_weights": (list,), "answer_feature": (str,),
+    "system_feature": (str,),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping",
                list: "a list"}
@@ -170,6 +181,11 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"file not found: {path}", source=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (invalid byte at offset {e.start}); mlx-lm configs are UTF-8 YAML",
+                          source=str(path)) from None
+    except OSError as e:  # a directory, a symlink loop, no permission
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}", source=str(path)) from None
     try:
         doc = yaml.load(text, Loader=yaml_loader())
     except yaml.YAMLError as e:
@@ -263,7 +279,7 @@ def import_lora_config(raw: Mapping[str, Any], *, name: str, source: str = "<mlx
                                            notes)
     # Accepted, without effect.
     for key in ("adapter_path", "steps_per_report", "project_name", "train", "test", "test_batches",
-                "clear_cache_threshold", "config"):
+                "clear_cache_threshold", "config", *GRPO_KEYS):
         if raw.get(key) is not None:
             notes.append(f"{key}: {KEY_RULES[key]}")
 
@@ -314,8 +330,14 @@ def _refused_keys(raw: Mapping[str, Any], problems: list[str]) -> None:
     if raw.get("resume_adapter_file") is not None:
         problems.append("resume_adapter_file: " + KEY_RULES["resume_adapter_file"].split(": ", 1)[1]
                         + "; remove it (a stopped farense run resumes by itself)")
-    if raw.get("report_to") is not None:
-        problems.append("report_to: " + KEY_RULES["report_to"].split(": ", 1)[1] + "; remove it")
+    for key in ("report_to", "wandb"):
+        if raw.get(key) is not None:
+            problems.append(f"{key}: " + KEY_RULES[key].split(": ", 1)[1] + f" (got {raw[key]!r}); remove it")
+    mode = raw.get("training_mode")
+    if mode is not None and mode != "normal":
+        problems.append(f"training_mode: {mode!r} is not supported: farense trains with the supervised loss "
+                        "(mlx-lm's 'normal') only; set training_mode: normal or remove it, or train GRPO with "
+                        "mlx-lm")
 
 
 def _map_lora(v: dict[str, Any], problems: list[str]) -> dict[str, Any]:

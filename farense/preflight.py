@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 from .config import ExperimentConfig, format_size
 from .diskguard import DiskGuard, Level, Usage, UsageFn, disk_usage, existing_path, flood_floor, mount_point
-from .errors import DiskFull
-
+from .errors import DiskFull, NotWritable
+from .fsutil import write_problem
+from .layout import RunPaths
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,33 @@ def check_memory(model_bytes: int | None, *, memory: Callable[[], Any] | None = 
     return MemoryCheck(model_bytes, int(vm.available), int(vm.total), warning)
 
 
+def output_dirs(config: ExperimentConfig) -> dict[str, Path]:
+    """Every directory a run writes to, by the name a person knows it by."""
+    return {"output.runs_dir": config.runs_dir, "the run directory": config.run_dir,
+            "its checkpoints": RunPaths(config.run_dir).checkpoints, "output.production_dir": config.production_dir,
+            "the workspace's .farense": Path(config.workspace) / ".farense"}
+
+
+def check_writable(config: ExperimentConfig) -> None:
+    """Before any model loads: each output directory takes a real write, or NotWritable names those that do not."""
+    require_writable(output_dirs(config), f"{config.name} (nothing was loaded or written)",
+                     "or point output.runs_dir / output.production_dir elsewhere")
+
+
+def require_writable(dirs: dict[str, Path], doing: str, alternative: str = "or use another workspace") -> None:
+    """NotWritable, in one line, naming each of `dirs` (by the name a person knows it by) where a probe write fails;
+    directories not created yet are probed where they would be created."""
+    failed: dict[tuple[Path, str], list[str]] = {}
+    for what, path in dirs.items():
+        problem = write_problem(path)
+        if problem is not None:
+            failed.setdefault(problem, []).append(what)
+    if failed:
+        where = "; ".join(f"{p}: not writable, {why} (for {', '.join(names)})" for (p, why), names in failed.items())
+        them = "it" if sum(map(len, failed.values())) == 1 else "them"
+        raise NotWritable(f"cannot write for {doing}: {where}; make {them} writable {alternative}")
+
+
 def cleanup_command(config: ExperimentConfig, *, hf_cache: bool = False) -> str:
     cmd = f"farense cleanup --runs-dir {config.runs_dir} --production-dir {config.production_dir} --apply"
     return cmd + (" --hf-cache" if hf_cache else "")
@@ -136,6 +164,7 @@ def preflight(
     from .cleanup import apply_cleanup, plan_for_config, referenced_models
     from .estimate import estimate_run
 
+    check_writable(config)
     est = estimate or estimate_run(config, include_fused=include_fused, cache_dir=hf_cache_dir,
                                    allow_network=allow_network)
     refs = referenced_models(config.runs_dir) | {config.model.path} if include_hf_cache else set()

@@ -6,19 +6,36 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
+# SIGHUP: the terminal or ssh session that started the run went away; stop as resumable, like SIGTERM.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class PreemptionFlag:
-    """Set by SIGTERM/SIGINT; the loop checks it after each optimizer step, checkpoints and exits."""
+    """Set by SIGTERM, SIGINT or SIGHUP; the loop polls it after each optimizer step, checkpoints and exits.
+
+    `hold()` blocks these signals in the main thread (and so in every thread started after it, MLX's
+    included) until the first `poll()`: a blocked signal waits instead of being dropped, and MLX's first
+    compile runs `g++ --version` through system(), which ignores SIGINT meanwhile.
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
+        self._held = False
 
     @property
     def requested(self) -> bool:
         return self.signal is not None
+
+    @property
+    def name(self) -> str:
+        """The signal's name (SIGHUP), for messages."""
+        return signal.Signals(self.signal).name if self.signal is not None else "none"
 
     def request(self, signum: int = signal.SIGTERM) -> None:
         self.signal = signum
@@ -30,16 +47,57 @@ class PreemptionFlag:
         self.signal = signum
 
     def install(self) -> "PreemptionFlag":
-        """Install handlers when called from the main thread (Prefect runs tasks in threads)."""
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
+        """Install handlers when called from the main thread (Prefect runs tasks in threads); a SIGHUP
+        ignored by whoever started us (nohup) stays ignored."""
+        if _in_main_thread():
+            for s in PREEMPTION_SIGNALS:
+                if s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN:
+                    continue
                 self._previous[s] = signal.signal(s, self._handler)
         return self
 
+    def hold(self) -> "PreemptionFlag":
+        """Keep preemption signals waiting (never lost) until the first poll(): start-up, where MLX compiles."""
+        if _in_main_thread() and not self._held:
+            signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+            self._held = True
+        return self
+
+    def release(self) -> None:
+        """Deliver what waited during hold(): Python runs the handler before this returns."""
+        if self._held:
+            self._held = False
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
+
+    def poll(self) -> bool:
+        """Whether a stop was requested, counting signals that arrived while held."""
+        self.release()
+        return self.requested
+
     def restore(self) -> None:
+        self.release()  # while our handlers are still installed: a held signal is recorded, not lost
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def kept_from_new_threads() -> Iterator[None]:
+    """Threads started inside (native ones too: OpenBLAS starts its pool as it loads) inherit a mask
+    that blocks the preemption signals, so the kernel hands those to the main thread, where Python
+    handles them, and never to a thread that would drop them while system() ignores SIGINT."""
+    if not _in_main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def die_with_parent() -> None:

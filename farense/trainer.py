@@ -27,6 +27,7 @@ from .fsutil import atomic_write_bytes, fsync_dir, fsync_file
 from .layout import RunPaths
 from .metrics import MetricsLog
 from .outcome import ExitCode, TrainingOutcome
+from .preflight import check_writable
 from .runstate import write_run_state
 from .signals import PreemptionFlag
 from .runstate import RunState
@@ -76,6 +77,7 @@ def run_training(
     check_inputs(config)
     _, loaded = validate_data(config)
     data_fp = data_fingerprint(config)
+    check_writable(config)  # a read-only checkpoints directory fails now, not at the first checkpoint
     paths = RunPaths(config.run_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
 

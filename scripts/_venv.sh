@@ -7,8 +7,9 @@ ensure_venv() {
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   py="${PYTHON:-}"
   if [ -z "$py" ]; then
+    # A pyenv shim for a version that is not selected prints "command not found": probe quietly.
     for cand in python3.13 python3.12 python3.11 python3; do
-      if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
         py="$cand"; break
       fi
     done

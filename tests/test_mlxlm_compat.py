@@ -23,6 +23,7 @@ from farense.mlxlm_compat import (
     EXPORT_RECORD,
     KEY_RULES,
     MLX_LM_DEFAULTS,
+    GRPO_KEYS,
     import_lora_config,
     import_lora_yaml,
     read_yaml,
@@ -114,7 +115,65 @@ def test_the_defaults_and_key_table_cover_what_the_installed_mlx_lm_documents():
     assert MLX_LM_DEFAULTS == lora.CONFIG_DEFAULTS
     parser_keys = {a.dest for a in lora.build_parser()._actions if not isinstance(a, argparse._HelpAction)}
     lora_md_keys = {"hf_dataset", "chat_feature", "prompt_feature", "completion_feature", "text_feature"}
-    assert set(KEY_RULES) == set(lora.CONFIG_DEFAULTS) | parser_keys | lora_md_keys
+    # documented by other mlx-lm versions: examples/lora_config.yaml (training_mode and GRPO), the older wandb
+    other_versions = {"training_mode", "wandb", *GRPO_KEYS}
+    assert set(KEY_RULES) == set(lora.CONFIG_DEFAULTS) | parser_keys | lora_md_keys | other_versions
+
+
+NEWER_YAML = """\
+model: m
+data: d
+iters: 20
+fine_tune_type: lora
+training_mode: "normal"
+optimizer: adamw
+# GRPO settings, which mlx-lm ignores in normal mode
+group_size: 4
+beta: 0.1
+epsilon: 1e-4
+max_completion_length: 512
+use_chat_template: true
+use_prompt: false
+temperature: 0.8
+reference_model_path: "mlx_model"
+system_feature: "system"
+wandb: null
+"""
+
+
+def test_keys_newer_mlx_lm_documents_are_accepted_when_they_mean_what_farense_does(tmp_path):
+    p = tmp_path / "newer.yaml"
+    p.write_text(NEWER_YAML)
+    imp = import_lora_yaml(p)
+    assert imp.data["training"]["iters"] == 20 and imp.data["training"]["optimizer"] == "adamw"
+    assert any(n.startswith("group_size: ignored unless training_mode is grpo") for n in imp.notes), imp.notes
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ("training_mode: grpo\n", "training_mode: 'grpo' is not supported"),
+    ("training_mode: dpo\n", "training_mode: 'dpo' is not supported"),
+    ("wandb: my-project\n", "wandb: mlx-lm's older name for report_to"),
+    ("training_mode: 3\n", "training_mode: expected a string, got int 3"),
+])
+def test_keys_newer_mlx_lm_documents_are_refused_naming_the_value(tmp_path, extra, expected):
+    p = tmp_path / "newer.yaml"
+    p.write_text("model: m\ndata: d\niters: 20\n" + extra)
+    with pytest.raises(ConfigError) as e:
+        import_lora_yaml(p)
+    assert expected in str(e.value), str(e.value)
+    assert extra.split(": ")[1].strip() in str(e.value)
+
+
+@pytest.mark.parametrize("content", [b"model: m\ndata: caf\xe9\n", None])
+def test_an_unreadable_yaml_is_a_config_error(tmp_path, capsys, content):
+    p = tmp_path / "c.yaml"
+    if content is None:
+        p.mkdir()
+    else:
+        p.write_bytes(content)
+    assert main(["config", "import", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(p) in err and ("not UTF-8" in err or "cannot read" in err), err
 
 
 def test_yaml_numbers_read_as_mlx_lm_reads_them(tmp_path):

@@ -23,29 +23,35 @@ from . import add_demo_flags
 
 if TYPE_CHECKING:
     from ..distributed import JobOutcome, LaunchSpec
+    from ..signals import PreemptionFlag
 
 
 def train(args: argparse.Namespace) -> int:
     from ..distributed import spec_defaults_from_env
-    from ..signals import die_with_parent
+    from ..signals import PreemptionFlag, die_with_parent
 
-    if args.die_with_parent:
-        die_with_parent()
-    hosts, hostfile = (None, None) if args.rank_mode else spec_defaults_from_env(args.hosts, args.hostfile)
-    config = load_config(args.config, overlays=args.overlay or [])
-    for overlay in set(args.overlay or []) & set(DEMO_OVERLAYS):
-        prepare_demo(overlay, config.model_path)
-    if hosts or hostfile:
-        return _launch(args, config, hosts, hostfile)
-    return _run(args, config)
+    # Before anything starts a thread (MLX's stream thread inherits the mask): a preemption signal during
+    # start-up waits for the first step's end instead of being lost in MLX's first compile.
+    flag = PreemptionFlag().install().hold()
+    try:
+        if args.die_with_parent:
+            die_with_parent()
+        hosts, hostfile = (None, None) if args.rank_mode else spec_defaults_from_env(args.hosts, args.hostfile)
+        config = load_config(args.config, overlays=args.overlay or [])
+        for overlay in set(args.overlay or []) & set(DEMO_OVERLAYS):
+            prepare_demo(overlay, config.model_path)
+        if hosts or hostfile:
+            flag.restore()  # the launcher polls for signals itself, from the start
+            return _launch(args, config, hosts, hostfile)
+        return _run(args, config, flag)
+    finally:
+        flag.restore()
 
 
-def _run(args: argparse.Namespace, config: ExperimentConfig) -> int:
+def _run(args: argparse.Namespace, config: ExperimentConfig, flag: PreemptionFlag) -> int:
     """Train in this process: alone, or as one rank of a launched job (--rank-mode)."""
-    from ..signals import PreemptionFlag
     from ..trainer import run_training
 
-    flag = PreemptionFlag().install()
     outcome: TrainingOutcome | None = None
     rank, dog, log, on_step_end = 0, None, None, None
     if args.rank_mode:

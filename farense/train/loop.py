@@ -125,7 +125,7 @@ class TrainingLoop:
                 self.callbacks.on_step_end(st.step, row, self.setup.model)
             # One reading of the flag decides both the checkpoint and the exit: a signal that
             # arrives later is served after the next step, never between the two.
-            preempt_now = any_rank(self.preemption.requested, self.world)  # all ranks: the same decision
+            preempt_now = any_rank(self.preemption.poll(), self.world)  # all ranks: the same decision
             if self.checkpoints.due(st, total, preempting=preempt_now):
                 started = self.clock()
                 self.checkpoints.save(st)
