@@ -100,7 +100,9 @@ def completion_message(cfg: ExperimentConfig, t: TrainingOutcome, e: EvaluationR
 
     outcome = "promoted" if p.promoted else "not promoted"
     subject = f"farense: {flow_run.name or cfg.run_name} completed, {outcome}"
-    gap = "-" if t.train_val_gap is None else f"{t.train_val_gap:.4f} ({t.gap_status})"
+    reading = t.gap_at_best
+    gap = ("-" if t.train_val_gap is None else f"{t.train_val_gap:+.4f} ({t.gap_status})" if reading is None
+           else f"{reading.describe()} ({t.gap_status})")
     best = "-" if t.best_val_loss is None else f"{t.best_val_loss:.4f} at step {t.best_step}"
     lines = [
         f"config: {cfg.name} (fingerprint {cfg.fingerprint})",
@@ -108,7 +110,7 @@ def completion_message(cfg: ExperimentConfig, t: TrainingOutcome, e: EvaluationR
         + (f", resumed from step {t.resumed_from}" if t.resumed_from else "")
         + (" (already trained)" if t.skipped else ""),
         f"best validation loss: {best}",
-        f"train/validation gap: {gap}",
+        f"train/validation gap at the best step: {gap}",
         f"F1 {e.f1:.4f}, precision {e.precision:.4f}, recall {e.recall:.4f}, exact match {e.exact_match:.4f}"
         f" on {e.examples} test examples",
         f"compared with: {d.incumbent or 'nothing in production yet'}",
