@@ -102,7 +102,8 @@ def progress_description(step: int, total: int, last_val: dict, eta_seconds: flo
     reading = GapReading.of(last_val.get("val_loss"), last_val.get("train_loss_window"),
                             last_val.get("train_loss_window_steps"))
     if reading is not None:
-        parts.append(f"at step {last_val['step']}: {reading.describe()} {last_val.get('gap_status') or ''}".rstrip())
+        at = "" if last_val.get("step") == step else f"at step {last_val.get('step')}: "
+        parts.append(f"{at}{reading.describe()} {last_val.get('gap_status') or ''}".rstrip())
     if eta_seconds is not None and not state:
         parts.append(f"ETA {format_duration(eta_seconds)}")
     return " · ".join(parts)

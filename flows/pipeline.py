@@ -24,7 +24,7 @@ from farense.decision import PRODUCTION
 from farense.errors import ResumeLimitReached
 from farense.outcome import TrainingOutcome
 
-from tasks.common import best_effort
+from tasks.common import TASK_TAG, tag_flow_run
 from tasks.decide import DecisionResult, decide_task
 from tasks.disk import CleanupResult, PreflightResult, cleanup_task, preflight_task
 from tasks.evaluate import EvaluationResult, evaluate_task
@@ -75,22 +75,10 @@ def refuse_endless_resumes(resume_attempt: int, max_resume_attempts: int) -> Non
 
 
 def _tag_flow_run(config: ExperimentConfig, demo: bool | str) -> None:
-    """Tags in the UI: which config, whether on the demo model."""
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
-
+    """Tags in the UI, as the deployments give them: farense, training, which config, which demo model."""
     from farense.demo import demo_overlay
 
-    wanted = {"farense", f"config:{config.name}", *([demo_overlay(demo)] if demo else [])}
-    current = set(flow_run.tags or [])
-    if wanted <= current:
-        return
-
-    def update() -> None:
-        with get_client(sync_client=True) as client:
-            client.update_flow_run(flow_run.id, tags=sorted(current | wanted))
-
-    best_effort("tagging the flow run", update)
+    tag_flow_run(TASK_TAG, "training", f"config:{config.name}", *([demo_overlay(demo)] if demo else []))
 
 
 def completion_message(cfg: ExperimentConfig, t: TrainingOutcome, e: EvaluationResult, d: DecisionResult,

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
 
 from farense.cleanup import free_space_now
 from farense.config import ExperimentConfig
@@ -19,7 +18,7 @@ from farense.outcome import TrainingOutcome
 from farense.summary import TrainingSummary
 from farense.training_job import TrainingWatcher, train_in_subprocess
 
-from .common import artifact_key, best_effort
+from .common import artifact_key, best_effort, step
 
 RETRIES = 3
 RETRY_DELAYS = [10, 30, 60]  # seconds, jittered by Prefect (retry_jitter_factor)
@@ -55,8 +54,8 @@ def _watcher(config: ExperimentConfig, paths: RunPaths, pid: int, log: Any) -> T
     return TrainingWatcher(paths, pid, log.info, on_checkpoint=checkpoint, on_progress=progress)
 
 
-@task(name="train", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.5,
-      retry_condition_fn=retry_only_curable, tags=["farense-train"], cache_policy=NO_CACHE)
+@step("train", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.5,
+      retry_condition_fn=retry_only_curable, tags=["farense-train"])
 def train_model(config: ExperimentConfig, demo: bool | str = False) -> TrainingOutcome:
     """Train or resume `config`; skipped when this exact config already finished training."""
     log = get_run_logger()
