@@ -45,20 +45,28 @@ def farense_config(ws: Path, demo: Path, iters: int, every: int):
     )
 
 
-def run_farense(cfg, ws: Path) -> tuple[float, list[dict]]:
+def run_farense(cfg, ws: Path, env: dict | None = None) -> tuple[float, list[dict]]:
     ws.mkdir(parents=True, exist_ok=True)
     f = ws / "cfg.toml"
     f.write_text(config_to_toml(cfg))
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "farense", "--workspace", str(ws), "train", str(f), "--no-progress"],
-                   check=True, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   check=True, env=env or ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0, read_metrics(RunPaths(cfg.run_dir).metrics_jsonl)
 
 
-def run_mlx_lm(cfg, ws: Path, iters: int) -> tuple[float, list[float], float | None]:
+# `python -m mlx_lm lora`, but with farense's fast BLAS loaded first (or not, as FARENSE_BLAS says), so
+# both tools multiply with the same library.
+MLX_LM_LORA = ("import runpy, sys; from farense.blas import ensure_fast_blas; ensure_fast_blas(); "
+               "sys.argv = ['mlx_lm.lora', *sys.argv[1:]]; runpy.run_module('mlx_lm.lora', run_name='__main__')")
+
+
+def run_mlx_lm(cfg, ws: Path, iters: int, *, model: str | None = None, env: dict | None = None,
+               extra: tuple[str, ...] = ()) -> tuple[float, list[float], float | None]:
     """mlx_lm lora with the same settings; returns wall time, its reported tokens/s, time to first step."""
     t = cfg.training
-    cmd = [sys.executable, "-m", "mlx_lm", "lora", "--model", resolve_model_dir(cfg), "--data", str(cfg.data_dir), "--train",
+    cmd = [sys.executable, "-c", MLX_LM_LORA, "--model", model or resolve_model_dir(cfg), "--data", str(cfg.data_dir),
+           "--train",
            "--fine-tune-type", cfg.lora.type, "--num-layers", str(cfg.lora.num_layers),
            "--batch-size", str(t.batch_size), "--grad-accumulation-steps", str(t.grad_accumulation),
            "--iters", str(iters * t.grad_accumulation),  # mlx-lm counts micro-batches
@@ -67,8 +75,9 @@ def run_mlx_lm(cfg, ws: Path, iters: int) -> tuple[float, list[float], float | N
            "--save-every", str(10**9), "--adapter-path", str(ws / "mlx_lm_adapters"), "--seed", str(t.seed)]
     if t.mask_prompt:
         cmd.append("--mask-prompt")
+    cmd += list(extra)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env or ENV, text=True, cwd=REPO)
     first = None
     rates = []
     for line in proc.stdout:

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 
+from .blas import announce, ensure_fast_blas
 from .errors import FarenseError
 
 # Areas in the order `farense --help` lists them; a module that is missing is skipped so that a
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before any command imports mlx, so that MLX's Linux CPU backend multiplies with OpenBLAS.
+    announce(ensure_fast_blas())
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.workspace:

@@ -38,7 +38,10 @@ def evaluate_base_task(config: ExperimentConfig) -> BaseEvaluation:
         log.info(f"base model already evaluated on this test split (F1 {old['summary']['f1']:.4f}); not again")
         return BaseEvaluation(str(path), old["summary"]["f1"], skipped=True)
     report = evaluate_base_model(config, path, log=log.info)
-    return BaseEvaluation(str(path), report["summary"]["f1"])
+    s = report["summary"]
+    log.info(f"base model (no adapters): F1 {s['f1']:.4f}, exact match {s['exact_match']:.4f}, "
+             f"test loss {s['test_loss']:.4f}")
+    return BaseEvaluation(str(path), s["f1"])
 
 
 @step("choose-winner")

@@ -91,7 +91,9 @@ def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None 
         nn.quantize(model, group_size=config.model.quantize_group_size, bits=config.model.quantize_bits)
     choice = resolve_compute(model, config.model.compute)
     if log:
-        log(choice.describe())
+        from ..blas import describe_blas
+
+        log(f"{choice.describe()}; {describe_blas()}")
     return apply_compute(model, choice), tokenizer
 
 
