@@ -94,17 +94,24 @@ def progress_due(percent: float, last_percent: float | None, since_last: float) 
             or since_last >= PROGRESS_MAX_SECONDS)
 
 
+def text_bar(percent: float, width: int = 10) -> str:
+    """'▰▰▰▰▱▱▱▱▱▱ 40%': a bar that reads the same on an artifact card, in a log and in a notification."""
+    full = min(width, max(0, int(percent / 100 * width + 1e-9)))
+    return "▰" * full + "▱" * (width - full) + f" {percent:.0f}%"
+
+
 def progress_description(step: int, total: int, last_val: dict, eta_seconds: float | None, state: str = "") -> str:
-    """One line under the bar: the step, the last validation's gap with its two losses, the ETA."""
+    """One line under the bar: a text bar, the step, the last validation's gap with its two losses, the ETA."""
     from .monitor import format_duration
 
-    parts = [f"{state + ' at ' if state else ''}step {step}/{total}"]
+    percent = 100.0 if state else 100.0 * min(step, total) / total
+    parts = [text_bar(percent), f"{state + ' at ' if state else ''}step {step}/{total}"]
     reading = GapReading.of(last_val.get("val_loss"), last_val.get("train_loss_window"),
                             last_val.get("train_loss_window_steps"))
     if reading is not None:
         at = "" if last_val.get("step") == step else f"at step {last_val.get('step')}: "
         parts.append(f"{at}{reading.describe()} {last_val.get('gap_status') or ''}".rstrip())
-    if eta_seconds is not None and not state:
+    if eta_seconds is not None and not state and step < total:
         parts.append(f"ETA {format_duration(eta_seconds)}")
     return " · ".join(parts)
 
@@ -130,6 +137,7 @@ class TrainingWatcher:
         self._store = CheckpointStore(paths.checkpoints)
         self._checkpoints: set[int] = set(self._store.committed_steps())
         self._reported: float | None = None
+        self._reported_state = ""
         self._reported_at = clock()
         self._pace: tuple[float, int] | None = None  # (clock, step) when steps were first seen: the ETA's base
 
@@ -170,9 +178,10 @@ class TrainingWatcher:
         # An early-stopped run is done: its bar ends full, and the description says where it stopped.
         pct = 100.0 if self.finished_as else round(100.0 * min(self.step, self.total) / self.total, 1)
         eta = self.eta_seconds()
-        if not progress_due(pct, self._reported, self.clock() - self._reported_at):
+        ended = self.finished_as and self.finished_as != self._reported_state  # said once, whatever the rate
+        if not ended and not progress_due(pct, self._reported, self.clock() - self._reported_at):
             return
-        self._reported, self._reported_at = pct, self.clock()
+        self._reported, self._reported_at, self._reported_state = pct, self.clock(), self.finished_as
         self.on_progress(pct, progress_description(self.step, self.total, self.last_val, eta,
                                                    self.finished_as.replace("-", " ")))
 

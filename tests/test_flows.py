@@ -247,6 +247,13 @@ def test_the_progress_bar_moves_every_few_percent_not_every_poll(tmp_path: Path)
     assert 8 <= len(bars) <= 12 and bars[-1][0] == 100.0, [p for p, _ in bars]
     assert "step 41/100 · at step 40: val 2.1000" in bars[4][1] and all("ETA" in d for _, d in bars[1:-1]), bars
     assert "val 2.1000 - train 2.0000 (mean of last 10 steps) = gap +0.1000 BOM" in bars[-1][1]
+    assert bars[-1][1].startswith("▰▰▰▰▰▰▰▰▰▰ 100% · step 100/100") and "ETA" not in bars[-1][1]
+    # The trainer's final state comes after its last step: the bar says how it ended, once.
+    paths.state.write_bytes(orjson.dumps({"state": "completed", "pid": 7, "total_steps": 100}))
+    watcher.poll()
+    watcher.poll()
+    assert bars[-1][1].startswith("▰▰▰▰▰▰▰▰▰▰ 100% · completed at step 100/100") and bars[-2][0] == 100.0
+    assert len([d for _, d in bars if "completed" in d]) == 1
 
 
 def test_a_second_training_on_the_machine_waits_until_the_first_dies(tmp_path: Path, monkeypatch: Any) -> None:
