@@ -175,8 +175,9 @@ class TrainingOutcome(JsonRecord):
     def describe(self) -> str:
         """One line for a terminal: where it ended and how good the best adapters are."""
         best = self.best_val_loss if self.best_val_loss is None else round(self.best_val_loss, 4)
+        gap = "-" if self.train_val_gap is None else f"{self.train_val_gap:+.4f}"
         return (f"{self.state.value}: step {self.step}/{self.total_steps}, best val loss {best} at step "
-                f"{self.best_step}, gap {self.gap_status} -> {self.run_dir}/adapters")
+                f"{self.best_step}, gap {gap} {self.gap_status} -> {self.run_dir}/adapters")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

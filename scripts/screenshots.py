@@ -67,7 +67,9 @@ def capture_monitor(env: dict[str, str], workspace: Path, run_dir: Path, out: Pa
                               check=True).stdout
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-    out.write_text("\n".join(line.rstrip() for line in text.rstrip().splitlines()) + "\n")
+    lines = [line.rstrip() for line in text.rstrip().splitlines()]
+    panel = next((i for i, line in enumerate(lines) if line.startswith("╭")), 0)  # start-up notes before it go
+    out.write_text("\n".join(lines[panel:]) + "\n")
     print(f"  {out.relative_to(REPO)}: the monitor while training")
 
 
