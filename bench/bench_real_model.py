@@ -1,5 +1,6 @@
 """The real demo model on the CPU, side by side in one run: farense against `mlx_lm lora` on the same
-imported SmolLM2-135M-Instruct, the same data and settings (V2 + the demo overlay), each with
+imported SmolLM2-135M-Instruct, the same data and settings (V2 + the demo overlay; V2's micro-batch
+of 2 without accumulation by default, since the reference BLAS takes minutes per demo step), each with
 farense's fast BLAS (OpenBLAS through the shim) and with MLX's bundled reference BLAS.
 
     .venv/bin/python bench/bench_real_model.py [--steps 8] [--skip 2]
@@ -33,11 +34,12 @@ from farense.gguf import import_gguf  # noqa: E402
 from farense.smollm2 import build_smollm2_demo, fetch_gguf  # noqa: E402
 
 
-def bench_config(ws: Path, demo: Path, steps: int):
+def bench_config(ws: Path, demo: Path, steps: int, batch: int, accumulation: int):
     cfg = load_config("v2", overlays=["demo"], workspace=ws)
     return cfg.with_overrides(
         model={"path": str(demo / "model")}, data={"dir": str(demo / "data")},
-        training={"epochs": 0, "iters": steps, "warmup_steps": 0, "schedule": "constant"},
+        training={"epochs": 0, "iters": steps, "warmup_steps": 0, "schedule": "constant", "batch_size": batch,
+                  "grad_accumulation": accumulation},
         validation={"every_steps": steps, "batches": 1}, checkpoint={"every_steps": steps},
         early_stopping={"patience": 0},
     )
@@ -60,6 +62,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the median")
+    # V2's micro-batch without accumulation by default: the reference BLAS takes minutes per demo step.
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--grad-accumulation", type=int, default=1)
     ap.add_argument("--work", type=Path, help="work directory (default: a new temporary one)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="farense-bench-real-"))
@@ -73,7 +78,7 @@ def main() -> None:
     for blas in ("fast", "reference"):
         env = {**ENV, "FARENSE_BLAS": "auto" if blas == "fast" else "reference"}
         ws = work / blas
-        cfg = bench_config(ws / "farense", demo, args.steps)
+        cfg = bench_config(ws / "farense", demo, args.steps, args.batch_size, args.grad_accumulation)
         _, rows = run_farense(cfg, ws / "farense", env=env)
         results[("farense", blas)] = median_after([r["tokens_per_second"] for r in rows], args.skip)
         extra = lora_yaml(cfg, ws / "lora.yaml")
@@ -85,7 +90,7 @@ def main() -> None:
         print(f"done: {blas} BLAS", file=sys.stderr, flush=True)
 
     t = cfg.training
-    print(f"SmolLM2-135M-Instruct, V2 + demo overlay (LoRA r{cfg.lora.rank} on {cfg.lora.num_layers} layers, batch "
+    print(f"SmolLM2-135M-Instruct, V2 + demo overlay, with (LoRA r{cfg.lora.rank} on {cfg.lora.num_layers} layers, batch "
           f"{t.batch_size} x accumulation {t.grad_accumulation}), {args.steps} steps, median after {args.skip}, "
           f"{os.cpu_count()} CPU cores")
     print(f"{'tokens/s':28}{'fast BLAS':>12}{'reference BLAS':>16}{'fast / ref':>12}")

@@ -11,6 +11,7 @@ bf16/fp16 and quantized matmuls on the CPU do not go through BLAS: train there i
 OpenBLAS runs one thread per core unless OPENBLAS_NUM_THREADS says otherwise. On a machine whose
 cores are busy with other work, its threads wait for each other and a product can end up slower
 than the reference BLAS (bench/bench_blas.py shows both): there, set OPENBLAS_NUM_THREADS=1.
+Ranks that farense launches on one machine share its cores that way (see thread_env).
 
 Environment:
   FARENSE_BLAS=reference  keep MLX's bundled reference BLAS (opt out; default: auto)
@@ -34,7 +35,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Mapping, TextIO
 
 ENV_MODE = "FARENSE_BLAS"
 ENV_LIB = "FARENSE_BLAS_LIB"
@@ -117,6 +118,18 @@ def announce(info: BlasInfo, stream: TextIO | None = None) -> None:
         os.environ[ENV_NOTED] = "1"
 
 
+def thread_env(processes: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """OPENBLAS_NUM_THREADS for each of `processes` sharing this machine's cores, unless already set.
+
+    With one thread per core each, they oversubscribe the cores and OpenBLAS's threads wait on each
+    other (2 ranks on 2 cores: steps several times slower than one thread each).
+    """
+    if processes <= 1 or "OPENBLAS_NUM_THREADS" in environ:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"OPENBLAS_NUM_THREADS": str(max(1, cores // processes))}
+
+
 def shim_calls() -> int | None:
     """GEMMs forwarded by the shim in this process (None when it is not loaded): proof MLX uses it."""
     if _shim is None:
@@ -191,7 +204,7 @@ def _load_global(path: Path, fix: str) -> ctypes.CDLL:
     try:
         return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
-        raise _NoFastBlas(f"{path} could not be loaded ({e})", fix) from None
+        raise _NoFastBlas(f"{path} could not be loaded: {e}", fix) from None
 
 
 def _address(lib: ctypes.CDLL, name: str) -> int | None:
@@ -225,11 +238,11 @@ def _compiler() -> list[str]:
         argv = shlex.split(cc)
         if shutil.which(argv[0]):
             return argv
-        raise _NoFastBlas(f"no C compiler to build the BLAS shim (CC={cc} not found)", FIX_COMPILER)
+        raise _NoFastBlas(f"no C compiler to build the BLAS shim: CC={cc} not found", FIX_COMPILER)
     for name in ("cc", "gcc", "clang"):
         if found := shutil.which(name):
             return [found]
-    raise _NoFastBlas("no C compiler to build the BLAS shim (none of cc, gcc, clang on PATH)", FIX_COMPILER)
+    raise _NoFastBlas("no C compiler to build the BLAS shim: none of cc, gcc, clang on PATH", FIX_COMPILER)
 
 
 def _compile_shim(dest: Path) -> None:
@@ -240,7 +253,7 @@ def _compile_shim(dest: Path) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f"{SHIM_NAME}.tmp-", dir=dest.parent)
         os.close(fd)
     except OSError as e:
-        raise _NoFastBlas(f"the BLAS shim's cache {dest.parent} is not writable ({e.strerror})",
+        raise _NoFastBlas(f"the BLAS shim's cache {dest.parent} is not writable: {e.strerror}",
                           "set XDG_CACHE_HOME to a writable directory") from None
     try:
         proc = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SHIM_SOURCE)],
@@ -251,6 +264,6 @@ def _compile_shim(dest: Path) -> None:
         os.chmod(tmp, 0o755)
         os.replace(tmp, dest)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise _NoFastBlas(f"{cc[0]} could not build the BLAS shim ({e})", FIX_COMPILER) from None
+        raise _NoFastBlas(f"{cc[0]} could not build the BLAS shim: {e}", FIX_COMPILER) from None
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already once renamed

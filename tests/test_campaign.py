@@ -41,8 +41,8 @@ def test_v2_preferred_over_v1_wins_and_is_promoted_when_ready(tmp_path: Path) ->
     d = choose_winner(_entries(tmp_path, ("v1", dict(gap_ok=False, f1=0.96)), ("v2", dict(gap_ok=True, f1=0.95))))
     assert (d.winner, d.ready) == ("v2", True)
     assert d.winner_decision.endswith("v2-decision.json")
-    assert d.reasons[0].startswith("v1 its own rules: not preferred") and "gap_below_max FAIL" in d.reasons[0]
-    assert d.reasons[1].startswith("v2 against v1: preferred, ready")
+    assert d.reasons[0].startswith("v1 (by its own rules): not preferred") and "gap_below_max FAIL" in d.reasons[0]
+    assert d.reasons[1].startswith("v2 (against v1): preferred, ready")
 
 
 def test_v1_keeps_the_win_when_v2_is_not_preferred(tmp_path: Path) -> None:
@@ -84,7 +84,8 @@ def test_farense_run_two_configs_is_a_campaign_on_the_tiny_model(tmp_path: Path)
     campaign = json.loads((runs / "campaign.json").read_text())
     names = [row[0] for row in campaign["table"]["rows"]]
     assert names == ["base model (no adapters)", "a", "b"]
-    assert campaign["reasons"][0].startswith("a its own rules:") and campaign["reasons"][1].startswith("b against a:")
+    assert campaign["reasons"][0].startswith("a (by its own rules):")
+    assert campaign["reasons"][1].startswith("b (against a):")
     assert set(campaign["stage_seconds"]) >= {"base model evaluation", "a pipeline", "b pipeline"}
     b_decision = json.loads((runs / "b" / "evaluation" / "decision.json").read_text())
     assert b_decision["incumbent"]["name"] == "a"  # V2 is decided against V1, not production

@@ -98,6 +98,7 @@ def _as_peer_lost(e: BaseException) -> BaseException:
 
 def _launch(args: argparse.Namespace, config: ExperimentConfig, hosts: str | None, hostfile: str | None) -> int:
     """Launch and watch the ranks; one exit code and one --result-json for the whole job."""
+    from ..blas import thread_env
     from ..config import check_world_size
     from ..distributed import LaunchSpec, supervise
     from ..errors import RunLocked
@@ -133,7 +134,8 @@ def _launch(args: argparse.Namespace, config: ExperimentConfig, hosts: str | Non
         try:
             outcome = supervise(spec.launcher_argv(rank_cmd), world_size=spec.world_size,
                                 rank_timeout=spec.rank_timeout, stop_requested=lambda: flag.requested,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                     **(thread_env(spec.world_size) if spec.all_local else {})})
         finally:
             flag.restore()
         rank0 = TrainingOutcome.read(rank0_json)
