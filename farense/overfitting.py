@@ -65,8 +65,9 @@ class GapReading:
 def gap_legend(thresholds: OverfittingConfig) -> str:
     """What the seed's labels mean, said once where they first appear."""
     t = thresholds
-    return (f"gap = validation loss - train loss; EXCELENTE below {t.excelente_below}, BOM below {t.bom_below}, "
-            f"MODERADO below {t.moderado_below}, CRÍTICO from {t.moderado_below} up")
+    return (f"gap = validation loss - train loss (the mean of the steps since the previous validation); "
+            f"EXCELENTE below {t.excelente_below}, BOM below {t.bom_below}, MODERADO below {t.moderado_below}, "
+            f"CRÍTICO from {t.moderado_below} up")
 
 
 def classify_gap(gap: float, thresholds: OverfittingConfig) -> GapStatus:

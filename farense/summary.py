@@ -84,5 +84,4 @@ class TrainingSummary(JsonRecord):
     def to_markdown(self, overfitting: OverfittingConfig) -> str:
         """The summary for the Prefect UI: the rows, then what the gap and its labels mean."""
         return (f"## Training summary: {self.run_name}\n\n" + markdown_table(["what", "value"], self.display_rows())
-                + f"\n\nThe gap's train loss is the mean of the optimizer steps since the previous validation. "
-                  f"Labels: {gap_legend(overfitting)}.\n")
+                + f"\n\nLabels: {gap_legend(overfitting)}.\n")

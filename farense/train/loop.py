@@ -21,7 +21,7 @@ from ..config import ExperimentConfig
 from ..distributed import any_rank
 from ..errors import NumericalError, Preempted
 from ..faults import fault_point
-from ..overfitting import GapReading, classify_gap, observe_validation
+from ..overfitting import GapReading, classify_gap, gap_legend, observe_validation
 from ..signals import PreemptionFlag
 from ..runstate import RunState
 from .setup import Setup
@@ -118,6 +118,7 @@ class TrainingLoop:
     def run(self) -> tuple[RunState, str]:
         """(COMPLETED or EARLY_STOPPED, message); raises Preempted once the step after a signal is checkpointed."""
         st, total = self.state, self.setup.total_steps
+        self.log(f"validation every {self.config.validation.every_steps} steps: {gap_legend(self.config.overfitting)}")
         while st.step < total and not st.stopping:
             row = self._optimizer_step()
             self._validate_if_due(row)
