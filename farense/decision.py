@@ -510,7 +510,7 @@ def _gap_rule(c: RunReport, t: DecisionConfig) -> Rule:
     # The losses the gap is made of, as the log and the training summary show them; the gap alone when the
     # record does not have them (older summaries) or they do not make this gap (a hand-edited file).
     if reading is None or abs(reading.gap - gap) > TOLERANCE:
-        said = f"gap {gap:+.4f}"
+        said = f"gap {gap:.4f}"
     else:
         said = f"at the best step, {reading.describe()}"
     return Rule("gap_below_max", "preference", inputs, t.max_gap, "train_val_gap < max_gap", passed,
