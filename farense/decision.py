@@ -32,6 +32,7 @@ from .console import markdown_table
 from .errors import FarenseError
 from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
 from .layout import SUMMARY_FILE, ProductionPaths, RunPaths
+from .overfitting import GapReading
 from .summary import TrainingSummary
 
 TOLERANCE = 1e-9
@@ -95,8 +96,11 @@ class RunReport:
     examples: int
     config_name: str = ""
     config_fingerprint: str = ""
-    train_val_gap: float | None = None
+    train_val_gap: float | None = None  # best_val_loss - train_loss_at_best (farense.overfitting)
     gap_status: str | None = None
+    best_val_loss: float | None = None
+    train_loss_at_best: float | None = None
+    train_loss_steps_at_best: int | None = None
     best_step: int | None = None
     final_step: int | None = None
     early_stopped: bool | None = None
@@ -198,6 +202,9 @@ def _report_from_files(
         config_fingerprint=_text(report.get("config_fingerprint", training.get("fingerprint"))),
         train_val_gap=training.get("train_val_gap"),
         gap_status=training.get("gap_status"),
+        best_val_loss=training.get("best_val_loss"),
+        train_loss_at_best=training.get("train_loss_at_best"),
+        train_loss_steps_at_best=training.get("train_loss_steps_at_best"),
         best_step=training.get("best_step"),
         final_step=training.get("final_step"),
         early_stopped=training.get("early_stopped"),
@@ -478,6 +485,16 @@ class Decision:
         state = "preferred but not ready for production" if self.preferred else "not preferred"
         return f"{name} is {state} ({why})"
 
+    @property
+    def short_verdict(self) -> str:
+        """The verdict in a few words, for a card or a subject line: 'v2: not preferred, not ready (gap, F1)'."""
+        name = self.candidate.get("name", "candidate")
+        if self.promote:
+            return f"{name}: preferred and ready for production"
+        state = ("preferred" if self.preferred else "not preferred") + (", ready" if self.ready else ", not ready")
+        failed = list(dict.fromkeys(_RULE_SHORT.get(r.name, r.name) for r in self.failed_rules))
+        return f"{name}: {state} ({', '.join(failed)})"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": DECISION_FORMAT,
@@ -497,8 +514,10 @@ class Decision:
 
     def to_markdown(self) -> str:
         rows = [[r.name, r.kind, r.comparison, "pass" if r.passed else "FAIL", r.explanation] for r in self.rules]
-        return (f"## Decision\n\n**{self.verdict}**\n\n"
-                + markdown_table(["rule", "kind", "condition", "result", "explanation"], rows) + "\n")
+        return (f"## Decision: {self.short_verdict}\n\n"
+                + markdown_table(["rule", "kind", "condition", "result", "explanation"], rows) + "\n\n"
+                + "Preference rules decide whether the candidate replaces the incumbent; readiness, whether it "
+                  "may serve production. Promotion needs both.\n")
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Decision":
@@ -511,16 +530,29 @@ class Decision:
         )
 
 
+# What a failed rule is called in a short verdict.
+_RULE_SHORT = {"gap_below_max": "gap", "f1_at_least_min": "F1", "ready_for_production": "F1",
+               "f1_not_meaningfully_below_incumbent": "F1 below incumbent"}
+
+
 def _gap_rule(c: RunReport, t: DecisionConfig) -> Rule:
     gap = c.train_val_gap
-    inputs = {"train_val_gap": gap, "gap_status": c.gap_status}
+    reading = GapReading.of(c.best_val_loss, c.train_loss_at_best, c.train_loss_steps_at_best)
+    inputs = {"train_val_gap": gap, "gap_status": c.gap_status, "best_val_loss": c.best_val_loss,
+              "train_loss_at_best": c.train_loss_at_best, "train_loss_steps_at_best": c.train_loss_steps_at_best}
     if not _finite(gap):
         return Rule("gap_below_max", "preference", inputs, t.max_gap, "train_val_gap < max_gap", False,
                     "no finite train/validation gap recorded (training_summary.json missing or without validation)")
     passed = strictly_below(gap, t.max_gap)
     rel = "<" if passed else ">="
+    # The losses the gap is made of, as the log and the training summary show them; the gap alone when the
+    # record does not have them (older summaries) or they do not make this gap (a hand-edited file).
+    if reading is None or abs(reading.gap - gap) > TOLERANCE:
+        said = f"gap {gap:.4f}"
+    else:
+        said = f"at the best step, {reading.describe()}"
     return Rule("gap_below_max", "preference", inputs, t.max_gap, "train_val_gap < max_gap", passed,
-                f"gap {gap:.4f} {rel} {t.max_gap}" + (f" ({c.gap_status})" if c.gap_status else ""))
+                f"{said} {rel} {t.max_gap}" + (f" ({c.gap_status})" if c.gap_status else ""))
 
 
 def _f1_rule(name: str, kind: str, c: RunReport, t: DecisionConfig) -> Rule:

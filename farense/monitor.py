@@ -31,6 +31,7 @@ from .errors import FarenseError
 from .layout import RunPaths
 from .locks import LockInfo, probe_lock
 from .metrics import read_metrics
+from .overfitting import GapReading
 from .runstate import (
     RunState,
     effective_state,
@@ -86,7 +87,9 @@ class MonitorSnapshot:
     val_trend_delta: float | None = None
     best_val_loss: float | None = None
     best_step: int | None = None
-    gap: float | None = None  # val loss - mean train loss since the validation before
+    gap: float | None = None  # at the last validation: val_loss - gap_train_loss (farense.overfitting)
+    gap_train_loss: float | None = None  # the gap's train loss: mean of the steps since the validation before
+    gap_train_steps: int | None = None  # how many steps that mean covers
     gap_status: str | None = None  # EXCELENTE / BOM / MODERADO / CRÍTICO
     # throughput
     learning_rate: float | None = None
@@ -309,6 +312,8 @@ def _loss_fields(rows: Sequence[Mapping[str, Any]], paths: RunPaths) -> dict[str
         "val_step": _int(val_last.get("step")) if val_last else None,
         "val_trend": val_trend, "val_trend_delta": val_delta, "best_val_loss": best_val, "best_step": best_step,
         "gap": _num(val_last.get("gap")) if val_last else None,
+        "gap_train_loss": _num(val_last.get("train_loss_window")) if val_last else None,
+        "gap_train_steps": _int(val_last.get("train_loss_window_steps")) if val_last else None,
         "gap_status": gs if isinstance(gs, str) else None,
     }
 
@@ -383,6 +388,8 @@ def plain_fields(s: MonitorSnapshot) -> list[tuple[str, str]]:
         ("best_val_loss", _f(s.best_val_loss)),
         ("best_step", "-" if s.best_step is None else str(s.best_step)),
         ("gap", _f(s.gap, "+.4f")),
+        ("gap_train_loss", _f(s.gap_train_loss)),
+        ("gap_train_steps", "-" if s.gap_train_steps is None else str(s.gap_train_steps)),
         ("gap_status", s.gap_status or "-"),
         ("lr", _f(s.learning_rate, ".3e")),
         ("tokens_per_s", _f(s.tokens_per_second, ".1f")),
@@ -441,8 +448,9 @@ def render(s: MonitorSnapshot) -> Any:
     t.add_row("step", f"{s.step} / {total}{pct}{eta}{sps}")
     if s.progress is not None:
         t.add_row("", ProgressBar(total=100.0, completed=100.0 * s.progress, width=50))
-    train = f"{_f(s.train_loss)}  (recent mean {_f(s.train_loss_mean)} "
-    train += f"{_trend_text(s.train_trend, s.train_trend_delta)})" if s.train_trend else ")"
+    train = f"{_f(s.train_loss)} (last step)"
+    if s.train_trend:
+        train += f"  {_trend_text(s.train_trend, s.train_trend_delta)} over the last {TREND_WINDOW} steps"
     t.add_row("train loss", train)
     val = _f(s.val_loss)
     if s.val_step is not None:
@@ -452,7 +460,8 @@ def render(s: MonitorSnapshot) -> Any:
     if s.best_val_loss is not None:
         val += f"  (best {s.best_val_loss:.4f} at step {s.best_step})"
     t.add_row("val loss", val)
-    gap = Text(f"{_f(s.gap, '+.4f')}  ")
+    reading = GapReading.of(s.val_loss, s.gap_train_loss, s.gap_train_steps)
+    gap = Text(f"{reading.describe()}  " if reading is not None else f"{_f(s.gap, '+.4f')}  ")
     gap.append(s.gap_status or "-", style=GAP_STYLE.get(s.gap_status or "", ""))
     t.add_row("gap", gap)
     t.add_row("learning rate", _f(s.learning_rate, ".3e"))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .fsutil import JsonRecord
+from .overfitting import GapReading
 from .runstate import RunState
 
 if TYPE_CHECKING:
@@ -128,8 +129,10 @@ class TrainingOutcome(JsonRecord):
     resumed_from: int | None = None
     best_step: int | None = None
     best_val_loss: float | None = None
-    train_val_gap: float | None = None
+    train_val_gap: float | None = None  # best_val_loss - train_loss_at_best
     gap_status: str | None = None
+    train_loss_at_best: float | None = None  # the gap's train loss (farense.overfitting.GapReading)
+    train_loss_steps_at_best: int | None = None
     message: str = ""
     exit_code: int = ExitCode.OK
     error: str | None = None  # the named error's class, on failure
@@ -143,6 +146,11 @@ class TrainingOutcome(JsonRecord):
     @property
     def ok(self) -> bool:
         return self.exit_code == ExitCode.OK
+
+    @property
+    def gap_at_best(self) -> GapReading | None:
+        """The gap at the best step with the two losses it is made of; None without a validation."""
+        return GapReading.of(self.best_val_loss, self.train_loss_at_best, self.train_loss_steps_at_best)
 
     @classmethod
     def from_error(cls, run_dir: str | Path, error: FarenseError) -> TrainingOutcome:
@@ -161,7 +169,8 @@ class TrainingOutcome(JsonRecord):
         return cls(state=RunState(summary.state), run_dir=str(run_dir), step=summary.final_step,
                    total_steps=summary.total_steps, best_step=summary.best_step,
                    best_val_loss=summary.best_val_loss, train_val_gap=summary.train_val_gap,
-                   gap_status=summary.gap_status, message=message, skipped=skipped)
+                   gap_status=summary.gap_status, train_loss_at_best=summary.train_loss_at_best,
+                   train_loss_steps_at_best=summary.train_loss_steps_at_best, message=message, skipped=skipped)
 
     def with_(self, **changes: Any) -> TrainingOutcome:
         return replace(self, **changes)
@@ -169,8 +178,9 @@ class TrainingOutcome(JsonRecord):
     def describe(self) -> str:
         """One line for a terminal: where it ended and how good the best adapters are."""
         best = self.best_val_loss if self.best_val_loss is None else round(self.best_val_loss, 4)
+        gap = "-" if self.train_val_gap is None else f"{self.train_val_gap:+.4f}"
         return (f"{self.state.value}: step {self.step}/{self.total_steps}, best val loss {best} at step "
-                f"{self.best_step}, gap {self.gap_status} -> {self.run_dir}/adapters")
+                f"{self.best_step}, gap {gap} {self.gap_status} -> {self.run_dir}/adapters")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1,12 +1,20 @@
-"""Overfitting labels and early stopping: small pure logic, tested on scripted loss sequences."""
+"""Overfitting labels, the train/validation gap's one definition, and early stopping: small pure logic.
+
+The gap is validation loss minus *the* train loss: the mean of the optimizer steps' train losses
+since the previous validation (validation.every_steps of them; fewer at the end of training). The
+log, training_summary.json, the decision, the monitor and the notification all show that number,
+labelled by `train_loss_label`, so that gap = val - train holds wherever a person reads it.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
+from typing import TYPE_CHECKING
 
-from .config import EarlyStoppingConfig, OverfittingConfig
+if TYPE_CHECKING:  # only annotations: outcome.py and summary.py import this module, and config imports them
+    from .config import EarlyStoppingConfig, OverfittingConfig
 
 
 class GapStatus(str, Enum):
@@ -16,6 +24,50 @@ class GapStatus(str, Enum):
     BOM = "BOM"
     MODERADO = "MODERADO"
     CRITICO = "CRÍTICO"
+
+
+GAP_DEFINITION = ("validation loss - train loss, where the train loss is the mean of the optimizer steps' train "
+                  "losses since the previous validation")
+
+
+def train_loss_label(steps: int | None) -> str:
+    """How the gap's train loss is named wherever it is shown: which window it averages."""
+    if not steps:
+        return "train loss (mean since the previous validation)"
+    return f"train loss (mean of last {steps} step{'s' if steps != 1 else ''})"
+
+
+@dataclass(frozen=True)
+class GapReading:
+    """One validation's gap with the two losses it is made of (train: the windowed mean above)."""
+
+    val_loss: float
+    train_loss: float
+    train_steps: int
+
+    @classmethod
+    def of(cls, val_loss: float | None, train_loss: float | None, train_steps: int | None) -> GapReading | None:
+        """The reading from a record's fields; None when there was no validation."""
+        if val_loss is None or train_loss is None:
+            return None
+        return cls(val_loss, train_loss, train_steps or 0)
+
+    @property
+    def gap(self) -> float:
+        return self.val_loss - self.train_loss
+
+    def describe(self) -> str:
+        """'val 4.6615 - train 4.5190 (mean of last 5 steps) = gap +0.1425' (4 decimals, so within rounding)."""
+        return (f"val {self.val_loss:.4f} - train {self.train_loss:.4f} "
+                f"({train_loss_label(self.train_steps).removeprefix('train loss (')} = gap {self.gap:+.4f}")
+
+
+def gap_legend(thresholds: OverfittingConfig) -> str:
+    """What the seed's labels mean, said once where they first appear."""
+    t = thresholds
+    return (f"gap = validation loss - train loss (the mean of the steps since the previous validation); "
+            f"EXCELENTE below {t.excelente_below}, BOM below {t.bom_below}, MODERADO below {t.moderado_below}, "
+            f"CRÍTICO from {t.moderado_below} up")
 
 
 def classify_gap(gap: float, thresholds: OverfittingConfig) -> GapStatus:

@@ -32,10 +32,23 @@ class PreflightRow:
     total: int
     cleanup_could_free: int
     unknown: tuple[str, ...] = ()  # items whose size could not be estimated
+    item_bytes: tuple[int | None, ...] = ()  # per item, in the order of `items`
+    reserve: int = 0  # disk.reserve
+    flood_floor: int = 0  # free bytes under which the flood level starts here
 
     @property
     def needed(self) -> int:
         return self.writes + self.headroom
+
+    def needs(self) -> list[tuple[str, int | None, str]]:
+        """(what, bytes, why) rows whose bytes add up to `needed`: each item, then what must stay free."""
+        rows: list[tuple[str, int | None, str]] = [(name, b, "" if b is not None else "size unknown: counted as 0")
+                                                   for name, b in zip(self.items, self.item_bytes)]
+        which = "disk.reserve" if self.reserve >= self.flood_floor else "the flood level"
+        rows.append((f"kept free ({which})", self.headroom,
+                     f"the larger of disk.reserve ({format_size(self.reserve)}) and the free space at which the "
+                     f"guard stops the run (flood level, {format_size(self.flood_floor)} here)"))
+        return rows
 
     @property
     def short(self) -> bool:
@@ -194,8 +207,9 @@ def _rows(config: ExperimentConfig, est: Any, plan: Any, usage: UsageFn) -> list
     for item in est.items:
         where = existing_path(item.path)
         dev = os.stat(where).st_dev
-        g = by_dev.setdefault(dev, {"path": where, "items": [], "writes": 0, "unknown": []})
+        g = by_dev.setdefault(dev, {"path": where, "items": [], "bytes": [], "writes": 0, "unknown": []})
         g["items"].append(item.name)
+        g["bytes"].append(item.bytes)
         if item.bytes is None:
             g["unknown"].append(item.name)
         else:
@@ -210,9 +224,10 @@ def _rows(config: ExperimentConfig, est: Any, plan: Any, usage: UsageFn) -> list
     rows = []
     for dev, g in by_dev.items():
         u = usage(g["path"])
-        headroom = max(int(config.disk.reserve), flood_floor(config.disk, u))
-        rows.append(PreflightRow(str(mount_point(g["path"])), dev, tuple(g["items"]), g["writes"], headroom,
-                                 u.free, u.total, could.get(dev, 0), tuple(g["unknown"])))
+        reserve, flood = int(config.disk.reserve), flood_floor(config.disk, u)
+        rows.append(PreflightRow(str(mount_point(g["path"])), dev, tuple(g["items"]), g["writes"], max(reserve, flood),
+                                 u.free, u.total, could.get(dev, 0), tuple(g["unknown"]), tuple(g["bytes"]),
+                                 reserve, flood))
     return rows
 
 
@@ -249,20 +264,22 @@ def _short_message(config: ExperimentConfig, report: PreflightReport, hf_cache: 
     return "\n".join(lines)
 
 
-PREFLIGHT_HEADERS = ("filesystem", "writes there", "needed", "free", "cleanup could free", "verdict")
+PREFLIGHT_HEADERS = ("filesystem", "needs", "free", "cleanup could free", "verdict")
 
 
 def preflight_rows(report: PreflightReport) -> list[list[str]]:
-    return [[r.filesystem, ", ".join(r.items), format_size(r.needed), format_size(r.free),
-             format_size(r.cleanup_could_free), r.verdict] for r in report.rows]
+    return [[r.filesystem, format_size(r.needed), format_size(r.free), format_size(r.cleanup_could_free), r.verdict]
+            for r in report.rows]
 
 
-ESTIMATE_HEADERS = ("item", "where", "bytes", "how")
+NEEDS_HEADERS = ("what", "size", "bytes", "where / why")
 
 
-def estimate_rows(report: PreflightReport) -> list[list[str]]:
-    return [[i.name, str(i.path), format_size(i.bytes) if i.bytes is not None else "unknown", i.detail]
-            for i in report.estimate.items]
+def needs_rows(report: PreflightReport, row: PreflightRow) -> list[list[str]]:
+    """One filesystem's needs, item by item and what stays free, then their total: the rows add up."""
+    where = {i.name: f"{i.path}: {i.detail}" if i.detail else str(i.path) for i in report.estimate.items}
+    lines = [[what, format_size(b or 0), f"{b or 0:,}", why or where.get(what, "")] for what, b, why in row.needs()]
+    return lines + [["needs (total)", format_size(row.needed), f"{row.needed:,}", ""]]
 
 
 def render_preflight(report: PreflightReport) -> str:
@@ -270,8 +287,11 @@ def render_preflight(report: PreflightReport) -> str:
     from .console import markdown_table
 
     parts = [f"## Disk preflight: {report.config_name} ({'ok' if report.ok else 'SHORT'})", "",
-             markdown_table(PREFLIGHT_HEADERS, preflight_rows(report)), "", "### What the run writes", "",
-             markdown_table(ESTIMATE_HEADERS, estimate_rows(report))]
+             markdown_table(PREFLIGHT_HEADERS, preflight_rows(report))]
+    for row in report.rows:
+        rows = needs_rows(report, row)
+        parts += ["", f"### What the run needs on {row.filesystem}", "",
+                  markdown_table(NEEDS_HEADERS, [*rows[:-1], [f"**{c}**" if c else c for c in rows[-1]]])]
     ck = report.estimate.checkpoint_bytes
     if ck is not None:
         parts += ["", f"One checkpoint: {format_size(ck)} ({report.estimate.lora_parameters:,} LoRA parameters; "

@@ -10,6 +10,7 @@ Prefect task turns them into a progress artifact, log lines and events). No Pref
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,8 @@ from .layout import RunPaths
 from .locks import RunLock
 from .metrics import MetricsTail
 from .outcome import ExitCode, TrainingOutcome, explain_exit
-from .runstate import read_run_state
+from .overfitting import GapReading
+from .runstate import RunState, read_run_state
 from .summary import TrainingSummary
 
 POLL_SECONDS = 2.0
@@ -74,25 +76,70 @@ def trainer_command(config: ExperimentConfig, demo: bool | str, result_json: Pat
     return argv + ["--result-json", str(result_json), "--die-with-parent", "--no-progress"]
 
 
+# The progress bar moves when the run advanced PROGRESS_STEP_PERCENT and PROGRESS_MIN_SECONDS passed, or after
+# PROGRESS_MAX_SECONDS whatever the advance (the ETA stays fresh on long runs), and at the end: a few dozen
+# updates per run, not one per poll, so the event feed is not crowded.
+PROGRESS_STEP_PERCENT = 5.0
+PROGRESS_MIN_SECONDS = 10.0
+PROGRESS_MAX_SECONDS = 300.0
+
+
+def progress_due(percent: float, last_percent: float | None, since_last: float) -> bool:
+    """Whether the progress bar should move now (see PROGRESS_STEP_PERCENT above)."""
+    if last_percent is None or percent >= 100.0:
+        return percent != last_percent
+    if percent == last_percent:
+        return False
+    return ((percent - last_percent >= PROGRESS_STEP_PERCENT and since_last >= PROGRESS_MIN_SECONDS)
+            or since_last >= PROGRESS_MAX_SECONDS)
+
+
+def text_bar(percent: float, width: int = 10) -> str:
+    """'▰▰▰▰▱▱▱▱▱▱ 40%': a bar that reads the same on an artifact card, in a log and in a notification."""
+    full = min(width, max(0, int(percent / 100 * width + 1e-9)))
+    return "▰" * full + "▱" * (width - full) + f" {percent:.0f}%"
+
+
+def progress_description(step: int, total: int, last_val: dict, eta_seconds: float | None, state: str = "") -> str:
+    """One line under the bar: a text bar, the step, the last validation's gap with its two losses, the ETA."""
+    from .monitor import format_duration
+
+    percent = 100.0 if state else 100.0 * min(step, total) / total
+    parts = [text_bar(percent), f"{state + ' at ' if state else ''}step {step}/{total}"]
+    reading = GapReading.of(last_val.get("val_loss"), last_val.get("train_loss_window"),
+                            last_val.get("train_loss_window_steps"))
+    if reading is not None:
+        at = "" if last_val.get("step") == step else f"at step {last_val.get('step')}: "
+        parts.append(f"{at}{reading.describe()} {last_val.get('gap_status') or ''}".rstrip())
+    if eta_seconds is not None and not state and step < total:
+        parts.append(f"ETA {format_duration(eta_seconds)}")
+    return " · ".join(parts)
+
+
 class TrainingWatcher:
     """Follows a run's metrics.jsonl, run_state.json and checkpoints while its trainer runs."""
 
     def __init__(self, paths: RunPaths, trainer_pid: int, log: Log, *,
                  on_checkpoint: Callable[[int], None] | None = None,
-                 on_progress: Callable[[float, str], None] | None = None):
-        self.paths, self.trainer_pid, self.log = paths, trainer_pid, log
+                 on_progress: Callable[[float, str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.paths, self.trainer_pid, self.log, self.clock = paths, trainer_pid, log, clock
         self.started_at = time.time()
         self.on_checkpoint = on_checkpoint or (lambda step: None)
         self.on_progress = on_progress or (lambda percent, description: None)
         self.step = 0
         self.total: int | None = None
         self.resumed_from: int | None = None
+        self.finished_as = ""  # the run state once the trainer stopped early or for good
         self.last: dict = {}
         self.last_val: dict = {}
         self._metrics = MetricsTail(paths.metrics_jsonl)
         self._store = CheckpointStore(paths.checkpoints)
         self._checkpoints: set[int] = set(self._store.committed_steps())
-        self._reported = -1.0
+        self._reported: float | None = None
+        self._reported_state = ""
+        self._reported_at = clock()
+        self._pace: tuple[float, int] | None = None  # (clock, step) when steps were first seen: the ETA's base
 
     def poll(self) -> None:
         state = read_run_state(self.paths.state) or {}
@@ -103,6 +150,8 @@ class TrainingWatcher:
             if self.resumed_from is None and state.get("resumed_from"):
                 self.resumed_from = int(state["resumed_from"])
                 self.log(f"training resumed from checkpoint step {self.resumed_from}")
+            if state.get("state") in (RunState.COMPLETED.value, RunState.EARLY_STOPPED.value):
+                self.finished_as = state["state"]
         for row in self._metrics.new_rows():
             self.step = int(row.get("step", self.step))
             self.last = row
@@ -113,19 +162,28 @@ class TrainingWatcher:
             self.on_checkpoint(step)
         self._report()
 
+    def eta_seconds(self) -> float | None:
+        """Remaining steps at the pace seen since this watcher first saw a step."""
+        now = self.clock()
+        if self._pace is None:
+            self._pace = (now, self.step)
+        t0, s0 = self._pace
+        if not self.total or self.step <= s0:
+            return None
+        return (now - t0) / (self.step - s0) * max(self.total - self.step, 0)
+
     def _report(self) -> None:
         if not self.total:
             return
-        pct = round(100.0 * min(self.step, self.total) / self.total, 1)
-        if pct == self._reported:
+        # An early-stopped run is done: its bar ends full, and the description says where it stopped.
+        pct = 100.0 if self.finished_as else round(100.0 * min(self.step, self.total) / self.total, 1)
+        eta = self.eta_seconds()
+        ended = self.finished_as and self.finished_as != self._reported_state  # said once, whatever the rate
+        if not ended and not progress_due(pct, self._reported, self.clock() - self._reported_at):
             return
-        self._reported = pct
-        desc = f"Training {self.paths.name}: step {self.step}/{self.total}"
-        if "train_loss" in self.last:
-            desc += f", train loss {self.last['train_loss']:.4f}"
-        if "val_loss" in self.last_val:
-            desc += f", val loss {self.last_val['val_loss']:.4f} (step {self.last_val['step']})"
-        self.on_progress(pct, desc)
+        self._reported, self._reported_at, self._reported_state = pct, self.clock(), self.finished_as
+        self.on_progress(pct, progress_description(self.step, self.total, self.last_val, eta,
+                                                   self.finished_as.replace("-", " ")))
 
 
 def _forward_output(stream: IO[str], log: Log, tail: list[str]) -> None:
@@ -197,7 +255,7 @@ def train_in_subprocess(config: ExperimentConfig, *, demo: bool | str, log: Log,
             return done
         result_json = Path(tmp) / "result.json"
         argv = trainer_command(config, demo, result_json)
-        log("starting: " + " ".join(argv[1:]))
+        log("starting: " + shlex.join(argv))  # the interpreter too: which environment trains
         code, tail = _supervise(argv, lambda pid: watcher_for(paths, pid), log, keep_watching)
         result = TrainingOutcome.read(result_json)
     if code == ExitCode.OK and result is not None:

@@ -20,6 +20,7 @@ from farense.campaign import CampaignDecision, CampaignEntry, decision_path_of
 
 from flows.pipeline import PipelineResult, training_flow
 from tasks.campaign import BaseEvaluation, campaign_decide_task, evaluate_base_task, winner_decision
+from tasks.common import TASK_TAG, tag_flow_run
 from tasks.inputs import check_inputs_task
 from tasks.notify import NotifyResult, notify_task
 from tasks.promote import PromotionResult, promote_task
@@ -66,6 +67,7 @@ def campaign_flow(
         clock = time.monotonic()
         log.info(f"stage {stage}: {timings[stage]:.1f} s")
 
+    tag_flow_run(TASK_TAG, "training", "campaign")
     cfgs = [check_inputs_task(c, demo, workspace) for c in configs]  # every config, before any training
     lap("check inputs")
     with tags("farense", "campaign"):

@@ -12,7 +12,7 @@ from datetime import datetime
 from prefect import flow
 
 from tasks.disk import CleanupResult, cleanup_task
-from tasks.common import load_experiment
+from tasks.common import TASK_TAG, load_experiment, tag_flow_run
 
 MAINTENANCE_FLOW = "farense-maintenance"
 
@@ -35,6 +35,7 @@ def maintenance_flow(
     """Clean the runs directory of `config` by its retention policy (dry_run: only report; older_than_days:
     None for the config's checkpoint.cleanup_after_days)."""
     cfg = load_experiment(config, demo=demo, workspace=workspace)
+    tag_flow_run(TASK_TAG, "maintenance", f"config:{cfg.name}")
     return cleanup_task(cfg, dry_run=dry_run, older_than_days=older_than_days)
 
 

@@ -24,7 +24,7 @@ from farense.decision import PRODUCTION
 from farense.errors import ResumeLimitReached
 from farense.outcome import TrainingOutcome
 
-from tasks.common import best_effort
+from tasks.common import TASK_TAG, tag_flow_run
 from tasks.decide import DecisionResult, decide_task
 from tasks.disk import CleanupResult, PreflightResult, cleanup_task, preflight_task
 from tasks.evaluate import EvaluationResult, evaluate_task
@@ -75,22 +75,10 @@ def refuse_endless_resumes(resume_attempt: int, max_resume_attempts: int) -> Non
 
 
 def _tag_flow_run(config: ExperimentConfig, demo: bool | str) -> None:
-    """Tags in the UI: which config, whether on the demo model."""
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
-
+    """Tags in the UI, as the deployments give them: farense, training, which config, which demo model."""
     from farense.demo import demo_overlay
 
-    wanted = {"farense", f"config:{config.name}", *([demo_overlay(demo)] if demo else [])}
-    current = set(flow_run.tags or [])
-    if wanted <= current:
-        return
-
-    def update() -> None:
-        with get_client(sync_client=True) as client:
-            client.update_flow_run(flow_run.id, tags=sorted(current | wanted))
-
-    best_effort("tagging the flow run", update)
+    tag_flow_run(TASK_TAG, "training", f"config:{config.name}", *([demo_overlay(demo)] if demo else []))
 
 
 def completion_message(cfg: ExperimentConfig, t: TrainingOutcome, e: EvaluationResult, d: DecisionResult,
@@ -100,7 +88,9 @@ def completion_message(cfg: ExperimentConfig, t: TrainingOutcome, e: EvaluationR
 
     outcome = "promoted" if p.promoted else "not promoted"
     subject = f"farense: {flow_run.name or cfg.run_name} completed, {outcome}"
-    gap = "-" if t.train_val_gap is None else f"{t.train_val_gap:.4f} ({t.gap_status})"
+    reading = t.gap_at_best
+    gap = ("-" if t.train_val_gap is None else f"{t.train_val_gap:+.4f} ({t.gap_status})" if reading is None
+           else f"{reading.describe()} ({t.gap_status})")
     best = "-" if t.best_val_loss is None else f"{t.best_val_loss:.4f} at step {t.best_step}"
     lines = [
         f"config: {cfg.name} (fingerprint {cfg.fingerprint})",
@@ -108,7 +98,7 @@ def completion_message(cfg: ExperimentConfig, t: TrainingOutcome, e: EvaluationR
         + (f", resumed from step {t.resumed_from}" if t.resumed_from else "")
         + (" (already trained)" if t.skipped else ""),
         f"best validation loss: {best}",
-        f"train/validation gap: {gap}",
+        f"train/validation gap at the best step: {gap}",
         f"F1 {e.f1:.4f}, precision {e.precision:.4f}, recall {e.recall:.4f}, exact match {e.exact_match:.4f}"
         f" on {e.examples} test examples",
         f"compared with: {d.incumbent or 'nothing in production yet'}",

@@ -5,16 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from farense.campaign import (CampaignDecision, CampaignEntry, base_report_path, campaign_markdown, choose_winner,
                               table_rows, write_campaign)
 from farense.config import ExperimentConfig
 from farense.fsutil import sha256_file
 
-from .common import artifact_key, best_effort, read_json
+from .common import artifact_key, best_effort, read_json, step
 from .decide import DecisionResult
 
 
@@ -25,7 +24,7 @@ class BaseEvaluation:
     skipped: bool = False
 
 
-@task(name="evaluate-base-model", retries=0, cache_policy=NO_CACHE)
+@step("evaluate-base-model")
 def evaluate_base_task(config: ExperimentConfig) -> BaseEvaluation:
     """Score the base model without adapters, unless this model was already scored on this test file."""
     from farense.evaluation import evaluate_base_model
@@ -45,7 +44,7 @@ def evaluate_base_task(config: ExperimentConfig) -> BaseEvaluation:
     return BaseEvaluation(str(path), s["f1"])
 
 
-@task(name="choose-winner", retries=0, cache_policy=NO_CACHE)
+@step("choose-winner")
 def campaign_decide_task(runs_dir: str, entries: list[CampaignEntry], timings: dict[str, float]) -> CampaignDecision:
     """The seed's rules over the configs in order; the table and the reasons go to files and the UI."""
     decision = choose_winner(entries)

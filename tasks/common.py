@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import re
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
@@ -59,6 +59,35 @@ def best_effort(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
     except Exception as e:
         logging.getLogger("farense.tasks").warning(f"{what} failed, continuing: {e!r}")
         return None
+
+
+TASK_TAG = "farense"  # on every task run, whichever flow or context starts it
+
+
+def step(name: str, *, tags: Sequence[str] = (), **options: Any) -> Any:
+    """A pipeline step as a Prefect task: named, tagged `farense`, never cached, not retried unless asked."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    options.setdefault("retries", 0)
+    options.setdefault("cache_policy", NO_CACHE)
+    return task(name=name, tags=[TASK_TAG, *tags], **options)
+
+
+def tag_flow_run(*wanted: str) -> None:
+    """Add tags to the current flow run (a `farense run` has no deployment to give them), best effort."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    current = set(flow_run.tags or [])
+    if set(wanted) <= current:
+        return
+
+    def update() -> None:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, tags=sorted(current | set(wanted)))
+
+    best_effort("tagging the flow run", update)
 
 
 def load_experiment(config: str, *, demo: bool | str = False, workspace: str | None = None) -> ExperimentConfig:

@@ -11,15 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 from farense.config import ExperimentConfig
 from farense.decision import PRODUCTION, compare_and_decide, load_incumbent, report_from_run
 from farense.layout import RunPaths
 
-from .common import artifact_key, best_effort, load_experiment
+from .common import artifact_key, best_effort, load_experiment, step
 
 @dataclass(frozen=True)
 class DecisionResult:
@@ -37,7 +36,7 @@ def config_run_dir(config: ExperimentConfig, demo: bool | str) -> Callable[[str]
     return lambda name: load_experiment(name, demo=demo, workspace=config.workspace).run_dir
 
 
-@task(name="compare-and-decide", retries=0, cache_policy=NO_CACHE)
+@step("compare-and-decide")
 def decide_task(config: ExperimentConfig, run_dir: str, compare_with: str = PRODUCTION, demo: bool | str = False) -> DecisionResult:
     """Decide whether the candidate run should replace the incumbent, and publish why."""
     log = get_run_logger()
@@ -56,7 +55,7 @@ def decide_task(config: ExperimentConfig, run_dir: str, compare_with: str = PROD
     else:
         log.info(f"nothing to compare {config.run_name} with ({compare_with} is empty): the rules alone decide")
     best_effort("decision artifact", create_markdown_artifact, markdown=d.to_markdown(),
-                key=artifact_key("decision", config.run_name), description=d.verdict)
+                key=artifact_key("decision", config.run_name), description=d.short_verdict)
     log.info(f"decision: {d.verdict}")
     inc_name = None if incumbent is None else (f"production ({incumbent.release_id})" if incumbent.kind == "release"
                                                else incumbent.name)

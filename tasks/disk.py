@@ -8,15 +8,15 @@ DiskFull (naming the command that would free more) when even that is not enough.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from farense.config import ExperimentConfig, format_size
 from farense.console import markdown_table
 
-from .common import artifact_key, best_effort
+from .common import artifact_key, best_effort, step
 
 CLEANUP_HEADERS = ["run", "kind", "items", "what", "bytes", "why"]
 
@@ -39,10 +39,10 @@ class CleanupResult:
     errors: tuple[str, ...] = ()
 
 
-@task(name="disk-preflight", retries=0, cache_policy=NO_CACHE)
+@step("disk-preflight")
 def preflight_task(config: ExperimentConfig) -> PreflightResult:
     """Will the run fit on disk? Publishes the preflight table; raises DiskFull when it cannot fit."""
-    from farense.preflight import preflight, render_preflight
+    from farense.preflight import preflight
     from farense.errors import DiskFull
 
     log = get_run_logger()
@@ -51,22 +51,30 @@ def preflight_task(config: ExperimentConfig) -> PreflightResult:
     except DiskFull as e:
         short = getattr(e, "report", None)
         if short is not None:
-            best_effort("preflight artifact", create_markdown_artifact, markdown=render_preflight(short),
-                        key=artifact_key("preflight", config.run_name), description=f"Disk preflight of {config.run_name}: SHORT")
+            _preflight_artifact(config, short)
         raise
-    best_effort("preflight artifact", create_markdown_artifact, markdown=render_preflight(report),
-                key=artifact_key("preflight", config.run_name), description=f"Disk preflight of {config.run_name}")
+    needed, free = _preflight_artifact(config, report)
     for w in report.warnings:
         log.warning(w)
     freed = report.cleanup.bytes_freed if report.cleanup is not None else 0
-    needed = sum(r.needed for r in report.rows)
-    free = min((r.free for r in report.rows), default=0)
     log.info(f"disk preflight ok: needs {format_size(needed)}, {format_size(free)} free"
              + (f", cleanup freed {format_size(freed)}" if freed else ""))
     return PreflightResult(report.ok, needed, free, freed, tuple(report.warnings))
 
 
-@task(name="cleanup", retries=0, cache_policy=NO_CACHE)
+def _preflight_artifact(config: ExperimentConfig, report: Any) -> tuple[int, int]:
+    """The preflight's tables in the UI, with a one-line description; returns (needed, free) bytes."""
+    from farense.preflight import render_preflight
+
+    needed = sum(r.needed for r in report.rows)
+    free = min((r.free for r in report.rows), default=0)
+    best_effort("preflight artifact", create_markdown_artifact, markdown=render_preflight(report),
+                key=artifact_key("preflight", config.run_name),
+                description=f"needs {format_size(needed)}, {format_size(free)} free: {'ok' if report.ok else 'SHORT'}")
+    return needed, free
+
+
+@step("cleanup")
 def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_days: float | None = None) -> CleanupResult:
     """Delete stale checkpoints and leftovers under the config's runs directory, by policy
     (finished runs: after the config's checkpoint.cleanup_after_days unless `older_than_days`)."""
@@ -83,14 +91,15 @@ def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_day
         md += "nothing to clean\n"
     if dry_run or not plan.items:
         best_effort("cleanup artifact", create_markdown_artifact, markdown=md, key=artifact_key("cleanup", config.run_name),
-                    description="cleanup plan")
+                    description=f"{len(plan.items)} items, {verb} {format_size(plan.total_bytes)}" if plan.items
+                    else "nothing to clean")
         log.info(f"cleanup: {len(plan.items)} items, {verb} {format_size(plan.total_bytes)}")
         return CleanupResult(plan.total_bytes, 0, 0, dry_run)
     result = apply_cleanup(plan)
     md += f"\nfreed {format_size(result.bytes_freed)} ({len(result.deleted)} items)\n"
     md += "".join(f"\n- skipped {s.path}: {s.reason}" for s in result.skipped)
     best_effort("cleanup artifact", create_markdown_artifact, markdown=md, key=artifact_key("cleanup", config.run_name),
-                description="cleanup")
+                description=f"freed {format_size(result.bytes_freed)} ({len(result.deleted)} items)")
     for err in result.errors:
         log.warning(f"cleanup: {err}")
     log.info(f"cleanup freed {format_size(result.bytes_freed)} ({len(result.deleted)} items)")

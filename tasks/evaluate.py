@@ -9,16 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from farense.config import ExperimentConfig
 from farense.console import markdown_table
 from farense.decision import REPORT_NAME
 from farense.layout import RunPaths
 
-from .common import artifact_key, best_effort
+from .common import artifact_key, best_effort, step
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ def existing_evaluation(config: ExperimentConfig, run_dir: Path) -> EvaluationRe
                             s["f1"], s["precision"], s["recall"], s["exact_match"], s.get("test_loss"), skipped=True)
 
 
-@task(name="evaluate", retries=0, cache_policy=NO_CACHE)
+@step("evaluate")
 def evaluate_task(config: ExperimentConfig, run_dir: str) -> EvaluationResult:
     """Evaluate the run (or reuse its matching report) and publish the metrics as an artifact."""
     from farense.evaluation import evaluate_run
@@ -68,6 +67,6 @@ def evaluate_task(config: ExperimentConfig, run_dir: str) -> EvaluationResult:
         markdown=f"## Evaluation: {config.run_name}\n\n" + markdown_table(["metric", "value"], rows)
         + f"\n\nreport: `{result.report_path}`\n",
         key=artifact_key("evaluation", config.run_name),
-        description=f"Test-split metrics of {config.run_name}",
+        description=f"F1 {result.f1:.4f} on {result.examples} test examples",
     )
     return result

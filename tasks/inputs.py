@@ -6,18 +6,17 @@ file, the key or line, and what is expected (farense's ConfigError / DataError m
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 
 from farense.config import ExperimentConfig, check_inputs
 from farense.data import validate_data
 from farense.decision import PRODUCTION
 from farense.demo import demo_overlay, prepare_demo
 
-from .common import load_experiment
+from .common import load_experiment, step
 
 
-@task(name="check-inputs", retries=0, cache_policy=NO_CACHE)
+@step("check-inputs")
 def check_inputs_task(config: str, demo: bool | str = False, workspace: str | None = None,
                       compare_with: str = PRODUCTION) -> ExperimentConfig:
     """The resolved config, once it, its model, its data and the run to compare with are known good."""

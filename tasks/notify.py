@@ -12,9 +12,10 @@ import logging
 import os
 from dataclasses import dataclass
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 from tenacity import retry, stop_after_attempt, wait_random_exponential
+
+from .common import step
 
 NOTIFY_VARIABLE = "farense_notify_block"
 
@@ -64,7 +65,7 @@ def send_notification(block_ref: str | None, subject: str, body: str,
     return NotifyResult(True, ref)
 
 
-@task(name="notify", retries=0, cache_policy=NO_CACHE)
+@step("notify")
 def notify_task(subject: str, body: str, block_ref: str | None = None) -> NotifyResult:
     """Tell a person how the run ended."""
     return send_notification(block_ref, subject, body, get_run_logger())

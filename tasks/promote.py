@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 
 from farense.config import ExperimentConfig
 
+from .common import step
 from .decide import DecisionResult
 
 
@@ -25,7 +25,7 @@ class PromotionResult:
     reason: str
 
 
-@task(name="promote", retries=0, cache_policy=NO_CACHE)
+@step("promote")
 def promote_task(config: ExperimentConfig, run_dir: str, decision: DecisionResult, requested: bool = True) -> PromotionResult:
     """Promote when asked to and the decision allows it; say why not otherwise."""
     from farense.promotion import current_release, promote

@@ -155,10 +155,11 @@ class Server(Proc):
         return f"{self.url}/api"
 
 
-def start_server(prefect_home: Path, logs: Path, port: int | None = None, timeout: float = 90.0) -> Server:
+def start_server(prefect_home: Path, logs: Path, port: int | None = None, timeout: float = 90.0,
+                 **extra_env: str) -> Server:
     """deployments/start-server.sh on 127.0.0.1:port, waited for until /api/health answers."""
     port = port or free_port()
-    env = quiet_env(prefect_home, FARENSE_PREFECT_PORT=str(port), FARENSE_PREFECT_HOST="127.0.0.1")
+    env = quiet_env(prefect_home, FARENSE_PREFECT_PORT=str(port), FARENSE_PREFECT_HOST="127.0.0.1", **extra_env)
     proc = _spawn("server", ["bash", str(DEPLOYMENTS / "start-server.sh")], env, logs / "server.log")
     server = Server(proc.name, proc.pid, proc.log, proc.popen, url=f"http://127.0.0.1:{port}")
     try:

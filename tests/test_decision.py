@@ -174,7 +174,7 @@ def test_preferred_needs_every_preference_rule_ready_only_f1(base):
     overfit = decide(_cand(base, train_val_gap=0.2, gap_status="MODERADO", f1=0.97), None, T)
     assert not overfit.preferred and overfit.ready and not overfit.promote
     assert [r.name for r in overfit.failed_rules] == ["gap_below_max"]
-    assert "gap_below_max" in overfit.verdict and "0.2000 >= 0.15" in overfit.verdict
+    assert "gap_below_max" in overfit.verdict and "gap 0.2000 >= 0.15" in overfit.verdict
     weak = decide(_cand(base, f1=0.90), None, T)
     assert not weak.preferred and not weak.ready
     assert {r.name for r in weak.failed_rules} == {"f1_at_least_min", "ready_for_production"}

@@ -229,6 +229,8 @@ def test_nightly_deployment_resumes_by_itself_after_sigkill(tmp_path: Path) -> N
         assert str(st.config) in crashed[0]["body"] and "SIGKILL" in crashed[0]["body"]
         body = st.notifications("completed")[0]["body"]
         assert "decision:" in body and "F1 " in body and f"resumed from step {last_checkpoint}" in body
+        gap = json.loads((st.run_dir / "training_summary.json").read_text())["train_val_gap"]
+        assert f"= gap {gap:+.4f} " in body, body  # the summary's gap, with the two losses it is made of
 
         # One training at a time: of two more runs, the second waits until the first has finished;
         # neither trains again (this config finished training) nor evaluates again (same adapters).

@@ -327,8 +327,25 @@ def test_preflight_estimates_mistral_7b_qlora_and_prints_a_table(tiny_config: Ex
     assert report.ok and report.cleanup is None
     assert any("memory: the model's weights need about" in w for w in report.warnings)
     text = render_preflight(report)
-    assert "| filesystem | writes there | needed | free | cleanup could free | verdict |" in text
+    assert "| filesystem | needs | free | cleanup could free | verdict |" in text
     assert "checkpoints" in text and "500.0 GB" in text and "ok" in text
+    # "needs X" is shown as the rows that make it: every item, then what must stay free.
+    (row,) = report.rows
+    assert sum(b or 0 for _, b, _ in row.needs()) == row.needed
+    assert row.needs()[-1][1] == row.headroom == max(row.reserve, row.flood_floor)
+    assert preflight_table_adds_up(text) == [row.needed]
+
+
+def preflight_table_adds_up(markdown: str) -> list[int]:
+    """The total of each "What the run needs" table of a rendered preflight, checked against its rows."""
+    totals = []
+    for table in markdown.split("### What the run needs on ")[1:]:
+        cells = [[c.strip(" *") for c in line.strip("|").split("|")] for line in table.splitlines()
+                 if line.startswith("| ") and not line.startswith("| what ")]
+        values = [int(c[2].replace(",", "")) for c in cells]
+        assert cells[-1][0] == "needs (total)" and sum(values[:-1]) == values[-1], table
+        totals.append(values[-1])
+    return totals
 
 
 def old_checkpoints(runs: Path, n: int, size: int) -> None:
@@ -381,4 +398,4 @@ def test_cli_preflight_exit_codes(tmp_path: Path) -> None:
     strict = tmp_path / "strict.toml"
     strict.write_text(cfgfile.read_text() + '[disk]\nreserve = "999TB"\n')
     out = subprocess.run([*run[:-1], str(strict), "--no-cleanup"], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert out.returncode == 76 and "not enough disk space" in out.stderr and "needed" in out.stdout
+    assert out.returncode == 76 and "not enough disk space" in out.stderr and "needs (total)" in out.stdout

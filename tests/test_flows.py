@@ -220,6 +220,42 @@ def test_the_watcher_follows_a_resumed_run(tmp_path: Path) -> None:
     assert lines == ["training resumed from checkpoint step 10"] and saved == [20], "each thing is told once"
 
 
+def test_the_progress_bar_moves_every_few_percent_not_every_poll(tmp_path: Path) -> None:
+    import orjson
+
+    from farense.layout import RunPaths
+    from farense.training_job import PROGRESS_MAX_SECONDS, TrainingWatcher, progress_due
+
+    assert progress_due(0.0, None, 0) and not progress_due(3.0, 0.0, 60) and not progress_due(6.0, 0.0, 1)
+    assert progress_due(6.0, 0.0, 11) and progress_due(0.5, 0.0, PROGRESS_MAX_SECONDS) and progress_due(100.0, 99.0, 0)
+
+    paths = RunPaths(tmp_path / "run")
+    paths.root.mkdir(parents=True)
+    paths.state.write_bytes(orjson.dumps({"state": "running", "pid": 7, "total_steps": 100}))
+    now = [0.0]
+    bars: list[tuple[float, str]] = []
+    watcher = TrainingWatcher(paths, 7, lambda line: None, on_progress=lambda p, d: bars.append((p, d)),
+                              clock=lambda: now[0])
+    rows = []
+    for step in range(1, 101):  # one step a second, a poll after each
+        rows.append({"step": step, "train_loss": 2.0})
+        if step % 10 == 0:
+            rows[-1].update(val_loss=2.1, train_loss_window=2.0, train_loss_window_steps=10, gap=0.1, gap_status="BOM")
+        paths.metrics_jsonl.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+        now[0] = float(step)
+        watcher.poll()
+    assert 8 <= len(bars) <= 12 and bars[-1][0] == 100.0, [p for p, _ in bars]
+    assert "step 41/100 · at step 40: val 2.1000" in bars[4][1] and all("ETA" in d for _, d in bars[1:-1]), bars
+    assert "val 2.1000 - train 2.0000 (mean of last 10 steps) = gap +0.1000 BOM" in bars[-1][1]
+    assert bars[-1][1].startswith("▰▰▰▰▰▰▰▰▰▰ 100% · step 100/100") and "ETA" not in bars[-1][1]
+    # The trainer's final state comes after its last step: the bar says how it ended, once.
+    paths.state.write_bytes(orjson.dumps({"state": "completed", "pid": 7, "total_steps": 100}))
+    watcher.poll()
+    watcher.poll()
+    assert bars[-1][1].startswith("▰▰▰▰▰▰▰▰▰▰ 100% · completed at step 100/100") and bars[-2][0] == 100.0
+    assert len([d for _, d in bars if "completed" in d]) == 1
+
+
 def test_a_second_training_on_the_machine_waits_until_the_first_dies(tmp_path: Path, monkeypatch: Any) -> None:
     import subprocess
     import sys
@@ -314,3 +350,100 @@ def test_prefect_yaml_nightly_and_weekly_deployments() -> None:
     assert campaign["parameters"]["configs"] == ["v1", "v2"]
     assert set(campaign["parameters"]) <= set(__import__("inspect").signature(campaign_flow.fn).parameters)
     assert campaign["work_pool"]["work_queue_name"] == nightly["work_pool"]["work_queue_name"]
+
+
+# --------------------------------------------------------------------------- what a person sees
+
+
+def _artifacts(flow_run_id: Any) -> dict[str, Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in found if a.type != "result"}
+
+
+def _logs(flow_run_id: Any) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                                        limit=200)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_what_a_person_sees_in_prefect_after_a_run(prefect_api: None, tmp_path: Path, monkeypatch: Any) -> None:
+    """After a flow run, read back through Prefect's API: a keyed artifact for every step (the progress bar
+    too), one gap everywhere (log, training summary, decision, monitor, notification), a preflight whose
+    rows add up to its total, and tags on every task and on the run itself."""
+    import re
+
+    from farense.demo import build_demo
+    from farense.monitor import snapshot
+    from flows.pipeline import completion_message, training_flow
+    from test_diskguard import preflight_table_adds_up
+
+    monkeypatch.setenv("FARENSE_TRAINING_LOCK", str(tmp_path / "training.lock"))
+    build_demo(tmp_path / ".farense" / "tiny")
+    config = tmp_path / "seen.toml"
+    config.write_text(f'extends = ["{REPO}/configs/v2.toml", "{REPO}/configs/overlays/tiny.toml"]\nname = "seen"\n'
+                      "[training]\niters = 12\nwarmup_steps = 2\n[validation]\nevery_steps = 4\n"
+                      "[checkpoint]\nevery_steps = 6\n[evaluation]\nmax_examples = 4\nmax_new_tokens = 8\n")
+
+    state = training_flow(config=str(config), workspace=str(tmp_path), return_state=True)
+    assert state.is_completed(), state.message
+    run_id, result = state.state_details.flow_run_id, state.result()
+
+    found = _artifacts(run_id)
+    keys = {"preflight-seen", "cleanup-seen", "training-progress-seen", "training-summary-seen", "evaluation-seen",
+            "decision-seen"}
+    assert keys <= set(found), sorted(found)
+    assert None not in found, "every artifact has a key (an unkeyed one is missing from the UI's list)"
+    progress = found["training-progress-seen"]
+    assert progress.type == "progress" and progress.data == 100.0 and "step 12/12" in progress.description
+    cards = {k: a.description for k, a in found.items() if a.type != "progress"}  # a bar's line may be longer
+    assert all(0 < len(d or "") <= 80 for d in cards.values()), cards
+
+    # One gap: the summary's, the decision's and the trainer's log line at the best step are the same number.
+    summary_md, decision_md = found["training-summary-seen"].data, found["decision-seen"].data
+    best = re.search(r"\| best step \| (\d+) \|", summary_md).group(1)
+    gap = re.search(r"\| gap at the best step[^|]*\| ([+-]\d+\.\d{4}) \(", summary_md).group(1)
+    assert re.search(r"\| train loss \(mean of last 4 steps\) at the best step \| \d", summary_md), summary_md
+    val, train, gap_in_decision = re.search(r"val (\d+\.\d{4}) - train (\d+\.\d{4}) \(mean of last 4 steps\) = gap "
+                                            r"([+-]\d+\.\d{4})", decision_md).groups()
+    assert gap_in_decision == gap and abs(float(val) - float(train) - float(gap)) <= 1.5e-4
+    best_line = wait_for_line(run_id, f"step {best}/12: ")
+    assert f"= gap {gap} " in best_line and f"val {val} - train {train} (mean of last 4 steps)" in best_line
+    s = snapshot(Path(result.run_dir))
+    assert s.gap == pytest.approx(s.val_loss - s.gap_train_loss) and s.gap_train_steps == 4
+    _, body = completion_message(load_config_for(config, tmp_path), result.training, result.evaluation,
+                                 result.decision, result.promotion)
+    assert f"= gap {gap} " in body
+
+    # The preflight's "needs" is the sum of its rows.
+    assert preflight_table_adds_up(found["preflight-seen"].data) == [result.preflight.needed_bytes]
+
+    # Tags on every task run and on the run itself, as a deployment run would have them.
+    tasks = _task_runs(run_id)
+    assert tasks and all("farense" in t.tags for t in tasks), {t.name: t.tags for t in tasks}
+    assert {"farense", "training", "config:seen"} <= set(_flow_run(run_id).tags)
+
+
+def wait_for_line(flow_run_id: Any, text: str, timeout: float = 30) -> str:
+    """The first log line of the run containing `text` (logs reach the API shortly after the run ends)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in _logs(flow_run_id) if text in line]
+        if lines or time.monotonic() > deadline:
+            assert lines, f"no log line with {text!r}"
+            return lines[0]
+        time.sleep(1)
+
+
+def load_config_for(config: Path, workspace: Path) -> Any:
+    from farense.config import load_config
+
+    return load_config(str(config), workspace=workspace)

@@ -78,8 +78,7 @@ def cleanup(args: argparse.Namespace) -> int:
 
 
 def preflight(args: argparse.Namespace) -> int:
-    from ..preflight import (ESTIMATE_HEADERS, PREFLIGHT_HEADERS, estimate_rows, preflight as run_preflight,
-                             preflight_rows)
+    from ..preflight import NEEDS_HEADERS, PREFLIGHT_HEADERS, needs_rows, preflight as run_preflight, preflight_rows
     from ..errors import DiskFull
 
     cfg = load_config(args.config, overlays=args.overlay or [])
@@ -96,7 +95,8 @@ def preflight(args: argparse.Namespace) -> int:
         _dump(report.to_dict() | ({"error": str(err)} if err else {}))
     else:
         print_table(f"disk preflight: {cfg.name}", PREFLIGHT_HEADERS, preflight_rows(report))
-        print_table("what the run writes", ESTIMATE_HEADERS, estimate_rows(report))
+        for row in report.rows:
+            print_table(f"what the run needs on {row.filesystem}", NEEDS_HEADERS, needs_rows(report, row))
         if report.estimate.checkpoint_bytes is not None:
             print(f"one checkpoint: {format_size(report.estimate.checkpoint_bytes)} "
                   f"({report.estimate.lora_parameters:,} LoRA parameters)")

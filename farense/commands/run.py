@@ -67,8 +67,8 @@ def _pipeline(args: argparse.Namespace, demo: bool | str) -> int:
     print(f"{result.config}: {t.state.value} at step {t.step}/{t.total_steps}"
           + (f" (resumed from {t.resumed_from})" if t.resumed_from else "")
           + (" (already trained)" if t.skipped else ""))
-    print(f"F1 {e.f1:.4f}  gap {t.train_val_gap if t.train_val_gap is None else round(t.train_val_gap, 4)}"
-          f" ({t.gap_status})")
+    gap = t.gap_at_best
+    print(f"F1 {e.f1:.4f}  " + (f"{gap.describe()} ({t.gap_status})" if gap is not None else "gap -"))
     print(f"decision: {d.verdict}")
     print(f"promotion: {p.reason}" + (f" (release {p.release_id})" if p.release_id else ""))
     print(f"run directory: {result.run_dir}")

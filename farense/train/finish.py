@@ -33,15 +33,18 @@ def summarize(config: ExperimentConfig, paths: RunPaths, st: TrainState, history
     """How the training ended, in the seed's terms: best step, its loss and gap, early stopping, time."""
     es = st.early_stopping
     best_row = next((r for r in history if r.get("step") == es.best_step and "val_loss" in r), {})
+    last_val_row = next((r for r in reversed(history) if "val_loss" in r), {})
     gap_at_best = best_row.get("gap")
     return TrainingSummary(
         run_name=config.run_name, config_name=config.name, fingerprint=config.fingerprint, data_fingerprint=data_fp,
         state=outcome.value, final_step=st.step, total_steps=total_steps, best_step=es.best_step,
         best_val_loss=es.best_val_loss, train_loss_at_best=best_row.get("train_loss_window"),
-        train_val_gap=gap_at_best,
+        train_loss_steps_at_best=best_row.get("train_loss_window_steps"), train_val_gap=gap_at_best,
         gap_status=classify_gap(gap_at_best, config.overfitting).value if gap_at_best is not None else None,
-        final_train_loss=history[-1]["train_loss"] if history else None, final_val_loss=st.last_val_loss,
-        final_gap=st.last_gap, early_stopped=outcome is RunState.EARLY_STOPPED, early_stop_step=es.stopped_at,
+        final_train_loss=last_val_row.get("train_loss_window"),
+        final_train_loss_steps=last_val_row.get("train_loss_window_steps"), final_val_loss=st.last_val_loss,
+        final_gap=st.last_gap, last_step_train_loss=history[-1]["train_loss"] if history else None,
+        early_stopped=outcome is RunState.EARLY_STOPPED, early_stop_step=es.stopped_at,
         training_time_seconds=st.elapsed_seconds, tokens_seen=st.tokens_seen,
         best_checkpoint_step=st.best_checkpoint_step, adapters=str(paths.best_adapters),
         versions=library_versions(),
@@ -63,5 +66,4 @@ def finish(config: ExperimentConfig, paths: RunPaths, st: TrainState, history: l
         except Exception as e:
             log(f"warning: could not draw the loss curves in {paths.plots}: {e}")
         record_state(paths, outcome, st, total_steps, resumed_from, message, is_writer)
-    return TrainingOutcome(outcome, str(paths.root), st.step, total_steps, resumed_from, summary.best_step,
-                           summary.best_val_loss, summary.train_val_gap, summary.gap_status, message)
+    return TrainingOutcome.from_summary(paths.root, summary, message=message).with_(resumed_from=resumed_from)

@@ -21,7 +21,7 @@ from ..config import ExperimentConfig
 from ..distributed import any_rank
 from ..errors import NumericalError, Preempted
 from ..faults import fault_point
-from ..overfitting import classify_gap, observe_validation
+from ..overfitting import GapReading, classify_gap, gap_legend, observe_validation
 from ..signals import PreemptionFlag
 from ..runstate import RunState
 from .setup import Setup
@@ -118,6 +118,7 @@ class TrainingLoop:
     def run(self) -> tuple[RunState, str]:
         """(COMPLETED or EARLY_STOPPED, message); raises Preempted once the step after a signal is checkpointed."""
         st, total = self.state, self.setup.total_steps
+        self.log(f"validation every {self.config.validation.every_steps} steps: {gap_legend(self.config.overfitting)}")
         while st.step < total and not st.stopping:
             row = self._optimizer_step()
             self._validate_if_due(row)
@@ -191,16 +192,15 @@ class TrainingLoop:
             return
         val = validation_loss(self.setup.model, self.setup.valid_set, self.setup.valid_groups, cfg, self.loss,
                               self.world, st.step)
-        train_window = st.window_loss_sum / max(st.window_steps, 1)
-        gap = val - train_window
+        reading = GapReading(val, st.window_loss_sum / max(st.window_steps, 1), st.window_steps)
         st.window_loss_sum, st.window_steps = 0.0, 0
-        st.last_val_loss, st.last_gap = val, gap
+        st.last_val_loss, st.last_gap = val, reading.gap
         st.early_stopping, is_best = observe_validation(st.early_stopping, st.step, val, cfg.early_stopping)
         patience = cfg.early_stopping.patience
-        row.update(val_loss=val, train_loss_window=train_window, gap=gap,
-                   gap_status=classify_gap(gap, cfg.overfitting).value, best=is_best,
+        row.update(val_loss=val, train_loss_window=reading.train_loss, train_loss_window_steps=reading.train_steps,
+                   gap=reading.gap, gap_status=classify_gap(reading.gap, cfg.overfitting).value, best=is_best,
                    patience_left=(patience - st.early_stopping.evaluations_without_improvement if patience else None))
         if is_best and self.callbacks.on_best is not None:
             self.callbacks.on_best(st.step, val)
-        self.log(f"step {st.step}/{self.setup.total_steps}: train {train_window:.4f} val {val:.4f} "
-                 f"gap {gap:+.4f} {row['gap_status']}{' (best)' if is_best else ''}")
+        self.log(f"step {st.step}/{self.setup.total_steps}: {reading.describe()} {row['gap_status']}"
+                 f"{' (best)' if is_best else ''}")
