@@ -294,7 +294,8 @@ def _mutated_run(ws: Path, template: Path, target: str, lines: list, mutation: t
         data = path.read_bytes() + b"".join(_json_line(k, v) + b"\n" for k, v in lines)
     else:
         kind, value = lines[0]
-        data = _json_line(kind, value) if kind != "typed" else orjson.dumps(_retyped(path, value))
+        typed = _retyped(path, value) if kind == "typed" else None
+        data = _json_line(kind, value) if kind != "typed" or not _jsonable(typed) else orjson.dumps(typed)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_byte_mutation(data, *mutation))
     return run
