@@ -130,7 +130,7 @@ def test_an_openblas_without_the_names_falls_back(cache: Path):
 
     wrong = sorted(Path(numpy.__file__).parent.parent.glob("numpy.libs/libscipy_openblas64_*.so"))
     if not wrong:
-        pytest.skip("this numpy does not bundle scipy-openblas64")
+        pytest.skip(reason="this numpy does not bundle scipy-openblas64")
     report, stderr = probe(cache, **{ENV_LIB: str(wrong[0])})
     assert_reference(report, "exports neither cblas_sgemm nor scipy_cblas_sgemm")
     assert len(slow_lines(stderr)) == 1, stderr
