@@ -138,11 +138,12 @@ def make_data(out: Path, demo_data: Path, model_dir: Path, seq_len: int, n_train
 # --------------------------------------------------------------------------- farense
 
 
-def farense_config(ws: Path, model: Path, data: Path, a: argparse.Namespace, num_layers: int) -> Any:
+def farense_config(ws: Path, model: Path, data: Path, a: argparse.Namespace, num_layers: int,
+                   compute: str = "auto", run_name: str = "bench") -> Any:
     from farense.config import load_config
 
     return load_config("v2", workspace=ws).with_overrides(
-        model={"path": str(model), "quantize_bits": 0},
+        model={"path": str(model), "quantize_bits": 0, "compute": compute},
         data={"dir": str(data)},
         lora={"rank": 6, "scale": 20.0, "dropout": 0.08, "num_layers": num_layers, "keys": LORA_KEYS},
         training={"iters": a.steps, "epochs": 0, "batch_size": a.batch_size, "grad_accumulation": 1,
@@ -153,16 +154,69 @@ def farense_config(ws: Path, model: Path, data: Path, a: argparse.Namespace, num
         checkpoint={"every_steps": a.checkpoint_every, "keep_last": 2},
         disk={"low_used_percent": 99.0, "high_used_percent": 99.5, "flood_used_percent": 99.9,
               "low_free": "2GB", "high_free": "1GB", "flood_free": "500MB", "reserve": "100MB"},
-        output={"runs_dir": str(ws / "runs"), "run_name": "bench"},
+        output={"runs_dir": str(ws / "runs"), "run_name": run_name},
     )
 
 
-def steady_tokens_per_second(rows: list[dict], skip: int) -> tuple[float, float]:
-    """(total tokens / total step time, median per-step tokens/s) after the first `skip` steps (compilation)."""
-    rows = [r for r in rows[skip:] if r.get("tokens_per_second")]
-    toks = sum(r["tokens"] for r in rows)
-    secs = sum(r["tokens"] / r["tokens_per_second"] for r in rows)
-    return toks / secs, statistics.median(r["tokens_per_second"] for r in rows)
+def median_interval_rate(times: list[float], tokens: list[float], skip: int) -> float | None:
+    """Tokens per second from wall-clock intervals between consecutive steps (everything a step costs
+    in the loop: the tool's own bookkeeping included), median over the steps after `skip`."""
+    rates = [tok / (t1 - t0) for t0, t1, tok in zip(times[skip:], times[skip + 1:], tokens[skip + 1:]) if t1 > t0]
+    return statistics.median(rates) if rates else None
+
+
+def run_farense_cli(cfg: Any, timeout: float) -> dict[str, Any]:
+    """`farense train` in its own process (as a person runs it): metrics, phases, wall time, peak memory."""
+    from farense.config import config_to_toml
+    from farense.layout import RunPaths
+    from farense.metrics import read_metrics
+
+    ws = Path(cfg.workspace)
+    ws.mkdir(parents=True, exist_ok=True)
+    f = ws / f"{cfg.run_name}.toml"
+    f.write_text(config_to_toml(cfg))
+    paths = RunPaths(cfg.run_dir)
+    shutil.rmtree(paths.root, ignore_errors=True)
+    argv = [sys.executable, "-m", "farense", "--workspace", str(ws), "train", str(f), "--no-progress", "--new-run"]
+    t0 = time.perf_counter()
+    epoch0 = time.time()
+    log_lines: list[str] = []
+    p = subprocess.Popen(argv, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert p.stdout is not None
+    for line in p.stdout:
+        log_lines.append(f"{time.perf_counter() - t0:8.3f} {line}")
+        if time.perf_counter() - t0 > timeout:
+            p.kill()
+    p.wait()
+    wall = time.perf_counter() - t0
+    (ws / f"{cfg.run_name}.log").write_text("".join(log_lines))
+    if p.returncode != 0:
+        raise SystemExit(f"farense train failed (exit {p.returncode}): see {ws / (cfg.run_name + '.log')}")
+    rows = read_metrics(paths.metrics_jsonl)
+    summary = json.loads(paths.summary.read_text())
+    compute = next((ln.split("compute:", 1)[1].strip() for ln in log_lines if " compute: " in ln), "")
+    phases = dict(summary.get("phase_seconds", {}))
+    if summary.get("training_started_at"):  # measured from here: from the moment the process was started
+        phases["process_start_to_training"] = summary["training_started_at"] - epoch0
+    ckpt = [r["checkpoint_seconds"] for r in rows if "checkpoint_seconds" in r]
+    return {"wall_s": wall, "rows": rows, "phases": phases, "compute": compute,
+            "peak_memory_gb": max(r.get("peak_memory_gb", 0) for r in rows), "checkpoint_s": ckpt,
+            "adapters_path": str(paths.adapters), "adapters": (paths.adapters / "adapters.safetensors").read_bytes(),
+            "val_loss": summary.get("final_val_loss"), "train_losses": [r["train_loss"] for r in rows]}
+
+
+def farense_figures(fr: dict[str, Any], skip: int) -> dict[str, Any]:
+    rows = fr["rows"]
+    steady = [r for r in rows[skip:] if r.get("tokens_per_second")]
+    return {
+        "tokens_per_s_median_step": statistics.median(r["tokens_per_second"] for r in steady),
+        "tokens_per_s_wall_interval": median_interval_rate([r["timestamp"] for r in rows],
+                                                           [r["tokens"] for r in rows], skip),
+        "peak_memory_gb": fr["peak_memory_gb"], "wall_s": fr["wall_s"], "phases": fr["phases"],
+        "compute": fr["compute"], "final_train_loss": rows[-1]["train_loss"], "val_loss": fr["val_loss"],
+        "checkpoint_s_mean": statistics.mean(fr["checkpoint_s"]) if fr["checkpoint_s"] else None,
+        "tokens_per_step": statistics.median(r["tokens"] for r in rows),
+    }
 
 
 def run_farense_in_process(cfg: Any) -> dict[str, Any]:
@@ -240,11 +294,17 @@ def kill_and_resume(cfg: Any, kill_at: int, timeout: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- mlx-lm
 
 
-_MLX_LM_REPORT = re.compile(r"^\s*(\d+)\s+(?:[\d.]+|nan|inf) [\u25bc\u25b2]\s+([\d,]+)\s+[\d.]+k")
+_MLX_LM_REPORT = re.compile(r"^\s*(\d+)\s+([\d.]+|nan|inf) [\u25bc\u25b2]\s+([\d,]+)\s+[\d.]+k")
+_MLX_LM_VAL = re.compile(r"^\s*(\d+)\s+val\s+([\d.]+|nan|inf)\s+([\d.]+)s")
+# mlx_lm lora's own main, with its peak memory printed at exit (it reports none per step).
+_MLX_LM_MAIN = ("import atexit, sys, mlx.core as mx; "
+                "atexit.register(lambda: print('BENCH-PEAK-MEMORY', mx.get_peak_memory(), flush=True)); "
+                "from mlx_lm.lora import main; sys.argv = ['mlx_lm.lora', *sys.argv[1:]]; main()")
 
 
 def run_mlx_lm(cfg: Any, ws: Path, steps: int, timeout: float) -> dict[str, Any]:
-    """`python -m mlx_lm lora` with the same settings (YAML config: LoRA keys have no flag)."""
+    """`mlx_lm lora` (its own main) with the same settings (YAML config: LoRA keys have no flag);
+    every output line is timestamped on arrival, which gives its phases."""
     import yaml
 
     t = cfg.training
@@ -263,27 +323,60 @@ def run_mlx_lm(cfg: Any, ws: Path, steps: int, timeout: float) -> dict[str, Any]
     }
     (ws / "lora.yaml").write_text(yaml.safe_dump(conf))
     t0 = time.perf_counter()
-    first = None
-    rates: list[float] = []
+    marks: dict[str, float] = {}
+    reports: list[tuple[float, int, float, float]] = []  # (arrival, iteration, loss, tokens/s)
+    vals: list[tuple[float, float, float]] = []  # (arrival, loss, seconds)
+    peak = None
     log_lines: list[str] = []
-    p = subprocess.Popen([sys.executable, "-m", "mlx_lm", "lora", "--config", str(ws / "lora.yaml")],
+    p = subprocess.Popen([sys.executable, "-c", _MLX_LM_MAIN, "--config", str(ws / "lora.yaml")],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**ENV, "COLUMNS": "200"}, text=True)
     assert p.stdout is not None
     for line in p.stdout:
+        now = time.perf_counter() - t0
         line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # mlx-lm's console colours, even into a pipe
-        log_lines.append(line)
+        log_lines.append(f"{now:8.3f} {line}")
+        for key in ("Loading pretrained model", "Loading datasets", "Training"):
+            if line.strip().startswith(key) and key not in marks:
+                marks[key] = now
         m = _MLX_LM_REPORT.match(line)
         if m:
-            first = first if first is not None else time.perf_counter() - t0
-            rates.append(float(m.group(2).replace(",", "")))
-        if time.perf_counter() - t0 > timeout:
+            reports.append((now, int(m.group(1)), float(m.group(2)), float(m.group(3).replace(",", ""))))
+        v = _MLX_LM_VAL.match(line)
+        if v:
+            vals.append((now, float(v.group(2)), float(v.group(3))))
+        if line.startswith("BENCH-PEAK-MEMORY"):
+            peak = int(line.split()[1]) / 1e9
+        if now > timeout:
             p.kill()
     p.wait()
     wall = time.perf_counter() - t0
     (ws / "mlx_lm.log").write_text("".join(log_lines))
-    if p.returncode != 0 or not rates:
-        raise SystemExit(f"mlx_lm lora failed (exit {p.returncode}, {len(rates)} reports): see {ws / 'mlx_lm.log'}")
-    return {"wall_s": wall, "start_to_first_step_s": first, "rates": rates, **mlx_lm_checkpoint_cost(adapters)}
+    if p.returncode != 0 or not reports:
+        raise SystemExit(f"mlx_lm lora failed (exit {p.returncode}, {len(reports)} reports): see {ws / 'mlx_lm.log'}")
+    val_first = vals[0][2] if vals else 0.0
+    val_last = vals[-1][2] if len(vals) > 1 else 0.0
+    first, last = reports[0][0], reports[-1][0]
+    phases = {
+        "process_start_to_training": marks.get("Loading pretrained model", 0.0),
+        "model_load": marks.get("Loading datasets", 0.0) - marks.get("Loading pretrained model", 0.0),
+        "data_adapters_optimizer": marks.get("Training", 0.0) - marks.get("Loading datasets", 0.0),
+        "validation": val_first + val_last,  # mlx-lm validates before step 1 and before the last step
+        "first_step_with_compile": first - marks.get("Training", 0.0) - val_first,
+        "steps": last - first - val_last,
+        "finish_and_exit": wall - last,
+    }
+    return {"wall_s": wall, "start_to_first_step_s": first, "rates": [r[3] for r in reports],
+            "losses": [r[2] for r in reports], "times": [r[0] for r in reports], "val_loss": vals[-1][1] if vals else None,
+            "phases": phases, "peak_memory_gb": peak, **mlx_lm_checkpoint_cost(adapters)}
+
+
+def mlx_lm_figures(mr: dict[str, Any], skip: int, tokens_per_step: float) -> dict[str, Any]:
+    steady = mr["rates"][skip:] or mr["rates"]
+    return {"tokens_per_s_median_step": statistics.median(steady),
+            "tokens_per_s_wall_interval": median_interval_rate(mr["times"], [tokens_per_step] * len(mr["times"]), skip),
+            "peak_memory_gb": mr["peak_memory_gb"], "wall_s": mr["wall_s"], "phases": mr["phases"],
+            "final_train_loss": mr["losses"][-1], "val_loss": mr["val_loss"],
+            "checkpoint_s": mr["checkpoint_s"], "checkpoint_bytes": mr["checkpoint_bytes"]}
 
 
 def mlx_lm_checkpoint_cost(adapters: Path, repeats: int = 5) -> dict[str, Any]:
@@ -324,27 +417,44 @@ def device_description() -> str:
     return f"{backend}: {name}; mlx {mx.__version__}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
 
 
+PHASES = [("process_start_to_training", "start-up (interpreter, imports, CLI) to training"),
+          ("checks_and_resume_choice", "input checks, importing mlx and mlx-lm, run lock, checkpoint scan"),
+          ("model_load", "model load (+ dequantize)"),
+          ("data_adapters_optimizer", "data, adapters, optimizer"),
+          ("first_step_with_compile", "first step (compilation)"),
+          ("steps", "the other steps"),
+          ("validation", "validation"),
+          ("checkpoints", "checkpoints"),
+          ("finish_metrics_files", "finish: metrics JSON/CSV"),
+          ("finish_plot", "finish: loss-curve plot"),
+          ("finish_and_exit", "finish and exit (after the last step's report)")]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=["demo", *SHAPES], default="demo",
                     help="demo: the tiny demo model; 7b: Mistral-7B's shape, random 4-bit; small: the same, tiny")
     ap.add_argument("--model", type=Path, help="Use this mlx-lm model directory instead of building one.")
-    ap.add_argument("--steps", type=int, help="Optimizer steps per run (default: 40 demo/small, 20 7b).")
+    ap.add_argument("--steps", type=int, help="Optimizer steps per run (default: 200 demo/small, 20 7b).")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, help="Tokens per example (default: 128 demo/small, 512 7b).")
     ap.add_argument("--checkpoint-every", type=int, help="Checkpoint cadence in steps (default: steps // 3).")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="Rounds of every run; the first warms caches (kernels, bytecode, page cache), the "
+                         "order alternates, the table reports the last round (default 2).")
+    ap.add_argument("--computes", help="farense's model.compute values to run, comma-separated "
+                                       "(default: quantized,dequantized for a quantized model, else auto).")
     ap.add_argument("--work", type=Path, default=Path("/tmp/farense-bench"), help="Models, data and runs go here.")
     ap.add_argument("--out", type=Path, help="Write results.json and results.md into this directory.")
-    ap.add_argument("--skip-resume", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="Also SIGKILL a `farense train` mid-step and resume it.")
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--timeout", type=float, default=900, help="Seconds any one run may take.")
     ap.add_argument("--prepare-only", action="store_true", help="Build the model and the data, then stop.")
     a = ap.parse_args()
     big = a.shape == "7b"
-    a.steps = a.steps or (20 if big else 40)
+    a.steps = a.steps or (20 if big else 200)
     a.seq_len = a.seq_len or (512 if big else 128)
     a.checkpoint_every = a.checkpoint_every or max(a.steps // 3, 1)
-    kill_at = min(a.checkpoint_every + max(a.checkpoint_every // 2, 1), a.steps)
     a.work.mkdir(parents=True, exist_ok=True)
 
     from farense.demo import build_demo
@@ -359,7 +469,10 @@ def main() -> int:
         model = build_random_model(a.work / f"model-{a.shape}", SHAPES[a.shape], demo_model)
         label = (f"{a.shape}-shaped Mistral, random weights, {QUANT['bits']}-bit (group {QUANT['group_size']}), "
                  f"{SHAPES[a.shape]['num_hidden_layers']} layers, hidden {SHAPES[a.shape]['hidden_size']}")
-    n_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    model_cfg = json.loads((model / "config.json").read_text())
+    n_layers = model_cfg["num_hidden_layers"]
+    quantized = "quantization" in model_cfg
+    computes = a.computes.split(",") if a.computes else (["quantized", "dequantized"] if quantized else ["auto"])
     data = make_data(a.work / f"data-{a.seq_len}", demo_data, model, a.seq_len,
                      n_train=max(a.steps * a.batch_size, 8 * a.batch_size), n_valid=2 * a.batch_size)
     device = device_description()
@@ -371,32 +484,49 @@ def main() -> int:
           file=sys.stderr)
 
     skip = max(2, a.steps // 10)
-    cfg = farense_config(a.work / "farense", model, data, a, min(16, n_layers))
-    fr = run_farense_in_process(cfg)
-    f_total, f_median = steady_tokens_per_second(fr["rows"], skip)
+    layers = min(16, n_layers)
+    cfgs = {f"farense {c}" if len(computes) > 1 else "farense":
+            farense_config(a.work / "farense", model, data, a, layers, compute=c, run_name=f"bench-{c}")
+            for c in computes}
+    tools = [*cfgs, *([] if a.skip_mlx_lm else ["mlx_lm lora"])]
+    rounds: list[dict[str, Any]] = []
+    raw: dict[str, Any] = {}
+    for r in range(a.rounds):
+        this: dict[str, Any] = {}
+        for tool in (tools if r % 2 == 0 else tools[::-1]):
+            print(f"round {r + 1}: {tool}", file=sys.stderr, flush=True)
+            if tool == "mlx_lm lora":
+                mr = run_mlx_lm(next(iter(cfgs.values())), a.work / "mlx_lm", a.steps, a.timeout)
+            else:
+                raw[tool] = run_farense_cli(cfgs[tool], a.timeout)
+                this[tool] = farense_figures(raw[tool], skip)
+        if "mlx_lm lora" in tools:  # its wall intervals count the same tokens per step as farense's (same data)
+            this["mlx_lm lora"] = mlx_lm_figures(mr, skip, next(iter(this.values()))["tokens_per_step"])
+        rounds.append({t: this[t] for t in tools})
+    last = rounds[-1]
     results: dict[str, Any] = {
         "device": device, "model": label, "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
-        "checkpoint_every": a.checkpoint_every, "warmup_steps_excluded": skip,
-        "farense": {"tokens_per_s": f_total, "tokens_per_s_median_step": f_median, "wall_s": fr["wall_s"],
-                    "peak_memory_gb": fr["peak_memory_gb"], "checkpoint_s_mean": statistics.mean(fr["checkpoint_s"]),
-                    "checkpoint_s_max": max(fr["checkpoint_s"]), "checkpoints": len(fr["checkpoint_s"]),
-                    "checkpoint_bytes": fr["checkpoint_bytes"], "checkpoint_files": fr["checkpoint_files"],
-                    "step_s_median": statistics.median(r["tokens"] / r["tokens_per_second"]
-                                                       for r in fr["rows"][skip:] if r.get("tokens_per_second"))},
+        "checkpoint_every": a.checkpoint_every, "warmup_steps_excluded": skip, "rounds": rounds,
+        "cold_wall_s": {k: v["wall_s"] for k, v in rounds[0].items()},
     }
-    if not a.skip_resume:
-        kr = kill_and_resume(farense_config(a.work / "farense-kill", model, data, a, min(16, n_layers)),
-                             kill_at, a.timeout)
+    if len(computes) > 1 and "farense quantized" in raw and "farense dequantized" in raw:
+        q, d = raw["farense quantized"]["train_losses"], raw["farense dequantized"]["train_losses"]
+        diffs = [abs(x - y) for x, y in zip(q, d)]
+        results["drift"] = {"max_abs_train_loss_diff": max(diffs), "final_abs_train_loss_diff": diffs[-1],
+                            "max_rel_train_loss_diff": max(dd / abs(x) for dd, x in zip(diffs, q)),
+                            "val_loss_quantized": raw["farense quantized"]["val_loss"],
+                            "val_loss_dequantized": raw["farense dequantized"]["val_loss"]}
+    if quantized:
+        best = raw.get("farense dequantized") or next(iter(raw.values()))
+        results["adapters_on_quantized_base"] = generate_with_adapters(model, Path(best["adapters_path"]), a.timeout)
+    if a.resume:
+        c = computes[-1]
+        kill_at = min(a.checkpoint_every + max(a.checkpoint_every // 2, 1), a.steps)
+        kr = kill_and_resume(farense_config(a.work / "farense-kill", model, data, a, layers, compute=c,
+                                            run_name=f"bench-{c}"), kill_at, a.timeout)
         results["resume"] = {k: v for k, v in kr.items() if k != "adapters"}
-        results["resume"].update(killed_in_step=kill_at,
-                                 adapters_identical_to_uninterrupted=kr["adapters"] == fr["adapters"])
-    if not a.skip_mlx_lm:
-        mr = run_mlx_lm(cfg, a.work / "mlx_lm", a.steps, a.timeout)
-        steady = mr["rates"][skip:] or mr["rates"]
-        results["mlx_lm"] = {"tokens_per_s_median_step": statistics.median(steady),
-                             "tokens_per_s_mean_step": statistics.mean(steady), "wall_s": mr["wall_s"],
-                             "start_to_first_step_s": mr["start_to_first_step_s"],
-                             "checkpoint_s": mr["checkpoint_s"], "checkpoint_bytes": mr["checkpoint_bytes"]}
+        ref = raw[[k for k in cfgs][-1]]["adapters"]
+        results["resume"].update(killed_in_step=kill_at, adapters_identical_to_uninterrupted=kr["adapters"] == ref)
     report = render(results)
     print(report)
     if a.out:
@@ -406,34 +536,75 @@ def main() -> int:
     return 0
 
 
+def generate_with_adapters(model: Path, adapters: Path, timeout: float) -> dict[str, Any]:
+    """The adapters trained (dequantized or not) on the model as stored (4-bit): mlx_lm generate loads them."""
+    p = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(model), "--adapter-path",
+                        str(adapters), "--prompt", "Olá", "--max-tokens", "8"],
+                       capture_output=True, text=True, env=ENV, timeout=timeout)
+    return {"exit_code": p.returncode, "tail": (p.stdout + p.stderr)[-400:]}
+
+
 def render(r: dict[str, Any]) -> str:
-    f, m, res = r["farense"], r.get("mlx_lm"), r.get("resume")
+    last = r["rounds"][-1]
+    tools = list(last)
+    ref = last.get("mlx_lm lora")
+    head = f"| | {' | '.join(tools)} |" + (" " + " | ".join(f"{t} / mlx_lm" for t in tools if t != "mlx_lm lora") + " |"
+                                          if ref else "")
+    sep = "|---|" + "---:|" * (len(tools) + (len(tools) - 1 if ref else 0))
     lines = [f"device: {r['device']}", f"model: {r['model']}",
              f"{r['steps']} optimizer steps, batch {r['batch_size']}, ~{r['seq_len']} tokens per example, "
-             f"first {r['warmup_steps_excluded']} steps (compilation) excluded", "",
-             "| | farense | mlx_lm lora | farense / mlx_lm |", "|---|---:|---:|---:|"]
+             f"first {r['warmup_steps_excluded']} steps (compilation) excluded; round {len(r['rounds'])} of "
+             f"{len(r['rounds'])} (the first warms kernels, bytecode and page cache; the order alternates)",
+             "", head, sep]
 
-    def row(name: str, fv: float | None, mv: float | None, fmt: str) -> None:
-        ratio = f"{fv / mv:.3f}" if fv and mv else "-"
-        lines.append(f"| {name} | {format(fv, fmt) if fv is not None else '-'} | "
-                     f"{format(mv, fmt) if mv is not None else '-'} | {ratio} |")
+    def row(name: str, key: str, fmt: str, ratio: bool = True) -> None:
+        vals = [last[t].get(key) for t in tools]
+        cells = [format(v, fmt) if isinstance(v, (int, float)) else "-" for v in vals]
+        if ref:
+            m = ref.get(key)
+            cells += [(f"{v / m:.3f}" if ratio and isinstance(v, (int, float)) and m else "-")
+                      for t, v in zip(tools, vals) if t != "mlx_lm lora"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
-    row("tokens/s (median step)", f["tokens_per_s_median_step"], m and m["tokens_per_s_median_step"], ",.0f")
-    row("tokens/s (all steady steps)", f["tokens_per_s"], m and m["tokens_per_s_mean_step"], ",.0f")
-    row("checkpoint write (ms)", f["checkpoint_s_mean"] * 1e3, m and m["checkpoint_s"] * 1e3, ".1f")
-    row("checkpoint size (MB)", f["checkpoint_bytes"] / 1e6, m and m["checkpoint_bytes"] / 1e6, ".2f")
-    row("process wall time (s)", f["wall_s"], m and m["wall_s"], ".1f")
-    lines.append(f"| peak memory (GB) | {f['peak_memory_gb']:.2f} | - | - |")
-    lines += ["",
-              f"farense checkpoint = adapters + optimizer state + state.json + manifest (SHA-256), each file fsynced, "
-              f"renamed whole; {f['checkpoints']} written, mean {f['checkpoint_s_mean']:.3f} s, max "
-              f"{f['checkpoint_s_max']:.3f} s = {100 * f['checkpoint_s_mean'] / (f['step_s_median'] * r['checkpoint_every']):.2f}% "
-              f"of the {r['checkpoint_every']} steps between two checkpoints.",
-              "mlx_lm checkpoint = its adapters written twice, no optimizer state, no checksum, no fsync."]
+    row("tokens/s, median step (each tool's own step timer)", "tokens_per_s_median_step", ",.0f")
+    row("tokens/s, median wall interval between steps (all per-step work)", "tokens_per_s_wall_interval", ",.0f")
+    row("peak memory (GB)", "peak_memory_gb", ".2f", ratio=True)
+    row("final train loss", "final_train_loss", ".4f", ratio=False)
+    row("validation loss", "val_loss", ".4f", ratio=False)
+    row("process wall time, warm (s)", "wall_s", ".1f")
+    cold = r.get("cold_wall_s", {})
+    lines.append("| process wall time, round 1 (s) | " + " | ".join(f"{cold.get(t, 0):.1f}" for t in tools) + " |"
+                 + (" - |" * (len(tools) - 1) if ref else ""))
+    computes = [f"{t}: {last[t]['compute']}" for t in tools if last[t].get("compute")]
+    if computes:
+        lines += ["", "; ".join(computes)]
+    if "drift" in r:
+        d = r["drift"]
+        lines.append(f"loss drift, quantized vs dequantized compute over {r['steps']} steps: max |train loss "
+                     f"difference| {d['max_abs_train_loss_diff']:.2e} ({100 * d['max_rel_train_loss_diff']:.3f}%), "
+                     f"at the last step {d['final_abs_train_loss_diff']:.2e}; validation loss "
+                     f"{d['val_loss_quantized']:.5f} vs {d['val_loss_dequantized']:.5f}.")
+    if "adapters_on_quantized_base" in r:
+        g = r["adapters_on_quantized_base"]
+        lines.append(f"`mlx_lm generate --adapter-path` with these adapters on the 4-bit model as stored: "
+                     f"{'ok' if g['exit_code'] == 0 else 'FAILED (exit %d)' % g['exit_code']}.")
+    lines += ["", "Wall time per phase (s), same round:", "",
+              f"| phase | {' | '.join(tools)} |", "|---|" + "---:|" * len(tools)]
+    for key, name in PHASES:
+        vals = [last[t]["phases"].get(key) for t in tools]
+        if key == "finish_and_exit":
+            vals = [v if v is not None else last[t]["wall_s"] - sum(x for k, x in last[t]["phases"].items())
+                    for t, v in zip(tools, vals)]
+        if all(v is None for v in vals):
+            continue
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" if v is not None else "-" for v in vals) + " |")
+    lines.append("| process wall time | " + " | ".join(f"{last[t]['wall_s']:.2f}" for t in tools) + " |")
+    res = r.get("resume")
     if res:
-        lines.append(f"kill + resume: SIGKILL inside step {res['killed_in_step']}; the next process resumed from step "
-                     f"{res['resumed_from']} and reached its first new step {res['start_to_first_resumed_step_s']:.1f} s "
-                     f"after starting; final state {res['state']}; adapters byte-identical to the uninterrupted run: "
+        lines.append(f"\nkill + resume: SIGKILL inside step {res['killed_in_step']}; the next process resumed from "
+                     f"step {res['resumed_from']} and reached its first new step "
+                     f"{res['start_to_first_resumed_step_s']:.1f} s after starting; final state {res['state']}; "
+                     f"adapters byte-identical to the uninterrupted run: "
                      f"{'yes' if res['adapters_identical_to_uninterrupted'] else 'no'}.")
     return "\n".join(lines)
 

@@ -15,7 +15,8 @@
 # (/tmp/whl, /tmp/site and the built 7B model in /tmp/farense-bench live only that long).
 #
 # Commands, run in order given: stage | install | check | bench SHAPE [bench_cuda.py args...]
-# Results land in $OUT/<shape>/results.{json,md} (and the logs in $OUT/<shape>/*.log).
+#   | nccl [bench_nccl.py args...]
+# Results land in $OUT/<shape>/results.{json,md} and $OUT/nccl/ (with the logs).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -74,6 +75,7 @@ w, s, b = mx.quantize(a, group_size=64, bits=4)
 y = mx.quantized_matmul(a, w, s, b, transpose=True, group_size=64, bits=4)
 mx.eval(y)
 print("4-bit quantized matmul on", mx.default_device(), "ok:", y.shape)
+print("device_info:", mx.device_info())
 EOF
 }
 
@@ -84,9 +86,13 @@ bench() {
   set -o pipefail
   "$PY" "$REPO/bench/bench_cuda.py" --shape "$shape" --work "/tmp/farense-bench" --out "$OUT/$shape" "$@" \
     2>&1 | tee "$OUT/$shape/bench.log"
-  for f in /tmp/farense-bench/farense-kill/resumed.log /tmp/farense-bench/mlx_lm/mlx_lm.log; do
-    [[ -f "$f" ]] && cp "$f" "$OUT/$shape/$(basename "$(dirname "$f")")-$(basename "$f")" || true
-  done
+}
+
+nccl() {  # bench_nccl.py: 1 GPU vs 2, a SIGKILLed rank, the resume (needs 2 GPUs)
+  env_setup
+  mkdir -p "$OUT/nccl"
+  set -o pipefail
+  "$PY" "$REPO/bench/bench_nccl.py" --work "/tmp/farense-bench" --out "$OUT/nccl" "$@" 2>&1 | tee "$OUT/nccl/bench.log"
 }
 
 while [[ $# -gt 0 ]]; do
@@ -94,6 +100,13 @@ while [[ $# -gt 0 ]]; do
     stage) stage; shift ;;
     install) install; shift ;;
     check) check; shift ;;
+    nccl)
+      shift
+      extra=()
+      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != bench ]]; do
+        extra+=("$1"); shift
+      done
+      nccl ${extra[@]+"${extra[@]}"} ;;
     bench)
       shape="$2"; shift 2
       extra=()
@@ -101,6 +114,6 @@ while [[ $# -gt 0 ]]; do
         extra+=("$1"); shift
       done
       bench "$shape" ${extra[@]+"${extra[@]}"} ;;
-    *) echo "unknown command: $1 (stage | install | check | bench SHAPE [args])" >&2; exit 2 ;;
+    *) echo "unknown command: $1 (stage | install | check | bench SHAPE [args] | nccl [args])" >&2; exit 2 ;;
   esac
 done

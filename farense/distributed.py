@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import math
 import os
 import re
 import shutil
@@ -49,9 +50,19 @@ DEFAULT_STARTUP_TIMEOUT = 900.0
 # After the first rank failed, how long the launcher waits beyond the rank time-out before it
 # kills what is left (a rank that ignores SIGTERM because it is stopped, or mlx.launch waiting on it).
 LAUNCH_GRACE_SECONDS = 20.0
+# After a rank was killed or lost (not its own exit): the others cannot agree on anything any more
+# (every decision is a collective); those blocked in a collective (NCCL waits for the dead peer
+# until the rank time-out) are killed this long after it. Enough for a checkpoint already being
+# written to finish; the last committed checkpoint is intact either way.
+DEATH_GRACE_SECONDS = 5.0
 DEFAULT_PORT = 32323  # mlx.launch's default starting port for the ring backend
 ENV_HOSTS = "FARENSE_HOSTS"  # defaults for --hosts / --hostfile, e.g. from a Prefect work pool's env
 ENV_HOSTFILE = "FARENSE_HOSTFILE"
+# The launcher names each rank's GPU here (comma-separated, indexed by rank); the rank applies it
+# before mlx is imported. mlx.launch itself gives every rank `CUDA_VISIBLE_DEVICES=rank % -n`, and
+# with the host list already repeated (-n 1) that is GPU 0 for all of them: NCCL then refuses
+# ("Duplicate GPU detected: rank 0 and rank 1 both on CUDA device ...").
+ENV_RANK_GPUS = "FARENSE_RANK_GPUS"
 BACKENDS = ("ring", "mpi", "nccl", "jaccl", "jaccl-ring")
 STOP_LINE = b"stop\n"  # written to every rank's stdin (mlx.launch broadcasts it): checkpoint and stop
 LOCAL_HOSTS = ("127.0.0.1",)  # mlx.launch starts these directly; every other name goes through ssh
@@ -141,7 +152,15 @@ class LaunchSpec:
             return all(h.ssh_hostname in LOCAL_HOSTS for h in Hostfile.from_file(self.hostfile).hosts)
         return all(h in LOCAL_HOSTS for h in self.hosts)
 
-    def launcher_argv(self, rank_command: Sequence[str]) -> list[str]:
+    def rank_hosts(self) -> list[str]:
+        """The host of every rank, in rank order (ssh names; 127.0.0.1 for this machine)."""
+        if self.hostfile is not None:
+            from mlx._distributed_utils.common import Hostfile
+
+            return [h.ssh_hostname for h in Hostfile.from_file(self.hostfile).hosts]
+        return list(self.hosts)
+
+    def launcher_argv(self, rank_command: Sequence[str], environ: dict[str, str] | None = None) -> list[str]:
         """`mlx.launch ... -- rank_command` (the console script beside this interpreter when there)."""
         script = Path(sys.executable).with_name("mlx.launch")
         if script.exists():
@@ -156,7 +175,45 @@ class LaunchSpec:
         if self.backend:
             argv += ["--backend", self.backend]
         argv += ["--starting-port", str(self.port), "--nccl-port", str(self.port)]
+        env = os.environ if environ is None else environ
+        argv += ["--env", f"{ENV_RANK_GPUS}={','.join(rank_gpus(self.rank_hosts(), env.get('CUDA_VISIBLE_DEVICES')))}"]
+        # NCCL settings of the launching shell reach every rank, also one started through ssh with
+        # its own environment (NCCL_NVLS_ENABLE=0: NVLink multicast off on shared hosts).
+        argv += [a for k in sorted(env) if k.startswith("NCCL_") for a in ("--env", f"{k}={env[k]}")]
         return argv + ["--", *rank_command]
+
+
+def rank_gpus(rank_hosts: Sequence[str], visible: str | None = None) -> list[str]:
+    """The GPU of each rank: its position among the ranks of its host (local rank), or, on this
+    machine when CUDA_VISIBLE_DEVICES narrows the GPUs, the local rank-th of those."""
+    mine = [d.strip() for d in visible.split(",") if d.strip()] if visible else []
+    seen: dict[str, int] = {}
+    out = []
+    for host in rank_hosts:
+        local = seen.get(host, 0)
+        seen[host] = local + 1
+        out.append(mine[local] if host in LOCAL_HOSTS and local < len(mine) else str(local))
+    return out
+
+
+def pin_rank_gpu(environ: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
+    """In a launched rank, before mlx is imported: CUDA_VISIBLE_DEVICES = this rank's own GPU.
+
+    Returns the GPU chosen, or None when not launched by farense (nothing is changed then).
+    """
+    rank, gpus = environ.get("MLX_RANK"), environ.get(ENV_RANK_GPUS)
+    if rank is None or not gpus:
+        return None
+    table = gpus.split(",")
+    try:
+        gpu = table[int(rank)]
+    except (ValueError, IndexError):
+        return None
+    if "mlx.core" in sys.modules and environ.get("CUDA_VISIBLE_DEVICES") != gpu:
+        print(f"farense: warning: rank {rank}: mlx was imported before the rank's GPU ({gpu}) could be pinned",
+              file=sys.stderr, flush=True)
+    environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return gpu
 
 
 def spec_defaults_from_env(hosts: str | None, hostfile: str | None,
@@ -225,7 +282,8 @@ class JobOutcome:
 
 def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
               stop_requested: Callable[[], bool] = lambda: False,
-              grace: float = LAUNCH_GRACE_SECONDS, env: dict[str, str] | None = None,
+              grace: float = LAUNCH_GRACE_SECONDS, death_grace: float = DEATH_GRACE_SECONDS,
+              env: dict[str, str] | None = None,
               out: IO[bytes] | None = None, err: IO[bytes] | None = None,
               clock: Callable[[], float] = time.monotonic, poll: float = 0.2) -> JobOutcome:
     """Run mlx.launch and bound how the job ends.
@@ -234,7 +292,8 @@ def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
     0 whatever happened. Here: its output is forwarded; the ranks' failures are read off it; a stop
     request (SIGTERM on us) is passed to every rank as a 'stop' line on stdin (they checkpoint and
     exit 75); and from the first failure or stop on, the job gets `rank_timeout + grace` seconds
-    before its whole process group is killed.
+    before its whole process group is killed, or `death_grace` seconds from a rank that was killed
+    or lost (the survivors would only wait for it until their own time-out).
     """
     out = out or sys.stdout.buffer
     err = err or sys.stderr.buffer
@@ -243,6 +302,7 @@ def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
                             start_new_session=True, env=env, preexec_fn=_die_with_us)
     codes: dict[int, int | None] = {}
     first_failure = threading.Event()
+    first_death = threading.Event()
 
     def pump(src: IO[bytes], dst: IO[bytes], parse: bool) -> None:
         for line in iter(src.readline, b""):
@@ -252,6 +312,8 @@ def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
                     codes.setdefault(hit[0], hit[1])
                     if hit[1] != ExitCode.OK:
                         first_failure.set()
+                    if died(hit[1]):
+                        first_death.set()
             try:
                 dst.write(line)
                 dst.flush()
@@ -263,7 +325,7 @@ def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
     for t in pumps:
         t.start()
     deadline: float | None = None
-    stopped = killed = False
+    stopped = killed = death_seen = False
     try:
         while proc.poll() is None:
             if stop_requested() and not stopped:
@@ -271,6 +333,9 @@ def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
                 _write_stop(proc)
             if deadline is None and (stopped or first_failure.is_set()):
                 deadline = clock() + rank_timeout + min(grace, rank_timeout)
+            if first_death.is_set() and not death_seen:
+                death_seen = True
+                deadline = min(deadline if deadline is not None else math.inf, clock() + death_grace)
             if deadline is not None and clock() > deadline:
                 killed = True
                 _kill_group(proc)
@@ -340,6 +405,26 @@ def rank_zero_lock(path: str | os.PathLike[str], *, command: str) -> Iterator[An
         yield lock
 
 
+def collective_stream() -> Any:
+    """The stream for the small collectives outside the compiled step (flags, losses, bytes).
+
+    mlx-lm runs them on the CPU stream, which the ring and MPI backends need; NCCL runs on the GPU
+    and refuses it ("There is no Stream(gpu, 0) in current thread"): there, the default stream.
+    """
+    import mlx.core as mx
+
+    return mx.default_stream(mx.default_device()) if nccl_backend() else mx.cpu
+
+
+def nccl_backend() -> bool:
+    """This rank was started for NCCL (mlx.launch --backend nccl sets the NCCL rendezvous address)."""
+    if "NCCL_HOST_IP" not in os.environ:
+        return False
+    import mlx.core as mx
+
+    return bool(mx.distributed.is_available("nccl")) and mx.default_device() == mx.gpu
+
+
 def any_rank(flag: bool, group: Any = None) -> bool:
     """True on every rank when it is true on any: all ranks take the same decision after a step."""
     group = group or world()
@@ -347,7 +432,8 @@ def any_rank(flag: bool, group: Any = None) -> bool:
         return bool(flag)
     import mlx.core as mx
 
-    return mx.distributed.all_sum(mx.array(int(bool(flag)), dtype=mx.int32), group=group, stream=mx.cpu).item() > 0
+    return mx.distributed.all_sum(mx.array(int(bool(flag)), dtype=mx.int32), group=group,
+                                  stream=collective_stream()).item() > 0
 
 
 def broadcast_bytes(data: bytes | None, group: Any = None) -> bytes:
@@ -359,11 +445,12 @@ def broadcast_bytes(data: bytes | None, group: Any = None) -> bytes:
     if group.size() == 1:
         return data or b""
     mine = data if group.rank() == 0 else None
-    n = mx.distributed.all_sum(mx.array(len(mine or b""), dtype=mx.int64), group=group, stream=mx.cpu).item()
+    stream = collective_stream()
+    n = mx.distributed.all_sum(mx.array(len(mine or b""), dtype=mx.int64), group=group, stream=stream).item()
     if n == 0:
         return b""
     buf = mx.array(np.frombuffer(mine, dtype=np.uint8)) if mine is not None else mx.zeros((n,), dtype=mx.uint8)
-    total = mx.distributed.all_sum(buf, group=group, stream=mx.cpu)
+    total = mx.distributed.all_sum(buf, group=group, stream=stream)
     return np.asarray(total).tobytes()
 
 
@@ -397,7 +484,8 @@ def share_checkpoint(info: Any, *, fingerprint: str, data_fingerprint: str, requ
                 if theirs[k] != {"fingerprint": fingerprint, "data_fingerprint": data_fingerprint}[k]]
     import mlx.core as mx
 
-    bad = mx.distributed.all_sum(mx.array(1 if mismatch else 0, dtype=mx.int32), group=group, stream=mx.cpu).item()
+    bad = mx.distributed.all_sum(mx.array(1 if mismatch else 0, dtype=mx.int32), group=group,
+                                 stream=collective_stream()).item()
     if bad:
         if mismatch:
             diffs = [f"{what} {mine} differs from rank 0's {theirs[key]}"

@@ -124,6 +124,13 @@ class PeerLost(FarenseError):
     exit_code = ExitCode.PREEMPTED
 
 
+class RankFailed(FarenseError):
+    """A rank of a launched job died of an exception that is no peer's loss: a bug or a broken
+    install, not a preemption; a retry would fail the same way."""
+
+    exit_code = ExitCode.FAILED
+
+
 class ResumeLimitReached(FarenseError):
     """The run crashed and was resumed too many times in a row; a person should look."""
 

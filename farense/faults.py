@@ -2,6 +2,8 @@
 can be made to stop and wait, so that a real SIGKILL lands exactly there.
 
 Inactive unless FARENSE_FAULT="<point>:<step>" is set in the environment (tests only).
+FARENSE_FAULT="<point>:<step>:raise" raises a RuntimeError there instead (a bug's exception), and
+FARENSE_FAULT_RANK=N limits either to rank N of a launched job.
 """
 
 from __future__ import annotations
@@ -15,8 +17,13 @@ from pathlib import Path
 def fault_point(name: str, step: int) -> None:
     """If this is the requested point, announce it (stderr and FARENSE_FAULT_MARKER) and wait to be killed."""
     want = os.environ.get("FARENSE_FAULT")
-    if not want or want != f"{name}:{step}":
+    if not want or want not in (f"{name}:{step}", f"{name}:{step}:raise"):
         return
+    only = os.environ.get("FARENSE_FAULT_RANK")
+    if only is not None and only != os.environ.get("MLX_RANK", "0"):
+        return
+    if want.endswith(":raise"):
+        raise RuntimeError(f"FARENSE-FAULT-POINT {name}:{step}: an injected error (a stand-in for a bug)")
     marker = os.environ.get("FARENSE_FAULT_MARKER")
     if marker:
         Path(marker).write_text(f"{name}:{step}:{os.getpid()}\n")

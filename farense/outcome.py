@@ -102,20 +102,30 @@ def died(code: int | None) -> bool:
 def job_exit_code(rank_codes: dict[int, int | None], world_size: int) -> int:
     """One exit code for a data-parallel job, with the meaning a single trainer's code has.
 
-    A rank that died (signal, launcher kill, lost host) makes the job resumable, whatever the others
-    reported afterwards (they saw the loss). Otherwise the most telling code wins: bad input and
-    numerical errors cannot be cured by a retry; a full disk, a held lock and a preemption can.
-    A rank with no reported code finished cleanly (mlx.launch reports failures only).
+    `rank_codes` holds the failed ranks in the order the launcher reported them (a rank with no
+    code finished cleanly: mlx.launch reports failures only). What happened first decides: once a
+    rank fails, mlx.launch kills the others, and those deaths are consequences, not causes. So a
+    rank that died first (signal, launcher kill, lost host) makes the job resumable, whatever the
+    others reported afterwards; a rank that exited with its own code first (an exception: 1, bad
+    input 2, NaN 3, ...) gives the job the most telling of the codes reported before any death:
+    bad input, numerical errors and bugs cannot be cured by a retry; a full disk, a held lock and
+    a preemption can.
     """
     codes = [rank_codes.get(r, ExitCode.OK) for r in range(world_size)]
     if all(c == ExitCode.OK for c in codes):
         return ExitCode.OK
-    if any(died(c) for c in codes):
+    before_death: list[int] = []
+    for c in rank_codes.values():  # report order
+        if died(c):
+            break
+        if c != ExitCode.OK:
+            before_death.append(c)  # type: ignore[arg-type]
+    if not before_death:
         return ExitCode.PREEMPTED
     for wanted in _JOB_PRIORITY:
-        if wanted in codes:
+        if wanted in before_death:
             return wanted
-    return next(c for c in codes if c != ExitCode.OK)  # type: ignore[return-value]
+    return before_death[0]
 
 
 @dataclass(frozen=True)

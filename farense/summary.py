@@ -45,6 +45,9 @@ class TrainingSummary(JsonRecord):
     best_checkpoint_step: int | None = None
     adapters: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    # Wall seconds per phase of this process's run (farense.train.phases): fixed costs beside steps.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    training_started_at: float | None = None  # wall clock when the trainer began (for outside timers)
 
     @property
     def finished(self) -> bool:

@@ -8,6 +8,7 @@ named error (resumable or not, as farense.outcome says).
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import time
@@ -33,6 +34,7 @@ from .signals import PreemptionFlag
 from .runstate import RunState
 from .train.finish import finish, record_state
 from .train.loop import Callbacks, TrainingLoop
+from .train.phases import PhaseClock, seconds_since_process_start
 from .train.setup import Setup, adapter_config, set_up
 from .train.state import (
     CHECKPOINT_FILES,
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
     from .diskguard import RunDiskGuard
 
 Log = Callable[[str], None]
+# run_state.json's RUNNING updates between validations and checkpoints: at most this often.
+RUN_STATE_INTERVAL_SECONDS = 1.0
 
 
 def _stderr(message: str) -> None:
@@ -73,6 +77,7 @@ def run_training(
     model is loaded). `guard`: None for the config's disk guard, False for none, or a guard; the
     preemption flag, the clock and `on_step_end(step, row, model)` are passed in, so tests drive them.
     """
+    phases = PhaseClock(clock, since_process_start=seconds_since_process_start())
     # Everything that can be wrong with the input is found before anything heavy is loaded.
     check_inputs(config)
     _, loaded = validate_data(config)
@@ -90,13 +95,14 @@ def run_training(
     with rank_zero_lock(paths.lock, command="train"):  # only rank 0 writes, so only rank 0 locks
         return _train_locked(config, paths, loaded, data_fp, new_run=new_run,
                              preemption=preemption or PreemptionFlag(), guard=guard or None, clock=clock, log=log,
-                             progress_bar=progress_bar, on_step_end=on_step_end)
+                             progress_bar=progress_bar, on_step_end=on_step_end, phases=phases)
 
 
 def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_fp: str, *, new_run: bool,
                   preemption: PreemptionFlag, guard: RunDiskGuard | None, clock: Callable[[], float], log: Log,
                   progress_bar: bool | None,
-                  on_step_end: Callable[[int, dict[str, Any], Any], None] | None) -> TrainingOutcome:
+                  on_step_end: Callable[[int, dict[str, Any], Any], None] | None,
+                  phases: PhaseClock) -> TrainingOutcome:
     import mlx.core as mx
     from mlx_lm.tuner.trainer import default_loss
 
@@ -109,7 +115,8 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
     if is_writer:
         atomic_write_bytes(paths.config, config_to_json(config))
 
-    setup = set_up(config, loaded, log)
+    phases.lap("checks_and_resume_choice")
+    setup = set_up(config, loaded, log, lap=phases.lap)
     state = TrainState()
     if resume is not None:
         state = restore_checkpoint(resume, setup.model, setup.optimizer)
@@ -126,11 +133,17 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
         write_run_state(paths.state, RunState.RUNNING, step=state.step, total_steps=total,
                         resumed_from=resumed_from, fingerprint=config.fingerprint)
     bar = _progress_bar(total, state.step, progress_bar)
+    state_written = [-math.inf]
 
     def on_row(row: dict[str, Any], st: TrainState) -> None:
         metrics.append(row)
         history.append(row)
-        if is_writer:
+        # run_state.json is for people and monitors: at most about once a second, and at every step
+        # that validated or checkpointed, not a file replaced every few milliseconds.
+        now = clock()
+        if is_writer and ("val_loss" in row or "checkpoint_seconds" in row or st.step == total
+                          or now - state_written[0] >= RUN_STATE_INTERVAL_SECONDS):
+            state_written[0] = now
             write_run_state(paths.state, RunState.RUNNING, durable=False, step=st.step, total_steps=total,
                             resumed_from=resumed_from, fingerprint=config.fingerprint,
                             last_train_loss=row["train_loss"], last_val_loss=st.last_val_loss)
@@ -139,7 +152,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
 
     on_best = (lambda step, val: save_best_adapters(paths, setup.model, config, step, val)) if is_writer else None
     loop = TrainingLoop(config, setup, state, world=world, loss=default_loss, checkpoints=checkpoints,
-                        preemption=preemption, clock=clock, log=log,
+                        preemption=preemption, clock=clock, log=log, phases=phases,
                         callbacks=Callbacks(on_step_end=on_step_end, on_row=on_row, on_best=on_best))
     try:
         with _recording_stops(paths, state, total, resumed_from, is_writer):
@@ -149,7 +162,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
         if bar:
             bar.close()
     return finish(config, paths, state, history, total_steps=total, resumed_from=resumed_from, outcome=outcome,
-                  message=message, data_fp=data_fp, is_writer=is_writer, log=log)
+                  message=message, data_fp=data_fp, is_writer=is_writer, log=log, phases=phases)
 
 
 def _resume_point(config: ExperimentConfig, paths: RunPaths, store: CheckpointStore, data_fp: str, *,

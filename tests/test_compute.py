@@ -31,6 +31,18 @@ def test_auto_on_a_gpu_keeps_the_stored_dtype():
     assert c.dequantize and c.dtype is None
 
 
+def test_auto_plans_for_the_steps_activations_measured_on_the_7b_shape():
+    from farense.compute import activation_bytes
+
+    step = activation_bytes(4 * 512, 4096, 32)  # batch 4 x 512 tokens, Mistral-7B's hidden size and depth
+    assert 11 * GB < step < 14 * GB  # measured on an H200: 26.4 GB peak beside a 14.5 GB base
+    # An 80 GB card holds base + step with headroom; a 32 GB card would not (the old 1.5x rule said yes).
+    assert choose(device="gpu", dequantized_bytes=int(14.5 * GB), memory_bytes=80 * GB, step_bytes=step).dequantize
+    c = choose(device="gpu", dequantized_bytes=int(14.5 * GB), memory_bytes=32 * GB, step_bytes=step)
+    assert not c.dequantize and "27.4 GB" in c.reason
+    assert choose(device="gpu", dequantized_bytes=int(14.5 * GB), memory_bytes=32 * GB).dequantize
+
+
 def test_explicit_modes_are_obeyed_whatever_the_memory():
     assert not choose("quantized").dequantize
     assert choose("dequantized", dequantized_bytes=100 * GB).dequantize

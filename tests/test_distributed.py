@@ -19,11 +19,14 @@ import pytest
 
 from farense.distributed import (
     DEFAULT_PORT,
+    ENV_RANK_GPUS,
     LaunchSpec,
     Watchdog,
     any_rank,
     broadcast_bytes,
     parse_rank_exit,
+    pin_rank_gpu,
+    rank_gpus,
     share_checkpoint,
     spec_defaults_from_env,
     stop_on_stdin,
@@ -46,6 +49,9 @@ def test_rank_exits_are_read_off_mlx_launch_warnings():
     ({}, ExitCode.OK),                                          # mlx.launch reports failures only
     ({1: -9, 0: ExitCode.PREEMPTED}, ExitCode.PREEMPTED),           # a rank SIGKILLed; rank 0 saw the peer go
     ({1: None, 0: ExitCode.BAD_INPUT}, ExitCode.PREEMPTED),         # a death outranks what the others said after it
+    ({1: ExitCode.FAILED, 0: None}, ExitCode.FAILED),               # rank 1's exception, then mlx.launch killed rank 0
+    ({0: ExitCode.FAILED, 1: -15}, ExitCode.FAILED),                # ... or SIGTERMed it: a consequence, not a preemption
+    ({0: ExitCode.FAILED, 1: ExitCode.FAILED}, ExitCode.FAILED),    # both ranks hit the same bug
     ({1: 137}, ExitCode.PREEMPTED),                             # killed on a remote host (ssh: 128 + 9)
     ({1: 255}, ExitCode.PREEMPTED),                             # ssh lost the host
     ({1: ExitCode.BAD_INPUT, 0: ExitCode.PREEMPTED}, ExitCode.BAD_INPUT),  # the data is missing on rank 1's host
@@ -92,6 +98,76 @@ def test_launch_spec_counts_ranks_and_builds_the_mlx_launch_command(tmp_path):
     spec = LaunchSpec.create(hostfile=hostfile)
     assert spec.world_size == 3 and not spec.all_local
     assert "--hostfile" in spec.launcher_argv(["x"]) and spec.port == DEFAULT_PORT
+
+
+def test_each_rank_gets_its_own_gpu_where_mlx_launch_would_give_all_of_them_gpu_0():
+    # Two ranks here: GPUs 0 and 1 (mlx.launch's own CUDA_VISIBLE_DEVICES=rank % 1 is 0 for both).
+    assert rank_gpus(["127.0.0.1", "127.0.0.1"]) == ["0", "1"]
+    # A narrowed CUDA_VISIBLE_DEVICES on this machine: the local rank-th of those GPUs.
+    assert rank_gpus(["127.0.0.1", "127.0.0.1"], "2,3") == ["2", "3"]
+    # Two hosts of two ranks each: the local rank on each host; another host's GPUs are its own.
+    assert rank_gpus(["127.0.0.1", "127.0.0.1", "gpu2", "gpu2"], "5,6") == ["5", "6", "0", "1"]
+
+    spec = LaunchSpec.create(hosts="127.0.0.1", ranks_per_host=2, backend="nccl")
+    argv = spec.launcher_argv(["python", "-m", "farense"], environ={"NCCL_NVLS_ENABLE": "0", "HOME": "/root"})
+    envs = [argv[i + 1] for i, a in enumerate(argv) if a == "--env"]
+    assert f"{ENV_RANK_GPUS}=0,1" in envs
+    assert "NCCL_NVLS_ENABLE=0" in envs, "NVLink multicast stays off in ranks started with their own environment"
+    assert not any(e.startswith("HOME=") for e in envs)
+
+
+def test_a_rank_pins_its_gpu_from_the_launchers_table_and_nothing_else_does():
+    env = {"MLX_RANK": "1", ENV_RANK_GPUS: "0,1", "CUDA_VISIBLE_DEVICES": "0"}
+    assert pin_rank_gpu(env) == "1" and env["CUDA_VISIBLE_DEVICES"] == "1"
+    alone = {"CUDA_VISIBLE_DEVICES": "3"}
+    assert pin_rank_gpu(alone) is None and alone == {"CUDA_VISIBLE_DEVICES": "3"}  # not launched by farense
+    assert pin_rank_gpu({"MLX_RANK": "1"}) is None  # launched by plain mlx.launch: left as it is
+
+
+def test_the_rank_command_pins_its_gpu_before_mlx_is_imported():
+    """The GPU must be chosen before CUDA initialises: the rank's path to pin_rank_gpu imports no mlx."""
+    code = ("import sys; from farense.cli import build_parser; import farense.commands.train as t; "
+            "import farense.distributed, farense.signals, farense.config; "
+            "print('mlx.core' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_an_exception_in_a_rank_is_a_failure_and_a_lost_peer_is_resumable():
+    from farense.commands.train import _as_failure, _as_peer_lost
+    from farense.errors import PeerLost
+
+    bug = RuntimeError("There is no Stream(gpu, 0) in current thread.")
+    assert not isinstance(_as_peer_lost(bug), PeerLost)
+    failure = _as_failure(bug, 1)
+    assert failure.exit_code == ExitCode.FAILED and not failure.retryable and "rank 1" in str(failure)
+    lost = _as_peer_lost(RuntimeError("[ring] Connection to a peer was lost"))
+    assert isinstance(lost, PeerLost) and lost.retryable and lost.exit_code == ExitCode.PREEMPTED
+
+
+def test_collectives_run_on_the_cpu_stream_except_under_nccl(monkeypatch):
+    import mlx.core as mx
+
+    from farense.distributed import collective_stream, nccl_backend
+
+    monkeypatch.delenv("NCCL_HOST_IP", raising=False)
+    assert not nccl_backend() and collective_stream() == mx.cpu
+    monkeypatch.setenv("NCCL_HOST_IP", "127.0.0.1")
+    # This CPU-only mlx has no GPU: still the CPU stream (NCCL would need one).
+    assert collective_stream() == (mx.default_stream(mx.default_device()) if nccl_backend() else mx.cpu)
+
+
+def test_a_killed_rank_stops_the_job_after_a_short_grace_not_the_rank_time_out():
+    """NCCL ranks wait for a dead peer until their own time-out: once a rank is reported killed,
+    the launcher ends the rest after death_grace seconds."""
+    from farense.distributed import supervise
+
+    fake_launch = ("import sys, time; print('[WARN] Node with rank 1 exited with code -9', file=sys.stderr, "
+                   "flush=True); time.sleep(60)")
+    out = supervise([sys.executable, "-c", fake_launch], world_size=2, rank_timeout=300, death_grace=0.5,
+                    out=open(os.devnull, "wb"), err=open(os.devnull, "wb"), poll=0.05)
+    assert out.seconds < 10 and out.killed_after_timeout
+    assert out.exit_code == ExitCode.PREEMPTED and out.rank_codes == {1: -9, 0: None}
 
 
 def test_hosts_default_to_the_environment_so_a_work_pool_can_set_them():
@@ -395,3 +471,20 @@ def test_multi_machine_deployments_pin_each_run_to_one_machine_with_one_training
     script = (REPO / "deployments" / "start-machine-worker.sh").read_text()
     assert '--limit 1' in script and '--work-queue "training-$machine"' in script
     assert subprocess.run(["bash", "-n", str(REPO / "deployments" / "start-machine-worker.sh")]).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_rank_that_dies_of_an_exception_fails_the_job_and_is_not_retried(tmp_path, demo_dir):
+    """A bug is no preemption: rank 1 raises inside step 3; mlx.launch then kills rank 0; the job
+    ends failed (exit 1, not retryable), never 'preempted ... resumable'."""
+    ws = tmp_path
+    cfg = _config(ws, demo_dir)
+    proc = _launch(cfg, ws, ws / "log1.txt", FARENSE_FAULT="step:3:raise", FARENSE_FAULT_RANK="1")
+    code = proc.wait(timeout=180)
+    log1 = (ws / "log1.txt").read_text()
+    assert code == ExitCode.FAILED, log1[-4000:]
+    assert "rank 1 failed: RuntimeError: FARENSE-FAULT-POINT step:3" in log1
+    result = orjson.loads((ws / "result.json").read_bytes())
+    assert result["state"] == "failed" and not result["retryable"] and result["ranks"]["1"] == ExitCode.FAILED
+    assert "resumable" not in result["message"]

@@ -81,7 +81,9 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_leaves_no_bad_checkpoint(m
             name, w = next((k, v) for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b"))
             model.update(tree_unflatten([(name, w + mx.array(float("nan")))]))
 
-    with pytest.raises(NumericalError, match=r"step 11: the training loss is nan"):
+    # The hook runs while step 11 is already queued (the device runs one step ahead of the
+    # bookkeeping), so the poisoned weight first shows in step 12's loss.
+    with pytest.raises(NumericalError, match=r"step 12: the training loss is nan"):
         run_training(cfg, progress_bar=False, on_step_end=poison)
     paths = RunPaths(cfg.run_dir)
     store = CheckpointStore(paths.checkpoints)
@@ -104,14 +106,16 @@ def test_preemption_flag_checkpoints_the_current_step_and_resume_loses_nothing(m
         if step == 13:
             flag.request()
 
-    # Requested during step 13 (as a signal handler would): step 13 is checkpointed, then the run stops.
-    with pytest.raises(Preempted):
+    # Requested after step 13 (as a signal handler would), while step 14 is already queued: step 14
+    # completes and is checkpointed, then the run stops; no completed step is lost.
+    with pytest.raises(Preempted, match="after step 14"):
         run_training(cfg, progress_bar=False, preemption=flag, on_step_end=preempt)
     paths = RunPaths(cfg.run_dir)
-    assert CheckpointStore(paths.checkpoints).latest_verified().step == 13
+    assert CheckpointStore(paths.checkpoints).latest_verified().step == 14
+    assert [r["step"] for r in read_metrics(paths.metrics_jsonl)][-1] == 14
     assert orjson.loads(paths.state.read_bytes())["state"] == "preempted"
     result = run_training(cfg, progress_bar=False)
-    assert result.resumed_from == 13
+    assert result.resumed_from == 14
     assert [r["step"] for r in read_metrics(paths.metrics_jsonl)] == list(range(1, 25))
 
 
@@ -155,12 +159,15 @@ def test_gap_labels_follow_the_documented_thresholds(gap, label):
 
 
 def _preempted_run(make_config, at: int):
-    """A run preempted during step `at` (checkpoints every 4 steps and at `at`); its config and paths."""
+    """A run preempted after step `at` (checkpoints every 4 steps and at `at`); its config and paths.
+
+    The stop is requested after step at - 1 (not a checkpoint step), while step `at` is already
+    queued: the run finishes that step, checkpoints it and stops."""
     cfg = make_config(checkpoint={"every_steps": 4, "keep_last": 3})
     flag = PreemptionFlag()
-    with pytest.raises(Preempted):
+    with pytest.raises(Preempted, match=f"after step {at};"):
         run_training(cfg, progress_bar=False, preemption=flag,
-                     on_step_end=lambda step, row, model: flag.request() if step == at else None)
+                     on_step_end=lambda step, row, model: flag.request() if step == at - 1 else None)
     return cfg, RunPaths(cfg.run_dir)
 
 
@@ -170,9 +177,9 @@ def test_checkpoints_that_fail_verification_are_quarantined_and_never_silently_s
     from farense.errors import NoUsableCheckpoint
     from farense.outcome import ExitCode
 
-    cfg, paths = _preempted_run(make_config, 9)
+    cfg, paths = _preempted_run(make_config, 10)
     committed = sorted(p.name for p in paths.checkpoints.iterdir() if p.name.startswith("step-"))
-    assert committed == ["step-00000004", "step-00000008", "step-00000009"]
+    assert committed == ["step-00000004", "step-00000008", "step-00000010"]
     for name in committed:
         f = paths.checkpoints / name / "adapters.safetensors"
         f.write_bytes(f.read_bytes()[:100])
@@ -184,7 +191,7 @@ def test_checkpoints_that_fail_verification_are_quarantined_and_never_silently_s
     assert not [p for p in paths.checkpoints.iterdir() if p.name.startswith("step-")]
     assert sorted(p.name for p in paths.quarantine.iterdir()) == sorted(
         [*committed, *(n + ".reason.json" for n in committed)])
-    reason = orjson.loads((paths.quarantine / "step-00000009.reason.json").read_bytes())
+    reason = orjson.loads((paths.quarantine / "step-00000010.reason.json").read_bytes())
     assert "adapters.safetensors: size" in reason["reason"]
     result = run_training(cfg, progress_bar=False, new_run=True)
     assert result.resumed_from is None and result.state is RunState.COMPLETED
@@ -195,8 +202,8 @@ def test_a_checkpoint_whose_state_does_not_parse_is_quarantined_and_resume_uses_
     """Issue 13.7: state.json that is not JSON (manifest re-hashed) makes the checkpoint invalid, not the config."""
     import hashlib
 
-    cfg, paths = _preempted_run(make_config, 9)
-    newest = paths.checkpoints / "step-00000009"
+    cfg, paths = _preempted_run(make_config, 10)
+    newest = paths.checkpoints / "step-00000010"
     bad = b"this is not json {"
     (newest / "state.json").write_bytes(bad)
     manifest = orjson.loads((newest / "MANIFEST.json").read_bytes())
@@ -206,18 +213,18 @@ def test_a_checkpoint_whose_state_does_not_parse_is_quarantined_and_resume_uses_
     result = run_training(cfg, progress_bar=False, log=logs.append)
     assert result.resumed_from == 8 and result.state is RunState.COMPLETED
     assert "state.json cannot be read as JSON" in orjson.loads(
-        (paths.quarantine / "step-00000009.reason.json").read_bytes())["reason"]
+        (paths.quarantine / "step-00000010.reason.json").read_bytes())["reason"]
     assert any("moved unusable checkpoint" in line for line in logs)
 
 
 def test_resume_skips_and_repairs_metrics_lines_that_are_not_rows(make_config):
     """Issue 13.7: '[1,2,3]', '{"step":"abc"}' and torn lines in metrics.jsonl never crash a resume."""
-    cfg, paths = _preempted_run(make_config, 9)
+    cfg, paths = _preempted_run(make_config, 10)
     with paths.metrics_jsonl.open("ab") as f:
         f.write(b'[1,2,3]\n{"step":"abc"}\n{"step": 5, "train_loss": [1]}\n{"step": 10, "tra')
     logs: list[str] = []
     result = run_training(cfg, progress_bar=False, log=logs.append)
-    assert result.resumed_from == 9 and result.state is RunState.COMPLETED
-    for line in (10, 11, 12, 13):
+    assert result.resumed_from == 10 and result.state is RunState.COMPLETED
+    for line in (11, 12, 13, 14):  # after the 10 rows of steps 1..10
         assert any(f"{paths.metrics_jsonl}:{line}: skipped" in m for m in logs), logs
     assert [r["step"] for r in read_metrics(paths.metrics_jsonl)] == list(range(1, 25))

@@ -27,9 +27,11 @@ if TYPE_CHECKING:
 
 
 def train(args: argparse.Namespace) -> int:
-    from ..distributed import spec_defaults_from_env
+    from ..distributed import pin_rank_gpu, spec_defaults_from_env
     from ..signals import PreemptionFlag, die_with_parent
 
+    if args.rank_mode:
+        pin_rank_gpu()  # before anything imports mlx: CUDA chooses the GPU when it initialises
     # Before anything starts a thread (MLX's stream thread inherits the mask): a preemption signal during
     # start-up waits for the first step's end instead of being lost in MLX's first compile.
     flag = PreemptionFlag().install().hold()
@@ -62,10 +64,14 @@ def _run(args: argparse.Namespace, config: ExperimentConfig, flag: PreemptionFla
                                progress_bar=None if not args.no_progress else False, **kwargs)
         if rank == 0:
             print(outcome.describe())
-    except (FarenseError, RuntimeError) as e:
+    except Exception as e:
+        if not isinstance(e, FarenseError) and not args.rank_mode:
+            raise
+        # A rank: a collective's error because a peer went away is resumable; any other exception
+        # is this rank's own failure (exit 1, not retried), never reported as a preemption.
         e = _as_peer_lost(e) if args.rank_mode else e
         if not isinstance(e, FarenseError):
-            raise
+            e = _as_failure(e, rank)
         outcome = TrainingOutcome.from_error(config.run_dir, e)
         print(f"farense: {f'rank {rank}: ' if args.rank_mode else ''}{outcome.state.value}: {e}", file=sys.stderr)
     finally:
@@ -90,6 +96,16 @@ def _join_job(args: argparse.Namespace, flag: Any) -> tuple[int, Any, Any, Any]:
         print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.stderr, flush=True)
 
     return rank, dog, log, lambda step, row, model: dog.beat()
+
+
+def _as_failure(e: BaseException, rank: int) -> FarenseError:
+    """A rank's own exception as the job's failure, its traceback on stderr for whoever fixes it."""
+    import traceback
+
+    from ..errors import RankFailed
+
+    traceback.print_exception(e, file=sys.stderr)
+    return RankFailed(f"rank {rank} failed: {type(e).__name__}: {e}")
 
 
 def _as_peer_lost(e: BaseException) -> BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from ..config import ExperimentConfig
@@ -12,6 +13,7 @@ from ..overfitting import classify_gap
 from ..runstate import write_run_state
 from ..runstate import RunState
 from ..summary import TrainingSummary
+from .phases import PhaseClock
 from .setup import library_versions
 from .state import TrainState
 
@@ -53,17 +55,21 @@ def summarize(config: ExperimentConfig, paths: RunPaths, st: TrainState, history
 
 def finish(config: ExperimentConfig, paths: RunPaths, st: TrainState, history: list[dict[str, Any]], *,
            total_steps: int, resumed_from: int | None, outcome: RunState, message: str, data_fp: str,
-           is_writer: bool, log: Callable[[str], None]) -> TrainingOutcome:
+           is_writer: bool, log: Callable[[str], None], phases: PhaseClock | None = None) -> TrainingOutcome:
     """Write what a finished run leaves (rank 0) and return its outcome."""
+    phases = phases or PhaseClock()
     summary = summarize(config, paths, st, history, total_steps, outcome, data_fp)
     if is_writer:
         write_seed_files(history, paths.metrics_json, paths.metrics_csv)
-        summary.write(paths.summary)
+        phases.lap("finish_metrics_files")
         try:  # the loss curves (`farense plot RUN` redraws them); a plot never fails a finished run
             from ..plots import plot_loss_curves
 
             plot_loss_curves(history, summary.to_json(), paths.plots / "loss_curves.png")
         except Exception as e:
             log(f"warning: could not draw the loss curves in {paths.plots}: {e}")
+        phases.lap("finish_plot")
+        summary = dataclasses.replace(summary, phase_seconds=phases.rounded(), training_started_at=phases.started_at)
+        summary.write(paths.summary)
         record_state(paths, outcome, st, total_steps, resumed_from, message, is_writer)
     return TrainingOutcome.from_summary(paths.root, summary, message=message).with_(resumed_from=resumed_from)

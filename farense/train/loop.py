@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..batching import eval_batches, position_of, train_batches
 from ..config import ExperimentConfig
-from ..distributed import any_rank
+from ..distributed import collective_stream
 from ..errors import NumericalError, Preempted
 from ..faults import fault_point
 from ..overfitting import GapReading, classify_gap, gap_legend, observe_validation
 from ..signals import PreemptionFlag
 from ..runstate import RunState
+from .phases import PhaseClock
 from .setup import Setup
 from .state import TrainState, step_seed
 
@@ -93,50 +94,85 @@ def validation_loss(model: nn.Module, dataset: Any, groups: list, config: Experi
         mx.eval(total, ntok)
         if i == 0:
             fault_point("validation", step)  # tests SIGKILL here, mid-validation
-    total = mx.distributed.all_sum(total, stream=mx.cpu)
-    ntok = mx.distributed.all_sum(ntok, stream=mx.cpu)
+    if world.size() > 1:
+        total = mx.distributed.all_sum(total, group=world, stream=collective_stream())
+        ntok = mx.distributed.all_sum(ntok, group=world, stream=collective_stream())
     model.train()
     return (total / ntok).item()
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """An optimizer step queued on the device whose values have not been read yet."""
+
+    step: int
+    loss: Any  # mx.array: the mean micro-batch loss, summed over ranks
+    tokens: Any  # mx.array: this rank's tokens
+    learning_rate: Any  # mx.array: the rate this step used
+    queued_at: float
+    stop_votes: Any = None  # mx.array: ranks whose preemption flag was up when the step was queued
+
+
 class TrainingLoop:
-    """Optimizer steps from `state` to the plan's end or early stopping, validating and checkpointing."""
+    """Optimizer steps from `state` to the plan's end or early stopping, validating and checkpointing.
+
+    The device runs one step ahead of the bookkeeping: step s+1 is queued before step s's values
+    are read and its metrics, state file and hooks are done, so Python's work per step overlaps the
+    device's instead of adding to it. Never across a step that validates or checkpoints (or the
+    last): those need the model as it is after their own step, so exactness is untouched.
+    """
 
     def __init__(self, config: ExperimentConfig, setup: Setup, state: TrainState, *, world: mx.distributed.Group, loss: Callable,
                  checkpoints: Checkpoints, preemption: PreemptionFlag, clock: Callable[[], float],
-                 log: Callable[[str], None], callbacks: Callbacks | None = None) -> None:
+                 log: Callable[[str], None], callbacks: Callbacks | None = None,
+                 phases: PhaseClock | None = None) -> None:
         self.config, self.setup, self.state, self.world, self.loss = config, setup, state, world, loss
         self.checkpoints, self.preemption, self.clock, self.log = checkpoints, preemption, clock, log
         self.callbacks = callbacks or Callbacks()
+        self.phases = phases or PhaseClock(clock)
         t = config.training
         self.step_fn, self.compiled_state = make_step(setup.model, setup.optimizer, t.grad_accumulation, loss)
         setup.model.train()
         self.batches = train_batches(setup.train_set, setup.train_groups, seed=t.seed,
                                      start=position_of(state.step * t.grad_accumulation, len(setup.train_groups)),
                                      max_seq_length=t.max_seq_length, rank=world.rank(), world_size=world.size())
+        self._last_done: float | None = None  # when the previous step's values were read
 
     def run(self) -> tuple[RunState, str]:
         """(COMPLETED or EARLY_STOPPED, message); raises Preempted once the step after a signal is checkpointed."""
         st, total = self.state, self.setup.total_steps
         self.log(f"validation every {self.config.validation.every_steps} steps: {gap_legend(self.config.overfitting)}")
-        while st.step < total and not st.stopping:
-            row = self._optimizer_step()
+        queued = self._launch(st.step + 1) if st.step < total and not st.stopping else None
+        stop_pending = False  # a stop agreed on while the next step was already queued
+        while queued is not None:
+            current = queued
+            queued = None if self._boundary(current.step) or stop_pending else self._launch(current.step + 1)
+            row = self._complete(current)
             self._validate_if_due(row)
             if self.callbacks.on_step_end is not None:
-                self.callbacks.on_step_end(st.step, row, self.setup.model)
-            # One reading of the flag decides both the checkpoint and the exit: a signal that
-            # arrives later is served after the next step, never between the two.
-            preempt_now = any_rank(self.preemption.poll(), self.world)  # all ranks: the same decision
+                self.callbacks.on_step_end(st.step, row, self.setup.model)  # the next step may be queued already
+            # One reading of the flag decides both the checkpoint and the exit: a signal that arrives
+            # later is served after the next step, never between the two; when the next step is already
+            # queued, after that one. Several ranks read the flags summed with the step's loss: every
+            # rank takes the same decision.
+            preempt_now = stop_pending or self._stop_voted(current)
+            if preempt_now and queued is not None:
+                stop_pending, preempt_now = True, False
             if self.checkpoints.due(st, total, preempting=preempt_now):
+                self.phases.lap("steps")
                 started = self.clock()
                 self.checkpoints.save(st)
                 row["checkpoint_seconds"] = self.clock() - started
+                self.phases.lap("checkpoints")
             if self.callbacks.on_row is not None:
                 self.callbacks.on_row(row, st)
             if preempt_now:
                 raise Preempted(f"preempted by signal {self.preemption.signal} after step {st.step}; "
                                 f"checkpoint step-{st.step:08d} written, resume continues from it")
             self.checkpoints.between_steps(st)
+            if queued is None and st.step < total and not st.stopping:
+                queued = self._launch(st.step + 1)
+            self.phases.lap("steps")
         if not st.stopping:
             return RunState.COMPLETED, ""
         es = self.config.early_stopping
@@ -145,31 +181,66 @@ class TrainingLoop:
         self.log(message)
         return RunState.EARLY_STOPPED, message
 
-    def _optimizer_step(self) -> dict[str, Any]:
-        """grad_accumulation compiled micro-steps, the update, and the step's metrics row."""
+    def _boundary(self, step: int) -> bool:
+        """A step after which the model is read as it is (validation, checkpoint) or the run ends."""
+        return (step % self.config.validation.every_steps == 0 or step % self.config.checkpoint.every_steps == 0
+                or step >= self.setup.total_steps)
+
+    def _launch(self, step: int) -> InFlight:
+        """Queue optimizer step `step` (grad_accumulation compiled micro-steps and the update); nothing waits."""
         import mlx.core as mx
 
-        t, st, world_size = self.config.training, self.state, self.world.size()
-        tic = self.clock()
-        mx.random.seed(step_seed(t.seed, st.step + 1))
-        grad, losses, ntoks = None, [], 0
+        t = self.config.training
+        queued_at = self.clock()
+        mx.random.seed(step_seed(t.seed, step))
+        grad, losses, tokens = None, [], []
         for k in range(t.grad_accumulation):
             _, (batch, lengths) = next(self.batches)
             lvalue, toks, grad = self.step_fn(batch, lengths, grad, k == t.grad_accumulation - 1)
-            mx.eval(self.compiled_state, lvalue, toks, grad)
+            mx.async_eval(self.compiled_state, lvalue, toks, grad)
             losses.append(lvalue)
-            ntoks += toks.item()
+            tokens.append(toks)
             if k == 0:
-                fault_point("step", st.step + 1)  # tests SIGKILL here, mid-step
-        step_loss = mx.distributed.all_sum(mx.stack(losses).mean(), stream=mx.cpu).item() / world_size
+                fault_point("step", step)  # tests SIGKILL here, mid-step
+        loss = mx.stack(losses).mean()
+        stop_votes = None
+        if self.world.size() > 1:
+            # The ranks' preemption flags ride on the loss's all_sum, queued behind this step: a
+            # collective of its own, read after the step, would wait for the next step queued on the
+            # same stream (NCCL) and undo the overlap.
+            both = mx.stack([loss.astype(mx.float32), mx.array(float(self.preemption.poll()))])
+            both = mx.distributed.all_sum(both, group=self.world, stream=collective_stream())
+            loss, stop_votes = both[0], both[1]
+        ntokens = sum(tokens[1:], tokens[0])
+        learning_rate = self.setup.optimizer.learning_rate  # this step's: the next step replaces it
+        mx.async_eval(loss, ntokens, learning_rate, *([stop_votes] if stop_votes is not None else []))
+        return InFlight(step, loss, ntokens, learning_rate, queued_at, stop_votes)
+
+    def _stop_voted(self, step: InFlight) -> bool:
+        if step.stop_votes is not None:
+            return step.stop_votes.item() > 0
+        return self.preemption.poll()
+
+    def _complete(self, step: InFlight) -> dict[str, Any]:
+        """Wait for `step` (only: a queued next step keeps running), check its loss, book it, its metrics row."""
+        import mlx.core as mx
+
+        t, st, world_size = self.config.training, self.state, self.world.size()
+        step_loss = step.loss.item() / world_size
+        ntoks = int(step.tokens.item())
+        done = self.clock()
+        self.phases.lap("steps" if self._last_done is not None else "first_step_with_compile")
         if not math.isfinite(step_loss):
             raise NumericalError(
-                f"step {st.step + 1}: the training loss is {step_loss}; nothing from this step was "
+                f"step {step.step}: the training loss is {step_loss}; nothing from this step was "
                 f"checkpointed. Resume restarts from the last checkpoint; consider a lower learning rate."
             )
-        st.step += 1
+        # The step's time: from the end of the previous one when it was queued behind it (that
+        # step's bookkeeping included), else from its own start.
+        dt = done - (max(step.queued_at, self._last_done) if self._last_done is not None else step.queued_at)
+        self._last_done = done
+        st.step = step.step
         st.tokens_seen += ntoks * world_size
-        dt = self.clock() - tic
         st.elapsed_seconds += dt
         st.window_loss_sum += step_loss
         st.window_steps += 1
@@ -177,7 +248,7 @@ class TrainingLoop:
             "step": st.step,
             "epoch": position_of(st.step * t.grad_accumulation - 1, len(self.setup.train_groups)).epoch,
             "train_loss": step_loss,
-            "learning_rate": self.setup.optimizer.learning_rate.item(),
+            "learning_rate": step.learning_rate.item(),
             "tokens": ntoks * world_size,
             "tokens_per_second": (ntoks * world_size) / dt if dt > 0 else None,
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
@@ -190,6 +261,7 @@ class TrainingLoop:
         cfg, st = self.config, self.state
         if st.step % cfg.validation.every_steps != 0 and st.step != self.setup.total_steps:
             return
+        self.phases.lap("steps")
         val = validation_loss(self.setup.model, self.setup.valid_set, self.setup.valid_groups, cfg, self.loss,
                               self.world, st.step)
         reading = GapReading(val, st.window_loss_sum / max(st.window_steps, 1), st.window_steps)
@@ -202,5 +274,6 @@ class TrainingLoop:
                    patience_left=(patience - st.early_stopping.evaluations_without_improvement if patience else None))
         if is_best and self.callbacks.on_best is not None:
             self.callbacks.on_best(st.step, val)
+        self.phases.lap("validation")
         self.log(f"step {st.step}/{self.setup.total_steps}: {reading.describe()} {row['gap_status']}"
                  f"{' (best)' if is_best else ''}")

@@ -89,12 +89,22 @@ def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None 
                             tokenizer_config={"trust_remote_code": config.model.trust_remote_code})
     if config.model.quantize_bits:
         nn.quantize(model, group_size=config.model.quantize_group_size, bits=config.model.quantize_bits)
-    choice = resolve_compute(model, config.model.compute)
+    t = config.training
+    choice = resolve_compute(model, config.model.compute, tokens_per_step=t.batch_size * t.max_seq_length)
     if log:
         from ..blas import describe_blas
 
         log(f"{choice.describe()}; {describe_blas()}")
-    return apply_compute(model, choice), tokenizer
+    model = apply_compute(model, choice)
+    if choice.dequantize or choice.dtype:
+        import mlx.core as mx
+
+        # Now, not inside the first step: layer by layer, so each layer's packed weights are freed
+        # as it is done (the peak stays near the dequantized size), and the time is booked to the load.
+        for layer in getattr(model, "layers", []):
+            mx.eval(layer.parameters())
+        mx.eval(model.parameters())
+    return model, tokenizer
 
 
 def attach_adapters(model: nn.Module, config: ExperimentConfig) -> None:
@@ -127,13 +137,17 @@ def plan_total_steps(config: ExperimentConfig, batches_per_epoch: int) -> int:
     return max((t.epochs * batches_per_epoch) // t.grad_accumulation, 1)
 
 
-def set_up(config: ExperimentConfig, loaded: dict, log: Callable[[str], None]) -> Setup:
-    """The model, the data, the adapters, the optimizer: everything heavy, after every check passed."""
+def set_up(config: ExperimentConfig, loaded: dict, log: Callable[[str], None],
+           lap: Callable[[str], None] = lambda phase: None) -> Setup:
+    """The model, the data, the adapters, the optimizer: everything heavy, after every check passed.
+
+    `lap(phase)` is told when the model load and the rest are done (farense.train.phases)."""
     from mlx_lm.tuner.trainer import grad_checkpoint
 
     t = config.training
     log(f"loading {config.model_path}")
     model, tokenizer = load_base_model(config, log)
+    lap("model_load")
     datasets = make_datasets(config, tokenizer, loaded)
     train_set, valid_set = datasets["train"], datasets["valid"]
     too_long, longest = count_too_long(train_set, t.max_seq_length)
@@ -148,4 +162,5 @@ def set_up(config: ExperimentConfig, loaded: dict, log: Callable[[str], None]) -
     total_steps = plan_total_steps(config, len(train_groups))
     optimizer = build_optimizer(config, total_steps)
     optimizer.init(model.trainable_parameters())
+    lap("data_adapters_optimizer")
     return Setup(model, optimizer, train_set, valid_set, train_groups, valid_groups, total_steps)
