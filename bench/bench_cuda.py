@@ -165,8 +165,9 @@ def median_interval_rate(times: list[float], tokens: list[float], skip: int) -> 
     return statistics.median(rates) if rates else None
 
 
-def run_farense_cli(cfg: Any, timeout: float) -> dict[str, Any]:
-    """`farense train` in its own process (as a person runs it): metrics, phases, wall time, peak memory."""
+def run_farense_cli(cfg: Any, timeout: float, steps_ahead: int | None = None) -> dict[str, Any]:
+    """`farense train` in its own process (as a person runs it): metrics, phases, wall time, peak memory.
+    `steps_ahead`: FARENSE_STEPS_AHEAD for it (None: farense's default)."""
     from farense.config import config_to_toml
     from farense.layout import RunPaths
     from farense.metrics import read_metrics
@@ -181,7 +182,8 @@ def run_farense_cli(cfg: Any, timeout: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     epoch0 = time.time()
     log_lines: list[str] = []
-    p = subprocess.Popen(argv, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**ENV, **({"FARENSE_STEPS_AHEAD": str(steps_ahead)} if steps_ahead is not None else {})}
+    p = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert p.stdout is not None
     for line in p.stdout:
         log_lines.append(f"{time.perf_counter() - t0:8.3f} {line}")
@@ -297,14 +299,18 @@ def kill_and_resume(cfg: Any, kill_at: int, timeout: float) -> dict[str, Any]:
 _MLX_LM_REPORT = re.compile(r"^\s*(\d+)\s+([\d.]+|nan|inf) [\u25bc\u25b2]\s+([\d,]+)\s+[\d.]+k")
 _MLX_LM_VAL = re.compile(r"^\s*(\d+)\s+val\s+([\d.]+|nan|inf)\s+([\d.]+)s")
 # mlx_lm lora's own main, with its peak memory printed at exit (it reports none per step).
-_MLX_LM_MAIN = ("import atexit, sys, mlx.core as mx; "
+_MLX_LM_MAIN = ("import atexit, os, sys; "
+                "os.environ.get('BENCH_SAME_BLAS') and __import__('farense.blas').blas.ensure_fast_blas(); "
+                "import mlx.core as mx; "
                 "atexit.register(lambda: print('BENCH-PEAK-MEMORY', mx.get_peak_memory(), flush=True)); "
                 "from mlx_lm.lora import main; sys.argv = ['mlx_lm.lora', *sys.argv[1:]]; main()")
 
 
-def run_mlx_lm(cfg: Any, ws: Path, steps: int, timeout: float) -> dict[str, Any]:
+def run_mlx_lm(cfg: Any, ws: Path, steps: int, timeout: float, same_blas: bool = False) -> dict[str, Any]:
     """`mlx_lm lora` (its own main) with the same settings (YAML config: LoRA keys have no flag);
-    every output line is timestamped on arrival, which gives its phases."""
+    every output line is timestamped on arrival, which gives its phases. `same_blas`: MLX's CPU
+    backend gets the BLAS farense loads (farense.blas, before mlx is imported), so that on the CPU
+    the two trainers are compared, not two matmul libraries."""
     import yaml
 
     t = cfg.training
@@ -329,7 +335,8 @@ def run_mlx_lm(cfg: Any, ws: Path, steps: int, timeout: float) -> dict[str, Any]
     peak = None
     log_lines: list[str] = []
     p = subprocess.Popen([sys.executable, "-c", _MLX_LM_MAIN, "--config", str(ws / "lora.yaml")],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**ENV, "COLUMNS": "200"}, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**ENV, "COLUMNS": "200", **({"BENCH_SAME_BLAS": "1"} if same_blas else {})})
     assert p.stdout is not None
     for line in p.stdout:
         now = time.perf_counter() - t0
@@ -444,10 +451,15 @@ def main() -> int:
                          "order alternates, the table reports the last round (default 2).")
     ap.add_argument("--computes", help="farense's model.compute values to run, comma-separated "
                                        "(default: quantized,dequantized for a quantized model, else auto).")
+    ap.add_argument("--steps-ahead", help="FARENSE_STEPS_AHEAD values to run farense with, comma-separated "
+                                          "(default: farense's own default only).")
     ap.add_argument("--work", type=Path, default=Path("/tmp/farense-bench"), help="Models, data and runs go here.")
     ap.add_argument("--out", type=Path, help="Write results.json and results.md into this directory.")
     ap.add_argument("--resume", action="store_true", help="Also SIGKILL a `farense train` mid-step and resume it.")
     ap.add_argument("--skip-mlx-lm", action="store_true")
+    ap.add_argument("--mlx-lm-own-blas", action="store_true",
+                    help="On the CPU, run mlx_lm with the BLAS its mlx wheel brings (default: farense's, so that "
+                         "the trainers are compared, not the matmul libraries).")
     ap.add_argument("--timeout", type=float, default=900, help="Seconds any one run may take.")
     ap.add_argument("--prepare-only", action="store_true", help="Build the model and the data, then stop.")
     a = ap.parse_args()
@@ -476,6 +488,7 @@ def main() -> int:
     data = make_data(a.work / f"data-{a.seq_len}", demo_data, model, a.seq_len,
                      n_train=max(a.steps * a.batch_size, 8 * a.batch_size), n_valid=2 * a.batch_size)
     device = device_description()
+    same_blas = device.startswith("cpu") and not a.mlx_lm_own_blas
     if a.prepare_only:
         print(f"prepared {model} and {data} on {device}", file=sys.stderr)
         return 0
@@ -485,9 +498,16 @@ def main() -> int:
 
     skip = max(2, a.steps // 10)
     layers = min(16, n_layers)
-    cfgs = {f"farense {c}" if len(computes) > 1 else "farense":
-            farense_config(a.work / "farense", model, data, a, layers, compute=c, run_name=f"bench-{c}")
-            for c in computes}
+    aheads: list[int | None] = [int(v) for v in a.steps_ahead.split(",")] if a.steps_ahead else [None]
+    cfgs: dict[str, Any] = {}
+    ahead_of: dict[str, int | None] = {}
+    for c in computes:
+        for n in aheads:
+            name = " ".join(["farense", *([c] if len(computes) > 1 else []),
+                             *([f"{n} ahead"] if len(aheads) > 1 else [])])
+            cfgs[name] = farense_config(a.work / "farense", model, data, a, layers, compute=c,
+                                        run_name=f"bench-{c}" + (f"-ahead{n}" if n is not None else ""))
+            ahead_of[name] = n
     tools = [*cfgs, *([] if a.skip_mlx_lm else ["mlx_lm lora"])]
     rounds: list[dict[str, Any]] = []
     raw: dict[str, Any] = {}
@@ -496,9 +516,9 @@ def main() -> int:
         for tool in (tools if r % 2 == 0 else tools[::-1]):
             print(f"round {r + 1}: {tool}", file=sys.stderr, flush=True)
             if tool == "mlx_lm lora":
-                mr = run_mlx_lm(next(iter(cfgs.values())), a.work / "mlx_lm", a.steps, a.timeout)
+                mr = run_mlx_lm(next(iter(cfgs.values())), a.work / "mlx_lm", a.steps, a.timeout, same_blas)
             else:
-                raw[tool] = run_farense_cli(cfgs[tool], a.timeout)
+                raw[tool] = run_farense_cli(cfgs[tool], a.timeout, ahead_of[tool])
                 this[tool] = farense_figures(raw[tool], skip)
         if "mlx_lm lora" in tools:  # its wall intervals count the same tokens per step as farense's (same data)
             this["mlx_lm lora"] = mlx_lm_figures(mr, skip, next(iter(this.values()))["tokens_per_step"])
@@ -507,6 +527,8 @@ def main() -> int:
     results: dict[str, Any] = {
         "device": device, "model": label, "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
         "checkpoint_every": a.checkpoint_every, "warmup_steps_excluded": skip, "rounds": rounds,
+        "mlx_lm_blas": ("farense's (farense.blas loaded before mlx)" if same_blas else
+                        "its mlx wheel's" if device.startswith("cpu") else None),
         "cold_wall_s": {k: v["wall_s"] for k, v in rounds[0].items()},
     }
     if len(computes) > 1 and "farense quantized" in raw and "farense dequantized" in raw:
@@ -578,6 +600,8 @@ def render(r: dict[str, Any]) -> str:
     computes = [f"{t}: {last[t]['compute']}" for t in tools if last[t].get("compute")]
     if computes:
         lines += ["", "; ".join(computes)]
+    if r.get("mlx_lm_blas"):
+        lines.append(f"mlx_lm lora: MLX's CPU matmuls through {r['mlx_lm_blas']} BLAS.")
     if "drift" in r:
         d = r["drift"]
         lines.append(f"loss drift, quantized vs dequantized compute over {r['steps']} steps: max |train loss "

@@ -152,11 +152,14 @@ def main() -> int:
     ap.add_argument("--rank-timeout", type=float, default=20.0)
     ap.add_argument("--skip-strong", action="store_true", help="No 2-GPU run at the 1-GPU batch.")
     ap.add_argument("--backend", default="nccl", help="nccl (GPUs); ring tries this script on a CPU")
+    ap.add_argument("--steps-ahead", type=int, help="FARENSE_STEPS_AHEAD for every run (default: farense's).")
     ap.add_argument("--work", type=Path, default=Path("/tmp/farense-bench"))
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     global BACKEND
     BACKEND = a.backend
+    if a.steps_ahead is not None:
+        NCCL_ENV["FARENSE_STEPS_AHEAD"] = str(a.steps_ahead)
 
     from farense.demo import build_demo
 
@@ -185,7 +188,7 @@ def main() -> int:
     port = 32423
     r: dict[str, Any] = {"device": device, "gpus": gpu_names, "model": label, "steps": a.steps,
                          "batch_per_gpu": a.batch_size, "seq_len": a.seq_len, "checkpoint_every": a.checkpoint_every,
-                         "rank_timeout_s": a.rank_timeout, "backend": a.backend}
+                         "rank_timeout_s": a.rank_timeout, "backend": a.backend, "steps_ahead": a.steps_ahead}
     print("1 GPU ...", file=sys.stderr, flush=True)
     r["one_gpu"] = train(cfg("nccl-1", a.batch_size), a.work / "nccl-1.log", gpus=1, port=port,
                          rank_timeout=a.rank_timeout, new_run=True)
@@ -222,7 +225,8 @@ def render(r: dict[str, Any]) -> str:
     b = r["batch_per_gpu"]
     lines = [f"device: {r['device']}", "GPUs: " + "; ".join(r["gpus"].splitlines()), f"model: {r['model']}",
              f"{r['steps']} optimizer steps, ~{r['seq_len']} tokens per example, checkpoint and validation every "
-             f"{r['checkpoint_every']}; {r.get('backend', 'nccl')} backend, NCCL_NVLS_ENABLE=0", "",
+             f"{r['checkpoint_every']}; {r.get('backend', 'nccl')} backend, NCCL_NVLS_ENABLE=0"
+             + (f"; FARENSE_STEPS_AHEAD={r['steps_ahead']}" if r.get("steps_ahead") is not None else ""), "",
              "| | 1 GPU | 2 GPUs | 2 GPUs / 1 GPU |", "|---|---:|---:|---:|"]
 
     def rate(x: dict[str, Any], key: str) -> str:

@@ -57,6 +57,66 @@ def test_a_run_writes_the_seed_files_and_mlx_lm_loads_its_adapters(make_config):
     assert set(steps) == expected
 
 
+def test_how_far_the_device_runs_ahead_changes_no_bit_of_the_result(make_config):
+    """Issue 14: the loop queues steps ahead of its bookkeeping; 0 (read every step before the next),
+    1 and 3 steps ahead give byte-identical adapters, checkpoints and metrics losses."""
+    results = {}
+    for ahead in (0, 1, 3):
+        cfg = make_config(name=f"ahead-{ahead}")
+        run_training(cfg, progress_bar=False, steps_ahead=ahead)
+        paths = RunPaths(cfg.run_dir)
+        store = CheckpointStore(paths.checkpoints)
+        results[ahead] = ((paths.adapters / "adapters.safetensors").read_bytes(),
+                          (store.latest_verified().path / "optimizer.safetensors").read_bytes(),
+                          [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_metrics(paths.metrics_jsonl)])
+    assert results[0] == results[1] == results[3]
+    assert [step for step, _, _ in results[3][2]] == list(range(1, 25))
+
+
+def test_phase_times_add_up_to_the_run_and_name_its_fixed_costs(make_config):
+    """Issue 14.3: training_summary.json books the run's wall time per phase (the bench's table)."""
+    import time
+
+    cfg = make_config()
+    started = time.monotonic()
+    run_training(cfg, progress_bar=False)
+    took = time.monotonic() - started
+    summary = orjson.loads(RunPaths(cfg.run_dir).summary.read_bytes())
+    phases = summary["phase_seconds"]
+    for name in ("checks_and_resume_choice", "model_load", "data_adapters_optimizer", "first_step_with_compile",
+                 "steps", "validation", "checkpoints", "finish_metrics_files", "finish_plot"):
+        assert phases[name] >= 0, name
+    assert phases["steps"] > 0 and phases["validation"] > 0 and phases["checkpoints"] > 0
+    booked = sum(v for k, v in phases.items() if k != "process_start_to_training")
+    assert 0.8 * took <= booked <= took + 0.05, (booked, took)
+    assert abs(summary["training_started_at"] - time.time()) < took + 60
+
+
+def test_a_stop_with_several_steps_in_flight_is_served_after_the_last_queued_one(make_config):
+    """Three steps ahead: a stop asked after step 13 lets the queued steps 14-16 finish; 16 is
+    checkpointed (it is also a checkpoint step), nothing is lost, and resume continues from it."""
+    cfg = make_config(checkpoint={"every_steps": 8, "keep_last": 3}, validation={"every_steps": 12})
+    flag = PreemptionFlag()
+    with pytest.raises(Preempted, match="after step 16;"):
+        run_training(cfg, progress_bar=False, preemption=flag, steps_ahead=3,
+                     on_step_end=lambda step, row, model: flag.request() if step == 13 else None)
+    paths = RunPaths(cfg.run_dir)
+    assert CheckpointStore(paths.checkpoints).latest_verified().step == 16
+    result = run_training(cfg, progress_bar=False)
+    assert result.resumed_from == 16 and result.state is RunState.COMPLETED
+    assert [r["step"] for r in read_metrics(paths.metrics_jsonl)] == list(range(1, 25))
+
+
+def test_steps_ahead_from_the_environment_is_a_small_whole_number():
+    from farense.commands.train import _steps_ahead
+    from farense.errors import ConfigError
+
+    assert _steps_ahead({}) is None and _steps_ahead({"FARENSE_STEPS_AHEAD": " 2 "}) == 2
+    for bad in ("-1", "two", "1.5", "65"):
+        with pytest.raises(ConfigError, match="FARENSE_STEPS_AHEAD.*whole number of steps from 0 to 64"):
+            _steps_ahead({"FARENSE_STEPS_AHEAD": bad})
+
+
 def test_resuming_under_a_changed_training_config_is_refused_with_the_fields(make_config):
     cfg = make_config(checkpoint={"every_steps": 4})
     run_training(cfg.with_overrides(training={"iters": 8}), progress_bar=False)

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import ExperimentConfig, load_config
 from ..demo import DEMO_OVERLAYS, prepare_demo
-from ..errors import FarenseError
+from ..errors import ConfigError, FarenseError
 from ..outcome import ExitCode, TrainingOutcome
 from ..summary import TrainingSummary
 from . import add_demo_flags
+
+ENV_STEPS_AHEAD = "FARENSE_STEPS_AHEAD"
 
 if TYPE_CHECKING:
     from ..distributed import JobOutcome, LaunchSpec
@@ -61,7 +63,8 @@ def _run(args: argparse.Namespace, config: ExperimentConfig, flag: PreemptionFla
     try:
         kwargs: dict[str, Any] = {"log": log} if log else {}
         outcome = run_training(config, new_run=args.new_run, preemption=flag, on_step_end=on_step_end,
-                               progress_bar=None if not args.no_progress else False, **kwargs)
+                               progress_bar=None if not args.no_progress else False,
+                               steps_ahead=_steps_ahead(os.environ), **kwargs)
         if rank == 0:
             print(outcome.describe())
     except Exception as e:
@@ -81,6 +84,17 @@ def _run(args: argparse.Namespace, config: ExperimentConfig, flag: PreemptionFla
         if args.result_json and outcome is not None and rank == 0 and Path(args.result_json).parent.is_dir():
             outcome.write(args.result_json)
     return outcome.exit_code
+
+
+def _steps_ahead(environ: Any) -> int | None:
+    """FARENSE_STEPS_AHEAD (benchmarks: how far the device runs ahead of the bookkeeping), else the default."""
+    value = environ.get(ENV_STEPS_AHEAD, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) > 64:
+        raise ConfigError(f"{ENV_STEPS_AHEAD}={value!r}: expected a whole number of steps from 0 to 64",
+                          source="environment")
+    return int(value)
 
 
 def _join_job(args: argparse.Namespace, flag: Any) -> tuple[int, Any, Any, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -32,6 +33,11 @@ if TYPE_CHECKING:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
+
+
+# How many optimizer steps the device may run ahead of the bookkeeping (0: none, each step read
+# before the next is queued). See TrainingLoop.
+STEPS_AHEAD = 1
 
 
 class Checkpoints(Protocol):
@@ -116,16 +122,16 @@ class InFlight:
 class TrainingLoop:
     """Optimizer steps from `state` to the plan's end or early stopping, validating and checkpointing.
 
-    The device runs one step ahead of the bookkeeping: step s+1 is queued before step s's values
-    are read and its metrics, state file and hooks are done, so Python's work per step overlaps the
-    device's instead of adding to it. Never across a step that validates or checkpoints (or the
-    last): those need the model as it is after their own step, so exactness is untouched.
+    The device runs `steps_ahead` steps ahead of the bookkeeping: steps s+1.. are queued before step
+    s's values are read and its metrics, state file and hooks are done, so Python's work per step
+    overlaps the device's instead of adding to it. Never across a step that validates or checkpoints
+    (or the last): those need the model as it is after their own step, so exactness is untouched.
     """
 
     def __init__(self, config: ExperimentConfig, setup: Setup, state: TrainState, *, world: mx.distributed.Group, loss: Callable,
                  checkpoints: Checkpoints, preemption: PreemptionFlag, clock: Callable[[], float],
                  log: Callable[[str], None], callbacks: Callbacks | None = None,
-                 phases: PhaseClock | None = None) -> None:
+                 phases: PhaseClock | None = None, steps_ahead: int = STEPS_AHEAD) -> None:
         self.config, self.setup, self.state, self.world, self.loss = config, setup, state, world, loss
         self.checkpoints, self.preemption, self.clock, self.log = checkpoints, preemption, clock, log
         self.callbacks = callbacks or Callbacks()
@@ -136,28 +142,32 @@ class TrainingLoop:
         self.batches = train_batches(setup.train_set, setup.train_groups, seed=t.seed,
                                      start=position_of(state.step * t.grad_accumulation, len(setup.train_groups)),
                                      max_seq_length=t.max_seq_length, rank=world.rank(), world_size=world.size())
+        self.steps_ahead = steps_ahead
+        self._next_step = state.step + 1  # the next step to queue
+        self._gate: int | None = None  # a queued step whose bookkeeping must be done before more are queued
+        self._stop_after: int | None = None  # an agreed stop: the last step to run (queued before the stop)
         self._last_done: float | None = None  # when the previous step's values were read
 
     def run(self) -> tuple[RunState, str]:
         """(COMPLETED or EARLY_STOPPED, message); raises Preempted once the step after a signal is checkpointed."""
         st, total = self.state, self.setup.total_steps
         self.log(f"validation every {self.config.validation.every_steps} steps: {gap_legend(self.config.overfitting)}")
-        queued = self._launch(st.step + 1) if st.step < total and not st.stopping else None
-        stop_pending = False  # a stop agreed on while the next step was already queued
-        while queued is not None:
-            current = queued
-            queued = None if self._boundary(current.step) or stop_pending else self._launch(current.step + 1)
+        queue: deque[InFlight] = deque()
+        self._queue_steps(queue, 1)
+        while queue:
+            current = queue.popleft()
+            self._queue_steps(queue, self.steps_ahead)  # the device stays busy while `current` is read and booked
             row = self._complete(current)
             self._validate_if_due(row)
             if self.callbacks.on_step_end is not None:
-                self.callbacks.on_step_end(st.step, row, self.setup.model)  # the next step may be queued already
+                self.callbacks.on_step_end(st.step, row, self.setup.model)  # later steps may be queued already
             # One reading of the flag decides both the checkpoint and the exit: a signal that arrives
-            # later is served after the next step, never between the two; when the next step is already
-            # queued, after that one. Several ranks read the flags summed with the step's loss: every
-            # rank takes the same decision.
-            preempt_now = stop_pending or self._stop_voted(current)
-            if preempt_now and queued is not None:
-                stop_pending, preempt_now = True, False
+            # later is served after the next step, never between the two; when later steps are already
+            # queued, after the last of them. Several ranks read the flags summed with the step's loss:
+            # every rank takes the same decision.
+            if self._stop_after is None and self._stop_voted(current):
+                self._stop_after = self._next_step - 1
+            preempt_now = self._stop_after == st.step
             if self.checkpoints.due(st, total, preempting=preempt_now):
                 self.phases.lap("steps")
                 started = self.clock()
@@ -170,8 +180,7 @@ class TrainingLoop:
                 raise Preempted(f"preempted by signal {self.preemption.signal} after step {st.step}; "
                                 f"checkpoint step-{st.step:08d} written, resume continues from it")
             self.checkpoints.between_steps(st)
-            if queued is None and st.step < total and not st.stopping:
-                queued = self._launch(st.step + 1)
+            self._queue_steps(queue, 1)  # after a validation or checkpoint step: the next one
             self.phases.lap("steps")
         if not st.stopping:
             return RunState.COMPLETED, ""
@@ -180,6 +189,17 @@ class TrainingLoop:
                    f"{es.min_delta} in {es.patience} validations")
         self.log(message)
         return RunState.EARLY_STOPPED, message
+
+    def _queue_steps(self, queue: deque[InFlight], depth: int) -> None:
+        """Queue the next steps until `depth` are in flight; never past a step whose bookkeeping must
+        come first (validation, checkpoint: `_gate`), the plan's end, early stopping or an agreed stop."""
+        st = self.state
+        while (len(queue) < depth and self._next_step <= self.setup.total_steps and not st.stopping
+               and self._stop_after is None and (self._gate is None or st.step >= self._gate)):
+            queue.append(self._launch(self._next_step))
+            if self._boundary(self._next_step):
+                self._gate = self._next_step
+            self._next_step += 1
 
     def _boundary(self, step: int) -> bool:
         """A step after which the model is read as it is (validation, checkpoint) or the run ends."""
