@@ -14,7 +14,7 @@
 # A machine stays warm about 30 s after a call: make each call right after the previous one
 # (/tmp/whl, /tmp/site and the built 7B model in /tmp/farense-bench live only that long).
 #
-# Commands, run in order given: stage | install | check | bench SHAPE [bench_cuda.py args...]
+# Commands, run in order given: stage | install | check | probe | bench SHAPE [bench_cuda.py args...]
 #   | nccl [bench_nccl.py args...]
 # Results land in $OUT/<shape>/results.{json,md} and $OUT/nccl/ (with the logs).
 set -euo pipefail
@@ -82,6 +82,9 @@ EOF
 bench() {
   local shape="$1"; shift
   env_setup
+  # One GPU for both tools. With two visible, mlx_lm lora on the demo model dies at its second batch
+  # ("cudaMemcpy(...) failed: invalid argument" in mx.array, MLX 0.32.4, 2 x H100); with one it runs.
+  export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
   mkdir -p "$OUT/$shape"
   set -o pipefail
   "$PY" "$REPO/bench/bench_cuda.py" --shape "$shape" --work "/tmp/farense-bench" --out "$OUT/$shape" "$@" \
@@ -95,22 +98,32 @@ nccl() {  # bench_nccl.py: 1 GPU vs 2, a SIGKILLed rank, the resume (needs 2 GPU
   "$PY" "$REPO/bench/bench_nccl.py" --work "/tmp/farense-bench" --out "$OUT/nccl" "$@" 2>&1 | tee "$OUT/nccl/bench.log"
 }
 
+probe() {  # nccl_probe.py: all_sum time and bandwidth between two GPUs, beside the LoRA gradients' size
+  env_setup
+  mkdir -p "$OUT/nccl"
+  # (mlx._distributed_utils.launch has no __main__ guard: call its main, as farense's launcher does)
+  "$PY" -c "import sys; from mlx._distributed_utils.launch import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())" \
+    --hosts 127.0.0.1 -n 2 --backend nccl -- "$PY" "$REPO/bench/nccl_probe.py" \
+    2>&1 | tee "$OUT/nccl/probe.log"
+}
+
 while [[ $# -gt 0 ]]; do
   case "$1" in
     stage) stage; shift ;;
+    probe) probe; shift ;;
     install) install; shift ;;
     check) check; shift ;;
     nccl)
       shift
       extra=()
-      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != bench ]]; do
+      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != probe && "$1" != bench && "$1" != nccl ]]; do
         extra+=("$1"); shift
       done
       nccl ${extra[@]+"${extra[@]}"} ;;
     bench)
       shape="$2"; shift 2
       extra=()
-      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != bench ]]; do
+      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != probe && "$1" != bench && "$1" != nccl ]]; do
         extra+=("$1"); shift
       done
       bench "$shape" ${extra[@]+"${extra[@]}"} ;;

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import orjson
 
 from .checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy, SavePolicy
+from .compute import current_device
 from .config import ExperimentConfig, check_inputs, check_world_size, config_to_json
 from .data import data_fingerprint, validate_data
 from .distributed import share_checkpoint
@@ -33,7 +34,7 @@ from .runstate import write_run_state
 from .signals import PreemptionFlag
 from .runstate import RunState
 from .train.finish import finish, record_state
-from .train.loop import STEPS_AHEAD, Callbacks, TrainingLoop
+from .train.loop import Callbacks, TrainingLoop, default_steps_ahead
 from .train.phases import PhaseClock, seconds_since_process_start
 from .train.setup import Setup, adapter_config, set_up
 from .train.state import (
@@ -77,7 +78,7 @@ def run_training(
     Raises Preempted, DiskFull (both resumable), NumericalError, or input errors (before any
     model is loaded). `guard`: None for the config's disk guard, False for none, or a guard; the
     preemption flag, the clock and `on_step_end(step, row, model)` are passed in, so tests drive them.
-    `steps_ahead`: how far the device may run ahead of the bookkeeping (farense.train.loop.STEPS_AHEAD).
+    `steps_ahead`: how far the device may run ahead of the bookkeeping (None: farense.train.loop.default_steps_ahead).
     """
     phases = PhaseClock(clock, since_process_start=seconds_since_process_start())
     # Everything that can be wrong with the input is found before anything heavy is loaded.
@@ -98,14 +99,14 @@ def run_training(
         return _train_locked(config, paths, loaded, data_fp, new_run=new_run,
                              preemption=preemption or PreemptionFlag(), guard=guard or None, clock=clock, log=log,
                              progress_bar=progress_bar, on_step_end=on_step_end, phases=phases,
-                             steps_ahead=STEPS_AHEAD if steps_ahead is None else steps_ahead)
+                             steps_ahead=steps_ahead)
 
 
 def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_fp: str, *, new_run: bool,
                   preemption: PreemptionFlag, guard: RunDiskGuard | None, clock: Callable[[], float], log: Log,
                   progress_bar: bool | None,
                   on_step_end: Callable[[int, dict[str, Any], Any], None] | None,
-                  phases: PhaseClock, steps_ahead: int) -> TrainingOutcome:
+                  phases: PhaseClock, steps_ahead: int | None) -> TrainingOutcome:
     import mlx.core as mx
     from mlx_lm.tuner.trainer import default_loss
 
@@ -154,8 +155,11 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
             bar.advance(row["train_loss"], st.last_val_loss)
 
     on_best = (lambda step, val: save_best_adapters(paths, setup.model, config, step, val)) if is_writer else None
+    if steps_ahead is None:
+        steps_ahead = default_steps_ahead(world.size(), current_device())
     loop = TrainingLoop(config, setup, state, world=world, loss=default_loss, checkpoints=checkpoints,
-                        preemption=preemption, clock=clock, log=log, phases=phases, steps_ahead=steps_ahead,
+                        preemption=preemption, clock=clock, log=log, phases=phases,
+                        steps_ahead=steps_ahead,
                         callbacks=Callbacks(on_step_end=on_step_end, on_row=on_row, on_best=on_best))
     try:
         with _recording_stops(paths, state, total, resumed_from, is_writer):

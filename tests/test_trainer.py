@@ -110,6 +110,11 @@ def test_a_stop_with_several_steps_in_flight_is_served_after_the_last_queued_one
 def test_steps_ahead_from_the_environment_is_a_small_whole_number():
     from farense.commands.train import _steps_ahead
     from farense.errors import ConfigError
+    from farense.train.loop import default_steps_ahead
+
+    # The defaults, as measured (README, "Benchmarks"): none on the CPU, one on a GPU, two with ranks.
+    assert [default_steps_ahead(1, "cpu"), default_steps_ahead(2, "cpu")] == [0, 0]
+    assert [default_steps_ahead(1, "gpu"), default_steps_ahead(2, "gpu")] == [1, 2]
 
     assert _steps_ahead({}) is None and _steps_ahead({"FARENSE_STEPS_AHEAD": " 2 "}) == 2
     for bad in ("-1", "two", "1.5", "65"):
@@ -130,7 +135,8 @@ def test_resuming_under_a_changed_training_config_is_refused_with_the_fields(mak
     assert result.resumed_from is None and result.state is RunState.COMPLETED
 
 
-def test_a_nan_loss_stops_the_run_naming_the_step_and_leaves_no_bad_checkpoint(make_config):
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_a_nan_loss_stops_the_run_naming_the_step_and_leaves_no_bad_checkpoint(make_config, ahead):
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
@@ -141,10 +147,10 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_leaves_no_bad_checkpoint(m
             name, w = next((k, v) for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b"))
             model.update(tree_unflatten([(name, w + mx.array(float("nan")))]))
 
-    # The hook runs while step 11 is already queued (the device runs one step ahead of the
-    # bookkeeping), so the poisoned weight first shows in step 12's loss.
-    with pytest.raises(NumericalError, match=r"step 12: the training loss is nan"):
-        run_training(cfg, progress_bar=False, on_step_end=poison)
+    # With the device one step ahead of the bookkeeping the hook runs while step 11 is already
+    # queued, so the poisoned weight first shows in step 12's loss; with none, in step 11's.
+    with pytest.raises(NumericalError, match=rf"step {11 + ahead}: the training loss is nan"):
+        run_training(cfg, progress_bar=False, on_step_end=poison, steps_ahead=ahead)
     paths = RunPaths(cfg.run_dir)
     store = CheckpointStore(paths.checkpoints)
     assert [i.step for i in store.list()] == [4, 8]
@@ -158,7 +164,8 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_leaves_no_bad_checkpoint(m
     assert result.resumed_from == 8 and result.state is RunState.COMPLETED
 
 
-def test_preemption_flag_checkpoints_the_current_step_and_resume_loses_nothing(make_config):
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_preemption_flag_checkpoints_the_current_step_and_resume_loses_nothing(make_config, ahead):
     cfg = make_config()
     flag = PreemptionFlag()
 
@@ -166,16 +173,18 @@ def test_preemption_flag_checkpoints_the_current_step_and_resume_loses_nothing(m
         if step == 13:
             flag.request()
 
-    # Requested after step 13 (as a signal handler would), while step 14 is already queued: step 14
-    # completes and is checkpointed, then the run stops; no completed step is lost.
-    with pytest.raises(Preempted, match="after step 14"):
-        run_training(cfg, progress_bar=False, preemption=flag, on_step_end=preempt)
+    # Requested after step 13 (as a signal handler would). With no step in flight, step 13 is
+    # checkpointed and the run stops; with step 14 already queued, step 14 completes and is
+    # checkpointed, then the run stops. No completed step is lost either way.
+    stop = 13 + ahead
+    with pytest.raises(Preempted, match=f"after step {stop};"):
+        run_training(cfg, progress_bar=False, preemption=flag, on_step_end=preempt, steps_ahead=ahead)
     paths = RunPaths(cfg.run_dir)
-    assert CheckpointStore(paths.checkpoints).latest_verified().step == 14
-    assert [r["step"] for r in read_metrics(paths.metrics_jsonl)][-1] == 14
+    assert CheckpointStore(paths.checkpoints).latest_verified().step == stop
+    assert [r["step"] for r in read_metrics(paths.metrics_jsonl)][-1] == stop
     assert orjson.loads(paths.state.read_bytes())["state"] == "preempted"
     result = run_training(cfg, progress_bar=False)
-    assert result.resumed_from == 14
+    assert result.resumed_from == stop
     assert [r["step"] for r in read_metrics(paths.metrics_jsonl)] == list(range(1, 25))
 
 
@@ -226,7 +235,7 @@ def _preempted_run(make_config, at: int):
     cfg = make_config(checkpoint={"every_steps": 4, "keep_last": 3})
     flag = PreemptionFlag()
     with pytest.raises(Preempted, match=f"after step {at};"):
-        run_training(cfg, progress_bar=False, preemption=flag,
+        run_training(cfg, progress_bar=False, preemption=flag, steps_ahead=1,
                      on_step_end=lambda step, row, model: flag.request() if step == at - 1 else None)
     return cfg, RunPaths(cfg.run_dir)
 
