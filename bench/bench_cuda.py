@@ -549,13 +549,17 @@ def main() -> int:
         results["resume"] = {k: v for k, v in kr.items() if k != "adapters"}
         ref = raw[[k for k in cfgs][-1]]["adapters"]
         results["resume"].update(killed_in_step=kill_at, adapters_identical_to_uninterrupted=kr["adapters"] == ref)
-    report = render(results)
-    print(report)
-    if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "results.json").write_text(json.dumps(results, indent=2))
-        (a.out / "results.md").write_text(report + "\n")
+    publish(results, render(results), a.out)
     return 0
+
+
+def publish(results: dict[str, Any], report: str, out: Path | None) -> None:
+    """Print the report; with --out, write results.json and results.md there."""
+    print(report)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.md").write_text(report + "\n")
 
 
 def generate_with_adapters(model: Path, adapters: Path, timeout: float) -> dict[str, Any]:

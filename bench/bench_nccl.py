@@ -44,6 +44,7 @@ from bench_cuda import (  # noqa: E402
     farense_config,
     make_data,
     median_interval_rate,
+    publish,
 )
 
 NCCL_ENV = {**ENV, "NCCL_NVLS_ENABLE": "0"}
@@ -207,12 +208,8 @@ def main() -> int:
         print("2 GPUs, the 1-GPU batch ...", file=sys.stderr, flush=True)
         r["two_gpus_same_batch"] = train(cfg("nccl-2s", a.batch_size), a.work / "nccl-2s.log", gpus=2,
                                          port=port + 40, rank_timeout=a.rank_timeout, new_run=True)
-    report = render(r)
-    print(report)
+    publish(r, render(r), a.out)
     if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "results.json").write_text(json.dumps(r, indent=2))
-        (a.out / "results.md").write_text(report + "\n")
         for name in ("nccl-2.log", "nccl-kill.log", "nccl-resume.log"):
             if (a.work / name).exists():
                 (a.out / name).write_bytes((a.work / name).read_bytes()[-200_000:])
