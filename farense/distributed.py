@@ -354,13 +354,19 @@ def supervise(argv: Sequence[str], *, world_size: int, rank_timeout: float,
     if killed:
         for r in range(world_size):
             codes.setdefault(r, None)  # whoever had not ended was killed by us
+    return JobOutcome(_launch_exit_code(codes, world_size, proc.returncode),
+                      {r: c for r, c in codes.items() if c != ExitCode.OK}, killed, stopped, clock() - started,
+                      launcher_code=proc.returncode)
+
+
+def _launch_exit_code(codes: dict[int, int | None], world_size: int, launcher_code: int) -> int:
+    """The job's code from its ranks' codes; when they say nothing, from mlx.launch's own exit."""
     code = job_exit_code(codes, world_size)
-    if code == ExitCode.OK and proc.returncode != 0:
+    if code == ExitCode.OK and launcher_code != 0:
         # mlx.launch exits 0 whatever its ranks did, so a failure here is its own: a bad host list
         # (argparse exits 2), or it was killed.
-        code = ExitCode.BAD_INPUT if proc.returncode == 2 else ExitCode.PREEMPTED if died(proc.returncode) else ExitCode.FAILED
-    return JobOutcome(code, {r: c for r, c in codes.items() if c != ExitCode.OK}, killed, stopped, clock() - started,
-                      launcher_code=proc.returncode)
+        code = ExitCode.BAD_INPUT if launcher_code == 2 else ExitCode.PREEMPTED if died(launcher_code) else ExitCode.FAILED
+    return code
 
 
 def _write_stop(proc: subprocess.Popen) -> None:
