@@ -10,7 +10,7 @@ the trainer what distribution needs and nothing else:
 - every rank resumes from rank 0's verified checkpoint: its bytes are broadcast and verified
   again against their manifest, so hosts need not share a filesystem;
 - every rank checks that it runs rank 0's config and data (fingerprints);
-- a preemption seen by any rank stops all ranks after the same step;
+- a preemption seen by any rank stops all ranks after the same step (the flags ride on the step's loss all_sum);
 - a dead peer never hangs a rank: the ring backend reports a lost connection (PeerLost), and a
   watchdog ends a rank that completes no step within the time-out (a hung or vanished host).
 
@@ -429,17 +429,6 @@ def nccl_backend() -> bool:
     import mlx.core as mx
 
     return bool(mx.distributed.is_available("nccl")) and mx.default_device() == mx.gpu
-
-
-def any_rank(flag: bool, group: Any = None) -> bool:
-    """True on every rank when it is true on any: all ranks take the same decision after a step."""
-    group = group or world()
-    if group.size() == 1:
-        return bool(flag)
-    import mlx.core as mx
-
-    return mx.distributed.all_sum(mx.array(int(bool(flag)), dtype=mx.int32), group=group,
-                                  stream=collective_stream()).item() > 0
 
 
 def broadcast_bytes(data: bytes | None, group: Any = None) -> bytes:
