@@ -165,9 +165,11 @@ def median_interval_rate(times: list[float], tokens: list[float], skip: int) -> 
     return statistics.median(rates) if rates else None
 
 
-def run_farense_cli(cfg: Any, timeout: float, steps_ahead: int | None = None) -> dict[str, Any]:
+def run_farense_cli(cfg: Any, timeout: float, steps_ahead: int | None = None,
+                    profile: Path | None = None) -> dict[str, Any]:
     """`farense train` in its own process (as a person runs it): metrics, phases, wall time, peak memory.
-    `steps_ahead`: FARENSE_STEPS_AHEAD for it (None: farense's default)."""
+    `steps_ahead`: FARENSE_STEPS_AHEAD for it (None: farense's default); `profile`: run it under
+    cProfile, its stats written there."""
     from farense.config import config_to_toml
     from farense.layout import RunPaths
     from farense.metrics import read_metrics
@@ -178,7 +180,8 @@ def run_farense_cli(cfg: Any, timeout: float, steps_ahead: int | None = None) ->
     f.write_text(config_to_toml(cfg))
     paths = RunPaths(cfg.run_dir)
     shutil.rmtree(paths.root, ignore_errors=True)
-    argv = [sys.executable, "-m", "farense", "--workspace", str(ws), "train", str(f), "--no-progress", "--new-run"]
+    argv = [sys.executable, *(["-m", "cProfile", "-o", str(profile)] if profile else []),
+            "-m", "farense", "--workspace", str(ws), "train", str(f), "--no-progress", "--new-run"]
     t0 = time.perf_counter()
     epoch0 = time.time()
     log_lines: list[str] = []
@@ -303,10 +306,13 @@ _MLX_LM_MAIN = ("import atexit, os, sys; "
                 "os.environ.get('BENCH_SAME_BLAS') and __import__('farense.blas').blas.ensure_fast_blas(); "
                 "import mlx.core as mx; "
                 "atexit.register(lambda: print('BENCH-PEAK-MEMORY', mx.get_peak_memory(), flush=True)); "
-                "from mlx_lm.lora import main; sys.argv = ['mlx_lm.lora', *sys.argv[1:]]; main()")
+                "from mlx_lm.lora import main; sys.argv = ['mlx_lm.lora', *sys.argv[1:]]; "
+                "__import__('cProfile').run('main()', os.environ['BENCH_PROFILE']) "
+                "if os.environ.get('BENCH_PROFILE') else main()")
 
 
-def run_mlx_lm(cfg: Any, ws: Path, steps: int, timeout: float, same_blas: bool = False) -> dict[str, Any]:
+def run_mlx_lm(cfg: Any, ws: Path, steps: int, timeout: float, same_blas: bool = False,
+               profile: Path | None = None) -> dict[str, Any]:
     """`mlx_lm lora` (its own main) with the same settings (YAML config: LoRA keys have no flag);
     every output line is timestamped on arrival, which gives its phases. `same_blas`: MLX's CPU
     backend gets the BLAS farense loads (farense.blas, before mlx is imported), so that on the CPU
@@ -336,7 +342,8 @@ def run_mlx_lm(cfg: Any, ws: Path, steps: int, timeout: float, same_blas: bool =
     log_lines: list[str] = []
     p = subprocess.Popen([sys.executable, "-c", _MLX_LM_MAIN, "--config", str(ws / "lora.yaml")],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**ENV, "COLUMNS": "200", **({"BENCH_SAME_BLAS": "1"} if same_blas else {})})
+                         env={**ENV, "COLUMNS": "200", **({"BENCH_SAME_BLAS": "1"} if same_blas else {}),
+                              **({"BENCH_PROFILE": str(profile)} if profile else {})})
     assert p.stdout is not None
     for line in p.stdout:
         now = time.perf_counter() - t0
@@ -453,6 +460,9 @@ def main() -> int:
                                        "(default: quantized,dequantized for a quantized model, else auto).")
     ap.add_argument("--steps-ahead", help="FARENSE_STEPS_AHEAD values to run farense with, comma-separated "
                                           "(default: farense's own default only).")
+    ap.add_argument("--profile", action="store_true",
+                    help="After the rounds, run each tool once more under cProfile and print where its host time "
+                         "goes (the top functions by own time; with --out, the stats files too).")
     ap.add_argument("--work", type=Path, default=Path("/tmp/farense-bench"), help="Models, data and runs go here.")
     ap.add_argument("--out", type=Path, help="Write results.json and results.md into this directory.")
     ap.add_argument("--resume", action="store_true", help="Also SIGKILL a `farense train` mid-step and resume it.")
@@ -550,7 +560,32 @@ def main() -> int:
         ref = raw[[k for k in cfgs][-1]]["adapters"]
         results["resume"].update(killed_in_step=kill_at, adapters_identical_to_uninterrupted=kr["adapters"] == ref)
     publish(results, render(results), a.out)
+    if a.profile:
+        profile_tools(tools, cfgs, ahead_of, a, same_blas)
     return 0
+
+
+def profile_tools(tools: list[str], cfgs: dict[str, Any], ahead_of: dict[str, int | None], a: argparse.Namespace,
+                  same_blas: bool) -> None:
+    """Each tool once more under cProfile (slower; not timed): the functions with the most own time.
+    MLX's calls show under the Python function that makes them (its bindings are not C functions to
+    the profiler), which is what tells host work per step apart from waiting for the device."""
+    import io
+    import pstats
+
+    out = a.out or a.work
+    out.mkdir(parents=True, exist_ok=True)
+    for tool in tools:
+        prof = out / f"profile-{tool.replace(' ', '-')}.prof"
+        if tool == "mlx_lm lora":
+            run_mlx_lm(next(iter(cfgs.values())), a.work / "mlx_lm", a.steps, a.timeout, same_blas, profile=prof)
+        else:
+            run_farense_cli(cfgs[tool], a.timeout, ahead_of[tool], profile=prof)
+        text = io.StringIO()
+        pstats.Stats(str(prof), stream=text).sort_stats("tottime").print_stats(25)
+        (out / f"profile-{tool.replace(' ', '-')}.txt").write_text(text.getvalue())
+        print(f"\n=== {tool}: top 25 by own time ({a.steps} steps) ===")
+        print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:6000])
 
 
 def publish(results: dict[str, Any], report: str, out: Path | None) -> None:
