@@ -297,3 +297,44 @@ def test_resume_skips_and_repairs_metrics_lines_that_are_not_rows(make_config):
     for line in (11, 12, 13, 14):  # after the 10 rows of steps 1..10
         assert any(f"{paths.metrics_jsonl}:{line}: skipped" in m for m in logs), logs
     assert [r["step"] for r in read_metrics(paths.metrics_jsonl)] == list(range(1, 25))
+
+
+def test_gradient_checkpointing_wraps_a_layer_class_once_and_can_be_switched_off():
+    """mlx-lm's grad_checkpoint wraps the class again at each call: a second training in one process
+    would recompute every layer twice. Ours wraps once; the switch decides per run."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from farense.train.setup import set_grad_checkpoint
+
+    forwards = []
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def __call__(self, x):
+            forwards.append(1)
+            return self.linear(x).sum()
+
+    block = Block()
+    x = mx.ones((2, 4))
+
+    def forwards_per_gradient() -> int:
+        forwards.clear()
+        _, grads = nn.value_and_grad(block, lambda m, v: m(v))(block, x)
+        mx.eval(grads)
+        return len(forwards)
+
+    plain = forwards_per_gradient()
+    assert plain == 1
+    set_grad_checkpoint(Block, True)
+    once = forwards_per_gradient()
+    assert once == 2, "checkpointing recomputes the forward once in the backward pass"
+    set_grad_checkpoint(Block, True)
+    set_grad_checkpoint(Block, True)
+    assert forwards_per_gradient() == once, "a second and third set-up must not stack recomputations"
+    set_grad_checkpoint(Block, False)
+    assert forwards_per_gradient() == plain
+    assert Block.__call__ is Block.__dict__["__call__"] and "_farense_plain_call" in Block.__dict__

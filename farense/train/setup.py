@@ -122,6 +122,35 @@ def attach_adapters(model: nn.Module, config: ExperimentConfig) -> None:
                           use_dora=config.lora.type == "dora")
 
 
+def set_grad_checkpoint(layer_type: type, enabled: bool) -> None:
+    """Recompute `layer_type`'s activations in the backward pass (mlx-lm's grad_checkpoint), or not.
+
+    Why not mlx-lm's own: it wraps the class's __call__ again at every call, so a second training
+    in one process (a notebook, a bench, a test session) recomputes each layer twice, a third three
+    times; and it cannot be undone for a later run that does not want it. This wraps once, with a switch.
+    """
+    if "_farense_plain_call" not in layer_type.__dict__:
+        if not enabled:
+            return
+        import mlx.core as mx
+
+        plain = layer_type.__call__
+
+        def call(module: Any, *args: Any, **kwargs: Any) -> Any:
+            if not type(module)._farense_grad_checkpoint:
+                return plain(module, *args, **kwargs)
+
+            def inner(params: Any, *a: Any, **k: Any) -> Any:
+                module.update(params)
+                return plain(module, *a, **k)
+
+            return mx.checkpoint(inner)(module.trainable_parameters(), *args, **kwargs)
+
+        layer_type._farense_plain_call = plain
+        layer_type.__call__ = call
+    layer_type._farense_grad_checkpoint = enabled
+
+
 def library_versions() -> dict[str, str]:
     import mlx.core as mx
     import mlx_lm
@@ -142,8 +171,6 @@ def set_up(config: ExperimentConfig, loaded: dict, log: Callable[[str], None],
     """The model, the data, the adapters, the optimizer: everything heavy, after every check passed.
 
     `lap(phase)` is told when the model load and the rest are done (farense.train.phases)."""
-    from mlx_lm.tuner.trainer import grad_checkpoint
-
     t = config.training
     log(f"loading {config.model_path}")
     model, tokenizer = load_base_model(config, log)
@@ -155,8 +182,7 @@ def set_up(config: ExperimentConfig, loaded: dict, log: Callable[[str], None],
         log(f"warning: {too_long} training examples exceed max_seq_length={t.max_seq_length} "
             f"(longest {longest} tokens) and will be truncated")
     attach_adapters(model, config)
-    if t.grad_checkpoint:
-        grad_checkpoint(model.layers[0])
+    set_grad_checkpoint(type(model.layers[0]), t.grad_checkpoint)
     train_groups = batch_groups([len(train_set[i][0]) for i in range(len(train_set))], t.batch_size)
     valid_groups = batch_groups([len(valid_set[i][0]) for i in range(len(valid_set))], t.batch_size)
     total_steps = plan_total_steps(config, len(train_groups))
