@@ -1,8 +1,9 @@
 """Owns the base model's compute: quantized as stored (QLoRA) or dequantized once at load.
 
 Why: the 4-bit matmul is slow on MLX's CPU backend (no BLAS) and about 3.6x slower than bf16 on
-GPUs, while the dequantized weights are the very values the quantized matmul multiplies by. The
-adapters train against the same base either way and stay valid for the 4-bit model on disk.
+GPUs once a step has real work (below that the host is the bottleneck and the 4-bit base is the
+faster one), while the dequantized weights are the very values the quantized matmul multiplies by.
+The adapters train against the same base either way and stay valid for the 4-bit model on disk.
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ MEMORY_HEADROOM = 0.8
 # checkpointing, LoRA on 16 layers): 11.9 GB beside the 14.5 GB dequantized base (peak 26.4 GB),
 # i.e. ~44 bytes; rounded up. TRAINING_OVERHEAD alone (7.3 GB there) would have planned too little.
 ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER = 48
+# On a GPU, below this much work per step (6 x base parameters x tokens: forward and backward FLOPs)
+# the dequantized base is slower, not faster: the device is idle either way and the host queues a
+# cuBLAS matmul per layer where the 4-bit one is a single kernel. One H100, LoRA on every layer,
+# quantized vs dequantized in one process (bench/bench_compute_crossover.py): 0.77-0.90x at every
+# size up to 3.1e12 (1B params x 512 tokens), 2.2-3.6x from 6.2e12 (2B x 512) up; the 7B shape at
+# batch 4 x 512 is 8.9e13 (3.4x).
+DEQUANTIZE_MIN_STEP_FLOPS = 5e12
+
+
+def step_flops(base_parameters: int, tokens_per_step: int) -> float:
+    """A training step's matmul work: forward and backward over the base, 6 FLOPs per parameter per token."""
+    return 6.0 * base_parameters * tokens_per_step
 
 
 def activation_bytes(tokens_per_step: int, hidden_size: int, num_layers: int) -> int:
@@ -44,12 +57,13 @@ class ComputeChoice:
 
 def choose_compute(requested: str, *, device: str, quantized_base: bool, stored_dtype: str | None,
                    dequantized_bytes: int | None, memory_bytes: int | None,
-                   step_bytes: int | None = None) -> ComputeChoice:
+                   step_bytes: int | None = None, work_flops: float | None = None) -> ComputeChoice:
     """Decide the base's compute from the config's `model.compute`, the device and its memory.
 
     `device` is "cpu" or "gpu"; `dequantized_bytes` is the base's size once dequantized to the
     dtype it would compute in, `memory_bytes` what the device can hold (None: unknown), and
-    `step_bytes` what a training step needs beside the weights (activation_bytes), when known.
+    `step_bytes` what a training step needs beside the weights (activation_bytes), and
+    `work_flops` a step's matmul work (step_flops), when known.
     """
     on_cpu = device == "cpu"
     # On the CPU only fp32 matmuls reach BLAS; bf16/fp16 and 4-bit ones run on slow reference loops.
@@ -61,6 +75,10 @@ def choose_compute(requested: str, *, device: str, quantized_base: bool, stored_
         return ComputeChoice(False, None, "model.compute = 'quantized' (QLoRA)")
     if requested == "dequantized":
         return ComputeChoice(True, "float32" if on_cpu else None, "model.compute = 'dequantized'")
+    if not on_cpu and work_flops is not None and work_flops < DEQUANTIZE_MIN_STEP_FLOPS:
+        return ComputeChoice(False, None, f"auto: a step is ~{work_flops:.1e} FLOPs, below the "
+                                          f"{DEQUANTIZE_MIN_STEP_FLOPS:.0e} where a dequantized base starts to "
+                                          "pay on a GPU (QLoRA on the 4-bit base)")
     needed = None if dequantized_bytes is None else \
         dequantized_bytes + max(dequantized_bytes * TRAINING_OVERHEAD, step_bytes or 0)
     fits = needed is not None and memory_bytes is not None and needed <= memory_bytes * MEMORY_HEADROOM
@@ -131,9 +149,11 @@ def resolve_compute(model: Any, requested: str, tokens_per_step: int | None = No
     stored = stored_float_dtype(model)
     quantized = bool(quantized_layers(model))
     dtype_bytes = 4 if device == "cpu" else 2
+    parameters = dequantized_size(model, 1) if quantized else None
     return choose_compute(requested, device=device, quantized_base=quantized, stored_dtype=stored,
-                          dequantized_bytes=dequantized_size(model, dtype_bytes) if quantized else None,
-                          memory_bytes=device_memory_bytes(device), step_bytes=_step_bytes(model, tokens_per_step))
+                          dequantized_bytes=parameters * dtype_bytes if parameters is not None else None,
+                          memory_bytes=device_memory_bytes(device), step_bytes=_step_bytes(model, tokens_per_step),
+                          work_flops=step_flops(parameters, tokens_per_step) if parameters and tokens_per_step else None)
 
 
 def _step_bytes(model: Any, tokens_per_step: int | None) -> int | None:

@@ -149,7 +149,8 @@ class ModelConfig(_Section):
     trust_remote_code: bool = _f(False, "Allow tokenizer code shipped with the model.")
     compute: str = _f("auto", "What a quantized base computes in: 'quantized' (QLoRA, 4-bit matmuls), 'dequantized' "
                               "(dequantized once at load: faster where memory allows), or 'auto' (dequantized when "
-                              "the device's memory holds it with headroom; always on the CPU, in fp32).",
+                              "the device's memory holds it with headroom and, on a GPU, a step has enough work "
+                              "for it to pay; always on the CPU, in fp32).",
                    one_of(*COMPUTE_MODES))
 
 

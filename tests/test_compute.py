@@ -43,6 +43,24 @@ def test_auto_plans_for_the_steps_activations_measured_on_the_7b_shape():
     assert choose(device="gpu", dequantized_bytes=int(14.5 * GB), memory_bytes=32 * GB).dequantize
 
 
+def test_auto_on_a_gpu_keeps_a_small_steps_base_quantized():
+    """Measured on one H100: dequantizing loses (0.77-0.90x) up to 3.1e12 FLOPs per step, wins from 6.2e12."""
+    from farense.compute import DEQUANTIZE_MIN_STEP_FLOPS, step_flops
+
+    gpu = dict(device="gpu", dequantized_bytes=15 * GB, memory_bytes=80 * GB)
+    seven_b = step_flops(7_250_000_000, 4 * 512)
+    small = step_flops(4_500_000, 4 * 128)  # the bench's `small` shape
+    assert small < DEQUANTIZE_MIN_STEP_FLOPS < seven_b
+    assert choose(**gpu, work_flops=seven_b).dequantize
+    c = choose(**gpu, work_flops=small)
+    assert not c.dequantize and c.dtype is None and "1.4e+10 FLOPs" in c.reason
+    assert choose(**gpu).dequantize, "work unknown: memory decides, as before"
+    # The CPU dequantizes whatever the size (its 4-bit matmul has no fast path), and explicit modes win.
+    assert choose(work_flops=small).dequantize
+    assert choose("dequantized", **gpu, work_flops=small).dequantize
+    assert not choose("quantized", **gpu, work_flops=seven_b).dequantize
+
+
 def test_explicit_modes_are_obeyed_whatever_the_memory():
     assert not choose("quantized").dequantize
     assert choose("dequantized", dequantized_bytes=100 * GB).dequantize
