@@ -235,7 +235,10 @@ class TrainingLoop:
             tokens.append(toks)
             if k == 0:
                 fault_point("step", step)  # tests SIGKILL here, mid-step
-        loss = mx.stack(losses).mean()
+        # One micro-step (the usual case): its loss and tokens are already queued with the step.
+        loss, ntokens = losses[0], tokens[0]
+        if len(losses) > 1:
+            loss, ntokens = mx.stack(losses).mean(), sum(tokens[1:], tokens[0])
         stop_votes = None
         if self.world.size() > 1:
             # The ranks' preemption flags ride on the loss's all_sum, queued behind this step: a
@@ -244,9 +247,9 @@ class TrainingLoop:
             both = mx.stack([loss.astype(mx.float32), mx.array(float(self.preemption.poll()))])
             both = mx.distributed.all_sum(both, group=self.world, stream=collective_stream())
             loss, stop_votes = both[0], both[1]
-        ntokens = sum(tokens[1:], tokens[0])
-        learning_rate = self.setup.optimizer.learning_rate  # this step's: the next step replaces it
-        mx.async_eval(loss, ntokens, learning_rate, *([stop_votes] if stop_votes is not None else []))
+        learning_rate = self.setup.optimizer.learning_rate  # this step's (in the optimizer state queued above)
+        if len(losses) > 1 or stop_votes is not None:  # new arrays: queue them too (each call costs host time)
+            mx.async_eval(loss, ntokens, *([stop_votes] if stop_votes is not None else []))
         return InFlight(step, loss, ntokens, learning_rate, queued_at, stop_votes)
 
     def _stop_voted(self, step: InFlight) -> bool:
