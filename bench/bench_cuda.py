@@ -605,6 +605,31 @@ def generate_with_adapters(model: Path, adapters: Path, timeout: float) -> dict[
     return {"exit_code": p.returncode, "tail": (p.stdout + p.stderr)[-400:]}
 
 
+def rounds_table(rounds: list[dict[str, Any]], tools: list[str]) -> list[str]:
+    """Tokens/s by wall interval in every round, and each tool's median over the warm rounds (2..N):
+    one process can run 25% off another of the same tool on a shared host, so no single round decides."""
+    if len(rounds) < 2:
+        return []
+    key = "tokens_per_s_wall_interval"
+    others = [t for t in tools if t != "mlx_lm lora"]
+    ref = "mlx_lm lora" in tools
+    lines = ["", "Tokens/s by wall interval, round by round (order alternates; round 1 warms up):", "",
+             f"| round | {' | '.join(tools)} |" + ("".join(f" {t} / mlx_lm |" for t in others) if ref else ""),
+             "|---|" + "---:|" * (len(tools) + (len(others) if ref else 0))]
+
+    def line(label: str, vals: dict[str, float]) -> str:
+        cells = [f"{vals[t]:,.0f}" for t in tools]
+        if ref:
+            cells += [f"{vals[t] / vals['mlx_lm lora']:.3f}" for t in others]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    for n, rd in enumerate(rounds, 1):
+        lines.append(line(str(n), {t: rd[t][key] for t in tools}))
+    warm = rounds[1:]
+    lines.append(line(f"median, rounds 2-{len(rounds)}", {t: statistics.median(rd[t][key] for rd in warm) for t in tools}))
+    return lines
+
+
 def render(r: dict[str, Any]) -> str:
     last = r["rounds"][-1]
     tools = list(last)
@@ -636,6 +661,7 @@ def render(r: dict[str, Any]) -> str:
     cold = r.get("cold_wall_s", {})
     lines.append("| process wall time, round 1 (s) | " + " | ".join(f"{cold.get(t, 0):.1f}" for t in tools) + " |"
                  + (" - |" * (len(tools) - 1) if ref else ""))
+    lines += rounds_table(r["rounds"], tools)
     computes = [f"{t}: {last[t]['compute']}" for t in tools if last[t].get("compute")]
     if computes:
         lines += ["", "; ".join(computes)]

@@ -15,7 +15,8 @@
 # (/tmp/whl, /tmp/site and the built 7B model in /tmp/farense-bench live only that long).
 #
 # Commands, run in order given: stage | install | check | probe | bench SHAPE [bench_cuda.py args...]
-#   | nccl [bench_nccl.py args...]
+#   | nccl [bench_nccl.py args...] | script FILE [args...] (another bench/ script on one GPU, e.g.
+#   `script bench/bench_compute_crossover.py --out "$OUT/crossover"`, `script bench/bench_loop_overhead.py`)
 # Results land in $OUT/<shape>/results.{json,md} and $OUT/nccl/ (with the logs).
 set -euo pipefail
 
@@ -98,6 +99,12 @@ nccl() {  # bench_nccl.py: 1 GPU vs 2, a SIGKILLed rank, the resume (needs 2 GPU
   "$PY" "$REPO/bench/bench_nccl.py" --work "/tmp/farense-bench" --out "$OUT/nccl" "$@" 2>&1 | tee "$OUT/nccl/bench.log"
 }
 
+script() {  # any bench script, with the same environment and one GPU as `bench`
+  env_setup
+  export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
+  "$PY" "$REPO/$@"
+}
+
 probe() {  # nccl_probe.py: all_sum time and bandwidth between two GPUs, beside the LoRA gradients' size
   env_setup
   mkdir -p "$OUT/nccl"
@@ -116,17 +123,24 @@ while [[ $# -gt 0 ]]; do
     nccl)
       shift
       extra=()
-      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != probe && "$1" != bench && "$1" != nccl ]]; do
+      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != probe && "$1" != bench && "$1" != nccl && "$1" != script ]]; do
         extra+=("$1"); shift
       done
       nccl ${extra[@]+"${extra[@]}"} ;;
+    script)
+      file="$2"; shift 2
+      extra=()
+      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != probe && "$1" != bench && "$1" != nccl && "$1" != script ]]; do
+        extra+=("$1"); shift
+      done
+      script "$file" ${extra[@]+"${extra[@]}"} ;;
     bench)
       shape="$2"; shift 2
       extra=()
-      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != probe && "$1" != bench && "$1" != nccl ]]; do
+      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != probe && "$1" != bench && "$1" != nccl && "$1" != script ]]; do
         extra+=("$1"); shift
       done
       bench "$shape" ${extra[@]+"${extra[@]}"} ;;
-    *) echo "unknown command: $1 (stage | install | check | bench SHAPE [args] | nccl [args])" >&2; exit 2 ;;
+    *) echo "unknown command: $1 (stage | install | check | probe | bench SHAPE [args] | nccl [args] | script FILE [args])" >&2; exit 2 ;;
   esac
 done
