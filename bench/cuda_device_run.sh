@@ -114,33 +114,28 @@ probe() {  # nccl_probe.py: all_sum time and bandwidth between two GPUs, beside 
     2>&1 | tee "$OUT/nccl/probe.log"
 }
 
+COMMANDS=" stage install check probe bench nccl script "
+
+# The command's name, then its fixed arguments ($1: how many), then its own arguments up to the next
+# command: one command with all its arguments, as an array named `cmd`; `taken`: how many words.
+take_command() {
+  local fixed="$1"; shift
+  cmd=("$1" "${@:2:$fixed}")
+  local rest=("${@:$((fixed + 2))}")
+  for word in ${rest[@]+"${rest[@]}"}; do
+    [[ "$COMMANDS" == *" $word "* ]] && break
+    cmd+=("$word")
+  done
+  taken=${#cmd[@]}
+}
+
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    stage) stage; shift ;;
-    probe) probe; shift ;;
-    install) install; shift ;;
-    check) check; shift ;;
-    nccl)
-      shift
-      extra=()
-      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != probe && "$1" != bench && "$1" != nccl && "$1" != script ]]; do
-        extra+=("$1"); shift
-      done
-      nccl ${extra[@]+"${extra[@]}"} ;;
-    script)
-      file="$2"; shift 2
-      extra=()
-      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != probe && "$1" != bench && "$1" != nccl && "$1" != script ]]; do
-        extra+=("$1"); shift
-      done
-      script "$file" ${extra[@]+"${extra[@]}"} ;;
-    bench)
-      shape="$2"; shift 2
-      extra=()
-      while [[ $# -gt 0 && "$1" != stage && "$1" != install && "$1" != check && "$1" != probe && "$1" != bench && "$1" != nccl && "$1" != script ]]; do
-        extra+=("$1"); shift
-      done
-      bench "$shape" ${extra[@]+"${extra[@]}"} ;;
+    stage|install|check|probe) take_command 0 "$1" ;;
+    nccl) take_command 0 "$@" ;;
+    bench|script) take_command 1 "$@" ;;
     *) echo "unknown command: $1 (stage | install | check | probe | bench SHAPE [args] | nccl [args] | script FILE [args])" >&2; exit 2 ;;
   esac
+  shift "$taken"
+  "${cmd[@]}"
 done
