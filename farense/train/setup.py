@@ -93,8 +93,10 @@ def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None 
     choice = resolve_compute(model, config.model.compute, tokens_per_step=t.batch_size * t.max_seq_length)
     if log:
         from ..blas import describe_blas
+        from ..compute import current_device
 
-        log(f"{choice.describe()}; {describe_blas()}")
+        # The BLAS multiplies only on the CPU: on a GPU its line, and its advice, would mislead.
+        log(choice.describe() + (f"; {describe_blas()}" if current_device() == "cpu" else ""))
     model = apply_compute(model, choice)
     if choice.dequantize or choice.dtype:
         import mlx.core as mx
