@@ -208,16 +208,18 @@ class ObjectStore:
 
     def upload_file(self, key: str, path: Path) -> str:
         """Upload a local file; above `multipart_threshold` in parallel parts (obstore aborts them on failure)."""
-        size = os.path.getsize(path)
-        try:
-            if size < self.multipart_threshold:
-                result = obstore.put(self._store, key, Path(path).read_bytes(), use_multipart=False)
-            else:
-                with open(path, "rb") as f:
+        # Local errors (the file gone, EIO) propagate as OSError: they are not the store's.
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read() if size < self.multipart_threshold else None
+            try:
+                if data is not None:
+                    result = obstore.put(self._store, key, data, use_multipart=False)
+                else:
                     result = obstore.put(self._store, key, f, use_multipart=True, chunk_size=self.part_size,
                                          max_concurrency=8)
-        except Exception as exc:
-            raise _translate(exc, "upload", key) from exc
+            except Exception as exc:
+                raise _translate(exc, "upload", key) from exc
         return _etag(result.get("e_tag"))
 
     def delete(self, key: str) -> None:
