@@ -155,10 +155,10 @@ class S3Server:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        # weed leaves gRPC sockets named after their ports in the temp dir; they are ours: remove them.
-        for name in ("master-grpc", "volume-grpc"):
-            port = self.ports.get(name.replace("-", ".port."))
-            Path(f"/tmp/seaweedfs-{name}-{port}.sock").unlink(missing_ok=True)
+        # weed leaves gRPC sockets named after their ports in /tmp; those with our ports are ours.
+        for port in self.ports.values():
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
 
 def store_for(server: S3Server, prefix: str, **kwargs: Any) -> Any:
