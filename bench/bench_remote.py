@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from s3_server import running_s3, store_for  # noqa: E402
+
 from farense import fsutil  # noqa: E402
 from farense.checkpoint import CheckpointStore  # noqa: E402
 from farense.run.mirror import RunMirror  # noqa: E402
 from farense.run.remote_restore import restore_latest  # noqa: E402
-from s3_server import running_s3, store_for  # noqa: E402
 
 
 def save_tensors(path: Path, n_floats: int, seed: int) -> None:

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from s3_server import S3Server, running_s3, store_for, weed_binary
 
 from farense.run.objectstore import ObjectStore
-from s3_server import S3Server, running_s3, store_for, weed_binary
 
 
 @pytest.fixture(scope="session")

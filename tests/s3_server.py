@@ -103,10 +103,9 @@ class S3Server:
         config_path.write_text(json.dumps(config))
         config_path.chmod(0o600)
         cmd = self.command()
-        log = open(self.data_dir / "weed.log", "ab")
-        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
-        log.close()
+        with open(self.data_dir / "weed.log", "ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
         (self.data_dir / "weed.pid").write_text(str(self.process.pid))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

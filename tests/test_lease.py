@@ -7,11 +7,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from s3_server import store_for
 
 from farense.errors import RunLocked
 from farense.run.lease import LeaseHolder, LeaseRecord, RunLease
 from farense.run.objectstore import ObjectStore
-from s3_server import store_for
 
 pytest_plugins = ["conftest_s3"]
 
@@ -117,13 +117,13 @@ def test_unrenewable_lease_is_lost_once_it_expires(private_s3) -> None:
 
 
 def test_background_renewal_thread(s3_store: ObjectStore) -> None:
-    a = RunLease(s3_store, s3_store.key("LEASE.json"), holder("mac-a"), ttl_s=0.6)
+    a = RunLease(s3_store, s3_store.key("LEASE.json"), holder("mac-a"), ttl_s=1.0)
     with a:
         first = a.expires_at
-        time.sleep(0.7)  # longer than the TTL: only renewals keep it
+        time.sleep(1.1)  # longer than the TTL: only renewals keep it
         assert a.held and a.expires_at > first  # type: ignore[operator]
         with pytest.raises(RunLocked):
-            RunLease(s3_store, s3_store.key("LEASE.json"), holder("mac-b"), ttl_s=0.6).acquire()
+            RunLease(s3_store, s3_store.key("LEASE.json"), holder("mac-b"), ttl_s=1.0).acquire()
     assert a.read()[0].released  # type: ignore[index,union-attr]
 
 

@@ -7,13 +7,17 @@ import threading
 from pathlib import Path
 
 import pytest
+from remote_checkpoints import save_checkpoint
+from s3_server import store_for
 
 from farense.layout import MANIFEST_NAME, checkpoint_name
 from farense.run.mirror import RetrySettings, RunMirror, plan_remote_prune
 from farense.run.objectstore import ObjectStore
-from farense.run.remote_layout import QUARANTINE_MARKER, checkpoint_key, list_remote_checkpoints
-from remote_checkpoints import save_checkpoint
-from s3_server import store_for
+from farense.run.remote_layout import (
+    QUARANTINE_MARKER,
+    checkpoint_key,
+    list_remote_checkpoints,
+)
 
 pytest_plugins = ["conftest_s3"]
 
@@ -156,7 +160,7 @@ def test_close_with_timeout_abandons_before_the_manifest(s3_store: ObjectStore, 
 
 def test_prune_keeps_last_k_and_best_and_plans_dry(s3_store: ObjectStore, tmp_path: Path) -> None:
     prefix = run_prefix(s3_store)
-    mirror = RunMirror(s3_store, prefix)
+    mirror = RunMirror(s3_store, prefix, max_pending_checkpoints=5)  # none dropped, however slow the worker
     for step in (10, 20, 30, 40, 50):
         mirror.submit_checkpoint(save_checkpoint(tmp_path / "checkpoints", step).path)
     assert mirror.drain(30)

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from s3_server import store_for
+
 from farense.errors import ConfigError
 from farense.run.objectstore import (
     ObjectStore,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import orjson
 import pytest
+from s3_server import store_for
 
 from farense.errors import FarenseError
 from farense.run.objectstore import ObjectStore
 from farense.run.remote_releases import ReleaseConflict, RemoteReleases
-from s3_server import store_for
 
 pytest_plugins = ["conftest_s3"]
 
@@ -85,7 +85,7 @@ def test_racing_promotions_have_exactly_one_winner(s3_server, s3_store: ObjectSt
         current = RemoteReleases(s3_store, prefix).current()
         seen = current[0].release_id if current else None
 
-        def promote(i: int) -> str:
+        def promote(i: int, start: threading.Barrier = start, seen: str | None = seen) -> str:
             start.wait()
             try:
                 machines[i].promote(f"r{i}", expected_current=seen)

@@ -6,15 +6,19 @@ from pathlib import Path
 
 import orjson
 import pytest
+from remote_checkpoints import save_checkpoint, tree_bytes
+from s3_server import store_for
 
 from farense.checkpoint import CheckpointStore
 from farense.layout import MANIFEST_NAME, TMP_MARK, checkpoint_name
 from farense.run.mirror import RunMirror
 from farense.run.objectstore import ObjectStore, RemoteUnavailable
-from farense.run.remote_layout import QUARANTINE_MARKER, checkpoint_key, list_remote_checkpoints
+from farense.run.remote_layout import (
+    QUARANTINE_MARKER,
+    checkpoint_key,
+    list_remote_checkpoints,
+)
 from farense.run.remote_restore import plan_restore, restore_latest
-from remote_checkpoints import save_checkpoint, tree_bytes
-from s3_server import store_for
 
 pytest_plugins = ["conftest_s3"]
 

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Self
 
 import orjson
 
@@ -222,7 +222,7 @@ class RunLease:
                 log.warning("could not release the lease %s (%s); it expires by itself", self.key, exc)
             self._record, self._etag = None, None
 
-    def __enter__(self) -> RunLease:
+    def __enter__(self) -> Self:
         self.acquire()
         self.start_renewing()
         return self

@@ -19,8 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, \
-    wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from farense.checkpoint import RetentionPolicy, read_manifest
 from farense.layout import MANIFEST_NAME
@@ -193,7 +199,7 @@ class RunMirror:
                 self._run(job)
             except _Abandoned:
                 log.warning("remote mirror: upload of %s abandoned at close (its manifest was not written)", job.name)
-            except Exception as exc:  # never into training: logged, counted, the next job goes on
+            except Exception as exc:  # noqa: BLE001  never into training: logged, counted, the next job goes on
                 with self._cond:
                     self._failed += 1
                     self._last_error = f"{job.name}: {exc}"

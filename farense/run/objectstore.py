@@ -276,7 +276,7 @@ class ObjectStore:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
-            if isinstance(exc, obx.NotFoundError) or (isinstance(exc, FileNotFoundError) and not exc.filename):
+            if exc.errno is None and exc.filename is None:  # obstore's (NotFoundError is a FileNotFoundError)
                 raise _translate(exc, "download", key) from exc
             raise  # a local write error (ENOSPC ...): the disk guard's business, not the store's
         except Exception as exc:

@@ -28,8 +28,17 @@ from farense import fsutil
 from farense.checkpoint import CheckpointStore, Verify, read_manifest
 from farense.errors import CheckpointCorrupt
 from farense.layout import MANIFEST_NAME, checkpoint_name
-from farense.run.objectstore import ObjectStore, PreconditionFailed, RemoteStoreError, RemoteUnavailable
-from farense.run.remote_layout import QUARANTINE_MARKER, RemoteCheckpoint, list_remote_checkpoints
+from farense.run.objectstore import (
+    ObjectStore,
+    PreconditionFailed,
+    RemoteStoreError,
+    RemoteUnavailable,
+)
+from farense.run.remote_layout import (
+    QUARANTINE_MARKER,
+    RemoteCheckpoint,
+    list_remote_checkpoints,
+)
 
 log = logging.getLogger(__name__)
 
