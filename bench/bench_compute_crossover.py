@@ -47,7 +47,7 @@ def build(hidden: int, layers: int, compute: str) -> tuple[Any, int]:
     from mlx_lm.models import llama
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from farense.compute import ComputeChoice, apply_compute, dequantized_size
+    from farense.model.compute import ComputeChoice, apply_compute, dequantized_size
     from farense.train.setup import set_grad_checkpoint
 
     mx.random.seed(0)

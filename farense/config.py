@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping
 
 import orjson
 
-from .compute import COMPUTE_MODES
-from .errors import ConfigError
+from farense.model.compute import COMPUTE_MODES
+from farense.errors import ConfigError
 
 # --------------------------------------------------------------------------- sizes
 
@@ -858,7 +858,7 @@ def _gguf_problems(config: ExperimentConfig, p: Path) -> list[str]:
     """A .gguf model.path: the file's header is read (no weights) for its architecture, types and layers."""
     if not p.is_file():
         return [f"model.path: GGUF file not found: {p}"]
-    from .gguf import gguf_problems
+    from farense.model.gguf import gguf_problems
 
     return gguf_problems(p, config.lora.num_layers)
 
@@ -915,7 +915,7 @@ def check_inputs(config: ExperimentConfig) -> None:
         for split in ("train", "valid"):
             if not (d / f"{split}.jsonl").exists():
                 problems.append(f"data.dir: {d / (split + '.jsonl')} not found (the {split} split is required)")
-    from .runstate import run_placement_problem
+    from farense.run.runstate import run_placement_problem
 
     if (placement := run_placement_problem(config.run_dir, workspace=config.workspace)) is not None:
         problems.append(f"output.run_name: {placement}")

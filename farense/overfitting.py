@@ -14,7 +14,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only annotations: outcome.py and summary.py import this module, and config imports them
-    from .config import EarlyStoppingConfig, OverfittingConfig
+    from farense.config import EarlyStoppingConfig, OverfittingConfig
 
 
 class GapStatus(str, Enum):

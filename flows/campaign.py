@@ -16,7 +16,7 @@ from datetime import datetime
 
 from prefect import flow, get_run_logger, tags
 
-from farense.campaign import CampaignDecision, CampaignEntry, decision_path_of
+from farense.release.campaign import CampaignDecision, CampaignEntry, decision_path_of
 
 from flows.pipeline import PipelineResult, training_flow
 from tasks.campaign import BaseEvaluation, campaign_decide_task, evaluate_base_task, winner_decision

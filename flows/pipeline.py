@@ -20,9 +20,9 @@ from typing import Any
 from prefect import flow, get_run_logger, tags
 
 from farense.config import ExperimentConfig
-from farense.decision import PRODUCTION
+from farense.release.decision import PRODUCTION
 from farense.errors import ResumeLimitReached
-from farense.outcome import TrainingOutcome
+from farense.run.outcome import TrainingOutcome
 
 from tasks.common import TASK_TAG, tag_flow_run
 from tasks.decide import DecisionResult, decide_task
@@ -57,7 +57,7 @@ def training_run_name() -> str:
 
     p = flow_run.parameters
     name = Path(str(p.get("config", "v2"))).stem
-    from farense.demo import demo_overlay
+    from farense.model.demo import demo_overlay
 
     demo = f"-{demo_overlay(p.get('demo'))}" if p.get("demo") else ""
     resume = f"-resume{p['resume_attempt']}" if p.get("resume_attempt") else ""
@@ -76,7 +76,7 @@ def refuse_endless_resumes(resume_attempt: int, max_resume_attempts: int) -> Non
 
 def _tag_flow_run(config: ExperimentConfig, demo: bool | str) -> None:
     """Tags in the UI, as the deployments give them: farense, training, which config, which demo model."""
-    from farense.demo import demo_overlay
+    from farense.model.demo import demo_overlay
 
     tag_flow_run(TASK_TAG, "training", f"config:{config.name}", *([demo_overlay(demo)] if demo else []))
 

@@ -15,11 +15,11 @@ from typing import Any, Callable, Sequence, TypeVar
 from tenacity import retry, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from farense.config import ExperimentConfig, load_config
-from farense.fsutil import DISK_FULL_ERRNOS
+from farense.run.fsutil import DISK_FULL_ERRNOS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# ENOSPC, EDQUOT and EIO are never retried (see farense/fsutil.py for why), nor a missing file.
+# ENOSPC, EDQUOT and EIO are never retried (see farense/run/fsutil.py for why), nor a missing file.
 _NOT_TRANSIENT = DISK_FULL_ERRNOS | {errno.ENOENT}
 
 
@@ -93,7 +93,7 @@ def tag_flow_run(*wanted: str) -> None:
 def load_experiment(config: str, *, demo: bool | str = False, workspace: str | None = None) -> ExperimentConfig:
     """The config as every step sees it: the named file, the demo overlay if asked (True or "demo":
     the real demo model; "tiny": the tiny random one), the workspace."""
-    from farense.demo import demo_overlay
+    from farense.model.demo import demo_overlay
 
     overlay = demo_overlay(demo)
     return load_config(config, overlays=[overlay] if overlay else [], workspace=workspace)

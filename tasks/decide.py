@@ -15,8 +15,8 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from farense.config import ExperimentConfig
-from farense.decision import PRODUCTION, compare_and_decide, load_incumbent, report_from_run
-from farense.layout import RunPaths
+from farense.release.decision import PRODUCTION, compare_and_decide, load_incumbent, report_from_run
+from farense.run.layout import RunPaths
 
 from .common import artifact_key, best_effort, load_experiment, step
 

@@ -42,7 +42,7 @@ class CleanupResult:
 @step("disk-preflight")
 def preflight_task(config: ExperimentConfig) -> PreflightResult:
     """Will the run fit on disk? Publishes the preflight table; raises DiskFull when it cannot fit."""
-    from farense.preflight import preflight
+    from farense.disk.preflight import preflight
     from farense.errors import DiskFull
 
     log = get_run_logger()
@@ -64,7 +64,7 @@ def preflight_task(config: ExperimentConfig) -> PreflightResult:
 
 def _preflight_artifact(config: ExperimentConfig, report: Any) -> tuple[int, int]:
     """The preflight's tables in the UI, with a one-line description; returns (needed, free) bytes."""
-    from farense.preflight import render_preflight
+    from farense.disk.preflight import render_preflight
 
     needed = sum(r.needed for r in report.rows)
     free = min((r.free for r in report.rows), default=0)
@@ -78,7 +78,7 @@ def _preflight_artifact(config: ExperimentConfig, report: Any) -> tuple[int, int
 def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_days: float | None = None) -> CleanupResult:
     """Delete stale checkpoints and leftovers under the config's runs directory, by policy
     (finished runs: after the config's checkpoint.cleanup_after_days unless `older_than_days`)."""
-    from farense.cleanup import apply_cleanup, plan_for_config, summary_rows
+    from farense.disk.cleanup import apply_cleanup, plan_for_config, summary_rows
 
     log = get_run_logger()
     plan = plan_for_config(config, older_than_days=older_than_days)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from prefect import get_run_logger
 
 from farense.config import ExperimentConfig, check_inputs
-from farense.data import validate_data
-from farense.decision import PRODUCTION
-from farense.demo import demo_overlay, prepare_demo
+from farense.train.data import validate_data
+from farense.release.decision import PRODUCTION
+from farense.model.demo import demo_overlay, prepare_demo
 
 from .common import load_experiment, step
 
@@ -20,7 +20,7 @@ from .common import load_experiment, step
 def check_inputs_task(config: str, demo: bool | str = False, workspace: str | None = None,
                       compare_with: str = PRODUCTION) -> ExperimentConfig:
     """The resolved config, once it, its model, its data and the run to compare with are known good."""
-    from farense.decision import check_incumbent
+    from farense.release.decision import check_incumbent
 
     from .decide import config_run_dir
 

@@ -11,12 +11,12 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-from farense.cleanup import free_space_now
+from farense.disk.cleanup import free_space_now
 from farense.config import ExperimentConfig
-from farense.layout import RunPaths
-from farense.outcome import TrainingOutcome
-from farense.summary import TrainingSummary
-from farense.training_job import TrainingWatcher, train_in_subprocess
+from farense.run.layout import RunPaths
+from farense.run.outcome import TrainingOutcome
+from farense.run.summary import TrainingSummary
+from farense.train.supervisor import TrainingWatcher, train_in_subprocess
 
 from .common import artifact_key, best_effort, step
 

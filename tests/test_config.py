@@ -558,7 +558,7 @@ def test_loading_a_config_and_validating_data_imports_nothing_heavy(write_config
     code = textwrap.dedent(f"""
         import sys
         from farense.config import load_config, check_inputs
-        from farense.data import validate_data
+        from farense.train.data import validate_data
         cfg = load_config({str(path)!r})
         check_inputs(cfg)
         validate_data(cfg)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from farense.config import load_config
-from farense.data import count_too_long, data_fingerprint, validate_data
+from farense.train.data import count_too_long, data_fingerprint, validate_data
 from farense.errors import ConfigError, DataError
 
 CHAT = {"messages": [{"role": "user", "content": "Olá?"}, {"role": "assistant", "content": "Olá!"}]}

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from farense import demo
-from farense.demo import DEMO_VERSION, MARKER_NAME, SPLITS, DemoPaths, build_demo, existing_demo
+from farense.model import demo
+from farense.model.demo import DEMO_VERSION, MARKER_NAME, SPLITS, DemoPaths, build_demo, existing_demo
 from farense.errors import FarenseError
 
 ACCENTED = "Onde fica o Estádio de São Luís? Açores, coração, ênfase, à noite, pão."
@@ -211,7 +211,7 @@ def test_shipped_data_is_chat_jsonl_with_enough_pairs():
 
 
 def test_shipped_data_passes_farense_validation(tmp_path: Path):
-    from farense.data import read_split
+    from farense.train.data import read_split
     from farense.config import DataConfig
 
     problems: list[str] = []

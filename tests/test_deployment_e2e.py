@@ -84,7 +84,7 @@ class Stack:
     test; everything it started is stopped by PID on exit."""
 
     def __init__(self, tmp_path: Path, *setup_args: str, **env: str):
-        from farense.demo import build_demo
+        from farense.model.demo import build_demo
 
         self.tmp = tmp_path
         self.workspace, self.logs = tmp_path / "workspace", tmp_path / "logs"

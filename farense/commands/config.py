@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from . import add_demo_flags
+from farense.commands import add_demo_flags
 
 import argparse
 import sys
 
 import orjson
 
-from ..config import check_inputs, config_to_toml, diff_configs, load_config
-from ..console import print_table
+from farense.config import check_inputs, config_to_toml, diff_configs, load_config
+from farense.console import print_table
 
 
 def _load(name: str, args: argparse.Namespace):
@@ -45,7 +45,7 @@ def diff(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    from ..data import validate_data
+    from farense.train.data import validate_data
 
     cfg = _load(args.config, args)
     check_inputs(cfg)
@@ -81,6 +81,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_demo_flags(c)
     c.set_defaults(handler=check)
 
-    from .observe import register_config_import  # `config import`: mlx-lm YAML -> farense TOML
+    from farense.commands.observe import register_config_import  # `config import`: mlx-lm YAML -> farense TOML
 
     register_config_import(csub)

@@ -7,10 +7,10 @@ import argparse
 
 def init(args: argparse.Namespace) -> int:
     if args.tiny:
-        from ..demo import demo_init_command
+        from farense.model.demo import demo_init_command
 
         return demo_init_command(args.directory or ".farense/tiny", force=args.force)
-    from ..smollm2 import smollm2_init_command
+    from farense.model.smollm2 import smollm2_init_command
 
     return smollm2_init_command(args.directory or ".farense/demo", force=args.force)
 

@@ -10,7 +10,7 @@ monitor, nothing: the run under ./runs (or --runs-dir) that wrote last.
 
 from __future__ import annotations
 
-from . import add_demo_flags
+from farense.commands import add_demo_flags
 
 import argparse
 import json
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..console import print_table
+from farense.console import print_table
 
 
 def _dump(obj: object) -> None:
@@ -31,7 +31,7 @@ def _workspace() -> Path:
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
-    from ..monitor import resolve_run_dir
+    from farense.observe.monitor import resolve_run_dir
 
     return resolve_run_dir(args.run, runs_dir=getattr(args, "runs_dir", None), overlays=args.overlay or [])
 
@@ -40,7 +40,7 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 
 def monitor_cmd(args: argparse.Namespace) -> int:
-    from ..monitor import watch
+    from farense.observe.monitor import watch
 
     if args.refresh <= 0:
         print("farense: error: --refresh must be a number of seconds > 0", file=sys.stderr)
@@ -53,8 +53,8 @@ def monitor_cmd(args: argparse.Namespace) -> int:
 
 
 def status_cmd(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..status import PRODUCTION_HEADERS, RUN_HEADERS, status_report
+    from farense.config import load_config
+    from farense.observe.status import PRODUCTION_HEADERS, RUN_HEADERS, status_report
 
     ws = _workspace()
     if args.config:
@@ -91,7 +91,7 @@ def status_cmd(args: argparse.Namespace) -> int:
 
 
 def plot_cmd(args: argparse.Namespace) -> int:
-    from ..status import plot_run
+    from farense.observe.status import plot_run
 
     path = plot_run(_run_dir(args), args.out)
     if args.json:
@@ -105,7 +105,7 @@ def plot_cmd(args: argparse.Namespace) -> int:
 
 
 def export_cmd(args: argparse.Namespace) -> int:
-    from ..mlxlm_compat import export_adapters, fuse_run
+    from farense.model.mlxlm_compat import export_adapters, fuse_run
 
     run_dir = _run_dir(args)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.json else (lambda m: None)
@@ -130,9 +130,9 @@ def export_cmd(args: argparse.Namespace) -> int:
 
 
 def config_import_cmd(args: argparse.Namespace) -> int:
-    from ..errors import FarenseError
-    from ..fsutil import atomic_write_bytes
-    from ..mlxlm_compat import import_lora_yaml
+    from farense.errors import FarenseError
+    from farense.run.fsutil import atomic_write_bytes
+    from farense.model.mlxlm_compat import import_lora_yaml
 
     imported = import_lora_yaml(args.yaml, name=args.name)
     text = imported.to_toml()

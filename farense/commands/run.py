@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from . import add_demo_flags
+from farense.commands import add_demo_flags
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     # The embedded API is a server process of its own: on a busy 2-core machine it can take longer
     # than Prefect's default 20 s to answer, which would fail the run before it starts.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from ..demo import demo_overlay
+    from farense.model.demo import demo_overlay
 
     overlays = [o for o in (args.overlay or []) if o in ("demo", "tiny")]
     if len(set(overlays)) > 1:
@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
 def _check_early(configs: list[str], overlay: str | None) -> None:
     """A bad config or bad data fails here, in a second, before Prefect and its local API start; the
     flow checks again as its first task. The demo model and data are built by that task."""
-    from ..config import check_inputs, load_config
-    from ..data import validate_data
+    from farense.config import check_inputs, load_config
+    from farense.train.data import validate_data
 
     for name in configs:
         config = load_config(name, overlays=[overlay] if overlay else [])
@@ -78,8 +78,8 @@ def _pipeline(args: argparse.Namespace, demo: bool | str) -> int:
 def _campaign(args: argparse.Namespace, demo: bool | str) -> int:
     from flows.campaign import campaign_flow
 
-    from ..campaign import TABLE_HEADERS, CampaignEntry, base_report_path, decision_path_of, table_rows
-    from ..console import print_table
+    from farense.release.campaign import TABLE_HEADERS, CampaignEntry, base_report_path, decision_path_of, table_rows
+    from farense.console import print_table
 
     state = campaign_flow(configs=list(args.config), demo=demo, workspace=os.environ.get("FARENSE_WORKSPACE"),
                           promote=not args.no_promote, notify_block=args.notify_block, return_state=True)
