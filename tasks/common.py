@@ -14,7 +14,6 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
-from farense.config import ExperimentConfig, load_config
 from farense.run.fsutil import DISK_FULL_ERRNOS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -88,15 +87,6 @@ def tag_flow_run(*wanted: str) -> None:
             client.update_flow_run(flow_run.id, tags=sorted(current | set(wanted)))
 
     best_effort("tagging the flow run", update)
-
-
-def load_experiment(config: str, *, demo: bool | str = False, workspace: str | None = None) -> ExperimentConfig:
-    """The config as every step sees it: the named file, the demo overlay if asked (True or "demo":
-    the real demo model; "tiny": the tiny random one), the workspace."""
-    from farense.model.demo import demo_overlay
-
-    overlay = demo_overlay(demo)
-    return load_config(config, overlays=[overlay] if overlay else [], workspace=workspace)
 
 
 def artifact_key(*parts: str) -> str:

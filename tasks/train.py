@@ -1,6 +1,6 @@
-"""The training task: farense.training_job runs the trainer; this adds Prefect retries and observability.
+"""The training task: farense.train.supervisor runs the trainer; this adds Prefect retries and observability.
 
-Only failures a retry can cure are retried (farense.outcome decides which); progress becomes a
+Only failures a retry can cure are retried (farense.codes decides which); progress becomes a
 progress artifact, checkpoints become `farense.checkpoint.saved` events, the summary a table.
 """
 
@@ -56,11 +56,11 @@ def _watcher(config: ExperimentConfig, paths: RunPaths, pid: int, log: Any) -> T
 
 @step("train", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.5,
       retry_condition_fn=retry_only_curable, tags=["farense-train"])
-def train_model(config: ExperimentConfig, demo: bool | str = False) -> TrainingOutcome:
+def train_model(config: ExperimentConfig) -> TrainingOutcome:
     """Train or resume `config`; skipped when this exact config already finished training."""
     log = get_run_logger()
     outcome = train_in_subprocess(
-        config, demo=demo, log=log.info, error_log=log.error, free_disk_space=lambda: free_space_now(config),
+        config, log=log.info, error_log=log.error, free_disk_space=lambda: free_space_now(config),
         watcher_for=lambda paths, pid: _watcher(config, paths, pid, log),
         keep_watching=lambda poll: best_effort("watching the run", poll))
     _summary_artifact(config)

@@ -16,7 +16,6 @@ from farense.config import (
     ExperimentConfig,
     Size,
     build_config,
-    check_inputs,
     check_world_size,
     config_from_json,
     config_to_json,
@@ -28,6 +27,7 @@ from farense.config import (
     load_config,
     parse_size,
 )
+from farense.train.inputs import check_inputs
 from farense.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -557,7 +557,8 @@ def test_loading_a_config_and_validating_data_imports_nothing_heavy(write_config
     path = write_config()
     code = textwrap.dedent(f"""
         import sys
-        from farense.config import load_config, check_inputs
+        from farense.config import load_config
+        from farense.train.inputs import check_inputs
         from farense.train.data import validate_data
         cfg = load_config({str(path)!r})
         check_inputs(cfg)
@@ -574,7 +575,8 @@ def test_check_inputs_refuses_more_lora_layers_than_the_model_has(write_config, 
     """Found from config.json before any weight is loaded (mlx-lm finds it only after loading)."""
     import json
 
-    from farense.config import check_inputs, load_config
+    from farense.config import load_config
+    from farense.train.inputs import check_inputs
     from farense.errors import ConfigError
 
     (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4}))

@@ -16,7 +16,7 @@ import pytest
 from farense.run.checkpoint import CheckpointStore
 from farense.errors import DiskFull
 from farense.run.layout import RunPaths
-from farense.run.runstate import RunState
+from farense.codes import RunState
 from farense.train.runner import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

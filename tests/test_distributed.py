@@ -31,7 +31,8 @@ from farense.train.distributed import (
     stop_on_stdin,
 )
 from farense.errors import ConfigError
-from farense.run.outcome import ExitCode, job_exit_code
+from farense.codes import ExitCode
+from farense.run.outcome import job_exit_code
 from training_fixtures import REPO, SHORT, farense_env, write_config_file
 
 # --------------------------------------------------------------------------- the launcher's rules

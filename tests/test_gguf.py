@@ -405,7 +405,8 @@ def test_concurrent_callers_import_once(tiny, tmp_path: Path, monkeypatch: pytes
 
 
 def test_config_may_name_a_gguf(tiny, tmp_path: Path, write_config):
-    from farense.config import check_model_path, load_config
+    from farense.config import load_config
+    from farense.train.inputs import check_model_path
 
     cfg = load_config(write_config({"model": {"path": str(tiny(Q.Q4_1))}, "lora": {"num_layers": LAYERS}}),
                       workspace=tmp_path)

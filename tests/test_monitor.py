@@ -37,7 +37,8 @@ from farense.observe.monitor import (
 )
 from farense.overfitting import GapStatus
 from farense.run.runstate import write_run_state
-from farense.run.runstate import RunState, effective_state
+from farense.codes import RunState
+from farense.run.runstate import effective_state
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -184,7 +185,7 @@ _HOLDER = """
 import sys, time
 from farense.run.locks import RunLock
 from farense.run.runstate import write_run_state
-from farense.run.runstate import RunState
+from farense.codes import RunState
 run = sys.argv[1]
 with RunLock(run + "/run.lock", command="train"):
     write_run_state(__import__("pathlib").Path(run) / "run_state.json", RunState.RUNNING, step=3, total_steps=10)

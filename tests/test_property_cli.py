@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from farense.cli import main
 from farense.config import SECTIONS, load_config
-from farense.run.outcome import ExitCode
+from farense.codes import ExitCode
 
 from test_decision import make_fake_run
 from training_fixtures import farense_env

@@ -15,7 +15,7 @@ import pytest
 from farense.run.checkpoint import CheckpointStore
 from farense.run.layout import RunPaths
 from farense.run.metrics import read_metrics
-from farense.run.outcome import ExitCode
+from farense.codes import ExitCode
 from training_fixtures import start_train, write_config_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

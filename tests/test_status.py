@@ -18,7 +18,7 @@ import pytest
 from farense.cli import main
 from farense.config import config_to_json, load_config
 from farense.run.runstate import write_run_state
-from farense.run.runstate import RunState
+from farense.codes import RunState
 from farense.observe.status import PRODUCTION_HEADERS, RUN_HEADERS, status_report
 
 pytestmark = pytest.mark.timeout(120)

@@ -16,7 +16,7 @@ import pytest
 from farense.cli import main
 from farense.run.fsutil import write_problem
 from farense.run.layout import RunPaths
-from farense.run.outcome import ExitCode
+from farense.codes import ExitCode
 from farense.release.promotion import promote
 
 from test_decision import make_fake_run

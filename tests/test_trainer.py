@@ -14,7 +14,7 @@ from farense.run.layout import RunPaths
 from farense.run.metrics import read_metrics
 from farense.overfitting import EarlyStoppingState, GapStatus, classify_gap, observe_validation
 from farense.signals import PreemptionFlag
-from farense.run.runstate import RunState
+from farense.codes import RunState
 from farense.train.runner import run_training
 
 pytestmark = pytest.mark.timeout(300)
@@ -244,7 +244,7 @@ def test_checkpoints_that_fail_verification_are_quarantined_and_never_silently_s
     """Issue 13.6: every checkpoint damaged -> none deleted (moved to quarantine/ with the reason), a
     distinct exit code, the same refusal on the retry, and --new-run starts over explicitly."""
     from farense.errors import NoUsableCheckpoint
-    from farense.run.outcome import ExitCode
+    from farense.codes import ExitCode
 
     cfg, paths = _preempted_run(make_config, 10)
     committed = sorted(p.name for p in paths.checkpoints.iterdir() if p.name.startswith("step-"))

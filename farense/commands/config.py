@@ -9,7 +9,8 @@ import sys
 
 import orjson
 
-from farense.config import check_inputs, config_to_toml, diff_configs, load_config
+from farense.config import config_to_toml, diff_configs, load_config
+from farense.train.inputs import check_experiment
 from farense.console import print_table
 
 
@@ -45,11 +46,8 @@ def diff(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    from farense.train.data import validate_data
-
     cfg = _load(args.config, args)
-    check_inputs(cfg)
-    report, _ = validate_data(cfg)
+    report = check_experiment(cfg, probe_writes=False).report
     for s in report.splits.values():
         print(f"{s.name:6} {s.examples:6d} examples  format={s.format}  ({s.path})")
     print(f"{cfg.name}: config, model path and data are valid (fingerprint {cfg.fingerprint})")

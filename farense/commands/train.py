@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farense.config import ExperimentConfig, load_config
-from farense.model.demo import DEMO_OVERLAYS, prepare_demo
+from farense.model.demos import prepare_overlay_models
 from farense.errors import ConfigError, FarenseError
-from farense.run.outcome import ExitCode, TrainingOutcome
+from farense.codes import ExitCode
+from farense.run.outcome import TrainingOutcome
 from farense.run.summary import TrainingSummary
 from farense.commands import add_demo_flags
 
@@ -42,8 +43,7 @@ def train(args: argparse.Namespace) -> int:
             die_with_parent()
         hosts, hostfile = (None, None) if args.rank_mode else spec_defaults_from_env(args.hosts, args.hostfile)
         config = load_config(args.config, overlays=args.overlay or [])
-        for overlay in set(args.overlay or []) & set(DEMO_OVERLAYS):
-            prepare_demo(overlay, config.model_path)
+        prepare_overlay_models(config)
         if hosts or hostfile:
             flag.restore()  # the launcher polls for signals itself, from the start
             return _launch(args, config, hosts, hostfile)
@@ -163,7 +163,7 @@ def _launch(args: argparse.Namespace, config: ExperimentConfig, hosts: str | Non
                     str(config.source), "--rank-mode", "--no-progress", "--die-with-parent",
                     "--rank-timeout", str(spec.rank_timeout), "--startup-timeout", str(spec.startup_timeout),
                     "--result-json", str(rank0_json)]
-        rank_cmd += [a for o in (args.overlay or []) for a in ("--overlay", o)]
+        rank_cmd += [a for o in config.overlays for a in ("--overlay", o)]
         rank_cmd += ["--new-run"] if args.new_run else []
         print(f"farense: launching {spec.world_size} ranks: " + " ".join(spec.launcher_argv(rank_cmd)[1:]),
               file=sys.stderr, flush=True)

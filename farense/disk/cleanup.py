@@ -34,7 +34,8 @@ from farense.config import CheckpointConfig, ExperimentConfig, format_size
 from farense.errors import RunLocked
 from farense.run.layout import CONFIG_FILE, RUN_LOCK_FILE, RUN_STATE_FILE, SUMMARY_FILE, RunPaths, is_temporary
 from farense.run.locks import LockInfo, RunLock, probe_lock
-from farense.run.runstate import RunState, find_runs, read_run_state
+from farense.codes import RunState
+from farense.run.runstate import find_runs, read_run_state
 
 OLD_CHECKPOINT = "old-checkpoint"
 TEMPORARY = "temporary"

@@ -349,32 +349,6 @@ def _write_weights(path: Path, spec: DemoModelSpec, seed: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Which demo: the real pretrained model (overlay "demo") or this tiny random one (overlay "tiny")
-
-DEMO_OVERLAYS = ("demo", "tiny")
-
-
-def demo_overlay(demo: bool | str | None) -> str | None:
-    """The overlay a `demo` setting names: True or "demo" the real model, "tiny" the random one."""
-    if demo in (None, False, ""):
-        return None
-    if demo is True or demo in ("demo", "smollm2"):
-        return "demo"
-    if demo == "tiny":
-        return "tiny"
-    raise FarenseError(f"demo: expected true, false, 'demo' or 'tiny', got {demo!r}")
-
-
-def prepare_demo(overlay: str, model_dir: str | os.PathLike[str]) -> Path:
-    """Build (or verify and reuse) the demo model and data the overlay points at; returns the root."""
-    root = Path(model_dir).parent
-    if overlay == "tiny":
-        return build_demo(root).root
-    from farense.model.smollm2 import build_smollm2_demo
-
-    return build_smollm2_demo(root).root
-
-
 # ---------------------------------------------------------------------------------------------
 # The command
 

@@ -32,15 +32,8 @@ from farense.run.layout import RunPaths
 from farense.run.locks import LockInfo, probe_lock
 from farense.run.metrics import read_metrics
 from farense.overfitting import GapReading
-from farense.run.runstate import (
-    RunState,
-    effective_state,
-    find_runs,
-    is_run_dir,
-    pid_alive,
-    read_run_state,
-    run_state_problem,
-)
+from farense.codes import RunState
+from farense.run.runstate import effective_state, find_runs, is_run_dir, pid_alive, read_run_state, run_state_problem
 from farense.train.progress import EARLY_STOPPING_KEY, PROGRESS_KEY, TOTAL_STEPS_KEY
 
 # Train-loss trend: mean of the last TREND_WINDOW steps against the mean of the window before.

@@ -41,6 +41,7 @@ BEST_RECORD_FILE = "best.json"  # adapters/best.json: the step and validation lo
 RUN_STATE_FILE = "run_state.json"
 RUN_LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.json"
+RESOLVED_CONFIG_FILE = "config.resolved.json"  # what the flow checked; the trainer child trains from it
 SUMMARY_FILE = "training_summary.json"
 # A directory holding any of these is a run (the trainer has started writing it).
 RUN_MARKERS = (RUN_STATE_FILE, CONFIG_FILE, "checkpoints", RUN_LOCK_FILE, SUMMARY_FILE)
@@ -80,6 +81,10 @@ class RunPaths:
     @property
     def state(self) -> Path:
         return self.root / RUN_STATE_FILE
+
+    @property
+    def resolved_config(self) -> Path:
+        return self.root / RESOLVED_CONFIG_FILE
 
     @property
     def config(self) -> Path:

@@ -11,38 +11,17 @@ from __future__ import annotations
 import os
 import socket
 import time
-from enum import Enum
+
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import orjson
 
+from farense.codes import RunState
 from farense.run.layout import RUN_MARKERS, RUN_OWN_DIRS, RUN_STATE_FILE, is_temporary
 
 if TYPE_CHECKING:
     from farense.run.locks import LockInfo
-
-
-class RunState(str, Enum):
-    """Run states shared by the trainer, the CLI, the flows, the monitor and cleanup."""
-
-    NOT_STARTED = "not-started"  # never written by the trainer: no run_state.json yet
-    RUNNING = "running"
-    PREEMPTED = "preempted"
-    PAUSED_DISK_FULL = "paused-disk-full"
-    CRASHED = "crashed"
-    FAILED = "failed"
-    EARLY_STOPPED = "early-stopped"
-    COMPLETED = "completed"
-
-    @property
-    def finished(self) -> bool:
-        """Training is over and its adapters are final."""
-        return self in (RunState.COMPLETED, RunState.EARLY_STOPPED)
-
-    @property
-    def resumable(self) -> bool:
-        return self in (RunState.PREEMPTED, RunState.PAUSED_DISK_FULL, RunState.CRASHED, RunState.RUNNING)
 
 
 # --------------------------------------------------------------------------- run_state.json

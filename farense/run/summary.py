@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from farense.console import human_seconds, human_value, markdown_table
 from farense.run.fsutil import JsonRecord
 from farense.overfitting import GAP_DEFINITION, GapReading, gap_legend, train_loss_label
-from farense.run.runstate import RunState
+from farense.codes import RunState
 
 if TYPE_CHECKING:
     from farense.config import OverfittingConfig

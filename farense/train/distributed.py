@@ -40,7 +40,8 @@ from typing import IO, Any, Callable, Iterator, Sequence
 import orjson
 
 from farense.errors import ConfigError, FingerprintMismatch, PeerLost
-from farense.run.outcome import ExitCode, died, job_exit_code
+from farense.codes import ExitCode, died
+from farense.run.outcome import job_exit_code
 
 # A rank that completes no optimizer step for this long is taken for stuck behind a dead or hung
 # peer. It must exceed the slowest step plus a validation pass and a checkpoint write.

@@ -11,7 +11,7 @@ from farense.run.metrics import write_seed_files
 from farense.run.outcome import TrainingOutcome
 from farense.overfitting import classify_gap
 from farense.run.runstate import write_run_state
-from farense.run.runstate import RunState
+from farense.codes import RunState
 from farense.run.summary import TrainingSummary
 from farense.train.phases import PhaseClock
 from farense.train.setup import library_versions

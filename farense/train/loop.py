@@ -24,7 +24,7 @@ from farense.errors import NumericalError, Preempted
 from farense.faults import fault_point
 from farense.overfitting import GapReading, classify_gap, gap_legend, observe_validation
 from farense.signals import PreemptionFlag
-from farense.run.runstate import RunState
+from farense.codes import RunState
 from farense.train.phases import PhaseClock
 from farense.train.setup import Setup
 from farense.train.progress import TrainState, step_seed

@@ -21,18 +21,19 @@ import orjson
 
 from farense.run.checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy, SavePolicy
 from farense.model.compute import current_device
-from farense.config import ExperimentConfig, check_inputs, check_world_size, config_to_json
-from farense.train.data import data_fingerprint, validate_data
+from farense.config import ExperimentConfig, check_world_size, config_to_json
+from farense.train.data import data_fingerprint
+from farense.train.inputs import check_experiment
 from farense.train.distributed import share_checkpoint
 from farense.errors import DiskFull, NoUsableCheckpoint, NumericalError, Preempted
 from farense.run.fsutil import atomic_write_bytes, fsync_dir, fsync_file
 from farense.run.layout import RunPaths
 from farense.run.metrics import MetricsLog
-from farense.run.outcome import ExitCode, TrainingOutcome
-from farense.disk.preflight import check_writable
+from farense.codes import ExitCode
+from farense.run.outcome import TrainingOutcome
 from farense.run.runstate import write_run_state
 from farense.signals import PreemptionFlag
-from farense.run.runstate import RunState
+from farense.codes import RunState
 from farense.train.finish import finish, record_state
 from farense.train.loop import Callbacks, TrainingLoop, default_steps_ahead
 from farense.train.phases import PhaseClock, seconds_since_process_start
@@ -82,10 +83,8 @@ def run_training(
     """
     phases = PhaseClock(clock, since_process_start=seconds_since_process_start())
     # Everything that can be wrong with the input is found before anything heavy is loaded.
-    check_inputs(config)
-    _, loaded = validate_data(config)
+    loaded = check_experiment(config).loaded
     data_fp = data_fingerprint(config)
-    check_writable(config)  # a read-only checkpoints directory fails now, not at the first checkpoint
     paths = RunPaths(config.run_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
 

@@ -26,10 +26,13 @@ from farense.errors import TrainingFailed
 from farense.run.layout import RunPaths
 from farense.run.locks import RunLock
 from farense.run.metrics import MetricsTail
-from farense.run.outcome import ExitCode, TrainingOutcome, explain_exit
+from farense.codes import ExitCode, explain_exit
+from farense.run.outcome import TrainingOutcome
 from farense.overfitting import GapReading
-from farense.run.runstate import RunState, read_run_state
+from farense.codes import RunState
+from farense.run.runstate import read_run_state
 from farense.run.summary import TrainingSummary
+from farense.train.inputs import write_resolved_config
 
 POLL_SECONDS = 2.0
 MACHINE_LOCK_ENV = "FARENSE_TRAINING_LOCK"  # default ~/.farense/training.lock
@@ -66,14 +69,11 @@ def one_training_on_this_machine(log: Log, run_name: str, *, poll: float = POLL_
         yield
 
 
-def trainer_command(config: ExperimentConfig, demo: bool | str, result_json: Path) -> list[str]:
-    """`python -m farense train` for this config, exactly as the flow resolved it."""
-    from farense.model.demo import demo_overlay
-
-    argv = [sys.executable, "-m", "farense", "--workspace", config.workspace, "train", config.source]
-    if demo_overlay(demo):
-        argv += ["--overlay", demo_overlay(demo)]
-    return argv + ["--result-json", str(result_json), "--die-with-parent", "--no-progress"]
+def trainer_command(config: ExperimentConfig, result_json: Path) -> list[str]:
+    """`python -m farense train` on this config exactly as the flow resolved it: its file in the run directory."""
+    resolved = write_resolved_config(config)
+    return [sys.executable, "-m", "farense", "--workspace", config.workspace, "train", str(resolved),
+            "--result-json", str(result_json), "--die-with-parent", "--no-progress"]
 
 
 # The progress bar moves when the run advanced PROGRESS_STEP_PERCENT and PROGRESS_MIN_SECONDS passed, or after
@@ -238,7 +238,7 @@ def judge_exit(code: int, result: TrainingOutcome | None, tail: list[str],
     return TrainingFailed(message, code, can_retry)
 
 
-def train_in_subprocess(config: ExperimentConfig, *, demo: bool | str, log: Log, error_log: Log,
+def train_in_subprocess(config: ExperimentConfig, *, log: Log, error_log: Log,
                         free_disk_space: Callable[[], int],
                         watcher_for: Callable[[RunPaths, int], TrainingWatcher],
                         keep_watching: Callable[[Callable[[], None]], None] = lambda poll: poll()) -> TrainingOutcome:
@@ -254,7 +254,7 @@ def train_in_subprocess(config: ExperimentConfig, *, demo: bool | str, log: Log,
         if (done := _skip_if_trained(config, log)) is not None:  # trained while we waited for the machine
             return done
         result_json = Path(tmp) / "result.json"
-        argv = trainer_command(config, demo, result_json)
+        argv = trainer_command(config, result_json)
         log("starting: " + shlex.join(argv))  # the interpreter too: which environment trains
         code, tail = _supervise(argv, lambda pid: watcher_for(paths, pid), log, keep_watching)
         result = TrainingOutcome.read(result_json)
