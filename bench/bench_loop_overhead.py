@@ -122,6 +122,7 @@ def main() -> int:
     a = ap.parse_args()
 
     import bench_cuda as bc
+
     from farense.model.demo import build_demo
 
     demo = build_demo(a.work / "demo")

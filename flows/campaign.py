@@ -17,11 +17,15 @@ from datetime import datetime
 from prefect import flow, get_run_logger, tags
 
 from farense.model.demos import overlays_for
-from farense.train.inputs import write_resolved_config
 from farense.release.campaign import CampaignDecision, CampaignEntry, decision_path_of
-
+from farense.train.inputs import write_resolved_config
 from flows.pipeline import PipelineResult, training_flow
-from tasks.campaign import BaseEvaluation, campaign_decide_task, evaluate_base_task, winner_decision
+from tasks.campaign import (
+    BaseEvaluation,
+    campaign_decide_task,
+    evaluate_base_task,
+    winner_decision,
+)
 from tasks.common import TASK_TAG, tag_flow_run
 from tasks.inputs import check_inputs_task
 from tasks.notify import NotifyResult, notify_task

@@ -11,11 +11,10 @@ from datetime import datetime
 
 from prefect import flow
 
-from tasks.disk import CleanupResult, cleanup_task
 from farense.config import load_config
 from farense.model.demos import overlays_for
-
 from tasks.common import TASK_TAG, tag_flow_run
+from tasks.disk import CleanupResult, cleanup_task
 
 MAINTENANCE_FLOW = "farense-maintenance"
 

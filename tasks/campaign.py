@@ -8,9 +8,16 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from farense.release.campaign import (CampaignDecision, CampaignEntry, base_report_path, campaign_markdown, choose_winner,
-                              table_rows, write_campaign)
 from farense.config import ExperimentConfig
+from farense.release.campaign import (
+    CampaignDecision,
+    CampaignEntry,
+    base_report_path,
+    campaign_markdown,
+    choose_winner,
+    table_rows,
+    write_campaign,
+)
 from farense.run.fsutil import sha256_file
 
 from .common import artifact_key, best_effort, read_json, step

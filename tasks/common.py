@@ -12,7 +12,13 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from tenacity import retry, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
+from tenacity import (
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from farense.run.fsutil import DISK_FULL_ERRNOS
 

@@ -15,10 +15,16 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from farense.config import ExperimentConfig, load_config
-from farense.release.decision import PRODUCTION, compare_and_decide, load_incumbent, report_from_run
+from farense.release.decision import (
+    PRODUCTION,
+    compare_and_decide,
+    load_incumbent,
+    report_from_run,
+)
 from farense.run.layout import RunPaths
 
 from .common import artifact_key, best_effort, step
+
 
 @dataclass(frozen=True)
 class DecisionResult:

@@ -9,10 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 
-from farense.disk.cleanup import free_space_now
 from farense.config import ExperimentConfig
+from farense.disk.cleanup import free_space_now
 from farense.run.layout import RunPaths
 from farense.run.outcome import TrainingOutcome
 from farense.run.summary import TrainingSummary

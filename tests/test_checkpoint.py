@@ -15,9 +15,14 @@ import mlx.core as mx
 import orjson
 import pytest
 
-from farense.run import fsutil
-from farense.run.checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy, read_manifest
 from farense.errors import CheckpointCorrupt, DiskFull
+from farense.run import fsutil
+from farense.run.checkpoint import (
+    CheckpointInfo,
+    CheckpointStore,
+    RetentionPolicy,
+    read_manifest,
+)
 from farense.run.layout import MANIFEST_NAME, TMP_MARK, checkpoint_name
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,6 @@ from pathlib import Path
 import orjson
 import pytest
 
-from farense.run.checkpoint import CheckpointStore
 from farense.disk.cleanup import (
     FINISHED_RUN_EXTRAS,
     HF_CACHE,
@@ -24,6 +23,7 @@ from farense.disk.cleanup import (
     apply_cleanup,
     plan_cleanup,
 )
+from farense.run.checkpoint import CheckpointStore
 from farense.run.fsutil import allocated_bytes
 from farense.run.layout import RunPaths, checkpoint_name
 

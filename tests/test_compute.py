@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from farense.model.compute import ComputeChoice, apply_compute, choose_compute, dequantized_size, resolve_compute
 from farense.config import load_config
+from farense.model.compute import (
+    ComputeChoice,
+    apply_compute,
+    choose_compute,
+    dequantized_size,
+    resolve_compute,
+)
 
 GB = 10**9
 

@@ -27,8 +27,8 @@ from farense.config import (
     load_config,
     parse_size,
 )
-from farense.train.inputs import check_inputs
 from farense.errors import ConfigError
+from farense.train.inputs import check_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -576,8 +576,8 @@ def test_check_inputs_refuses_more_lora_layers_than_the_model_has(write_config, 
     import json
 
     from farense.config import load_config
-    from farense.train.inputs import check_inputs
     from farense.errors import ConfigError
+    from farense.train.inputs import check_inputs
 
     (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4}))
     cfg = load_config(write_config({"lora": {"num_layers": 16}}), workspace=tmp_path)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from farense.config import load_config
-from farense.train.data import count_too_long, data_fingerprint, validate_data
 from farense.errors import ConfigError, DataError
+from farense.train.data import count_too_long, data_fingerprint, validate_data
 
 CHAT = {"messages": [{"role": "user", "content": "Olá?"}, {"role": "assistant", "content": "Olá!"}]}
 COMPLETION = {"prompt": "2+2=", "completion": "4"}

@@ -15,9 +15,9 @@ import orjson
 import pytest
 
 import farense
-from farense.release import decision as decision_mod
 from farense.config import DecisionConfig, config_to_json, load_config
-from farense.run.fsutil import sha256_file
+from farense.errors import FarenseError
+from farense.release import decision as decision_mod
 from farense.release.decision import (
     TOLERANCE,
     Decision,
@@ -30,7 +30,6 @@ from farense.release.decision import (
     report_from_run,
     write_decision,
 )
-from farense.errors import FarenseError
 from farense.run.fsutil import sha256_file
 
 CONFIG_DIR = Path(farense.__file__).resolve().parent.parent / "configs"

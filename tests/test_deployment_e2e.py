@@ -18,8 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from prefect_harness import REPO, PrefectAPI, quiet_env, start_server, start_webhook_listener, start_worker, wait_for
+from prefect_harness import (
+    REPO,
+    PrefectAPI,
+    quiet_env,
+    start_server,
+    start_webhook_listener,
+    start_worker,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

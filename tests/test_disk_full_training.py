@@ -13,10 +13,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from farense.run.checkpoint import CheckpointStore
-from farense.errors import DiskFull
-from farense.run.layout import RunPaths
 from farense.codes import RunState
+from farense.errors import DiskFull
+from farense.run.checkpoint import CheckpointStore
+from farense.run.layout import RunPaths
 from farense.train.runner import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -14,8 +14,6 @@ from typing import Callable
 import orjson
 import pytest
 
-from farense.run import fsutil
-from farense.run.checkpoint import CheckpointStore, RetentionPolicy
 from farense.config import DiskConfig, ExperimentConfig, Size, load_config
 from farense.disk.diskguard import (
     DiskGuard,
@@ -24,9 +22,11 @@ from farense.disk.diskguard import (
     Usage,
     disk_usage,
 )
+from farense.disk.estimate import ModelShape, checkpoint_sizes, estimate_run
 from farense.disk.preflight import preflight, render_preflight
 from farense.errors import DiskFull
-from farense.disk.estimate import ModelShape, checkpoint_sizes, estimate_run
+from farense.run import fsutil
+from farense.run.checkpoint import CheckpointStore, RetentionPolicy
 
 REPO = Path(__file__).resolve().parent.parent
 GB = 10**9

@@ -16,7 +16,11 @@ from pathlib import Path
 import orjson
 import psutil
 import pytest
+from training_fixtures import REPO, SHORT, farense_env, write_config_file
 
+from farense.codes import ExitCode
+from farense.errors import ConfigError
+from farense.run.outcome import job_exit_code
 from farense.train.distributed import (
     DEFAULT_PORT,
     ENV_RANK_GPUS,
@@ -30,10 +34,6 @@ from farense.train.distributed import (
     spec_defaults_from_env,
     stop_on_stdin,
 )
-from farense.errors import ConfigError
-from farense.codes import ExitCode
-from farense.run.outcome import job_exit_code
-from training_fixtures import REPO, SHORT, farense_env, write_config_file
 
 # --------------------------------------------------------------------------- the launcher's rules
 

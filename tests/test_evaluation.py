@@ -21,8 +21,8 @@ from farense.release.evaluation import (
     report_fingerprint,
     summary_csv_bytes,
 )
-from farense.run.plots import plot_f1_distribution, plot_loss_curves
 from farense.release.textmetrics import token_scores
+from farense.run.plots import plot_f1_distribution, plot_loss_curves
 
 REPO = Path(__file__).resolve().parent.parent
 N_EXAMPLES = 4
@@ -105,8 +105,8 @@ def test_real_evaluation_writes_report_csv_and_plots(evaluated):
 def test_test_loss_is_mlx_lm_loss_over_the_test_examples(evaluated):
     from mlx_lm.tuner.trainer import evaluate
 
-    from farense.train.data import make_datasets
     from farense.release.evaluation import load_model
+    from farense.train.data import make_datasets
 
     cfg, run, s = evaluated
     model, tokenizer = load_model(cfg, run / "adapters")

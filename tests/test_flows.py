@@ -172,9 +172,8 @@ def test_already_trained_needs_a_finished_run_with_the_same_fingerprint(write_co
     import orjson
 
     from farense.config import load_config
-    from farense.train.supervisor import already_trained
-
     from farense.train.data import data_fingerprint
+    from farense.train.supervisor import already_trained
 
     cfg = load_config(write_config(), workspace=tmp_path)
     cfg.run_dir.mkdir(parents=True)
@@ -224,7 +223,11 @@ def test_the_progress_bar_moves_every_few_percent_not_every_poll(tmp_path: Path)
     import orjson
 
     from farense.run.layout import RunPaths
-    from farense.train.supervisor import PROGRESS_MAX_SECONDS, TrainingWatcher, progress_due
+    from farense.train.supervisor import (
+        PROGRESS_MAX_SECONDS,
+        TrainingWatcher,
+        progress_due,
+    )
 
     assert progress_due(0.0, None, 0) and not progress_due(3.0, 0.0, 60) and not progress_due(6.0, 0.0, 1)
     assert progress_due(6.0, 0.0, 11) and progress_due(0.5, 0.0, PROGRESS_MAX_SECONDS) and progress_due(100.0, 99.0, 0)
@@ -311,7 +314,13 @@ def test_resume_automation_passes_the_crashed_runs_parameters_and_counts_attempt
 def test_automations_are_valid_and_bounded() -> None:
     from uuid import uuid4
 
-    from deployments.setup import AUTOMATION_NOTIFY, AUTOMATION_RESUME, AUTOMATION_ZOMBIE, HEARTBEAT_GRACE, automations
+    from deployments.setup import (
+        AUTOMATION_NOTIFY,
+        AUTOMATION_RESUME,
+        AUTOMATION_ZOMBIE,
+        HEARTBEAT_GRACE,
+        automations,
+    )
 
     made = {a.name: a for a in automations(uuid4())}
     assert set(made) == {AUTOMATION_RESUME, AUTOMATION_ZOMBIE, AUTOMATION_NOTIFY}
@@ -381,10 +390,11 @@ def test_what_a_person_sees_in_prefect_after_a_run(prefect_api: None, tmp_path: 
     rows add up to its total, and tags on every task and on the run itself."""
     import re
 
+    from test_diskguard import preflight_table_adds_up
+
     from farense.model.demo import build_demo
     from farense.observe.monitor import snapshot
     from flows.pipeline import completion_message, training_flow
-    from test_diskguard import preflight_table_adds_up
 
     monkeypatch.setenv("FARENSE_TRAINING_LOCK", str(tmp_path / "training.lock"))
     build_demo(tmp_path / ".farense" / "tiny")

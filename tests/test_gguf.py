@@ -11,15 +11,14 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+import gguf  # noqa: E402 - llama.cpp's reader and writer, a dependency
 import numpy as np
 import pytest
-
-import gguf  # noqa: E402 - llama.cpp's reader and writer, a dependency
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from farense.model import gguf as fg  # noqa: E402
 from farense.cli import main as cli_main  # noqa: E402
 from farense.errors import ModelImportError  # noqa: E402
+from farense.model import gguf as fg  # noqa: E402
 from farense.run.layout import TMP_MARK  # noqa: E402
 
 # A tiny llama: grouped-query attention (4 heads, 2 kv heads), so q and k are permuted differently.

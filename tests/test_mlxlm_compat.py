@@ -21,9 +21,9 @@ from farense.config import load_config
 from farense.errors import ConfigError
 from farense.model.mlxlm_compat import (
     EXPORT_RECORD,
+    GRPO_KEYS,
     KEY_RULES,
     MLX_LM_DEFAULTS,
-    GRPO_KEYS,
     import_lora_config,
     import_lora_yaml,
     read_yaml,

@@ -23,9 +23,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from farense.codes import RunState
 from farense.config import config_to_json, load_config
-from farense.run.layout import RunPaths
-from farense.run.locks import LockInfo
 from farense.observe.monitor import (
     MonitorSnapshot,
     parse_plain_line,
@@ -36,9 +35,9 @@ from farense.observe.monitor import (
     watch,
 )
 from farense.overfitting import GapStatus
-from farense.run.runstate import write_run_state
-from farense.codes import RunState
-from farense.run.runstate import effective_state
+from farense.run.layout import RunPaths
+from farense.run.locks import LockInfo
+from farense.run.runstate import effective_state, write_run_state
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -15,11 +15,17 @@ from pathlib import Path
 
 import orjson
 import pytest
+from test_decision import make_fake_run
 
 from farense.config import DecisionConfig
-from farense.release.decision import compare_and_decide, decide, incumbent_from_production, load_report, report_from_run
 from farense.errors import DecisionRefused, FarenseError, RunLocked
-from farense.run.fsutil import sha256_file
+from farense.release.decision import (
+    compare_and_decide,
+    decide,
+    incumbent_from_production,
+    load_report,
+    report_from_run,
+)
 from farense.release.promotion import (
     LOCK_NAME,
     STEPS,
@@ -31,8 +37,7 @@ from farense.release.promotion import (
     rollback,
     verify_release,
 )
-
-from test_decision import make_fake_run
+from farense.run.fsutil import sha256_file
 
 T = DecisionConfig(max_gap=0.15, min_f1=0.93, max_f1_drop=0.01)
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)

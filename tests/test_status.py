@@ -16,10 +16,10 @@ import orjson
 import pytest
 
 from farense.cli import main
-from farense.config import config_to_json, load_config
-from farense.run.runstate import write_run_state
 from farense.codes import RunState
+from farense.config import config_to_json, load_config
 from farense.observe.status import PRODUCTION_HEADERS, RUN_HEADERS, status_report
+from farense.run.runstate import write_run_state
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from farense.commands import add_demo_flags
-
 import argparse
 import sys
 
 import orjson
 
+from farense.commands import add_demo_flags
+from farense.commands.observe import register_config_import
 from farense.config import config_to_toml, diff_configs, load_config
-from farense.train.inputs import check_experiment
 from farense.console import print_table
+from farense.train.inputs import check_experiment
 
 
 def _load(name: str, args: argparse.Namespace):
@@ -78,7 +78,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--overlay", action="append")
     add_demo_flags(c)
     c.set_defaults(handler=check)
-
-    from farense.commands.observe import register_config_import  # `config import`: mlx-lm YAML -> farense TOML
 
     register_config_import(csub)

@@ -17,7 +17,15 @@ from typing import Any
 
 from farense.commands import add_demo_flags
 from farense.config import load_config
+from farense.console import print_table
 from farense.model.demos import overlays_for
+from farense.release.campaign import (
+    TABLE_HEADERS,
+    CampaignEntry,
+    base_report_path,
+    decision_path_of,
+    table_rows,
+)
 from farense.train.inputs import check_experiment
 
 
@@ -74,9 +82,6 @@ def _pipeline(args: argparse.Namespace, demo: bool | str) -> int:
 
 def _campaign(args: argparse.Namespace, demo: bool | str) -> int:
     from flows.campaign import campaign_flow
-
-    from farense.release.campaign import TABLE_HEADERS, CampaignEntry, base_report_path, decision_path_of, table_rows
-    from farense.console import print_table
 
     state = campaign_flow(configs=list(args.config), demo=demo, workspace=os.environ.get("FARENSE_WORKSPACE"),
                           promote=not args.no_promote, notify_block=args.notify_block, return_state=True)

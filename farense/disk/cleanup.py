@@ -28,13 +28,32 @@ from typing import Any, Iterable
 
 import orjson
 
-from farense.run import fsutil
-from farense.run.checkpoint import CheckpointStore, RetentionPolicy, ScannedCheckpoint, Verify
-from farense.config import CheckpointConfig, ExperimentConfig, format_size
-from farense.errors import RunLocked
-from farense.run.layout import CONFIG_FILE, RUN_LOCK_FILE, RUN_STATE_FILE, SUMMARY_FILE, RunPaths, is_temporary
-from farense.run.locks import LockInfo, RunLock, probe_lock
 from farense.codes import RunState
+from farense.config import (
+    CheckpointConfig,
+    ConfigError,
+    ExperimentConfig,
+    default_config_dir,
+    format_size,
+    load_config,
+)
+from farense.errors import RunLocked
+from farense.run import fsutil
+from farense.run.checkpoint import (
+    CheckpointStore,
+    RetentionPolicy,
+    ScannedCheckpoint,
+    Verify,
+)
+from farense.run.layout import (
+    CONFIG_FILE,
+    RUN_LOCK_FILE,
+    RUN_STATE_FILE,
+    SUMMARY_FILE,
+    RunPaths,
+    is_temporary,
+)
+from farense.run.locks import LockInfo, RunLock, probe_lock
 from farense.run.runstate import find_runs, read_run_state
 
 OLD_CHECKPOINT = "old-checkpoint"
@@ -405,8 +424,6 @@ def free_space_now(config: ExperimentConfig) -> int:
 
 def referenced_models(runs_dir: str | os.PathLike[str], config_dir: str | os.PathLike[str] | None = None) -> set[str]:
     """Model paths / repo ids named by the configs in `config_dir` and by every run's config.json."""
-    from farense.config import ConfigError, default_config_dir, load_config
-
     out: set[str] = set()
     cdir = Path(config_dir) if config_dir is not None else default_config_dir()
     for toml in sorted(cdir.glob("*.toml")) if cdir.is_dir() else ():

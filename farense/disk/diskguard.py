@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from farense.config import DiskConfig, ExperimentConfig, format_size
+from farense.disk.estimate import estimate_run
 from farense.errors import DiskFull
+from farense.run.checkpoint import RetentionPolicy
 from farense.run.fsutil import existing_path
 
 if TYPE_CHECKING:
-    from farense.run.checkpoint import CheckpointStore, RetentionPolicy
+    from farense.run.checkpoint import CheckpointStore
 
 
 class Level(str, Enum):
@@ -320,9 +322,6 @@ class RunDiskGuard(DiskGuard):
         log: Callable[[str], None] | None = None,
     ) -> "RunDiskGuard":
         """The guard for one run: its disk config, its retention policy, its estimated checkpoint size."""
-        from farense.run.checkpoint import RetentionPolicy
-        from farense.disk.estimate import estimate_run
-
         policy = RetentionPolicy(config.checkpoint.keep_last, config.checkpoint.keep_best)
         estimate = estimate_run(config).checkpoint_bytes or 0
         return cls(config.disk, config.run_dir, policy=policy, checkpoint_estimate=estimate, usage=usage,

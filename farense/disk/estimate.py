@@ -22,6 +22,15 @@ from typing import Any, Iterable, Mapping
 import orjson
 
 from farense.config import ExperimentConfig, LoraConfig, format_size
+from farense.errors import ModelImportError
+from farense.model.gguf import (
+    MODELS_CACHE,
+    cache_dir_for,
+    hf_config,
+    imported_bytes,
+    read_header,
+    verify_import,
+)
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
 
@@ -286,9 +295,6 @@ def locate_model(config: ExperimentConfig, *, cache_dir: Path | None = None, all
 
 def _gguf_source(config: ExperimentConfig) -> ModelSource:
     """A .gguf model: its shape from the file's header, and the bytes its import will write if not done yet."""
-    from farense.errors import ModelImportError
-    from farense.model.gguf import MODELS_CACHE, cache_dir_for, hf_config, imported_bytes, read_header, verify_import
-
     try:
         header = read_header(config.model_path)
         cfg = hf_config(header)

@@ -13,7 +13,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from farense.config import ExperimentConfig, format_size
-from farense.disk.diskguard import DiskGuard, Level, Usage, UsageFn, disk_usage, existing_path, flood_floor, mount_point
+from farense.console import markdown_table
+from farense.disk.cleanup import apply_cleanup, plan_for_config, referenced_models
+from farense.disk.diskguard import (
+    DiskGuard,
+    Level,
+    Usage,
+    UsageFn,
+    disk_usage,
+    existing_path,
+    flood_floor,
+    mount_point,
+)
+from farense.disk.estimate import estimate_run
 from farense.errors import DiskFull, NotWritable
 from farense.run.fsutil import write_problem
 from farense.run.layout import RunPaths
@@ -174,9 +186,6 @@ def preflight(
 
     The DiskFull carries `.report` (the table) and names the command that would free space.
     """
-    from farense.disk.cleanup import apply_cleanup, plan_for_config, referenced_models
-    from farense.disk.estimate import estimate_run
-
     check_writable(config)
     est = estimate or estimate_run(config, include_fused=include_fused, cache_dir=hf_cache_dir,
                                    allow_network=allow_network)
@@ -284,8 +293,6 @@ def needs_rows(report: PreflightReport, row: PreflightRow) -> list[list[str]]:
 
 def render_preflight(report: PreflightReport) -> str:
     """The preflight as Markdown (for Prefect artifacts and logs)."""
-    from farense.console import markdown_table
-
     parts = [f"## Disk preflight: {report.config_name} ({'ok' if report.ok else 'SHORT'})", "",
              markdown_table(PREFLIGHT_HEADERS, preflight_rows(report))]
     for row in report.rows:

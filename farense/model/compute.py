@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-
 # The training's own memory (activations, adapters, optimizer state, MLX's cache) on top of the
 # dequantized base, as a share of the base: generous, because running out mid-run costs a night.
 TRAINING_OVERHEAD = 0.5

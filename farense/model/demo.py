@@ -27,8 +27,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from farense.console import print_table
 from farense.errors import FarenseError
-from farense.run.fsutil import commit_dir, fsync_file, sha256_file, staged_dir, write_new_file
+from farense.run.fsutil import (
+    commit_dir,
+    fsync_file,
+    sha256_file,
+    staged_dir,
+    write_new_file,
+)
 from farense.run.layout import TMP_MARK
 from farense.run.locks import RunLock
 
@@ -291,7 +298,14 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _train_tokenizer(vocab_size: int) -> Any:
     """Byte-level BPE trained on the shipped text: every byte is covered, so accents round-trip."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -355,8 +369,6 @@ def _write_weights(path: Path, spec: DemoModelSpec, seed: int) -> int:
 
 def demo_init_command(directory: str, force: bool = False) -> int:
     """`farense demo init`: build (or reuse) the demo under `directory` and say what is where."""
-    from farense.console import print_table
-
     reused = not force and existing_demo(directory) is not None
     paths = build_demo(directory, force=force)
     info = paths.info()

@@ -13,7 +13,6 @@ from farense.errors import FarenseError
 from farense.model.demo import build_demo
 from farense.model.smollm2 import build_smollm2_demo
 
-
 # Which demo: the real pretrained model (overlay "demo") or this tiny random one (overlay "tiny")
 
 DEMO_OVERLAYS = ("demo", "tiny")

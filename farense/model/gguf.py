@@ -37,8 +37,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
+from farense import __version__
 from farense.errors import ModelImportError
-from farense.run.fsutil import commit_dir, fsync_file, sha256_file, staged_dir, write_new_file
+from farense.run.fsutil import (
+    commit_dir,
+    fsync_file,
+    sha256_file,
+    staged_dir,
+    write_new_file,
+)
 from farense.run.layout import TMP_MARK
 from farense.run.locks import RunLock
 
@@ -395,7 +402,8 @@ _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 
 
 def _pre_tokenizer(pre: str, path: Path) -> Any:
-    from tokenizers import Regex, pre_tokenizers as pt
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
 
     if pre in ("default", "gpt-2", "gpt2"):
         return pt.ByteLevel(add_prefix_space=False)
@@ -600,9 +608,9 @@ def _write_model(out: Path, header: GGUFHeader, *, dequantize: bool, dtype: str)
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import version  # not `import mlx_lm`: it imports transformers (seconds)
-
-    from farense import __version__
+    from importlib.metadata import (
+        version,  # not `import mlx_lm`: it imports transformers (seconds)
+    )
 
     return {"farense": __version__, "mlx": version("mlx"), "mlx_lm": version("mlx-lm"), "gguf": version("gguf")}
 

@@ -28,9 +28,16 @@ from typing import Any, Callable, Mapping
 
 import orjson
 
+from farense.config import build_config, config_from_json
 from farense.errors import ConfigError, FarenseError
+from farense.model.gguf import resolve_model_path
 from farense.run.fsutil import commit_dir, sha256_file, staged_dir
-from farense.run.layout import ADAPTER_CONFIG_FILE, ADAPTERS_FILE, BEST_RECORD_FILE, RunPaths
+from farense.run.layout import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTERS_FILE,
+    BEST_RECORD_FILE,
+    RunPaths,
+)
 
 # mlx_lm/lora.py CONFIG_DEFAULTS (mlx-lm 0.32); a test checks this copy against the installed one,
 # so that importing a config does not import mlx.
@@ -252,8 +259,6 @@ def _steps(micro: int, accum: int, total: int, key: str, target: str, notes: lis
 
 def import_lora_config(raw: Mapping[str, Any], *, name: str, source: str = "<mlx-lm config>") -> ImportedConfig:
     """Translate an mlx-lm lora config mapping into farense's; every problem is reported at once."""
-    from farense.config import build_config
-
     problems: list[str] = []
     notes: list[str] = []
     raw = _usable_keys(raw, problems)  # the rest is still mapped, so that every problem is reported at once
@@ -563,8 +568,6 @@ def fuse_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
     base = acfg.get("model")
     bits, group, workspace = 0, 64, "."
     try:
-        from farense.config import config_from_json
-
         cfg = config_from_json(paths.config)
         base = base or cfg.model_path
         bits, group, workspace = cfg.model.quantize_bits, cfg.model.quantize_group_size, cfg.workspace
@@ -572,7 +575,6 @@ def fuse_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
         pass  # adapters copied without their run: the adapter config names the base model
     if not base:
         raise FarenseError(f"cannot export {paths.name}: adapter_config.json names no base model")
-    from farense.model.gguf import resolve_model_path
 
     base = resolve_model_path(base, workspace)  # a .gguf base: its imported directory (imported if need be)
 

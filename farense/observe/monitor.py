@@ -26,15 +26,29 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import orjson
 
-from farense.config import ExperimentConfig, config_from_json, format_size
+from farense.codes import RunState
+from farense.config import ExperimentConfig, config_from_json, format_size, load_config
+from farense.disk.diskguard import DiskGuard, Usage, disk_usage
 from farense.errors import FarenseError
+from farense.overfitting import GapReading
+from farense.run.checkpoint import CheckpointStore
 from farense.run.layout import RunPaths
 from farense.run.locks import LockInfo, probe_lock
 from farense.run.metrics import read_metrics
-from farense.overfitting import GapReading
-from farense.codes import RunState
-from farense.run.runstate import effective_state, find_runs, is_run_dir, pid_alive, read_run_state, run_state_problem
-from farense.train.progress import EARLY_STOPPING_KEY, PROGRESS_KEY, TOTAL_STEPS_KEY
+from farense.run.runstate import (
+    effective_state,
+    find_runs,
+    is_run_dir,
+    pid_alive,
+    read_run_state,
+    run_state_problem,
+)
+from farense.train.progress import (
+    EARLY_STOPPING_KEY,
+    PROGRESS_KEY,
+    TOTAL_STEPS_KEY,
+    read_saved_state,
+)
 
 # Train-loss trend: mean of the last TREND_WINDOW steps against the mean of the window before.
 TREND_WINDOW = 20
@@ -179,8 +193,6 @@ def _run_config(paths: RunPaths) -> ExperimentConfig | None:
 
 def _latest_checkpoint_state(infos: Sequence[Any]) -> dict[str, Any]:
     """state.json of the newest checkpoint still there (pruning may remove one as we read)."""
-    from farense.train.progress import read_saved_state
-
     for info in reversed(infos):
         if (doc := read_saved_state(info)) is not None:
             return doc
@@ -190,8 +202,6 @@ def _latest_checkpoint_state(infos: Sequence[Any]) -> dict[str, Any]:
 def _disk(run_dir: Path, config: ExperimentConfig | None, usage: Callable[[Path], Any] | None,
           next_write: int) -> tuple[int | None, int | None, float | None, str | None]:
     """(free, total, used %, watermark level) of the filesystem holding the run: the disk guard's reading."""
-    from farense.disk.diskguard import DiskGuard, Usage, disk_usage
-
     try:
         u = (usage or disk_usage)(run_dir)
     except OSError:
@@ -216,8 +226,6 @@ def snapshot(
     `usage(path)` returns total/used/free bytes (default: statvfs via the disk guard); `lock_probe`
     and `alive` answer who holds the run lock and whether a pid lives (tests pass fakes).
     """
-    from farense.run.checkpoint import CheckpointStore
-
     now = time.time() if now is None else now
     paths = RunPaths(Path(run_dir))
     doc = read_run_state(paths.state)
@@ -514,8 +522,6 @@ def most_recent_run(runs_dir: str | os.PathLike[str]) -> Path:
 def resolve_run_dir(spec: str | None, *, runs_dir: str | os.PathLike[str] | None = None,
                     overlays: Sequence[str] = ()) -> Path:
     """RUN as the commands take it: a run directory, a config name (its run_dir), or None (latest)."""
-    from farense.config import load_config
-
     if spec is None:
         ws = Path(os.environ.get("FARENSE_WORKSPACE", "."))
         return most_recent_run(Path(runs_dir) if runs_dir else ws / "runs").resolve()

@@ -17,10 +17,13 @@ from typing import Any, Callable
 
 from farense.config import format_size
 from farense.errors import FarenseError
+from farense.observe.monitor import MonitorSnapshot, format_duration, snapshot
+from farense.release.promotion import current_release
 from farense.run.fsutil import dir_size, read_json_object
 from farense.run.layout import RunPaths
 from farense.run.locks import LockInfo, probe_lock
-from farense.observe.monitor import MonitorSnapshot, format_duration, snapshot
+from farense.run.metrics import read_metrics
+from farense.run.plots import plot_loss_curves
 from farense.run.runstate import find_runs, pid_alive
 from farense.run.summary import TrainingSummary
 
@@ -128,8 +131,6 @@ def run_row(run_dir: Path, runs_dir: Path, *, now: float, usage: Callable[[Path]
 
 def production_row(production_dir: Path) -> ProductionRow | None:
     """The current release, or None when nothing was promoted yet."""
-    from farense.release.promotion import current_release
-
     rel = current_release(production_dir)
     if rel is None:
         return None
@@ -172,9 +173,6 @@ def plot_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
              warn: Callable[[str], None] = _stderr) -> Path:
     """The run's loss curves as a PNG (default <run>/plots/loss_curves.png), from its metrics and summary;
     lines that are not metrics rows are skipped, `warn` told their file:line."""
-    from farense.run.metrics import read_metrics
-    from farense.run.plots import plot_loss_curves
-
     paths = RunPaths(Path(run_dir))
     rows = read_metrics(paths.metrics_jsonl, warn=warn)
     if not rows:

@@ -16,7 +16,12 @@ from typing import Any, Sequence
 import orjson
 
 from farense.console import markdown_table
-from farense.release.decision import DECISION_NAME, Decision, read_decision, report_from_run
+from farense.release.decision import (
+    DECISION_NAME,
+    Decision,
+    read_decision,
+    report_from_run,
+)
 from farense.run.fsutil import atomic_write_bytes
 from farense.run.layout import RunPaths
 

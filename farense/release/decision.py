@@ -30,9 +30,9 @@ import orjson
 from farense.config import DecisionConfig
 from farense.console import markdown_table
 from farense.errors import FarenseError
+from farense.overfitting import GapReading
 from farense.run.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
 from farense.run.layout import SUMMARY_FILE, ProductionPaths, RunPaths
-from farense.overfitting import GapReading
 from farense.run.summary import TrainingSummary
 
 TOLERANCE = 1e-9

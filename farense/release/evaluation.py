@@ -27,13 +27,17 @@ from typing import Any, Callable, Sequence
 import orjson
 
 from farense.config import ExperimentConfig, config_from_json
-from farense.train.data import make_datasets, read_split
-from farense.release.decision import REPORT_NAME, iso
-from farense.errors import DataError, FarenseError
-from farense.run.fsutil import atomic_write_bytes, sha256_file
-from farense.run.layout import RunPaths
 from farense.disk.preflight import require_writable
+from farense.errors import DataError, FarenseError
+from farense.release.decision import REPORT_NAME, iso
 from farense.release.textmetrics import aggregate, token_scores
+from farense.run.fsutil import atomic_write_bytes, read_json_object, sha256_file
+from farense.run.layout import RunPaths
+from farense.run.metrics import read_metrics
+from farense.run.plots import plot_f1_distribution, plot_loss_curves
+from farense.train.batching import make_batch
+from farense.train.data import make_datasets, read_split
+from farense.train.setup import load_base_model
 
 REPORT_FORMAT = "farense.evaluation/1"
 SUMMARY_CSV = "evaluation_summary.csv"
@@ -135,8 +139,6 @@ def load_model(config: ExperimentConfig, adapters_dir: Path) -> tuple[Any, Any]:
     """The base model as training loaded it (quantized on load for QLoRA) plus the run's adapters."""
     from mlx_lm.tuner.utils import load_adapters
 
-    from farense.train.setup import load_base_model
-
     model, tokenizer = load_base_model(config)
     model = load_adapters(model, str(adapters_dir))
     model.eval()
@@ -148,8 +150,6 @@ def example_losses(model: Any, dataset: Any, batch_size: int, max_seq_length: in
     counts (the ragged last batch too), so the test loss does not depend on the batch size."""
     import mlx.core as mx
     import mlx.nn as nn
-
-    from farense.train.batching import make_batch
 
     order = sorted(range(len(dataset)), key=lambda i: (len(dataset[i][0]), i))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(dataset)
@@ -236,8 +236,6 @@ def evaluate_base_model(config: ExperimentConfig, out_path: Path, *, max_example
                         log: Log | None = None) -> dict[str, Any]:
     """Score the base model without adapters on the test split (what fine-tuning must beat); the
     summary is written atomically to `out_path` and returned."""
-    from farense.train.setup import load_base_model
-
     require_writable({"the report's directory": out_path.parent}, "evaluating the base model")  # before loading
     ev = config.evaluation
     limit = max_examples if max_examples is not None else (ev.max_examples or None)
@@ -335,8 +333,6 @@ def _report(config: ExperimentConfig, paths: RunPaths, adapters_sha: str, test_p
 
 def current_report(config: ExperimentConfig, run_dir: Path) -> dict[str, Any] | None:
     """The run's evaluation report, if it was made from this config and the adapters the run has now."""
-    from farense.run.fsutil import read_json_object
-
     paths = RunPaths(Path(run_dir))
     report = read_json_object(paths.evaluation / REPORT_NAME)
     if not report or report.get("config_fingerprint") != config.fingerprint or not paths.best_adapters.is_file():
@@ -358,9 +354,6 @@ def evaluate_run(
     `config` defaults to the run's config.json; `max_examples` to config.evaluation.max_examples
     (0: all). Generation length and batch size come from config.evaluation.
     """
-    from farense.run.metrics import read_metrics
-    from farense.run.plots import plot_f1_distribution, plot_loss_curves
-
     t_start = time.perf_counter()
     paths = RunPaths(Path(run_dir).resolve())
     weights = paths.best_adapters

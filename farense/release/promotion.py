@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 import orjson
 
-from farense.config import DecisionConfig
+from farense.config import DecisionConfig, config_from_json, current_workspace
+from farense.errors import DecisionRefused, FarenseError
 from farense.release.decision import (
     DECISION_NAME,
     RELEASE_MANIFEST,
@@ -39,7 +40,6 @@ from farense.release.decision import (
     read_decision,
     report_from_run,
 )
-from farense.errors import DecisionRefused, FarenseError
 from farense.run.fsutil import (
     atomic_write_json,
     commit_dir,
@@ -50,7 +50,15 @@ from farense.run.fsutil import (
     staged_dir,
     tmp_sibling,
 )
-from farense.run.layout import ADAPTERS_FILE, CONFIG_FILE, SUMMARY_FILE, TMP_MARK, ProductionPaths, RunPaths, is_temporary
+from farense.run.layout import (
+    ADAPTERS_FILE,
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    TMP_MARK,
+    ProductionPaths,
+    RunPaths,
+    is_temporary,
+)
 from farense.run.locks import RunLock
 
 RELEASE_FORMAT = "farense.release/1"
@@ -370,8 +378,6 @@ def promote(
     run = RunPaths(Path(run_dir).resolve())
     config = _run_config(run)
     if production_dir is None:
-        from farense.config import config_from_json, current_workspace
-
         production_dir = config_from_json(run.config, workspace=current_workspace()).production_dir
     prod = ProductionPaths(Path(production_dir).resolve())
     decision_path = Path(decision_path) if decision_path is not None else run.evaluation / DECISION_NAME

@@ -24,15 +24,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from farense.run import fsutil
 from farense.errors import CheckpointCorrupt, DiskFull, FarenseError
+from farense.run import fsutil
 from farense.run.layout import (
     MANIFEST_NAME,
     QUARANTINE_DIR,

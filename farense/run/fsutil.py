@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from farense.run.layout import TMP_MARK
+from farense.run.layout import MANIFEST_NAME, TMP_MARK
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: large enough to hash at disk speed, small enough to stream
 # Free space under which a writer's failure that carries no errno (mx.save_safetensors raises a
@@ -361,8 +361,6 @@ def remove_atomically(path: Path, *, rename: Callable[[Path, Path], None] = os.r
     longer name may need a new directory block), a directory is deleted in place, its manifest
     first. Returns False when `path` was already gone.
     """
-    from farense.run.layout import MANIFEST_NAME
-
     doomed = tmp_sibling(path)
     try:
         rename(path, doomed)

@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable
 
 import orjson
 
+from farense.run.fsutil import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
@@ -114,8 +116,6 @@ class MetricsLog:
         """Drop rows after `step` (work a crash threw away) and lines that are not rows; returns the kept rows."""
         rows = [r for r in read_metrics(self.path, warn=warn) if r["step"] <= step]
         if self.enabled:
-            from farense.run.fsutil import atomic_write_bytes
-
             atomic_write_bytes(self.path, b"".join(orjson.dumps(r) + b"\n" for r in rows), durable=False)
         return rows
 
@@ -136,8 +136,6 @@ class MetricsLog:
 
 def write_seed_files(rows: Iterable[dict[str, Any]], json_path: Path, csv_path: Path) -> None:
     """training_metrics.json and training_metrics.csv, as the seed named them."""
-    from farense.run.fsutil import atomic_write_bytes
-
     rows = list(rows)
     atomic_write_bytes(json_path, orjson.dumps({"history": rows}, option=orjson.OPT_INDENT_2))
     buf = io.StringIO()

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farense.codes import ExitCode, RunState, died, retryable, state_for_code
-from farense.run.fsutil import JsonRecord
 from farense.overfitting import GapReading
+from farense.run.fsutil import JsonRecord
 
 if TYPE_CHECKING:
     from farense.errors import FarenseError

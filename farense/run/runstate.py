@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import socket
 import time
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import orjson
 
 from farense.codes import RunState
+from farense.run.fsutil import atomic_write_bytes, read_json_object
 from farense.run.layout import RUN_MARKERS, RUN_OWN_DIRS, RUN_STATE_FILE, is_temporary
 
 if TYPE_CHECKING:
@@ -33,8 +33,6 @@ def write_run_state(path: Path, state: RunState, *, durable: bool = True, **fiel
     Per-step updates pass durable=False: renamed into place but not fsynced, since resume reads
     checkpoints, not this file, and an fsync per optimizer step costs real time on slow disks.
     """
-    from farense.run.fsutil import atomic_write_bytes
-
     payload = {
         "state": state.value,
         "pid": os.getpid(),
@@ -48,8 +46,6 @@ def write_run_state(path: Path, state: RunState, *, durable: bool = True, **fiel
 
 def read_run_state(path: Path) -> dict[str, Any] | None:
     """run_state.json as written, None when it is missing or not a JSON object."""
-    from farense.run.fsutil import read_json_object
-
     return read_json_object(path)
 
 

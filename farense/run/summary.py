@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from farense.console import human_seconds, human_value, markdown_table
-from farense.run.fsutil import JsonRecord
-from farense.overfitting import GAP_DEFINITION, GapReading, gap_legend, train_loss_label
 from farense.codes import RunState
+from farense.console import human_seconds, human_value, markdown_table
+from farense.overfitting import GAP_DEFINITION, GapReading, gap_legend, train_loss_label
+from farense.run.fsutil import JsonRecord
 
 if TYPE_CHECKING:
     from farense.config import OverfittingConfig

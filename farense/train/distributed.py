@@ -39,8 +39,11 @@ from typing import IO, Any, Callable, Iterator, Sequence
 
 import orjson
 
-from farense.errors import ConfigError, FingerprintMismatch, PeerLost
 from farense.codes import ExitCode, died
+from farense.errors import ConfigError, FingerprintMismatch, PeerLost
+from farense.run.checkpoint import CheckpointStore
+from farense.run.layout import MANIFEST_NAME, checkpoint_name
+from farense.run.locks import RunLock
 from farense.run.outcome import job_exit_code
 
 # A rank that completes no optimizer step for this long is taken for stuck behind a dead or hung
@@ -403,8 +406,6 @@ def world() -> Any:
 @contextlib.contextmanager
 def rank_zero_lock(path: str | os.PathLike[str], *, command: str) -> Iterator[Any]:
     """The run lock, held by rank 0 only: other ranks on the same host would otherwise be refused."""
-    from farense.run.locks import RunLock
-
     if world().rank() != 0:
         yield None
         return
@@ -461,9 +462,6 @@ def share_checkpoint(info: Any, *, fingerprint: str, data_fingerprint: str, requ
     0's refuses to start, and all ranks raise together, so none waits on it. Returns this rank's
     CheckpointInfo for the shared checkpoint, or None.
     """
-    from farense.run.checkpoint import CheckpointStore
-    from farense.run.layout import MANIFEST_NAME, checkpoint_name
-
     group = group or world()
     rank = group.rank()
     if group.size() == 1:

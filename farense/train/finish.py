@@ -5,17 +5,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from farense.codes import RunState
 from farense.config import ExperimentConfig
+from farense.overfitting import classify_gap
 from farense.run.layout import RunPaths
 from farense.run.metrics import write_seed_files
 from farense.run.outcome import TrainingOutcome
-from farense.overfitting import classify_gap
+from farense.run.plots import plot_loss_curves
 from farense.run.runstate import write_run_state
-from farense.codes import RunState
 from farense.run.summary import TrainingSummary
 from farense.train.phases import PhaseClock
-from farense.train.setup import library_versions
 from farense.train.progress import TrainState
+from farense.train.setup import library_versions
 
 
 def record_state(paths: RunPaths, state: RunState, st: TrainState, total: int, resumed_from: int | None,
@@ -63,7 +64,6 @@ def finish(config: ExperimentConfig, paths: RunPaths, st: TrainState, history: l
         write_seed_files(history, paths.metrics_json, paths.metrics_csv)
         phases.lap("finish_metrics_files")
         try:  # the loss curves (`farense plot RUN` redraws them); a plot never fails a finished run
-            from farense.run.plots import plot_loss_curves
 
             plot_loss_curves(history, summary.to_json(), paths.plots / "loss_curves.png")
         except Exception as e:

@@ -17,17 +17,17 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from farense.train.batching import eval_batches, position_of, train_batches
+from farense.codes import RunState
 from farense.config import ExperimentConfig
-from farense.train.distributed import collective_stream
 from farense.errors import NumericalError, Preempted
 from farense.faults import fault_point
 from farense.overfitting import GapReading, classify_gap, gap_legend, observe_validation
 from farense.signals import PreemptionFlag
-from farense.codes import RunState
+from farense.train.batching import eval_batches, position_of, train_batches
+from farense.train.distributed import collective_stream
 from farense.train.phases import PhaseClock
-from farense.train.setup import Setup
 from farense.train.progress import TrainState, step_seed
+from farense.train.setup import Setup
 
 if TYPE_CHECKING:
     import mlx.core as mx

@@ -13,13 +13,19 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
-from farense.train.batching import position_of
-from farense.run.checkpoint import CheckpointInfo
 from farense.config import ExperimentConfig, fingerprint_diff
 from farense.errors import CheckpointCorrupt, FingerprintMismatch
 from farense.faults import fault_point
-from farense.run.layout import ADAPTER_CONFIG_FILE, ADAPTERS_FILE, OPTIMIZER_FILE, STATE_FILE
 from farense.overfitting import EarlyStoppingState
+from farense.run.checkpoint import CheckpointInfo
+from farense.run.fsutil import read_json_object
+from farense.run.layout import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTERS_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+)
+from farense.train.batching import position_of
 from farense.train.setup import adapter_config, library_versions
 
 if TYPE_CHECKING:
@@ -142,8 +148,6 @@ def saved_state_problem(info: CheckpointInfo) -> str | None:
 
 def read_saved_state(info: CheckpointInfo) -> dict[str, Any] | None:
     """A checkpoint's state.json for readers that only look (the monitor); None if it is gone or torn."""
-    from farense.run.fsutil import read_json_object
-
     return read_json_object(info.path / STATE_FILE)
 
 

@@ -19,25 +19,34 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import orjson
 
-from farense.run.checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy, SavePolicy
-from farense.model.compute import current_device
+from farense.codes import ExitCode, RunState
 from farense.config import ExperimentConfig, check_world_size, config_to_json
-from farense.train.data import data_fingerprint
-from farense.train.inputs import check_experiment
-from farense.train.distributed import share_checkpoint
+from farense.disk.diskguard import RunDiskGuard
 from farense.errors import DiskFull, NoUsableCheckpoint, NumericalError, Preempted
-from farense.run.fsutil import atomic_write_bytes, fsync_dir, fsync_file
+from farense.model.compute import current_device
+from farense.run.checkpoint import (
+    CheckpointInfo,
+    CheckpointStore,
+    RetentionPolicy,
+    SavePolicy,
+)
+from farense.run.fsutil import (
+    atomic_write_bytes,
+    fsync_dir,
+    fsync_file,
+    is_disk_full_error,
+)
 from farense.run.layout import RunPaths
 from farense.run.metrics import MetricsLog
-from farense.codes import ExitCode
 from farense.run.outcome import TrainingOutcome
 from farense.run.runstate import write_run_state
 from farense.signals import PreemptionFlag
-from farense.codes import RunState
+from farense.train.data import data_fingerprint
+from farense.train.distributed import rank_zero_lock, share_checkpoint
 from farense.train.finish import finish, record_state
+from farense.train.inputs import check_experiment
 from farense.train.loop import Callbacks, TrainingLoop, default_steps_ahead
 from farense.train.phases import PhaseClock, seconds_since_process_start
-from farense.train.setup import Setup, adapter_config, set_up
 from farense.train.progress import (
     CHECKPOINT_FILES,
     TrainState,
@@ -46,12 +55,11 @@ from farense.train.progress import (
     restore_checkpoint,
     saved_state_problem,
 )
+from farense.train.setup import Setup, adapter_config, set_up
 
 if TYPE_CHECKING:
     import mlx.core as mx
     import mlx.nn as nn
-
-    from farense.disk.diskguard import RunDiskGuard
 
 Log = Callable[[str], None]
 # run_state.json's RUNNING updates between validations and checkpoints: at most this often.
@@ -88,11 +96,7 @@ def run_training(
     paths = RunPaths(config.run_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
 
-    from farense.train.distributed import rank_zero_lock
-
     if guard is None:
-        from farense.disk.diskguard import RunDiskGuard
-
         guard = RunDiskGuard.for_config(config, clock=clock, log=log)
     with rank_zero_lock(paths.lock, command="train"):  # only rank 0 writes, so only rank 0 locks
         return _train_locked(config, paths, loaded, data_fp, new_run=new_run,
@@ -278,8 +282,6 @@ def _recording_stops(paths: RunPaths, st: TrainState, total: int, resumed_from: 
 def _disk_full(exc: BaseException, where: Path) -> DiskFull | None:
     """A write outside the checkpoint store (best adapters, metrics, state) that failed for lack of
     space stops the run as resumable, like a checkpoint write does."""
-    from farense.run.fsutil import is_disk_full_error
-
     if not is_disk_full_error(exc, where):
         return None
     return DiskFull(f"paused: disk full while writing in {where} ({exc}); the last checkpoint is intact. "
@@ -311,7 +313,13 @@ class _Bar:
     """A rich progress bar with ETA when a person watches; nothing otherwise (logs carry the steps)."""
 
     def __init__(self, total: int, done: int):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._p = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from farense import __version__
-from farense.train.batching import batch_groups
 from farense.config import ExperimentConfig, TrainingConfig
-from farense.train.data import count_too_long, make_datasets
 from farense.errors import ConfigError
+from farense.model.blas import describe_blas
+from farense.model.compute import apply_compute, current_device, resolve_compute
+from farense.model.gguf import resolve_model_dir
+from farense.train.batching import batch_groups
+from farense.train.data import count_too_long, make_datasets
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -82,9 +85,6 @@ def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None 
     import mlx.nn as nn
     from mlx_lm.utils import load
 
-    from farense.model.compute import apply_compute, resolve_compute
-    from farense.model.gguf import resolve_model_dir
-
     model, tokenizer = load(resolve_model_dir(config),  # a .gguf is imported once into the workspace's cache
                             tokenizer_config={"trust_remote_code": config.model.trust_remote_code})
     if config.model.quantize_bits:
@@ -92,9 +92,6 @@ def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None 
     t = config.training
     choice = resolve_compute(model, config.model.compute, tokens_per_step=t.batch_size * t.max_seq_length)
     if log:
-        from farense.model.blas import describe_blas
-        from farense.model.compute import current_device
-
         # The BLAS multiplies only on the CPU: on a GPU its line, and its advice, would mislead.
         log(choice.describe() + (f"; {describe_blas()}" if current_device() == "cpu" else ""))
     model = apply_compute(model, choice)

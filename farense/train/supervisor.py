@@ -20,18 +20,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from farense.run.checkpoint import CheckpointStore
+from farense.codes import ExitCode, RunState, explain_exit
 from farense.config import ExperimentConfig
 from farense.errors import TrainingFailed
+from farense.observe.monitor import format_duration
+from farense.overfitting import GapReading
+from farense.run.checkpoint import CheckpointStore
 from farense.run.layout import RunPaths
 from farense.run.locks import RunLock
 from farense.run.metrics import MetricsTail
-from farense.codes import ExitCode, explain_exit
 from farense.run.outcome import TrainingOutcome
-from farense.overfitting import GapReading
-from farense.codes import RunState
 from farense.run.runstate import read_run_state
 from farense.run.summary import TrainingSummary
+from farense.train.data import data_fingerprint
 from farense.train.inputs import write_resolved_config
 
 POLL_SECONDS = 2.0
@@ -45,8 +46,6 @@ def already_trained(config: ExperimentConfig) -> TrainingOutcome | None:
     """The run's outcome, if this exact config (same fingerprint) already finished training on the
     same train/valid data (changed data means training again, which the trainer then refuses to
     resume into the old run: a person chooses --new-run)."""
-    from farense.train.data import data_fingerprint
-
     paths = RunPaths(config.run_dir)
     summary = TrainingSummary.read(paths.summary)
     if summary is None or summary.fingerprint != config.fingerprint or not summary.finished:
@@ -102,8 +101,6 @@ def text_bar(percent: float, width: int = 10) -> str:
 
 def progress_description(step: int, total: int, last_val: dict, eta_seconds: float | None, state: str = "") -> str:
     """One line under the bar: a text bar, the step, the last validation's gap with its two losses, the ETA."""
-    from farense.observe.monitor import format_duration
-
     percent = 100.0 if state else 100.0 * min(step, total) / total
     parts = [text_bar(percent), f"{state + ' at ' if state else ''}step {step}/{total}"]
     reading = GapReading.of(last_val.get("val_loss"), last_val.get("train_loss_window"),
