@@ -88,11 +88,17 @@ def state_for_code(code: int) -> RunState:
     return named.state if named is not None else RunState.FAILED
 
 
-def explain_exit(code: int, detail: str, reported_retryable: bool = False) -> tuple[str, bool]:
+def explain_exit(code: int, detail: str, reported_retryable: bool = False,
+                 freed_bytes: int | None = None) -> tuple[str, bool]:
     """(message, retryable) for a trainer process that ended with `code`; a signal is resumable.
 
-    Any other code is retried only if the trainer's own outcome said a retry can help.
+    Any other code is retried only if the trainer's own outcome said a retry can help; a disk-full
+    pause only if the cleanup that followed it (`freed_bytes`) freed something.
     """
+    if code == ExitCode.DISK_FULL and freed_bytes is not None:
+        message, _ = explain_exit(code, detail)
+        helps = freed_bytes > 0
+        return message + f"; cleanup freed {freed_bytes} bytes" + ("" if helps else ", so a retry cannot help"), helps
     if code < 0:
         return f"the trainer was killed by signal {-code} (out of memory?): {detail}", True
     named = as_exit_code(code)

@@ -14,7 +14,9 @@ from prefect import flow
 from farense.config import load_config
 from farense.model.demos import overlays_for
 from tasks.common import TASK_TAG, tag_flow_run
-from tasks.disk import CleanupResult, cleanup_task
+from farense.disk.cleanup import CleanupResult
+
+from tasks.disk import cleanup_task
 
 MAINTENANCE_FLOW = "farense-maintenance"
 

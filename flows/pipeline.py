@@ -20,6 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger, tags
 
 from farense.config import ExperimentConfig
+from farense.disk.cleanup import CleanupResult
 from farense.errors import ResumeLimitReached
 from farense.model.demos import DEMO_OVERLAYS, demo_overlay, overlays_for
 from farense.release.decision import PRODUCTION
@@ -27,7 +28,7 @@ from farense.run.layout import RESOLVED_CONFIG_FILE
 from farense.run.outcome import TrainingOutcome
 from tasks.common import TASK_TAG, tag_flow_run
 from tasks.decide import DecisionResult, decide_task
-from tasks.disk import CleanupResult, PreflightResult, cleanup_task, preflight_task
+from tasks.disk import PreflightResult, cleanup_task, preflight_task
 from tasks.evaluate import EvaluationResult, evaluate_task
 from tasks.inputs import check_inputs_task
 from tasks.notify import NotifyResult, notify_task, send_notification

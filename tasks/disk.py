@@ -14,6 +14,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from farense.config import ExperimentConfig, format_size
+from farense.disk.cleanup import CleanupResult, apply_cleanup, plan_for_config, summary_rows
 from farense.console import markdown_table
 
 from .common import artifact_key, best_effort, step
@@ -28,15 +29,6 @@ class PreflightResult:
     free_bytes: int
     cleanup_freed_bytes: int
     warnings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class CleanupResult:
-    planned_bytes: int
-    freed_bytes: int
-    deleted: int
-    dry_run: bool
-    errors: tuple[str, ...] = ()
 
 
 @step("disk-preflight")
@@ -78,8 +70,6 @@ def _preflight_artifact(config: ExperimentConfig, report: Any) -> tuple[int, int
 def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_days: float | None = None) -> CleanupResult:
     """Delete stale checkpoints and leftovers under the config's runs directory, by policy
     (finished runs: after the config's checkpoint.cleanup_after_days unless `older_than_days`)."""
-    from farense.disk.cleanup import apply_cleanup, plan_for_config, summary_rows
-
     log = get_run_logger()
     plan = plan_for_config(config, older_than_days=older_than_days)
     rows = summary_rows(plan)
@@ -94,7 +84,7 @@ def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_day
                     description=f"{len(plan.items)} items, {verb} {format_size(plan.total_bytes)}" if plan.items
                     else "nothing to clean")
         log.info(f"cleanup: {len(plan.items)} items, {verb} {format_size(plan.total_bytes)}")
-        return CleanupResult(plan.total_bytes, 0, 0, dry_run)
+        return CleanupResult.not_applied(plan) if dry_run else CleanupResult(planned_bytes=0)
     result = apply_cleanup(plan)
     md += f"\nfreed {format_size(result.bytes_freed)} ({len(result.deleted)} items)\n"
     md += "".join(f"\n- skipped {s.path}: {s.reason}" for s in result.skipped)
@@ -103,4 +93,4 @@ def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_day
     for err in result.errors:
         log.warning(f"cleanup: {err}")
     log.info(f"cleanup freed {format_size(result.bytes_freed)} ({len(result.deleted)} items)")
-    return CleanupResult(plan.total_bytes, result.bytes_freed, len(result.deleted), False, tuple(result.errors))
+    return result

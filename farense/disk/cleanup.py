@@ -130,6 +130,11 @@ class CleanupPlan:
     planning_seconds: float = 0.0
 
     @property
+    def policy(self) -> RetentionPolicy:
+        """The retention this plan applies to every run's checkpoints (the store's own rule)."""
+        return RetentionPolicy(self.keep_last, self.keep_best)
+
+    @property
     def total_bytes(self) -> int:
         return sum(i.bytes for i in self.items)
 
@@ -156,16 +161,29 @@ class CleanupPlan:
 
 @dataclass
 class CleanupResult:
-    """What applying a plan did: bytes freed, what went, what failed, which runs became active."""
+    """What a cleanup did (or, as a dry run, would do): bytes planned and freed, what went, what failed,
+    which runs became active meanwhile. The command, the Prefect task and the flows all return it."""
 
     bytes_freed: int = 0
     deleted: list[CleanupItem] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     skipped: list[SkippedRun] = field(default_factory=list)
+    planned_bytes: int = 0
+    dry_run: bool = False
+
+    @classmethod
+    def not_applied(cls, plan: CleanupPlan) -> CleanupResult:
+        """A dry run (or an empty plan): what the plan would free, nothing touched."""
+        return cls(planned_bytes=plan.total_bytes, dry_run=True)
+
+    @property
+    def freed_bytes(self) -> int:
+        return self.bytes_freed
 
     def to_dict(self) -> dict[str, Any]:
         return {"bytes_freed": self.bytes_freed, "deleted": [i.to_dict() for i in self.deleted],
-                "errors": list(self.errors), "skipped": [s.to_dict() for s in self.skipped]}
+                "errors": list(self.errors), "skipped": [s.to_dict() for s in self.skipped],
+                "planned_bytes": self.planned_bytes, "dry_run": self.dry_run}
 
 
 # --------------------------------------------------------------------------- protection
@@ -286,7 +304,7 @@ def _plan_checkpoints(plan: CleanupPlan, paths: RunPaths, store: CheckpointStore
     """Retention as the store keeps it (checked by sizes only), plus old directories that can never load."""
     valid = [c.info for c in ckpts if c.info is not None]
     best, best_known = store.recorded_best(valid) if valid and plan.keep_best else (None, True)
-    keep = store.retained(valid, RetentionPolicy(plan.keep_last, plan.keep_best), best_step=best, level=Verify.SIZES)
+    keep = store.retained(valid, plan.policy, best_step=best, level=Verify.SIZES)
     kept = sorted(keep)
     if not best_known:
         plan.skipped.append(SkippedRun(paths.root, "checkpoints kept: best step unknown (no best_step or "
@@ -411,8 +429,9 @@ def _plan_hf_cache(plan: CleanupPlan, protected: _Protected, models: set[str], c
 
 def plan_for_config(config: ExperimentConfig, *, older_than_days: float | None = None, **kw: Any) -> CleanupPlan:
     """The cleanup plan of a config's runs directory by its own retention policy."""
-    return plan_cleanup(config.runs_dir, production_dir=config.production_dir, keep_last=config.checkpoint.keep_last,
-                        keep_best=config.checkpoint.keep_best,
+    policy = RetentionPolicy.from_config(config.checkpoint)
+    return plan_cleanup(config.runs_dir, production_dir=config.production_dir, keep_last=policy.keep_last,
+                        keep_best=policy.keep_best,
                         older_than_days=config.checkpoint.cleanup_after_days if older_than_days is None else older_than_days,
                         **kw)
 
@@ -445,7 +464,7 @@ def apply_cleanup(plan: CleanupPlan, *, lock_timeout: float = 0.2) -> CleanupRes
 
     A run that became active since planning is skipped whole. Production is checked again.
     """
-    result = CleanupResult()
+    result = CleanupResult(planned_bytes=plan.total_bytes)
     protected = _Protected(plan.production_dir)
     by_run: dict[Path | None, list[CleanupItem]] = defaultdict(list)
     for item in plan.items:

@@ -322,7 +322,7 @@ class RunDiskGuard(DiskGuard):
         log: Callable[[str], None] | None = None,
     ) -> "RunDiskGuard":
         """The guard for one run: its disk config, its retention policy, its estimated checkpoint size."""
-        policy = RetentionPolicy(config.checkpoint.keep_last, config.checkpoint.keep_best)
+        policy = RetentionPolicy.from_config(config.checkpoint)
         estimate = estimate_run(config).checkpoint_bytes or 0
         return cls(config.disk, config.run_dir, policy=policy, checkpoint_estimate=estimate, usage=usage,
                    clock=clock, log=log)

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping
 import orjson
 
 from farense.config import ExperimentConfig, LoraConfig, format_size
+from farense.run.checkpoint import RetentionPolicy
 from farense.errors import ModelImportError
 from farense.model.gguf import (
     MODELS_CACHE,
@@ -391,7 +392,7 @@ def estimate_run(
         notes += key_notes
     metadata_b = ADAPTER_CONFIG_BYTES + len(config.model_path) + STATE_JSON_BYTES + MANIFEST_BYTES
     ck = config.checkpoint
-    on_disk = ck.keep_last + (1 if ck.keep_best else 0) + 1
+    on_disk = RetentionPolicy.from_config(ck).most_on_disk
     steps = planned_steps(config)
     if steps is None:
         notes.append(f"{config.data_dir / 'train.jsonl'} not found: metrics sized for {FALLBACK_STEPS} steps")

@@ -47,7 +47,7 @@ from farense.train.progress import (
     EARLY_STOPPING_KEY,
     PROGRESS_KEY,
     TOTAL_STEPS_KEY,
-    read_saved_state,
+    read_saved_progress,
 )
 
 # Train-loss trend: mean of the last TREND_WINDOW steps against the mean of the window before.
@@ -194,7 +194,7 @@ def _run_config(paths: RunPaths) -> ExperimentConfig | None:
 def _latest_checkpoint_state(infos: Sequence[Any]) -> dict[str, Any]:
     """state.json of the newest checkpoint still there (pruning may remove one as we read)."""
     for info in reversed(infos):
-        if (doc := read_saved_state(info)) is not None:
+        if (doc := read_saved_progress(info)) is not None:
             return doc
     return {}
 

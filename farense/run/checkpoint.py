@@ -31,7 +31,9 @@ from typing import Any
 
 import orjson
 
+from farense.config import CheckpointConfig
 from farense.errors import CheckpointCorrupt, DiskFull, FarenseError
+from farense.overfitting import improves_best
 from farense.run import fsutil
 from farense.run.layout import (
     MANIFEST_NAME,
@@ -101,7 +103,7 @@ class SavePolicy:
     @staticmethod
     def is_best(val_loss: float | None, best_so_far: float | None) -> bool:
         """A checkpoint is the best when its validation loss is lower than every earlier checkpoint's."""
-        return val_loss is not None and (best_so_far is None or val_loss < best_so_far)
+        return improves_best(val_loss, best_so_far)
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,17 @@ class RetentionPolicy:
             problems.append(f"keep_best: expected true or false, got {self.keep_best!r}")
         if problems:
             raise ValueError("RetentionPolicy is not valid: " + "; ".join(problems))
+
+    @classmethod
+    def from_config(cls, checkpoint: CheckpointConfig) -> RetentionPolicy:
+        """The policy a config's [checkpoint] section sets: the trainer, the disk guard, cleanup and the
+        estimate all build it here."""
+        return cls(checkpoint.keep_last, checkpoint.keep_best)
+
+    @property
+    def most_on_disk(self) -> int:
+        """Checkpoints on disk at the worst moment: the last keep_last, the best, and one being written."""
+        return self.keep_last + (1 if self.keep_best else 0) + 1
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -448,11 +461,12 @@ class CheckpointStore:
         if "best_step" in meta:
             b = meta["best_step"]
             return (b if isinstance(b, int) and not isinstance(b, bool) else None), True
-        losses = [(v, i.step) for i in infos
-                  if isinstance(v := i.meta.get("val_loss"), (int, float)) and not isinstance(v, bool)]
-        if losses:
-            return min(losses)[1], True
-        return None, False
+        best: tuple[int | None, float | None] = (None, None)
+        for i in infos:  # oldest first, so a tie keeps the earlier step, as improves_best says
+            v = i.meta.get("val_loss")
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and improves_best(v, best[1]):
+                best = (i.step, v)
+        return best[0], best[0] is not None
 
     def retained(self, infos: Sequence[CheckpointInfo], policy: RetentionPolicy, *, best_step: int | None,
                  protect: Iterable[int] = (), level: Verify = Verify.SHA256) -> set[int]:

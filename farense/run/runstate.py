@@ -8,6 +8,7 @@ running whatever the state file still says.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -42,6 +43,49 @@ def write_run_state(path: Path, state: RunState, *, durable: bool = True, **fiel
     }
     atomic_write_bytes(path, orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY),
                        durable=durable)
+
+
+class RunRecorder:
+    """The trainer's one writer of run_state.json: started, progress (at most every `interval` seconds
+    unless forced), stopped; the monitor, status, cleanup and the Prefect watcher only read it."""
+
+    def __init__(self, path: Path, *, total_steps: int, resumed_from: int | None, fingerprint: str,
+                 enabled: bool = True, clock: Callable[[], float] = time.monotonic, interval: float = 1.0) -> None:
+        self.path, self.total_steps, self.resumed_from, self.fingerprint = path, total_steps, resumed_from, fingerprint
+        self.enabled, self.clock, self.interval = enabled, clock, interval
+        self._last_write = -math.inf
+
+    def started(self, step: int) -> None:
+        """RUNNING, durable: the run has its lock and starts (or resumes) at `step`."""
+        if self.enabled:
+            write_run_state(self.path, RunState.RUNNING, step=step, total_steps=self.total_steps,
+                            resumed_from=self.resumed_from, fingerprint=self.fingerprint)
+
+    def progress(self, step: int, *, last_train_loss: float, last_val_loss: float | None, force: bool = False) -> None:
+        """RUNNING with the latest losses; for people and monitors, so at most about once per `interval`
+        (and whenever `force`: a step that validated or checkpointed), not fsynced."""
+        now = self.clock()
+        if not self.enabled or not (force or now - self._last_write >= self.interval):
+            return
+        self._last_write = now
+        write_run_state(self.path, RunState.RUNNING, durable=False, step=step, total_steps=self.total_steps,
+                        resumed_from=self.resumed_from, fingerprint=self.fingerprint,
+                        last_train_loss=last_train_loss, last_val_loss=last_val_loss)
+
+    def stopped(self, state: RunState, step: int, message: str) -> None:
+        """How the loop ended (best effort: on a full disk even this small file may not fit)."""
+        if not self.enabled:
+            return
+        try:
+            write_run_state(self.path, state, step=step, total_steps=self.total_steps,
+                            resumed_from=self.resumed_from, message=message)
+        except OSError:
+            pass
+
+    @staticmethod
+    def refused(path: Path, message: str) -> None:
+        """FAILED before any step: the run could not start (no usable checkpoint) and says why."""
+        write_run_state(path, RunState.FAILED, step=0, message=message)
 
 
 def read_run_state(path: Path) -> dict[str, Any] | None:

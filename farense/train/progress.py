@@ -1,4 +1,4 @@
-"""What a checkpoint holds: the resumable TrainState, the named keys of state.json, the checkpoint's files.
+"""What a checkpoint holds: the resumable TrainingProgress, the named keys of state.json, the checkpoint's files.
 
 Resume is exact because everything that changes from step to step is here (step, tokens, window
 losses, early stopping, best checkpoint), the optimizer state (so the learning-rate schedule's
@@ -23,7 +23,7 @@ from farense.run.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTERS_FILE,
     OPTIMIZER_FILE,
-    STATE_FILE,
+    PROGRESS_FILE,
 )
 from farense.train.batching import position_of
 from farense.train.setup import adapter_config, library_versions
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     import mlx.optimizers as optim
 
 
-STATE_FORMAT = 1
-CHECKPOINT_FILES = (ADAPTERS_FILE, OPTIMIZER_FILE, ADAPTER_CONFIG_FILE, STATE_FILE)
+PROGRESS_FORMAT = 1
+CHECKPOINT_FILES = (ADAPTERS_FILE, OPTIMIZER_FILE, ADAPTER_CONFIG_FILE, PROGRESS_FILE)
 
 # The keys of state.json (torchtune's SEED_KEY style): what resume reads, named once.
 FORMAT_KEY = "format"
@@ -56,7 +56,7 @@ def step_seed(seed: int, step: int) -> int:
 
 
 @dataclass
-class TrainState:
+class TrainingProgress:
     """Everything that changes from step to step and must survive a restart (state.json's progress)."""
 
     step: int = 0
@@ -80,7 +80,7 @@ class TrainState:
         micro = self.step * t.grad_accumulation
         pos = position_of(micro, batches_per_epoch)
         return {
-            FORMAT_KEY: STATE_FORMAT,
+            FORMAT_KEY: PROGRESS_FORMAT,
             STEP_KEY: self.step,
             TOTAL_STEPS_KEY: total_steps,
             DATA_POSITION_KEY: {"epoch": pos.epoch, "index": pos.index, "micro_batches": micro,
@@ -95,29 +95,29 @@ class TrainState:
         }
 
     @classmethod
-    def from_json(cls, saved: dict[str, Any]) -> TrainState:
+    def from_json(cls, saved: dict[str, Any]) -> TrainingProgress:
         progress = saved[PROGRESS_KEY]
         return cls(**{k: v for k, v in progress.items() if k != EARLY_STOPPING_KEY},
                    early_stopping=EarlyStoppingState.from_dict(progress[EARLY_STOPPING_KEY]))
 
 
 def _numbers_problem(values: dict[str, Any], where: str) -> str | None:
-    """Every progress value is a number or null (what TrainState and EarlyStoppingState hold)."""
+    """Every progress value is a number or null (what TrainingProgress and EarlyStoppingState hold)."""
     for key, value in values.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"{where}.{key} is {type(value).__name__} {value!r}, expected a number or null"
     return None
 
 
-def load_saved_state(info: CheckpointInfo) -> tuple[dict[str, Any], TrainState]:
-    """state.json and the TrainState in it; CheckpointCorrupt (with `.reason`) when it does not parse as one."""
+def load_saved_progress(info: CheckpointInfo) -> tuple[dict[str, Any], TrainingProgress]:
+    """state.json and the TrainingProgress in it; CheckpointCorrupt (with `.reason`) when it does not parse as one."""
     def corrupt(reason: str) -> CheckpointCorrupt:
-        err = CheckpointCorrupt(f"checkpoint {info.path}: {STATE_FILE} {reason}")
-        err.reason = f"{STATE_FILE} {reason}"  # type: ignore[attr-defined]
+        err = CheckpointCorrupt(f"checkpoint {info.path}: {PROGRESS_FILE} {reason}")
+        err.reason = f"{PROGRESS_FILE} {reason}"  # type: ignore[attr-defined]
         return err
 
     try:
-        saved = orjson.loads(info.file(STATE_FILE).read_bytes())
+        saved = orjson.loads(info.file(PROGRESS_FILE).read_bytes())
     except (KeyError, OSError, orjson.JSONDecodeError) as exc:
         raise corrupt(f"cannot be read as JSON: {exc}") from None
     if not isinstance(saved, dict) or not isinstance(saved.get(PROGRESS_KEY), dict):
@@ -132,23 +132,23 @@ def load_saved_state(info: CheckpointInfo) -> tuple[dict[str, Any], TrainState]:
     if progress.get("step") != info.step or saved.get(STEP_KEY) != info.step:
         raise corrupt(f"says step {saved.get(STEP_KEY)!r} / {progress.get('step')!r}, its directory {info.step}")
     try:
-        return saved, TrainState.from_json(saved)
+        return saved, TrainingProgress.from_json(saved)
     except TypeError as exc:  # unknown or missing fields
         raise corrupt(f"does not hold a training state: {exc}") from None
 
 
-def saved_state_problem(info: CheckpointInfo) -> str | None:
+def saved_progress_problem(info: CheckpointInfo) -> str | None:
     """Why a verified checkpoint's state.json cannot be resumed from; None when it can (the store's check)."""
     try:
-        load_saved_state(info)
+        load_saved_progress(info)
     except CheckpointCorrupt as exc:
         return getattr(exc, "reason", str(exc))
     return None
 
 
-def read_saved_state(info: CheckpointInfo) -> dict[str, Any] | None:
+def read_saved_progress(info: CheckpointInfo) -> dict[str, Any] | None:
     """A checkpoint's state.json for readers that only look (the monitor); None if it is gone or torn."""
-    return read_json_object(info.path / STATE_FILE)
+    return read_json_object(info.path / PROGRESS_FILE)
 
 
 def checkpoint_writers(model: nn.Module, optimizer: optim.Optimizer, config: ExperimentConfig, state: dict[str, Any]
@@ -168,16 +168,16 @@ def checkpoint_writers(model: nn.Module, optimizer: optim.Optimizer, config: Exp
         ADAPTERS_FILE: write_adapters,
         OPTIMIZER_FILE: lambda p: mx.save_safetensors(str(p), opt_state),
         ADAPTER_CONFIG_FILE: lambda p: p.write_bytes(orjson.dumps(adapter_config(config), option=orjson.OPT_INDENT_2)),
-        STATE_FILE: lambda p: p.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2)),
+        PROGRESS_FILE: lambda p: p.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2)),
     }
 
 
-def restore_checkpoint(info: CheckpointInfo, model: nn.Module, optimizer: optim.Optimizer) -> TrainState:
-    """Weights and optimizer state back into place; returns the saved TrainState."""
+def restore_checkpoint(info: CheckpointInfo, model: nn.Module, optimizer: optim.Optimizer) -> TrainingProgress:
+    """Weights and optimizer state back into place; returns the saved TrainingProgress."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    _, state = load_saved_state(info)
+    _, state = load_saved_progress(info)
     model.load_weights(list(mx.load(str(info.file(ADAPTERS_FILE))).items()), strict=False)
     optimizer.init(model.trainable_parameters())
     optimizer.state = tree_unflatten(list(mx.load(str(info.file(OPTIMIZER_FILE))).items()))
@@ -187,7 +187,7 @@ def restore_checkpoint(info: CheckpointInfo, model: nn.Module, optimizer: optim.
 
 def check_resume_compatible(info: CheckpointInfo, config: ExperimentConfig, data_fp: str) -> None:
     """Resuming under a different training config would silently mix two runs: refuse it."""
-    state, _ = load_saved_state(info)
+    state, _ = load_saved_progress(info)
     if state.get(FINGERPRINT_KEY) != config.fingerprint:
         recorded = state.get(FINGERPRINT_FIELDS_KEY)
         rows = fingerprint_diff(recorded if isinstance(recorded, dict) else {}, config)

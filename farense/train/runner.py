@@ -8,7 +8,6 @@ named error (resumable or not, as farense.outcome says).
 
 from __future__ import annotations
 
-import math
 import shutil
 import sys
 import time
@@ -39,21 +38,21 @@ from farense.run.fsutil import (
 from farense.run.layout import RunPaths
 from farense.run.metrics import MetricsLog
 from farense.run.outcome import TrainingOutcome
-from farense.run.runstate import write_run_state
+from farense.run.runstate import RunRecorder
 from farense.signals import PreemptionFlag
 from farense.train.data import data_fingerprint
 from farense.train.distributed import rank_zero_lock, share_checkpoint
-from farense.train.finish import finish, record_state
+from farense.train.finish import finish
 from farense.train.inputs import check_experiment
 from farense.train.loop import Callbacks, TrainingLoop, default_steps_ahead
 from farense.train.phases import PhaseClock, seconds_since_process_start
 from farense.train.progress import (
     CHECKPOINT_FILES,
-    TrainState,
+    TrainingProgress,
     check_resume_compatible,
     checkpoint_writers,
     restore_checkpoint,
-    saved_state_problem,
+    saved_progress_problem,
 )
 from farense.train.setup import Setup, adapter_config, set_up
 
@@ -124,7 +123,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
 
     phases.lap("checks_and_resume_choice")
     setup = set_up(config, loaded, log, lap=phases.lap)
-    state = TrainState()
+    state = TrainingProgress()
     if resume is not None:
         state = restore_checkpoint(resume, setup.model, setup.optimizer)
         log(f"resuming from step {state.step} ({resume.path.name})")
@@ -136,24 +135,17 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
     history = metrics.truncate_after(state.step, warn=log) if is_writer else []
     checkpoints = RunCheckpoints(config, setup, store, guard if is_writer else None, data_fp=data_fp,
                                  protect=[resumed_from] if resumed_from else [], clock=clock, log=log)
-    if is_writer:
-        write_run_state(paths.state, RunState.RUNNING, step=state.step, total_steps=total,
-                        resumed_from=resumed_from, fingerprint=config.fingerprint)
+    recorder = RunRecorder(paths.state, total_steps=total, resumed_from=resumed_from,
+                           fingerprint=config.fingerprint, enabled=is_writer, clock=clock,
+                           interval=RUN_STATE_INTERVAL_SECONDS)
+    recorder.started(state.step)
     bar = _progress_bar(total, state.step, progress_bar)
-    state_written = [-math.inf]
 
-    def on_row(row: dict[str, Any], st: TrainState) -> None:
+    def on_row(row: dict[str, Any], st: TrainingProgress) -> None:
         metrics.append(row)
         history.append(row)
-        # run_state.json is for people and monitors: at most about once a second, and at every step
-        # that validated or checkpointed, not a file replaced every few milliseconds.
-        now = clock()
-        if is_writer and ("val_loss" in row or "checkpoint_seconds" in row or st.step == total
-                          or now - state_written[0] >= RUN_STATE_INTERVAL_SECONDS):
-            state_written[0] = now
-            write_run_state(paths.state, RunState.RUNNING, durable=False, step=st.step, total_steps=total,
-                            resumed_from=resumed_from, fingerprint=config.fingerprint,
-                            last_train_loss=row["train_loss"], last_val_loss=st.last_val_loss)
+        recorder.progress(st.step, last_train_loss=row["train_loss"], last_val_loss=st.last_val_loss,
+                          force="val_loss" in row or "checkpoint_seconds" in row or st.step == total)
         if bar:
             bar.advance(row["train_loss"], st.last_val_loss)
 
@@ -165,14 +157,14 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                         steps_ahead=steps_ahead,
                         callbacks=Callbacks(on_step_end=on_step_end, on_row=on_row, on_best=on_best))
     try:
-        with _recording_stops(paths, state, total, resumed_from, is_writer):
+        with _recording_stops(paths, state, recorder):
             outcome, message = loop.run()
     finally:
         metrics.close()
         if bar:
             bar.close()
     return finish(config, paths, state, history, total_steps=total, resumed_from=resumed_from, outcome=outcome,
-                  message=message, data_fp=data_fp, is_writer=is_writer, log=log, phases=phases)
+                  message=message, data_fp=data_fp, recorder=recorder, log=log, phases=phases)
 
 
 def _resume_point(config: ExperimentConfig, paths: RunPaths, store: CheckpointStore, data_fp: str, *,
@@ -185,7 +177,7 @@ def _resume_point(config: ExperimentConfig, paths: RunPaths, store: CheckpointSt
             _start_over(paths, store)
         store.remove_temporaries()  # leftovers of writes killed mid-way; we hold the run lock
         # Checkpoints newer than the one we resume from cannot be loaded: moved aside, never deleted.
-        resume, moved = store.latest_usable(check=saved_state_problem)
+        resume, moved = store.latest_usable(check=saved_progress_problem)
         for path in moved:
             log(f"moved unusable checkpoint to {path} (the reason is beside it)")
         if resume is None and not new_run:
@@ -209,7 +201,7 @@ def _refuse_to_start_over(paths: RunPaths, store: CheckpointStore) -> None:
         f"{'is' if len(quarantined) == 1 else 'are'} kept in {paths.quarantine}:\n{reasons}\n"
         "Training does not start over by itself: move a checkpoint you trust back into "
         f"{paths.checkpoints}, or start over explicitly with `farense train ... --new-run`.")
-    write_run_state(paths.state, RunState.FAILED, step=0, message=str(error).splitlines()[0])
+    RunRecorder.refused(paths.state, str(error).splitlines()[0])
     raise error
 
 
@@ -231,13 +223,13 @@ class RunCheckpoints:
                  *, data_fp: str, protect: list[int], clock: Callable[[], float], log: Log) -> None:
         self.config, self.setup, self.store, self.guard = config, setup, store, guard
         self.data_fp, self.protect, self.clock, self.log = data_fp, protect, clock, log
-        self.policy = RetentionPolicy(config.checkpoint.keep_last, config.checkpoint.keep_best)
+        self.policy = RetentionPolicy.from_config(config.checkpoint)
         self.save_policy = SavePolicy(config.checkpoint.every_steps)
 
-    def due(self, st: TrainState, total_steps: int, *, preempting: bool) -> bool:
+    def due(self, st: TrainingProgress, total_steps: int, *, preempting: bool) -> bool:
         return self.save_policy.due(st.step, total_steps, stopping=preempting or st.stopping)
 
-    def save(self, st: TrainState) -> None:
+    def save(self, st: TrainingProgress) -> None:
         """Write the checkpoint of `st` (rank 0), noting first whether it is the best so far (every rank)."""
         if SavePolicy.is_best(st.last_val_loss, st.best_checkpoint_val):
             st.best_checkpoint_step, st.best_checkpoint_val = st.step, st.last_val_loss
@@ -255,7 +247,7 @@ class RunCheckpoints:
         self.store.prune(self.policy, best_step=st.best_checkpoint_step, protect=self.protect)
         self.log(f"checkpoint {info.path.name} ({info.size_bytes} bytes)")
 
-    def between_steps(self, st: TrainState) -> None:
+    def between_steps(self, st: TrainingProgress) -> None:
         """The disk guard's periodic look, when its interval has passed."""
         if self.guard and self.store.rank == 0 and self.guard.due(self.clock()):
             self.guard.periodic(self.store, self.store.last_checkpoint_size() or 0,
@@ -263,8 +255,7 @@ class RunCheckpoints:
 
 
 @contextmanager
-def _recording_stops(paths: RunPaths, st: TrainState, total: int, resumed_from: int | None,
-                     is_writer: bool) -> Iterator[None]:
+def _recording_stops(paths: RunPaths, st: TrainingProgress, recorder: RunRecorder) -> Iterator[None]:
     """A loop stopped by a signal, a full disk or a NaN leaves its state in run_state.json, then re-raises."""
     try:
         yield
@@ -272,10 +263,10 @@ def _recording_stops(paths: RunPaths, st: TrainState, total: int, resumed_from: 
         full = _disk_full(e, paths.root)
         if full is None:
             raise
-        record_state(paths, RunState.PAUSED_DISK_FULL, st, total, resumed_from, str(full), is_writer)
+        recorder.stopped(RunState.PAUSED_DISK_FULL, st.step, str(full))
         raise full from e
     except (Preempted, DiskFull, NumericalError) as e:
-        record_state(paths, ExitCode(e.exit_code).state, st, total, resumed_from, str(e), is_writer)
+        recorder.stopped(ExitCode(e.exit_code).state, st.step, str(e))
         raise
 
 

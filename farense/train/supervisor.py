@@ -227,11 +227,8 @@ def judge_exit(code: int, result: TrainingOutcome | None, tail: list[str],
     After a disk-full pause the cleanup policy runs at once: a retry helps only if it freed space.
     """
     detail = (result.message if result else "") or (tail[-1] if tail else "no output")
-    message, can_retry = explain_exit(code, detail, bool(result and result.retryable))
-    if code == ExitCode.DISK_FULL:
-        freed = free_disk_space()
-        can_retry = freed > 0
-        message += f"; cleanup freed {freed} bytes" + ("" if can_retry else ", so a retry cannot help")
+    freed = free_disk_space() if code == ExitCode.DISK_FULL else None
+    message, can_retry = explain_exit(code, detail, bool(result and result.retryable), freed_bytes=freed)
     return TrainingFailed(message, code, can_retry)
 
 
