@@ -315,7 +315,7 @@ def run_mlx_lm(cfg: Any, ws: Path, steps: int, timeout: float, same_blas: bool =
                profile: Path | None = None) -> dict[str, Any]:
     """`mlx_lm lora` (its own main) with the same settings (YAML config: LoRA keys have no flag);
     every output line is timestamped on arrival, which gives its phases. `same_blas`: MLX's CPU
-    backend gets the BLAS farense loads (farense.blas, before mlx is imported), so that on the CPU
+    backend gets the BLAS farense loads (farense.model.blas, before mlx is imported), so that on the CPU
     the two trainers are compared, not two matmul libraries."""
     import yaml
 
@@ -537,7 +537,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "device": device, "model": label, "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
         "checkpoint_every": a.checkpoint_every, "warmup_steps_excluded": skip, "rounds": rounds,
-        "mlx_lm_blas": ("farense's (farense.blas loaded before mlx)" if same_blas else
+        "mlx_lm_blas": ("farense's (farense.model.blas loaded before mlx)" if same_blas else
                         "its mlx wheel's" if device.startswith("cpu") else None),
         "cold_wall_s": {k: v["wall_s"] for k, v in rounds[0].items()},
     }

@@ -1,6 +1,6 @@
 """Compare the candidate with the incumbent (production, or another run such as V1) and decide.
 
-The rules are farense.decision's (the seed's): gap below max_gap, F1 at least min_f1, F1 not
+The rules are farense.release.decision's (the seed's): gap below max_gap, F1 at least min_f1, F1 not
 meaningfully below the incumbent's. decision.json and comparison.md go into the candidate's
 evaluation directory; the Prefect UI gets the comparison table and the decision as artifacts.
 """

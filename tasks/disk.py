@@ -1,6 +1,6 @@
 """Disk steps: the preflight before training and the cleanup of stale checkpoints by policy.
 
-Both are thin over farense.diskguard and farense.cleanup, which never delete what a live run or
+Both are thin over farense.disk.diskguard and farense.disk.cleanup, which never delete what a live run or
 production needs. The preflight already cleans by policy when the run would not fit, and raises
 DiskFull (naming the command that would free more) when even that is not enough.
 """

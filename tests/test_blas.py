@@ -1,4 +1,4 @@
-"""farense.blas: MLX's CPU backend on OpenBLAS through the shim, and every way back to the reference BLAS.
+"""farense.model.blas: MLX's CPU backend on OpenBLAS through the shim, and every way back to the reference BLAS.
 
 Each case runs in a fresh interpreter, since a BLAS can only be chosen before mlx is imported.
 No timings here: bench/bench_blas.py measures the speed.

@@ -1,4 +1,4 @@
-"""farense.checkpoint against real files, real fsync, real processes and a real full disk."""
+"""farense.run.checkpoint against real files, real fsync, real processes and a real full disk."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""farense.cleanup on real directories: the seed's 333 stale checkpoints, active and stale locks,
+"""farense.disk.cleanup on real directories: the seed's 333 stale checkpoints, active and stale locks,
 leftovers, production, old finished runs, the Hugging Face cache and the CLI's dry-run default."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""farense.compute: which dtype a (quantized) base computes in, and dequantizing it once at load."""
+"""farense.model.compute: which dtype a (quantized) base computes in, and dequantizing it once at load."""
 
 from __future__ import annotations
 

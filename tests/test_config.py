@@ -599,3 +599,39 @@ def test_a_run_is_never_created_inside_another_run_or_around_one(write_config, t
     with pytest.raises(ConfigError, match=r"would lie inside the run .*runs/solo"):
         check_inputs(inner)
     check_inputs(load_config(write_config({"output": {"runs_dir": str(runs / "demo"), "run_name": "v3"}})))
+
+
+# --------------------------------------------------------------------------- resolved once per run
+
+
+def test_the_config_records_its_overlays_and_the_resolved_file_is_what_trains(write_config, tmp_path):
+    """The flow resolves once; the trainer child reads the resolved file, so an edit of the TOML
+    between the check and the training changes nothing, overlays included."""
+    from farense.train.inputs import write_resolved_config
+    from farense.train.supervisor import trainer_command
+
+    toml = write_config({"training": {"learning_rate": 3e-4}, "output": {"runs_dir": str(tmp_path / "runs")}})
+    checked = load_config(toml, overlays=["tiny"], workspace=tmp_path)
+    assert checked.overlays == ("tiny",)
+    resolved = write_resolved_config(checked)
+    assert resolved == checked.run_dir / "config.resolved.json"
+    toml.write_text(toml.read_text().replace("3e-4", "9e-4").replace("0.0003", "0.0009"))
+    assert load_config(toml, workspace=tmp_path).training.learning_rate == 9e-4  # the file did change
+    trained = load_config(resolved)
+    assert trained == checked and trained.fingerprint == checked.fingerprint
+    assert trained.training.learning_rate == 3e-4 and trained.overlays == ("tiny",)
+    argv = trainer_command(checked, tmp_path / "result.json")
+    assert argv[argv.index("train") + 1] == str(resolved) and "--overlay" not in argv
+
+
+def test_a_resolved_config_refuses_overlays_given_again(write_config, tmp_path):
+    resolved = write_config_resolved(write_config, tmp_path)
+    with pytest.raises(ConfigError, match="already records its overlays"):
+        load_config(resolved, overlays=["tiny"])
+
+
+def write_config_resolved(write_config, tmp_path) -> Path:
+    from farense.train.inputs import write_resolved_config
+
+    toml = write_config({"output": {"runs_dir": str(tmp_path / "runs")}})
+    return write_resolved_config(load_config(toml, overlays=["tiny"], workspace=tmp_path))

@@ -1,4 +1,4 @@
-"""farense.data: the mlx-lm formats, and problems reported with file:line before training starts."""
+"""farense.train.data: the mlx-lm formats, and problems reported with file:line before training starts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""farense.demo: the offline demo model and the shipped sample data.
+"""farense.model.demo: the offline demo model and the shipped sample data.
 
 One real build per session (under a second); tests that damage a build work on a copy of it.
 """

@@ -1,4 +1,4 @@
-"""farense.diskguard and farense.estimate: every watermark's action with an injected usage function,
+"""farense.disk.diskguard and farense.disk.estimate: every watermark's action with an injected usage function,
 hysteresis, flood writing nothing, a real tmpfs, the preflight, and the estimate against a real
 checkpoint written by the trainer on the demo model."""
 

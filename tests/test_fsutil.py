@@ -1,4 +1,4 @@
-"""farense.fsutil against real files, real fsync and (as root) a real full filesystem."""
+"""farense.run.fsutil against real files, real fsync and (as root) a real full filesystem."""
 
 from __future__ import annotations
 

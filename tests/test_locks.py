@@ -1,4 +1,4 @@
-"""farense.locks against real flock and real processes (a second process, SIGKILL)."""
+"""farense.run.locks against real flock and real processes (a second process, SIGKILL)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ applies:
     *.tmp-* leftovers       interrupted writes and deletes (never read by anyone)
     Hugging Face cache      optionally, models that no config and no run refers to
 
-Never touched: a run whose lock a live process holds (farense.locks), the production directory and
+Never touched: a run whose lock a live process holds (farense.run.locks), the production directory and
 anything a symlink inside it resolves to. Sizes are what deleting frees (allocated blocks, not file
 lengths). Planning reads manifests and stats files but never hashes, so it stays fast over thousands
 of checkpoints; applying re-takes each run's lock before deleting,

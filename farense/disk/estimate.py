@@ -22,7 +22,6 @@ from typing import Any, Iterable, Mapping
 import orjson
 
 from farense.config import ExperimentConfig, LoraConfig, format_size
-from farense.run.checkpoint import RetentionPolicy
 from farense.errors import ModelImportError
 from farense.model.gguf import (
     MODELS_CACHE,
@@ -32,6 +31,7 @@ from farense.model.gguf import (
     read_header,
     verify_import,
 )
+from farense.run.checkpoint import RetentionPolicy
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
 
@@ -256,7 +256,7 @@ class ModelSource:
     download_bytes: int | None  # 0 for a local directory or a complete cached snapshot
     cache_dir: Path | None  # the Hugging Face cache a hub model lands in
     note: str = ""
-    import_dir: Path | None = None  # a .gguf model: where its MLX import lives (farense.gguf's cache)
+    import_dir: Path | None = None  # a .gguf model: where its MLX import lives (farense.model.gguf's cache)
     import_bytes: int | None = None  # what that import still has to write (0 once imported)
 
 

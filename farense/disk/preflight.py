@@ -1,7 +1,7 @@
 """The disk preflight before any model loads: will the run fit where it writes, with memory to spare?
 
-Reads the estimate (farense.estimate), the cleanup plan (farense.cleanup) and the disk guard's
-watermarks (farense.diskguard); cleans by policy when short, else stops with DiskFull naming the
+Reads the estimate (farense.disk.estimate), the cleanup plan (farense.disk.cleanup) and the disk guard's
+watermarks (farense.disk.diskguard); cleans by policy when short, else stops with DiskFull naming the
 command that would free more. The report renders as a table for the CLI and the Prefect artifact.
 """
 

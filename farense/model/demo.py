@@ -10,7 +10,7 @@ a tokenizer trained on the shipped data) and the data ships inside the package.
         data/                     train.jsonl, valid.jsonl, test.jsonl (copies of farense/demo_data),
                                   .farense-demo.json (says the folder is ours to replace)
         model.tmp-<hex>/          a build in progress or killed (never read, removed by the next build)
-        .farense-demo.lock        the build lock (farense.locks) held while building
+        .farense-demo.lock        the build lock (farense.run.locks) held while building
 
 A build counts only when the marker verifies: same DEMO_VERSION and seed, every file it lists
 present with its size and SHA-256, and data identical to the shipped data.

@@ -12,7 +12,7 @@ directory. The import writes that directory once, whole or not at all:
         special_tokens_map.json
         .farense-import.json      the marker, written last: source SHA-256, each file's size and SHA-256
     <dest>.tmp-<hex>/             an import in progress or killed (never read; removed by the next one)
-    .<dest name>.lock             the import lock (farense.locks) held while importing
+    .<dest name>.lock             the import lock (farense.run.locks) held while importing
 
 Weights come from `mx.load`, MLX's own GGUF reader: Q4_0, Q4_1 and Q8_0 arrive as MLX quantized
 weights (affine, group size 32), F32 and F16 as they are, and Q2_K, Q4_K and Q6_K dequantized to
@@ -633,7 +633,7 @@ def _build(header: GGUFHeader, dest: Path, source_sha256: str, *, dequantize: bo
 
 
 def _import_lock(dest: Path) -> RunLock:
-    """One import into `dest` at a time; a second waits (farense.locks: never stale)."""
+    """One import into `dest` at a time; a second waits (farense.run.locks: never stale)."""
     return RunLock(dest.parent / f".{dest.name}.lock", command=f"model import {dest.name}", timeout=None)
 
 

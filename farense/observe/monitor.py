@@ -10,7 +10,7 @@ by a resume (we read one version or the other), run_state.json is replaced atomi
 checkpoints may be pruned between listing and reading (skipped). Nothing here raises on a file
 that is missing or half written; the field is left empty instead.
 
-What the run *is doing* comes from farense.runstate (run_state.json corrected by the run lock).
+What the run *is doing* comes from farense.run.runstate (run_state.json corrected by the run lock).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import orjson
 
 from farense.codes import RunState
 from farense.config import ExperimentConfig, config_from_json, format_size, load_config
+from farense.console import format_duration
 from farense.disk.diskguard import DiskGuard, Usage, disk_usage
 from farense.errors import FarenseError
 from farense.overfitting import GapReading
@@ -335,20 +336,6 @@ def _patience_fields(config: ExperimentConfig | None, rows: Sequence[Mapping[str
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-def format_duration(seconds: float | None) -> str:
-    """'45s', '12m05s', '3h07m', '2d04h': short enough for a table cell."""
-    if seconds is None:
-        return "-"
-    s = int(round(max(seconds, 0)))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
 
 
 def _f(v: float | None, fmt: str = ".4f") -> str:

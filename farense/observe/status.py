@@ -1,7 +1,7 @@
 """`farense status`: every run under a runs directory, and what production serves, in one table.
 
 Built from the same reading of a run's files as the monitor (farense.monitor.snapshot, whose state
-comes from farense.runstate), so the two never disagree about a state: a run whose state file says "running" but whose lock nobody holds
+comes from farense.run.runstate), so the two never disagree about a state: a run whose state file says "running" but whose lock nobody holds
 is shown as crashed, whatever the file says.
 """
 
@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from farense.config import format_size
+from farense.console import format_duration
 from farense.errors import FarenseError
-from farense.observe.monitor import MonitorSnapshot, format_duration, snapshot
+from farense.observe.monitor import MonitorSnapshot, snapshot
 from farense.release.promotion import current_release
 from farense.run.fsutil import dir_size, read_json_object
 from farense.run.layout import RunPaths

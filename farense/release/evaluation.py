@@ -4,7 +4,7 @@ One model load, then:
   - test loss (token-weighted cross-entropy, mlx-lm's loss, the answer tokens only when the run
     masked the prompt) and its perplexity;
   - greedy, batched generation (mlx-lm's batch_generate) from each chat prompt, scored against the
-    reference answer with exact match and token precision / recall / F1 (farense.textmetrics).
+    reference answer with exact match and token precision / recall / F1 (farense.release.textmetrics).
 
 Files, in run/evaluation/: loss_curves.png, f1_distribution.png, evaluation_summary.csv, then
 evaluation_report.json last (its presence means the evaluation is complete). The report carries

@@ -553,7 +553,7 @@ class CheckpointStore:
     def remove_temporaries(self) -> int:
         """Delete leftovers of interrupted writes and deletes (`*.tmp-*`); returns bytes freed.
 
-        The caller must hold the run lock (farense.locks) or know the run's trainer is dead: a
+        The caller must hold the run lock (farense.run.locks) or know the run's trainer is dead: a
         live trainer in another process may be writing one of these right now. This store's own
         write in progress is always left alone.
         """

@@ -1,7 +1,7 @@
 """Where a run keeps its files: one place that names every file and path, so no module guesses.
 
     <runs_dir>/<run_name>/
-        run.lock                 fcntl.flock held by the live trainer (farense.locks)
+        run.lock                 fcntl.flock held by the live trainer (farense.run.locks)
         run_state.json           state (RunState), pid, step, updated_at, message
         config.json              the resolved config the run was started with
         checkpoints/

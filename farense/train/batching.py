@@ -9,9 +9,10 @@ the batches before it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 PAD_TO = 32
 
@@ -34,6 +35,9 @@ def batch_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 
 def epoch_order(seed: int, epoch: int, n_batches: int) -> np.ndarray:
     """The permutation of batch groups for one epoch."""
+    import numpy as np  # where it is used: importing numpy starts OpenBLAS threads, which must come after
+    # the command has blocked preemption signals (farense.signals), so never at import time
+
     return np.random.default_rng([seed, epoch]).permutation(n_batches)
 
 
@@ -74,6 +78,7 @@ def eval_batches(dataset: Any, groups: list[list[int]], max_seq_length: int, *, 
 def make_batch(dataset: Any, members: Sequence[int], max_seq_length: int) -> tuple[Any, Any]:
     """Pad token lists into an int32 array with (prompt offset, length) pairs, as mlx-lm's loss expects."""
     import mlx.core as mx
+    import numpy as np
 
     items = [dataset[j] for j in members]
     tokens = [it[0] for it in items]

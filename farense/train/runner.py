@@ -3,7 +3,7 @@
 Reads like mlx-lm's lora.py over its tuner: every input check first, the run lock, where to start
 (the newest checkpoint that verifies, never a half-written one), then farense.train's setup, loop
 and finish; a stop by signal, full disk or NaN is recorded in run_state.json and raised as its
-named error (resumable or not, as farense.outcome says).
+named error (resumable or not, as farense.run.outcome says).
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def adapter_config(config: ExperimentConfig) -> dict[str, Any]:
 
 def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None = None) -> tuple[Any, Any]:
     """The base model and tokenizer via mlx-lm, quantized on load when the config asks (QLoRA), then
-    dequantized or cast for the device as `model.compute` decides (farense.compute)."""
+    dequantized or cast for the device as `model.compute` decides (farense.model.compute)."""
     import mlx.nn as nn
     from mlx_lm.utils import load
 

@@ -22,8 +22,8 @@ from typing import IO, Callable, Iterator
 
 from farense.codes import ExitCode, RunState, explain_exit
 from farense.config import ExperimentConfig
+from farense.console import format_duration
 from farense.errors import TrainingFailed
-from farense.observe.monitor import format_duration
 from farense.overfitting import GapReading
 from farense.run.checkpoint import CheckpointStore
 from farense.run.layout import RunPaths
