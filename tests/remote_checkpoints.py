@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from farense.checkpoint import CheckpointInfo, CheckpointStore
+from farense.run.checkpoint import CheckpointInfo, CheckpointStore
 
 
 def save_checkpoint(directory: Path, step: int, *, size: int = 4096, val_loss: float | None = None) -> CheckpointInfo:

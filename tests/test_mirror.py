@@ -10,7 +10,7 @@ import pytest
 from remote_checkpoints import save_checkpoint
 from s3_server import store_for
 
-from farense.layout import MANIFEST_NAME, checkpoint_name
+from farense.run.layout import MANIFEST_NAME, checkpoint_name
 from farense.run.mirror import RetrySettings, RunMirror, plan_remote_prune
 from farense.run.objectstore import ObjectStore
 from farense.run.remote_layout import (

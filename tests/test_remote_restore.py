@@ -9,8 +9,8 @@ import pytest
 from remote_checkpoints import save_checkpoint, tree_bytes
 from s3_server import store_for
 
-from farense.checkpoint import CheckpointStore
-from farense.layout import MANIFEST_NAME, TMP_MARK, checkpoint_name
+from farense.run.checkpoint import CheckpointStore
+from farense.run.layout import MANIFEST_NAME, TMP_MARK, checkpoint_name
 from farense.run.mirror import RunMirror
 from farense.run.objectstore import ObjectStore, RemoteUnavailable
 from farense.run.remote_layout import (

@@ -1,1 +1,11 @@
-"""Run files and their stores: layout, atomic writes, locks, run state, checkpoints, metrics, the object-store mirror."""
+"""Run files and their stores: everything a run leaves on disk, and the one owner of each file.
+
+layout (file names), fsutil (whole-or-nothing writes), locks (flock), runstate (RunState's file,
+RunRecorder: the one writer of run_state.json), checkpoint (CheckpointStore: write, verify, list,
+retain, quarantine), metrics, summary (training_summary.json), outcome (how a training ended),
+plots (loss curves); the object store as the run's home: objectstore (S3 client, conditional
+puts), lease (one trainer per run across machines), mirror (background uploads, manifest last),
+remote_restore, remote_releases, remote_layout.
+
+May import: the base modules (farense.codes, errors, config, overfitting, console, signals, faults).
+"""

@@ -28,8 +28,8 @@ from tenacity import (
     wait_exponential,
 )
 
-from farense.checkpoint import RetentionPolicy, read_manifest
-from farense.layout import MANIFEST_NAME
+from farense.run.checkpoint import RetentionPolicy, read_manifest
+from farense.run.layout import MANIFEST_NAME, parse_checkpoint_name
 from farense.run.objectstore import ObjectStore, PreconditionFailed, RemoteStoreError
 from farense.run.remote_layout import checkpoint_key, join_key, list_remote_checkpoints
 
@@ -336,8 +336,6 @@ def apply_remote_prune(store: ObjectStore, run_prefix: str, plan: RemotePrunePla
 
 
 def _steps_of(paths: Iterable[Path | None]) -> set[int]:
-    from farense.layout import parse_checkpoint_name
-
     return {s for p in paths if p is not None and (s := parse_checkpoint_name(p.name)) is not None}
 
 

@@ -25,7 +25,7 @@ import obstore.exceptions as obx
 from obstore.store import S3Store
 
 from farense.errors import ConfigError, FarenseError
-from farense.outcome import ExitCode
+from farense.codes import ExitCode
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from farense.layout import MANIFEST_NAME, checkpoint_name, parse_checkpoint_name
+from farense.run.layout import MANIFEST_NAME, checkpoint_name, parse_checkpoint_name
 from farense.run.objectstore import ObjectInfo, ObjectStore
 
 CHECKPOINTS_DIR = "checkpoints"

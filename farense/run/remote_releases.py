@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from farense import fsutil
+from farense.run import fsutil
 from farense.errors import FarenseError
 from farense.run.objectstore import ObjectStore, PreconditionFailed
 from farense.run.remote_layout import join_key

@@ -24,10 +24,10 @@ from typing import Any
 
 import orjson
 
-from farense import fsutil
-from farense.checkpoint import CheckpointStore, Verify, read_manifest
+from farense.run import fsutil
+from farense.run.checkpoint import CheckpointStore, Verify, read_manifest
 from farense.errors import CheckpointCorrupt
-from farense.layout import MANIFEST_NAME, checkpoint_name
+from farense.run.layout import MANIFEST_NAME, checkpoint_name
 from farense.run.objectstore import (
     ObjectStore,
     PreconditionFailed,
