@@ -346,6 +346,59 @@ class OutputConfig(_Section):
         return name_length_problem("output.run_name", self.run_name)
 
 
+# An object-store location, `[storage] remote`; farense.run.objectstore.RemoteLocation parses it by this rule.
+REMOTE_EXPECTED = ("s3://BUCKET or s3://BUCKET/PREFIX (bucket: 3-63 lowercase letters, digits, '.', '-'; "
+                   "prefix: '/'-separated names of letters, digits and !_.*'()=+,@-)")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_KEY_SEGMENT_RE = re.compile(r"^[A-Za-z0-9!_.*'()=+,@-]+$")  # S3's "safe characters" for key names
+
+
+def is_key_segment(segment: str) -> bool:
+    """One '/'-free name of an object key: S3's safe characters, never '.' or '..'."""
+    return bool(_KEY_SEGMENT_RE.match(segment)) and segment not in (".", "..")
+
+
+def split_remote(url: str) -> tuple[str, str]:
+    """(bucket, prefix) of `s3://bucket/prefix`; ValueError saying which part is wrong."""
+    if not isinstance(url, str) or not url.startswith("s3://"):
+        raise ValueError("not an s3:// URL")
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    prefix = prefix.strip("/")
+    if not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise ValueError(f"bad bucket name {bucket!r}")
+    if prefix and not all(is_key_segment(s) for s in prefix.split("/")):
+        raise ValueError(f"bad prefix {prefix!r}")
+    return bucket, prefix
+
+
+def _remote_ok(url: str) -> bool:
+    try:
+        return not url or bool(split_remote(url))
+    except ValueError:
+        return False
+
+
+# Short leases are for tests (a takeover in seconds); a real run keeps the default, far above a renewal's time.
+MIN_LEASE_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class StorageConfig(_Section):
+    section = "storage"
+    remote: str = _f("", "Object store that is the run's home: s3://BUCKET/PREFIX (checkpoints, best adapters and "
+                         "run files mirrored there, resumed from there on any machine, one trainer at a time by a "
+                         "lease); empty: local only. Endpoint, region and credentials come only from the "
+                         "standard AWS_* environment variables.",
+                     Check(_remote_ok, f"'' (local only) or {REMOTE_EXPECTED}"))
+    lease_seconds: float = _f(60.0, "The run's lease lasts this long unless renewed (every third of it); a "
+                                    "trainer killed without releasing it blocks others this long at most.",
+                              number(">=", MIN_LEASE_SECONDS))
+    upload_queue: int = _f(2, "Checkpoints waiting for upload at most; a newer one replaces the oldest waiting.",
+                           at_least(1))
+    drain_seconds: float = _f(120.0, "At the end of a run, a preemption or a full disk: how long to wait for "
+                                     "the uploads still queued.", number(">=", 0))
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -359,6 +412,7 @@ SECTIONS: dict[str, type] = {
     "evaluation": EvaluationConfig,
     "decision": DecisionConfig,
     "output": OutputConfig,
+    "storage": StorageConfig,
 }
 TOP_LEVEL_KEYS = ("name", "description", "extends")
 
@@ -389,6 +443,7 @@ class ExperimentConfig:
     evaluation: EvaluationConfig
     decision: DecisionConfig
     output: OutputConfig
+    storage: StorageConfig  # where the run lives, not what it trains: outside FINGERPRINT_SECTIONS
     workspace: str = "."
     overlays: tuple[str, ...] = ()  # the overlays applied on top of `source`, in order (--demo, --tiny, ...)
 
@@ -847,6 +902,7 @@ __all__ = [
     "EvaluationConfig",
     "DecisionConfig",
     "OutputConfig",
+    "StorageConfig",
     "load_config",
     "build_config",
     "diff_configs",

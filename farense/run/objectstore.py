@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,15 +23,14 @@ import obstore
 import obstore.exceptions as obx
 from obstore.store import S3Store
 
-from farense.errors import ConfigError, FarenseError
 from farense.codes import ExitCode
+from farense.config import REMOTE_EXPECTED, is_key_segment, split_remote
+from farense.errors import ConfigError, FarenseError
 
 log = logging.getLogger(__name__)
 
 MULTIPART_THRESHOLD = 64 << 20  # below it one PUT: on loopback a 30 MB single put beats 8 MB parts 2:1
 PART_SIZE = 16 << 20
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9!_.*'()=+,@-]+$")  # S3's "safe characters" for key names
 
 
 class RemoteStoreError(FarenseError):
@@ -68,32 +66,23 @@ class RemoteLocation:
 
     @classmethod
     def parse(cls, url: str) -> RemoteLocation:
-        """Parse `[storage] remote`; one ConfigError naming what is expected when it is not that."""
-        expected = ("[storage] remote: expected s3://BUCKET or s3://BUCKET/PREFIX (bucket: 3-63 lowercase "
-                    "letters, digits, '.', '-'; prefix: '/'-separated names of letters, digits and !_.*'()=+,@-)")
-        if not isinstance(url, str) or not url.startswith("s3://"):
-            raise ConfigError(f"{expected}, got {url!r}")
-        bucket, _, prefix = url[len("s3://"):].partition("/")
-        prefix = prefix.strip("/")
-        if not _BUCKET_RE.match(bucket) or ".." in bucket:
-            raise ConfigError(f"{expected}, got {url!r} (bad bucket name {bucket!r})")
-        if prefix and not all(_good_segment(s) for s in prefix.split("/")):
-            raise ConfigError(f"{expected}, got {url!r} (bad prefix {prefix!r})")
+        """Parse `[storage] remote` (farense.config owns the rule); one ConfigError naming what is expected."""
+        try:
+            bucket, prefix = split_remote(url)
+        except ValueError as exc:
+            detail = "" if str(exc) == "not an s3:// URL" else f" ({exc})"
+            raise ConfigError(f"[storage] remote: expected {REMOTE_EXPECTED}, got {url!r}{detail}") from None
         return cls(bucket, prefix)
 
     def key(self, *parts: str) -> str:
         """The object key of `parts` under the prefix (each part may hold '/'; no empty, '.' or '..' names)."""
         segments = [s for p in parts for s in p.split("/")]
-        if not segments or not all(_good_segment(s) for s in segments):
+        if not segments or not all(is_key_segment(s) for s in segments):
             raise ValueError(f"object key parts: expected names of letters, digits and !_.*'()=+,@-, got {parts!r}")
         return "/".join([self.prefix, *segments] if self.prefix else segments)
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-
-
-def _good_segment(segment: str) -> bool:
-    return bool(_SEGMENT_RE.match(segment)) and segment not in (".", "..")
 
 
 @dataclass(frozen=True)
