@@ -24,6 +24,7 @@ class PreemptionFlag:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.reason: str | None = None  # a stop asked for by the program (a lost run lease), not by a person
         self._previous: dict[int, Any] = {}
         self._held = False
 
@@ -36,7 +37,14 @@ class PreemptionFlag:
         """The signal's name (SIGHUP), for messages."""
         return signal.Signals(self.signal).name if self.signal is not None else "none"
 
-    def request(self, signum: int = signal.SIGTERM) -> None:
+    @property
+    def cause(self) -> str:
+        """What asked for the stop, for messages: "signal 15", or the reason given to request()."""
+        return self.reason or f"signal {self.signal}"
+
+    def request(self, signum: int = signal.SIGTERM, reason: str | None = None) -> None:
+        """Stop at the next step boundary, as the signal would (from any thread: the loop polls the flag)."""
+        self.reason = self.reason or reason
         self.signal = signum
 
     def _handler(self, signum: int, frame: Any) -> None:

@@ -54,12 +54,18 @@ class RunRecorder:
         self.path, self.total_steps, self.resumed_from, self.fingerprint = path, total_steps, resumed_from, fingerprint
         self.enabled, self.clock, self.interval = enabled, clock, interval
         self._last_write = -math.inf
+        # Fields another part of the run adds to every write (the object store's: remote_safe_step, ...).
+        self.extra: Callable[[], Mapping[str, Any]] | None = None
+        self._stopped: tuple[RunState, int, str] | None = None
+
+    def _extra(self) -> dict[str, Any]:
+        return dict(self.extra()) if self.extra is not None else {}
 
     def started(self, step: int) -> None:
         """RUNNING, durable: the run has its lock and starts (or resumes) at `step`."""
         if self.enabled:
             write_run_state(self.path, RunState.RUNNING, step=step, total_steps=self.total_steps,
-                            resumed_from=self.resumed_from, fingerprint=self.fingerprint)
+                            resumed_from=self.resumed_from, fingerprint=self.fingerprint, **self._extra())
 
     def progress(self, step: int, *, last_train_loss: float, last_val_loss: float | None, force: bool = False) -> None:
         """RUNNING with the latest losses; for people and monitors, so at most about once per `interval`
@@ -70,17 +76,23 @@ class RunRecorder:
         self._last_write = now
         write_run_state(self.path, RunState.RUNNING, durable=False, step=step, total_steps=self.total_steps,
                         resumed_from=self.resumed_from, fingerprint=self.fingerprint,
-                        last_train_loss=last_train_loss, last_val_loss=last_val_loss)
+                        last_train_loss=last_train_loss, last_val_loss=last_val_loss, **self._extra())
 
     def stopped(self, state: RunState, step: int, message: str) -> None:
         """How the loop ended (best effort: on a full disk even this small file may not fit)."""
         if not self.enabled:
             return
+        self._stopped = (state, step, message)
         try:
             write_run_state(self.path, state, step=step, total_steps=self.total_steps,
-                            resumed_from=self.resumed_from, message=message)
+                            resumed_from=self.resumed_from, message=message, **self._extra())
         except OSError:
             pass
+
+    def restamp(self) -> None:
+        """Write the stopped state again with fresh `extra` fields (after the uploads drained)."""
+        if self._stopped is not None:
+            self.stopped(*self._stopped)
 
     @staticmethod
     def refused(path: Path, message: str) -> None:

@@ -191,7 +191,7 @@ class TrainingLoop:
             if self.callbacks.on_row is not None:
                 self.callbacks.on_row(row, st)
             if preempt_now:
-                raise Preempted(f"preempted by signal {self.preemption.signal} after step {st.step}; "
+                raise Preempted(f"preempted by {self.preemption.cause} after step {st.step}; "
                                 f"checkpoint step-{st.step:08d} written, resume continues from it")
             self.checkpoints.between_steps(st)
             self._queue_steps(queue, 1)  # after a validation or checkpoint step: the next one

@@ -54,6 +54,7 @@ from farense.train.progress import (
     restore_checkpoint,
     saved_progress_problem,
 )
+from farense.train.remote import RemoteRun
 from farense.train.setup import Setup, adapter_config, set_up
 
 if TYPE_CHECKING:
@@ -105,19 +106,35 @@ def run_training(
 
 
 def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_fp: str, *, new_run: bool,
-                  preemption: PreemptionFlag, guard: RunDiskGuard | None, clock: Callable[[], float], log: Log,
-                  progress_bar: bool | None,
-                  on_step_end: Callable[[int, dict[str, Any], Any], None] | None,
-                  phases: PhaseClock, steps_ahead: int | None) -> TrainingOutcome:
+                  preemption: PreemptionFlag, log: Log, **kwargs: Any) -> TrainingOutcome:
+    """With `[storage] remote`: the run's lease first (rank 0), the uploads drained and the lease released
+    however training ends (completed, preempted, disk full, failed)."""
     import mlx.core as mx
-    from mlx_lm.tuner.trainer import default_loss
 
     world = mx.distributed.init()
+    remote = RemoteRun.open(config, paths, log=log, preemption=preemption) if world.rank() == 0 else None
+    try:
+        if remote is not None:
+            remote.take_lease()
+        return _train(config, paths, loaded, data_fp, new_run=new_run, preemption=preemption, log=log, world=world,
+                      remote=remote, **kwargs)
+    finally:
+        if remote is not None:
+            remote.finish()
+
+
+def _train(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_fp: str, *, new_run: bool,
+           preemption: PreemptionFlag, guard: RunDiskGuard | None, clock: Callable[[], float], log: Log,
+           progress_bar: bool | None, on_step_end: Callable[[int, dict[str, Any], Any], None] | None,
+           phases: PhaseClock, steps_ahead: int | None, world: mx.distributed.Group,
+           remote: RemoteRun | None) -> TrainingOutcome:
+    from mlx_lm.tuner.trainer import default_loss
+
     is_writer = world.rank() == 0
     store = CheckpointStore(paths.checkpoints, rank=world.rank(), required_files=CHECKPOINT_FILES,
                             on_skip=lambda p, why: log(f"skipping checkpoint {p}: {why}"))
     check_world_size(config, world.size())
-    resume = _resume_point(config, paths, store, data_fp, new_run=new_run, world=world, log=log)
+    resume = _resume_point(config, paths, store, data_fp, new_run=new_run, world=world, log=log, remote=remote)
     if is_writer:
         atomic_write_bytes(paths.config, config_to_json(config))
 
@@ -138,24 +155,32 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
     recorder = RunRecorder(paths.state, total_steps=total, resumed_from=resumed_from,
                            fingerprint=config.fingerprint, enabled=is_writer, clock=clock,
                            interval=RUN_STATE_INTERVAL_SECONDS)
+    if remote is not None:
+        remote.attach(recorder)
     recorder.started(state.step)
     bar = _progress_bar(total, state.step, progress_bar)
 
     def on_row(row: dict[str, Any], st: TrainingProgress) -> None:
         metrics.append(row)
         history.append(row)
+        if remote is not None and "checkpoint_seconds" in row:  # after its row: the store's history covers it
+            remote.on_checkpoint(checkpoints.last_saved, st.best_checkpoint_step)
         recorder.progress(st.step, last_train_loss=row["train_loss"], last_val_loss=st.last_val_loss,
                           force="val_loss" in row or "checkpoint_seconds" in row or st.step == total)
         if bar:
             bar.advance(row["train_loss"], st.last_val_loss)
 
-    on_best = (lambda step, val: save_best_adapters(paths, setup.model, config, step, val)) if is_writer else None
+    def on_best(step: int, val: float) -> None:
+        save_best_adapters(paths, setup.model, config, step, val)
+        if remote is not None:
+            remote.on_best_adapters()
     if steps_ahead is None:
         steps_ahead = default_steps_ahead(world.size(), current_device())
     loop = TrainingLoop(config, setup, state, world=world, loss=default_loss, checkpoints=checkpoints,
                         preemption=preemption, clock=clock, log=log, phases=phases,
                         steps_ahead=steps_ahead,
-                        callbacks=Callbacks(on_step_end=on_step_end, on_row=on_row, on_best=on_best))
+                        callbacks=Callbacks(on_step_end=on_step_end, on_row=on_row,
+                                            on_best=on_best if is_writer else None))
     try:
         with _recording_stops(paths, state, recorder):
             outcome, message = loop.run()
@@ -163,19 +188,28 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
         metrics.close()
         if bar:
             bar.close()
-    return finish(config, paths, state, history, total_steps=total, resumed_from=resumed_from, outcome=outcome,
-                  message=message, data_fp=data_fp, recorder=recorder, log=log, phases=phases)
+    result = finish(config, paths, state, history, total_steps=total, resumed_from=resumed_from, outcome=outcome,
+                    message=message, data_fp=data_fp, recorder=recorder, log=log, phases=phases)
+    if remote is not None:
+        remote.on_run_files()
+    return result
 
 
 def _resume_point(config: ExperimentConfig, paths: RunPaths, store: CheckpointStore, data_fp: str, *,
-                  new_run: bool, world: mx.distributed.Group, log: Log) -> CheckpointInfo | None:
-    """Where do we start? The newest checkpoint that verifies (rank 0's, on every rank); never a half-written one."""
+                  new_run: bool, world: mx.distributed.Group, log: Log,
+                  remote: RemoteRun | None = None) -> CheckpointInfo | None:
+    """Where do we start? The newest checkpoint that verifies (rank 0's, on every rank; the store's when
+    this machine is behind it); never a half-written one."""
     is_writer = world.rank() == 0
     resume = None
     if is_writer:
         if new_run:
             _start_over(paths, store)
+            if remote is not None:
+                remote.start_over()
         store.remove_temporaries()  # leftovers of writes killed mid-way; we hold the run lock
+        if remote is not None and not new_run:
+            remote.restore_if_behind()
         # Checkpoints newer than the one we resume from cannot be loaded: moved aside, never deleted.
         resume, moved = store.latest_usable(check=saved_progress_problem)
         for path in moved:
@@ -225,6 +259,7 @@ class RunCheckpoints:
         self.data_fp, self.protect, self.clock, self.log = data_fp, protect, clock, log
         self.policy = RetentionPolicy.from_config(config.checkpoint)
         self.save_policy = SavePolicy(config.checkpoint.every_steps)
+        self.last_saved: CheckpointInfo | None = None  # the newest committed by this run (the mirror's next)
 
     def due(self, st: TrainingProgress, total_steps: int, *, preempting: bool) -> bool:
         return self.save_policy.due(st.step, total_steps, stopping=preempting or st.stopping)
@@ -243,6 +278,7 @@ class RunCheckpoints:
                                meta={"step": st.step, "fingerprint": self.config.fingerprint,
                                      "best_step": st.best_checkpoint_step, "val_loss": st.last_val_loss,
                                      "best_val_step": st.early_stopping.best_step})
+        self.last_saved = info
         # Retention only after the new checkpoint committed.
         self.store.prune(self.policy, best_step=st.best_checkpoint_step, protect=self.protect)
         self.log(f"checkpoint {info.path.name} ({info.size_bytes} bytes)")
