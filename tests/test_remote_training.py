@@ -220,3 +220,32 @@ def test_a_lost_lease_stops_the_run_as_preempted_and_nothing_more_reaches_the_st
     assert (paths.checkpoints / "step-00000010").is_dir()  # the preemption checkpoint, local only
     assert [c.step for c in list_remote_checkpoints(store, run_prefix(store))] == [8]
     assert LeaseRecord.from_bytes(store.get(lease_key)[0]).holder.host == "elsewhere"  # theirs, untouched
+
+
+def test_the_disk_preflight_counts_what_a_restore_will_download_when_the_local_run_is_behind(
+        tmp_path, demo_dir, s3_server, remote):
+    from remote_checkpoints import save_checkpoint
+
+    from farense.disk.preflight import preflight
+    from farense.run.mirror import RunMirror
+
+    url, store = remote
+    cfg = tiny_config(demo_dir, tmp_path / "ws", storage={"remote": url})
+    elsewhere = tmp_path / "other-machine"
+    mirror = RunMirror(store, run_prefix(store))
+    for step in (8, 16):
+        mirror.submit_checkpoint(save_checkpoint(elsewhere, step, size=50_000).path)
+    assert mirror.close(timeout_s=60)
+    newest = max(c.size for c in list_remote_checkpoints(store, run_prefix(store)))
+
+    with aws_env(s3_server.env):
+        report = preflight(cfg, allow_cleanup=False)
+    [item] = [i for i in report.estimate.items if i.name == "remote restore"]
+    assert item.bytes == newest and "step 16" in item.detail and "no local checkpoint" in item.detail
+    [row] = [r for r in report.rows if "remote restore" in r.items]
+    assert row.writes >= newest
+
+    shutil.copytree(elsewhere / "step-00000016", RunPaths(cfg.run_dir).checkpoints / "step-00000016")
+    with aws_env(s3_server.env):
+        report = preflight(cfg, allow_cleanup=False)  # not behind: nothing to download
+    assert not [i for i in report.estimate.items if i.name == "remote restore"]

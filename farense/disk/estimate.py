@@ -32,6 +32,9 @@ from farense.model.gguf import (
     verify_import,
 )
 from farense.run.checkpoint import RetentionPolicy
+from farense.run.layout import RunPaths
+from farense.run.objectstore import ObjectStore, RemoteLocation, RemoteStoreError
+from farense.run.remote_restore import plan_restore
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
 
@@ -425,6 +428,7 @@ def estimate_run(
     if not config.model_is_local:
         items.append(EstimateItem("model download", source.cache_dir or hf_cache_dir(), source.download_bytes,
                                   "already cached" if source.download_bytes == 0 else f"{config.model.path} weights"))
+    items += remote_restore_items(config)
     return RunEstimate(
         model=config.model_path,
         lora_parameters=lora_params,
@@ -440,3 +444,26 @@ def estimate_run(
         notes=tuple(notes),
     )
 
+
+# A preflight must not hang on a store that does not answer: one short try, the item's size unknown then.
+REMOTE_PLAN_TIMEOUT_S = 10.0
+
+
+def remote_restore_items(config: ExperimentConfig) -> list[EstimateItem]:
+    """With `[storage] remote`: the checkpoint a restore downloads before training when the local run is
+    behind the store (farense.run.remote_restore.plan_restore); nothing when it is not."""
+    if not config.storage.remote:
+        return []
+    checkpoints = RunPaths(config.run_dir).checkpoints
+    try:
+        store = ObjectStore(RemoteLocation.parse(config.storage.remote), request_timeout_s=REMOTE_PLAN_TIMEOUT_S,
+                            client_retries=0)
+        plan = plan_restore(store, store.key("runs", config.run_name), checkpoints)
+    except RemoteStoreError as exc:
+        return [EstimateItem("remote restore", checkpoints, None, f"{config.storage.remote} not read: {exc}")]
+    if not plan.candidates:
+        return []
+    local = "no local checkpoint" if plan.local_step is None else f"local step {plan.local_step}"
+    return [EstimateItem("remote restore", checkpoints, plan.download_bytes,
+                         f"step {plan.candidates[0].step} from {config.storage.remote} ({local}), the largest of "
+                         f"{len(plan.candidates)} candidates")]
