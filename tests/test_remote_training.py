@@ -20,6 +20,8 @@ from training_fixtures import SHORT, start_train, write_config_file
 from farense.codes import ExitCode
 from farense.config import ExperimentConfig, load_config
 from farense.errors import Preempted
+from farense.observe.monitor import parse_plain_line, plain_line, snapshot
+from farense.observe.status import status_report
 from farense.run.layout import MANIFEST_NAME, RunPaths
 from farense.run.lease import LEASE_NAME, LeaseHolder, LeaseRecord
 from farense.run.metrics import read_metrics
@@ -142,6 +144,10 @@ def test_a_run_killed_with_its_machine_resumes_from_the_store_on_another(tmp_pat
     assert "remote: all uploads done" in log and "step 24 safe on" in log
     remote_summary = store.get(store.key("runs", "v2", "training_summary.json"))
     assert remote_summary is not None and orjson.loads(remote_summary[0])["final_step"] == 24
+    seen = snapshot(b.paths.root)  # the monitor and `farense status` read it from run_state.json
+    assert seen.remote_safe_step == 24 and parse_plain_line(plain_line(seen))["remote_safe_step"] == "24"
+    [row] = status_report(b.paths.root.parent).runs
+    assert row.cells(time.time())[3] == "24/24 (remote: 24)"
 
 
 def test_a_checkpoint_without_its_manifest_or_with_a_flipped_byte_on_the_store_is_never_loaded(

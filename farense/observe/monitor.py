@@ -107,6 +107,9 @@ class MonitorSnapshot:
     checkpoints: int = 0
     last_checkpoint_step: int | None = None
     last_checkpoint_age_seconds: float | None = None
+    # the object store ([storage] remote), as run_state.json records it
+    remote: str | None = None
+    remote_safe_step: int | None = None  # the newest checkpoint whose manifest is on the store
     # disk
     disk_free_bytes: int | None = None
     disk_total_bytes: int | None = None
@@ -270,6 +273,8 @@ def snapshot(
         checkpoints=len(checkpoints),
         last_checkpoint_step=last_ckpt.step if last_ckpt is not None else None,
         last_checkpoint_age_seconds=now - last_ckpt.created_at if last_ckpt is not None else None,
+        remote=doc.get("remote") if isinstance(doc.get("remote"), str) else None,
+        remote_safe_step=_int(doc.get("remote_safe_step")),
         disk_free_bytes=free, disk_total_bytes=total_disk, disk_used_percent=used_pct, disk_level=level,
         **_patience_fields(config, rows, ckpt_state, state),
         updated_at=activity, last_activity_age_seconds=age, warnings=tuple(warnings),
@@ -386,6 +391,7 @@ def plain_fields(s: MonitorSnapshot) -> list[tuple[str, str]]:
         ("last_checkpoint", "-" if s.last_checkpoint_step is None else str(s.last_checkpoint_step)),
         ("last_checkpoint_age", format_duration(s.last_checkpoint_age_seconds)
          if s.last_checkpoint_age_seconds is not None else "-"),
+        ("remote_safe_step", "-" if s.remote_safe_step is None else str(s.remote_safe_step)),
         ("disk_free", format_size(s.disk_free_bytes).replace(" ", "") if s.disk_free_bytes is not None else "-"),
         ("disk_used", "-" if s.disk_used_percent is None else f"{s.disk_used_percent:.1f}%"),
         ("disk_level", s.disk_level or "-"),
@@ -459,6 +465,9 @@ def render(s: MonitorSnapshot) -> Any:
     if s.last_checkpoint_step is not None:
         ck += f", last step {s.last_checkpoint_step} ({format_duration(s.last_checkpoint_age_seconds)} ago)"
     t.add_row("checkpoints", ck)
+    if s.remote:
+        t.add_row("remote", f"{s.remote}: " + ("nothing safe yet" if s.remote_safe_step is None
+                                               else f"step {s.remote_safe_step} safe"))
     disk = Text("-" if s.disk_free_bytes is None else
                 f"{format_size(s.disk_free_bytes)} free of {format_size(s.disk_total_bytes or 0)} "
                 f"({s.disk_used_percent:.1f}% used)  watermark ")

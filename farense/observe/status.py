@@ -53,9 +53,12 @@ class RunRow:
     disk_bytes: int
     last_activity: float | None  # Unix seconds
     last_activity_utc: str | None
+    remote_safe_step: int | None = None  # with [storage] remote: the newest checkpoint safe on the store
 
     def cells(self, now: float) -> list[str]:
         total = "?" if self.total_steps is None else str(self.total_steps)
+        if self.remote_safe_step is not None:
+            total += f" (remote: {self.remote_safe_step})"
         best = "-" if self.best_val_loss is None else f"{self.best_val_loss:.4f} @ {self.best_step}"
         age = "-" if self.last_activity is None else f"{format_duration(now - self.last_activity)} ago"
         return [self.name, self.config or "-", self.state_detail or self.state, f"{self.step}/{total}", best,
@@ -127,6 +130,7 @@ def run_row(run_dir: Path, runs_dir: Path, *, now: float, usage: Callable[[Path]
         fingerprint=s.fingerprint, state=s.state, state_detail=s.state_detail, running=s.running, step=s.step,
         total_steps=s.total_steps, best_val_loss=best_val, best_step=best_step, gap=gap, gap_status=gap_status,
         disk_bytes=dir_size(run_dir), last_activity=s.updated_at, last_activity_utc=_utc(s.updated_at),
+        remote_safe_step=s.remote_safe_step,
     )
 
 
