@@ -4,6 +4,7 @@ the same config and store, resumes from the store and ends byte-identical to an 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import signal
@@ -226,6 +227,15 @@ def test_a_lost_lease_stops_the_run_as_preempted_and_nothing_more_reaches_the_st
     assert (paths.checkpoints / "step-00000010").is_dir()  # the preemption checkpoint, local only
     assert [c.step for c in list_remote_checkpoints(store, run_prefix(store))] == [8]
     assert LeaseRecord.from_bytes(store.get(lease_key)[0]).holder.host == "elsewhere"  # theirs, untouched
+
+    # The other machine lets go; this one resumes: its local step 10 is newer than the store's, so it goes out.
+    theirs = LeaseRecord.from_bytes(store.get(lease_key)[0])
+    store.put(lease_key, dataclasses.replace(theirs, released=True, expires_at=time.time()).to_bytes())
+    lines.clear()
+    with aws_env(s3_server.env):
+        run_training(cfg, log=lines.append, progress_bar=False)
+    assert "remote: the local checkpoint step 10 is newer than the store's (8); queued for upload" in lines
+    assert orjson.loads(paths.state.read_bytes())["remote_safe_step"] == 24
 
 
 def test_the_disk_preflight_counts_what_a_restore_will_download_when_the_local_run_is_behind(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from farense.config import ExperimentConfig, format_size
-from farense.run.checkpoint import CheckpointInfo, RetentionPolicy
+from farense.run.checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy
 from farense.run.fsutil import fsync_dir, tmp_sibling
 from farense.run.layout import CONFIG_FILE, RUN_STATE_FILE, RunPaths
 from farense.run.lease import LEASE_NAME, LeaseHolder, RunLease
@@ -85,6 +85,7 @@ class RemoteRun:
         if result is None:
             usable = [c.step for c in list_remote_checkpoints(self.store, self.run_prefix) if c.usable]
             self.safe_at_start = max(usable, default=None)
+            self._send_if_ahead()
             return None
         self.safe_at_start = result.step
         files = self._restore_run_files()
@@ -95,6 +96,17 @@ class RemoteRun:
                  + (", ".join(f"{n} ({b} bytes)" for n, b in files) or "none on the store"))
         self._check_history(result.step)
         return result
+
+    def _send_if_ahead(self) -> None:
+        """The local run is ahead of the store (its last uploads did not finish in time): send its newest
+        checkpoint now, so the store is not behind until the next one."""
+        local = CheckpointStore(self.paths.checkpoints, required_files=CHECKPOINT_FILES,
+                                on_skip=lambda path, why: None).latest_verified()
+        if local is not None and (self.safe_at_start is None or local.step > self.safe_at_start):
+            self.log(f"remote: the local checkpoint step {local.step} is newer than the store's "
+                     f"({self.safe_at_start}); queued for upload")
+            self.mirror.submit_file(self._name(self.paths.metrics_jsonl), self.paths.metrics_jsonl)
+            self.mirror.submit_checkpoint(local.path)
 
     def _restore_run_files(self) -> list[tuple[str, int]]:
         """metrics.jsonl and adapters/ from the store, each replacing the local file whole; those found."""
