@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from s3_server import running_s3, store_for  # noqa: E402
 
-from farense import fsutil  # noqa: E402
+from farense.run import fsutil  # noqa: E402
 from farense.run.checkpoint import CheckpointStore  # noqa: E402
 from farense.run.mirror import RunMirror  # noqa: E402
 from farense.run.remote_restore import restore_latest  # noqa: E402
