@@ -339,14 +339,18 @@ class ObjectStore:
         """Abort multipart uploads started more than `older_than_s` ago (a crashed uploader's parts); those aborted."""
         stale = [u for u in self.list_multipart_uploads(prefix) if now() - u.initiated > older_than_s]
         for upload in stale:
-            try:
-                self._client().abort_multipart_upload(Bucket=self.location.bucket, Key=upload.key,
-                                                      UploadId=upload.upload_id)
-            except Exception as exc:
-                if _boto_code(exc) != "NoSuchUpload":  # finished or aborted meanwhile
-                    raise _translate_boto(exc, "abort multipart upload", upload.key) from exc
+            self.abort_multipart(upload)
             log.info("aborted a stale multipart upload of %s (started %.0f s ago)", upload.key, now() - upload.initiated)
         return stale
+
+    def abort_multipart(self, upload: MultipartUpload) -> None:
+        """Abort one multipart upload (its parts are freed); one finished or aborted meanwhile is not an error."""
+        try:
+            self._client().abort_multipart_upload(Bucket=self.location.bucket, Key=upload.key,
+                                                  UploadId=upload.upload_id)
+        except Exception as exc:
+            if _boto_code(exc) != "NoSuchUpload":
+                raise _translate_boto(exc, "abort multipart upload", upload.key) from exc
 
 
 # ---------------------------------------------------------------------- helpers
