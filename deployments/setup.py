@@ -1,11 +1,13 @@
 """Register farense with a Prefect server, idempotently: run it again after any change.
 
     python -m deployments.setup [--webhook-url URL | --notify-block SLUG/NAME] [--timezone TZ]
+    python -m deployments.setup --prefect-file deployments/shared-queue.yaml --shared-queue shared-training --machines 2
 
 What it makes sure of, in order:
 1. the process work pool `farense` with the queues `training` (concurrency limit 1: one training
-   at a time on the machine) and `maintenance`;
-2. the deployments of deployments/prefect.yaml (`prefect deploy --all`), unless --no-deploy;
+   at a time on the machine) and `maintenance`; with --shared-queue NAME --machines N also the queue
+   NAME with concurrency limit N, which every machine's worker polls (deployments/multi-machine.md);
+2. the deployments of deployments/prefect.yaml, or of --prefect-file (`prefect deploy --all`), unless --no-deploy;
    with --timezone (or FARENSE_TIMEZONE) their cron schedules move to that time zone;
 3. the notification block (a custom webhook saved as `custom-webhook/farense-notify`, or a block
    the user already made, e.g. `slack-webhook/team`), remembered in the Prefect variable
@@ -158,7 +160,7 @@ def automations(notify_block_id: Any | None, heartbeat_grace: timedelta = HEARTB
     return out
 
 
-async def ensure_work_pool(client: Any, pool: str) -> None:
+async def ensure_work_pool(client: Any, pool: str, extra_queues: dict[str, int | None] | None = None) -> None:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
@@ -170,7 +172,7 @@ async def ensure_work_pool(client: Any, pool: str) -> None:
             print(f"created work pool {pool} (process)")
         except ObjectAlreadyExists:  # another setup won the race
             pass
-    for queue, limit in QUEUES.items():
+    for queue, limit in {**QUEUES, **(extra_queues or {})}.items():
         try:
             q = await client.read_work_queue_by_name(queue, work_pool_name=pool)
             if q.concurrency_limit != limit:
@@ -180,17 +182,22 @@ async def ensure_work_pool(client: Any, pool: str) -> None:
             print(f"created work queue {pool}/{queue} (concurrency limit {limit})")
 
 
-def deploy() -> None:
+def deploy(prefect_file: Path = PREFECT_YAML) -> None:
     """`prefect deploy --all` from the project root (entrypoints are relative to it)."""
-    argv = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML)]
+    argv = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)]
     subprocess.run(argv, cwd=ROOT, check=True)
 
 
 async def set_timezone(client: Any, timezone: str) -> None:
     from prefect.client.schemas.schedules import CronSchedule
+    from prefect.exceptions import ObjectNotFound
 
     for name in (TRAINING_DEPLOYMENT, MAINTENANCE_DEPLOYMENT):
-        deployment = await client.read_deployment_by_name(name)
+        try:
+            deployment = await client.read_deployment_by_name(name)
+        except ObjectNotFound:  # another prefect file (multi-machine.yaml, shared-queue.yaml) names them otherwise
+            print(f"{name}: not deployed; its schedule's time zone is left as it is")
+            continue
         for s in await client.read_deployment_schedules(deployment.id):
             if isinstance(s.schedule, CronSchedule) and s.schedule.timezone != timezone:
                 cron = CronSchedule(cron=s.schedule.cron, timezone=timezone, day_or=s.schedule.day_or)
@@ -250,10 +257,11 @@ async def ensure_automations(client: Any, notify_block_id: Any | None, heartbeat
 async def setup(args: argparse.Namespace) -> None:
     from prefect.client.orchestration import get_client
 
+    shared = {args.shared_queue: args.machines} if args.shared_queue else {}
     async with get_client() as client:
-        await ensure_work_pool(client, args.pool)
+        await ensure_work_pool(client, args.pool, shared)
     if not args.no_deploy:
-        deploy()
+        deploy(Path(args.prefect_file))
     async with get_client() as client:
         if args.timezone:
             await set_timezone(client, args.timezone)
@@ -267,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.setup", description=__doc__.split("\n")[0])
     parser.add_argument("--pool", default=os.environ.get("FARENSE_WORK_POOL", WORK_POOL), help="Work pool name.")
     parser.add_argument("--no-deploy", action="store_true", help="Skip `prefect deploy --all` (pool, block, automations only).")
+    parser.add_argument("--prefect-file", default=str(PREFECT_YAML),
+                        help="The deployments to apply (default deployments/prefect.yaml; or multi-machine.yaml, shared-queue.yaml).")
+    parser.add_argument("--shared-queue", default=os.environ.get("FARENSE_SHARED_QUEUE"),
+                        help="Also make this training queue, polled by every machine's worker (shared-queue.yaml: shared-training).")
+    parser.add_argument("--machines", type=int, default=int(os.environ.get("FARENSE_MACHINES", "2")),
+                        help="The shared queue's concurrency limit: how many machines train at once (default 2).")
     parser.add_argument("--timezone", default=os.environ.get("FARENSE_TIMEZONE"),
                         help="IANA time zone for the schedules (default: as in prefect.yaml, Europe/Lisbon).")
     parser.add_argument("--webhook-url", default=os.environ.get("FARENSE_NOTIFY_WEBHOOK_URL"),
@@ -280,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.heartbeat_grace < MIN_HEARTBEAT_GRACE:
         parser.error(f"--heartbeat-grace: expected at least {MIN_HEARTBEAT_GRACE} s (heartbeats come every 30 s), "
                      f"got {args.heartbeat_grace}")
+    if args.shared_queue and args.machines < 1:
+        parser.error(f"--machines: expected the number of machines (>= 1), got {args.machines}")
     if args.pool != WORK_POOL and not args.no_deploy:
         parser.error(f"prefect.yaml names the work pool {WORK_POOL!r}; edit it to deploy into another pool")
     asyncio.run(setup(args))

@@ -3,6 +3,8 @@
 Applies the cleanup policy over a config's runs directory: stale checkpoints beyond keep_last
 (the best and the newest intact one always stay), interrupted writes, and the extras of finished
 runs older than `older_than_days`. Live runs (their lock is held) and production are never touched.
+With a remote (the `remote` parameter, else the config's [storage] remote) the store's runs are cleaned
+by the same policy; a run whose lease is live there is never touched.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ from datetime import datetime
 from prefect import flow
 
 from farense.config import load_config
+from farense.disk.cleanup import CleanupResult
 from farense.model.demos import overlays_for
 from tasks.common import TASK_TAG, tag_flow_run
-from farense.disk.cleanup import CleanupResult
-
 from tasks.disk import cleanup_task
 
 MAINTENANCE_FLOW = "farense-maintenance"
@@ -35,12 +36,16 @@ def maintenance_flow(
     workspace: str | None = None,
     dry_run: bool = False,
     older_than_days: float | None = None,
+    remote: str | None = None,
 ) -> CleanupResult:
     """Clean the runs directory of `config` by its retention policy (dry_run: only report; older_than_days:
-    None for the config's checkpoint.cleanup_after_days)."""
+    None for the config's checkpoint.cleanup_after_days; remote: "s3://BUCKET/PREFIX", None for the
+    config's [storage] remote, "" for none)."""
     cfg = load_config(config, overlays=list(overlays_for(demo)), workspace=workspace)
     tag_flow_run(TASK_TAG, "maintenance", f"config:{cfg.name}")
-    return cleanup_task(cfg, dry_run=dry_run, older_than_days=older_than_days)
+    if remote is None:
+        remote = cfg.storage.remote
+    return cleanup_task(cfg, dry_run=dry_run, older_than_days=older_than_days, remote=remote)
 
 
 if __name__ == "__main__":

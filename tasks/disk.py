@@ -14,8 +14,15 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from farense.config import ExperimentConfig, format_size
-from farense.disk.cleanup import CleanupResult, apply_cleanup, plan_for_config, summary_rows
 from farense.console import markdown_table
+from farense.disk.cleanup import (
+    CleanupResult,
+    apply_cleanup,
+    plan_for_config,
+    summary_rows,
+)
+from farense.disk.remote_cleanup import REMOTE_HEADERS, remote_rows
+from farense.run.objectstore import ObjectStore
 
 from .common import artifact_key, best_effort, step
 
@@ -67,11 +74,14 @@ def _preflight_artifact(config: ExperimentConfig, report: Any) -> tuple[int, int
 
 
 @step("cleanup")
-def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_days: float | None = None) -> CleanupResult:
+def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_days: float | None = None,
+                 remote: str = "") -> CleanupResult:
     """Delete stale checkpoints and leftovers under the config's runs directory, by policy
-    (finished runs: after the config's checkpoint.cleanup_after_days unless `older_than_days`)."""
+    (finished runs: after the config's checkpoint.cleanup_after_days unless `older_than_days`);
+    with `remote` ("s3://BUCKET/PREFIX", credentials from the AWS_* variables) the store's runs too."""
     log = get_run_logger()
-    plan = plan_for_config(config, older_than_days=older_than_days)
+    store = ObjectStore.at(remote)
+    plan = plan_for_config(config, older_than_days=older_than_days, remote=store)
     rows = summary_rows(plan)
     verb = "would free" if dry_run else "frees"
     md = f"## Cleanup of {config.runs_dir}\n\n"
@@ -79,7 +89,11 @@ def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_day
         md += markdown_table(CLEANUP_HEADERS, rows) + f"\n\n{verb} {format_size(plan.total_bytes)}\n"
     else:
         md += "nothing to clean\n"
-    if dry_run or not plan.items:
+    if plan.remote is not None:
+        md += (f"\n## Cleanup of {plan.remote.location}\n\n" + markdown_table(REMOTE_HEADERS, remote_rows(plan.remote, format_size))
+               + f"\n\n{verb} {format_size(plan.remote.bytes_to_free)} on the store\n"
+               + "".join(f"\n- skipped {s.what}: {s.reason}" for s in plan.remote.skipped))
+    if dry_run or (not plan.items and (plan.remote is None or plan.remote.empty)):
         best_effort("cleanup artifact", create_markdown_artifact, markdown=md, key=artifact_key("cleanup", config.run_name),
                     description=f"{len(plan.items)} items, {verb} {format_size(plan.total_bytes)}" if plan.items
                     else "nothing to clean")
@@ -93,4 +107,8 @@ def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_day
     for err in result.errors:
         log.warning(f"cleanup: {err}")
     log.info(f"cleanup freed {format_size(result.bytes_freed)} ({len(result.deleted)} items)")
+    if result.remote is not None:
+        log.info(f"cleanup of {plan.remote.location if plan.remote else 'the store'}: deleted "
+                 f"{len(result.remote.deleted)} checkpoints ({format_size(result.remote.bytes_freed)}), aborted "
+                 f"{len(result.remote.aborted)} stale multipart uploads")
     return result

@@ -1,6 +1,7 @@
 """`farense cleanup` and `farense preflight`: see and free disk space before it runs out.
 
 cleanup is a dry run unless --apply: it prints what would go and the bytes, and deletes nothing.
+With a remote (--remote, $FARENSE_REMOTE or the config's [storage] remote) it plans the store too.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import orjson
 
-from farense.commands import add_demo_flags
+from farense.commands import add_demo_flags, add_remote_flag, remote_store
 from farense.config import CheckpointConfig, format_size, load_config
 from farense.console import print_table
 from farense.disk.cleanup import (
+    CleanupPlan,
+    CleanupResult,
     apply_cleanup,
     item_rows,
     plan_cleanup,
@@ -29,6 +32,7 @@ from farense.disk.preflight import (
     preflight_rows,
 )
 from farense.disk.preflight import preflight as run_preflight
+from farense.disk.remote_cleanup import REMOTE_HEADERS, STALE_UPLOAD_HOURS, remote_rows
 from farense.errors import DiskFull
 
 
@@ -39,6 +43,7 @@ def _dump(obj: object) -> None:
 def cleanup(args: argparse.Namespace) -> int:
     defaults = CheckpointConfig()
     keep_last, keep_best, older_than_days = defaults.keep_last, defaults.keep_best, defaults.cleanup_after_days
+    cfg = None
     if args.config:
         cfg = load_config(args.config, overlays=args.overlay or [])
         runs_dir, production_dir = cfg.runs_dir, cfg.production_dir
@@ -56,7 +61,8 @@ def cleanup(args: argparse.Namespace) -> int:
         older_than_days = args.older_than_days
     refs = referenced_models(runs_dir) if args.hf_cache else set()
     plan = plan_cleanup(runs_dir, production_dir=production_dir, keep_last=keep_last, keep_best=keep_best,
-                        older_than_days=older_than_days, include_hf_cache=args.hf_cache, referenced_models=refs)
+                        older_than_days=older_than_days, include_hf_cache=args.hf_cache, referenced_models=refs,
+                        remote=remote_store(args, cfg), stale_upload_hours=args.stale_upload_hours)
     result = apply_cleanup(plan) if args.apply else None
     if args.json:
         _dump({"dry_run": not args.apply, "plan": plan.to_dict(),
@@ -77,6 +83,7 @@ def cleanup(args: argparse.Namespace) -> int:
         print(f"skipped {s.path}: {s.reason}")
     for s in plan.kept:
         print(f"kept {s.path}: {s.reason}")
+    _print_remote(plan, result)
     if result is None:
         print(f"dry run: {verb} {len(plan.items)} items, {format_size(plan.total_bytes)} "
               f"({plan.total_bytes} bytes); nothing was deleted. Run again with --apply to delete.")
@@ -86,7 +93,35 @@ def cleanup(args: argparse.Namespace) -> int:
     for e in result.errors:
         print(f"error: {e}", file=sys.stderr)
     print(f"{verb} {len(result.deleted)} items: freed {format_size(result.bytes_freed)} ({result.bytes_freed} bytes)")
+    if result.remote is not None:
+        r = result.remote
+        print(f"remote: deleted {len(r.deleted)} checkpoints, freed {format_size(r.bytes_freed)} ({r.bytes_freed} "
+              f"bytes); aborted {len(r.aborted)} stale multipart uploads")
     return 1 if result.errors else 0
+
+
+def _print_remote(plan: CleanupPlan, result: CleanupResult | None) -> None:
+    """The store's part of the plan: per run what is stored, kept and would go; runs left alone and why."""
+    remote = plan.remote
+    if remote is None:
+        return
+    title = (f"cleanup of {remote.location} (keep_last={remote.keep_last}, best="
+             f"{'kept' if remote.keep_best else 'not kept'}, multipart uploads older than {remote.stale_upload_hours:g} h aborted)")
+    if remote.runs:
+        print_table(title, REMOTE_HEADERS, remote_rows(remote, format_size))
+    else:
+        print(f"{title}: no runs")
+    for s in remote.skipped:
+        print(f"skipped {s.what}: {s.reason}")
+    for s in remote.kept:
+        print(f"kept {s.what}: {s.reason}")
+    for u in remote.stale_uploads:
+        print(f"{'aborted' if result is not None else 'would abort'} stale multipart upload of {u.key}")
+    for s in (result.remote.skipped if result is not None and result.remote is not None else []):
+        print(f"skipped {s.what}: {s.reason}")
+    print(f"remote: {format_size(remote.stored_bytes)} stored in {len(remote.runs)} runs; "
+          f"{'deleting' if result is not None else 'would delete'} {format_size(remote.bytes_to_free)} "
+          f"({remote.bytes_to_free} bytes)")
 
 
 def preflight(args: argparse.Namespace) -> int:
@@ -136,6 +171,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Finished runs older than this keep only adapters and summary "
                         "(default: the config's checkpoint.cleanup_after_days, 30).")
     c.add_argument("--hf-cache", action="store_true", help="Also remove Hugging Face cache models no config refers to.")
+    add_remote_flag(c)
+    c.add_argument("--stale-upload-hours", type=float, default=STALE_UPLOAD_HOURS,
+                   help=f"With a remote: abort multipart uploads started more than this many hours ago "
+                        f"(default {STALE_UPLOAD_HOURS:g}).")
     c.add_argument("--apply", action="store_true", help="Delete (default: dry run that deletes nothing).")
     c.add_argument("--json", action="store_true", help="Machine-readable output.")
     c.add_argument("-v", "--verbose", action="store_true", help="One row per item instead of per run and kind.")

@@ -4,7 +4,9 @@ RUN is a run directory or a config name (its run directory: `runs/<name>`, with 
 overlay's). compare writes comparison.json/.md and decision.json into the candidate's (B's)
 evaluation directory; RUN_A may also be `production` (the release production/current points at).
 promote uses the candidate's decision.json when it was made from the run's current evaluation,
-and otherwise decides against what production serves now.
+and otherwise decides against what production serves now. With a remote (--remote, $FARENSE_REMOTE
+or the config's [storage] remote), promote and rollback move the store's `production/current` by
+compare-and-swap before switching here, and releases lists the store's releases.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import orjson
 
-from farense.commands import add_demo_flags
+from farense.commands import add_demo_flags, add_remote_flag, remote_store
 from farense.config import (
     ExperimentConfig,
     config_from_json,
@@ -24,7 +26,7 @@ from farense.config import (
     load_config,
 )
 from farense.console import print_table
-from farense.errors import FarenseError
+from farense.errors import ConfigError, FarenseError
 from farense.release.decision import compare_and_decide, load_incumbent, report_from_run
 from farense.release.evaluation import evaluate_run
 from farense.release.promotion import (
@@ -36,6 +38,9 @@ from farense.release.promotion import (
     rollback,
 )
 from farense.run.layout import RunPaths
+from farense.run.remote_releases import RemoteReleases
+
+PRODUCTION_PREFIX = "production"  # <remote prefix>/production/: releases and the current pointer
 
 
 def _overlays(args: argparse.Namespace) -> list[str]:
@@ -65,6 +70,17 @@ def _production_dir(args: argparse.Namespace, config: ExperimentConfig | None = 
     if config is not None:
         return config.resolve_in(current_workspace(), config.output.production_dir)
     return load_config(getattr(args, "config", None) or "v2", overlays=_overlays(args)).production_dir
+
+
+def _remote_releases(args: argparse.Namespace, config: ExperimentConfig | None = None) -> RemoteReleases | None:
+    """The store's releases (`<remote>/production/`) when a remote is set, else None."""
+    if config is None and getattr(args, "remote", None) is None:
+        try:  # the config may name a remote ([storage] remote); a missing one just means none
+            config = load_config(getattr(args, "config", None) or "v2", overlays=_overlays(args))
+        except (ConfigError, OSError):
+            config = None
+    store = remote_store(args, config)
+    return RemoteReleases(store, store.key(PRODUCTION_PREFIX)) if store is not None else None
 
 
 def _print_json(obj: object) -> None:
@@ -143,22 +159,41 @@ def promote_cmd(args: argparse.Namespace) -> int:
         else:
             vs = f"production release {d.incumbent['release_id']}" if d.incumbent else "no release in production"
             print(f"decided {paths.name} against {vs}: {d.verdict}")
-    before = current_release(prod)
-    rel = promote(run_dir, decision_path, prod, force=args.force)
-    if before is not None and rel.id == before.id:
+    remote = _remote_releases(args, config)
+    if remote is not None:
+        pointer = remote.current()
+        before = pointer[0].release_id if pointer else None
+    else:
+        before = _id(current_release(prod))
+    rel = promote(run_dir, decision_path, prod, force=args.force, remote=remote)
+    if rel.id == before:
         print(f"{paths.name}'s adapters are already in production: {rel.id}")
         return 0
     if rel.forced:
         print("promoted despite the decision (--force):", file=sys.stderr)
         for r in rel.manifest.get("refusal_overridden", []):
             print(f"  - {r}", file=sys.stderr)
+    if remote is not None:
+        print(f"promoted {paths.name} on the store: s3://{remote.store.location.bucket}/{remote.prefix}/current "
+              f"-> {rel.id}")
     print(f"promoted {paths.name}: {prod}/current -> releases/{rel.id}"
           + (f" (previous: {rel.previous}; `farense rollback` switches back)" if rel.previous else ""))
     return 0
 
 
+def _id(release: object) -> str | None:
+    return getattr(release, "id", None)
+
+
 def rollback_cmd(args: argparse.Namespace) -> int:
     prod = _production_dir(args)
+    remote = _remote_releases(args)
+    if remote is not None:
+        pointer = remote.current()
+        rel = rollback(prod, to=args.to, remote=remote)
+        print(f"rolled back s3://{remote.store.location.bucket}/{remote.prefix}/current: "
+              f"{pointer[0].release_id if pointer else '-'} -> {rel.id}; {prod}/current -> releases/{rel.id}")
+        return 0
     before = current_release(prod)
     rel = rollback(prod, to=args.to)
     print(f"rolled back {prod}/current: {before.id if before else '-'} -> {rel.id}")
@@ -168,6 +203,9 @@ def rollback_cmd(args: argparse.Namespace) -> int:
 def releases_cmd(args: argparse.Namespace) -> int:
     """Every release, the current one marked by where production/current points (whatever its manifest says)."""
     prod = _production_dir(args)
+    remote = _remote_releases(args)
+    if remote is not None:
+        return _remote_releases_cmd(args, remote, prod)
     target = current_target(prod)
     rels = list_releases(prod)
     is_current = {r.id: target is not None and Path(os.path.realpath(r.path)) == target for r in rels}
@@ -182,6 +220,33 @@ def releases_cmd(args: argparse.Namespace) -> int:
     if target is not None and not any(is_current.values()):
         print(f"farense: warning: {prod}/current points at {target}, which is none of the releases listed; "
               "`farense rollback --to ID` switches it to one", file=sys.stderr)
+    return 0
+
+
+def _remote_releases_cmd(args: argparse.Namespace, remote: RemoteReleases, prod: Path) -> int:
+    """The store's releases, the one its production/current points at marked; `here`: fetched into `prod`."""
+    pointer = remote.current()
+    current = pointer[0].release_id if pointer else None
+    here = _id(current_release(prod)) if current_target(prod) is not None else None
+    rels = remote.list_releases()
+    where = f"s3://{remote.store.location.bucket}/{remote.prefix}"
+    if args.json:
+        _print_json([{"id": r.id, "current": r.id == current, "current_here": r.id == here,
+                      "run_name": r.manifest.get("run_name", ""), "created_at": r.created_at, "previous": r.previous,
+                      "forced": bool(r.manifest.get("forced")), "metrics": r.manifest.get("metrics", {}),
+                      "fetched_here": (prod / "releases" / r.id).is_dir(), "location": f"{where}/releases/{r.id}"}
+                     for r in rels])
+    else:
+        rows = [["*" if r.id == current else "", r.id, str(r.manifest.get("run_name", "")),
+                 _f4(r.manifest.get("metrics", {}).get("f1")), r.previous or "-",
+                 "yes" if r.manifest.get("forced") else "", "*" if r.id == here else ""] for r in rels]
+        print_table(f"releases in {where}", ["current", "id", "run", "F1", "previous", "forced", "current here"], rows)
+        if pointer is not None:
+            p = pointer[0]
+            print(f"{where}/current -> {p.release_id} ({p.action} by {p.by_host})")
+    if current is not None and here != current:
+        print(f"farense: warning: {prod}/current is {here or 'not set'}, the store's is {current}; "
+              f"`farense rollback --to {current}` switches here to it", file=sys.stderr)
     return 0
 
 
@@ -219,6 +284,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decision", help="decision.json to follow (default: the run's, or a new one against production).")
     p.add_argument("--force", action="store_true", help="Promote even when the decision says no.")
     p.add_argument("--production", help="Production directory (default: the run's config output.production_dir).")
+    add_remote_flag(p)
     _common(p)
     p.set_defaults(handler=promote_cmd)
 
@@ -226,6 +292,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("config", nargs="?", default="v2", help="Config whose production_dir to use (default v2).")
     r.add_argument("--to", help="Release id to switch to instead of the previous one.")
     r.add_argument("--production", help="Production directory (overrides the config's).")
+    add_remote_flag(r)
     _common(r)
     r.set_defaults(handler=rollback_cmd)
 
@@ -233,5 +300,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("config", nargs="?", default="v2", help="Config whose production_dir to use (default v2).")
     ls.add_argument("--production", help="Production directory (overrides the config's).")
     ls.add_argument("--json", action="store_true")
+    add_remote_flag(ls)
     _common(ls)
     ls.set_defaults(handler=releases_cmd)

@@ -9,6 +9,10 @@ applies:
     *.tmp-* leftovers       interrupted writes and deletes (never read by anyone)
     Hugging Face cache      optionally, models that no config and no run refers to
 
+With a remote (an ObjectStore), the same plan covers the store's runs (farense.disk.remote_cleanup:
+last K + best per remote run, half-uploaded checkpoints, stale multipart uploads; never a run whose
+lease is live); its bytes are reported apart from the local ones, which are what frees this disk.
+
 Never touched: a run whose lock a live process holds (farense.run.locks), the production directory and
 anything a symlink inside it resolves to. Sizes are what deleting frees (allocated blocks, not file
 lengths). Planning reads manifests and stats files but never hashes, so it stays fast over thousands
@@ -38,6 +42,13 @@ from farense.config import (
     load_config,
 )
 from farense.errors import RunLocked
+from farense.disk.remote_cleanup import (
+    STALE_UPLOAD_HOURS,
+    RemoteCleanupPlan,
+    RemoteCleanupResult,
+    apply_remote_cleanup,
+    plan_remote_cleanup,
+)
 from farense.run import fsutil
 from farense.run.checkpoint import (
     CheckpointStore,
@@ -54,6 +65,7 @@ from farense.run.layout import (
     is_temporary,
 )
 from farense.run.locks import LockInfo, RunLock, probe_lock
+from farense.run.objectstore import ObjectStore
 from farense.run.runstate import find_runs, read_run_state
 
 OLD_CHECKPOINT = "old-checkpoint"
@@ -128,6 +140,8 @@ class CleanupPlan:
     kept: list[SkippedRun] = field(default_factory=list)  # could have gone, but cleanup leaves it: what and why
     runs: list[RunPlan] = field(default_factory=list)
     planning_seconds: float = 0.0
+    remote: RemoteCleanupPlan | None = None  # the store's part, when a remote was given
+    remote_store: ObjectStore | None = field(default=None, repr=False)
 
     @property
     def policy(self) -> RetentionPolicy:
@@ -156,6 +170,7 @@ class CleanupPlan:
             "kept": [s.to_dict() for s in self.kept],
             "runs": [r.to_dict() for r in self.runs],
             "planning_seconds": self.planning_seconds,
+            "remote": self.remote.to_dict() if self.remote is not None else None,
         }
 
 
@@ -170,6 +185,7 @@ class CleanupResult:
     skipped: list[SkippedRun] = field(default_factory=list)
     planned_bytes: int = 0
     dry_run: bool = False
+    remote: RemoteCleanupResult | None = None
 
     @classmethod
     def not_applied(cls, plan: CleanupPlan) -> CleanupResult:
@@ -183,7 +199,8 @@ class CleanupResult:
     def to_dict(self) -> dict[str, Any]:
         return {"bytes_freed": self.bytes_freed, "deleted": [i.to_dict() for i in self.deleted],
                 "errors": list(self.errors), "skipped": [s.to_dict() for s in self.skipped],
-                "planned_bytes": self.planned_bytes, "dry_run": self.dry_run}
+                "planned_bytes": self.planned_bytes, "dry_run": self.dry_run,
+                "remote": self.remote.to_dict() if self.remote is not None else None}
 
 
 # --------------------------------------------------------------------------- protection
@@ -235,10 +252,13 @@ def plan_cleanup(
     include_hf_cache: bool = False,
     referenced_models: Iterable[str] = (),
     hf_cache_dir: str | os.PathLike[str] | None = None,
+    remote: ObjectStore | None = None,
+    stale_upload_hours: float = STALE_UPLOAD_HOURS,
 ) -> CleanupPlan:
     """What a cleanup would delete, and why; touches nothing. `now` is Unix seconds (tests pass it).
 
-    `older_than_days` defaults to the config field checkpoint.cleanup_after_days's default.
+    `older_than_days` defaults to the config field checkpoint.cleanup_after_days's default. With
+    `remote`, the store's runs are planned too, by the same keep_last and keep_best.
     """
     if older_than_days is None:
         older_than_days = CheckpointConfig().cleanup_after_days
@@ -255,6 +275,10 @@ def plan_cleanup(
         _plan_run(plan, RunPaths(run), protected, now=now, models=models)
     if include_hf_cache:
         _plan_hf_cache(plan, protected, models, Path(hf_cache_dir) if hf_cache_dir else None)
+    if remote is not None:
+        plan.remote_store = remote
+        plan.remote = plan_remote_cleanup(remote, keep_last=keep_last, keep_best=keep_best,
+                                          stale_upload_hours=stale_upload_hours, now=now)
     plan.planning_seconds = time.perf_counter() - t0
     return plan
 
@@ -497,6 +521,9 @@ def apply_cleanup(plan: CleanupPlan, *, lock_timeout: float = 0.2) -> CleanupRes
         finally:
             if lock is not None:
                 lock.release()
+    if plan.remote is not None and plan.remote_store is not None:
+        result.remote = apply_remote_cleanup(plan.remote_store, plan.remote)
+        result.errors += [f"remote: {e}" for e in result.remote.errors]
     return result
 
 

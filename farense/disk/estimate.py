@@ -33,7 +33,7 @@ from farense.model.gguf import (
 )
 from farense.run.checkpoint import RetentionPolicy
 from farense.run.layout import RunPaths
-from farense.run.objectstore import ObjectStore, RemoteLocation, RemoteStoreError
+from farense.run.objectstore import ObjectStore, RemoteStoreError
 from farense.run.remote_restore import plan_restore
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
@@ -456,7 +456,7 @@ def remote_restore_items(config: ExperimentConfig) -> list[EstimateItem]:
         return []
     checkpoints = RunPaths(config.run_dir).checkpoints
     try:
-        store = ObjectStore(RemoteLocation.parse(config.storage.remote), request_timeout_s=REMOTE_PLAN_TIMEOUT_S,
+        store = ObjectStore.at(config.storage.remote, request_timeout_s=REMOTE_PLAN_TIMEOUT_S,
                             client_retries=0)
         plan = plan_restore(store, store.key("runs", config.run_name), checkpoints)
     except RemoteStoreError as exc:

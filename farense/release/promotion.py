@@ -13,6 +13,13 @@ A promotion builds the release beside its final place, fsyncs every file and dir
 into releases/, then swaps `current` by renaming a fresh symlink over it. A process killed at any
 point leaves `current` on the old release or on the new one, never on a partial one. Each release
 records the release that was current when it was built (`previous`), which `rollback` returns to.
+
+With a remote (RemoteReleases: `<prefix>/production/` on the object store) the store's `current` is
+the truth that machines share. A promotion builds the release here, uploads it (release.json last),
+then moves the store's `current` by compare-and-swap against what it read before building, and
+only then switches `current` here: of two machines promoting at once one wins, and the loser's
+production is not switched (ReleaseConflict). A rollback fetches the release it returns to when it
+is not here, moves the store's pointer the same way, then switches here.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import orjson
 
 from farense.config import DecisionConfig, config_from_json, current_workspace
 from farense.errors import DecisionRefused, FarenseError
+from farense.faults import barrier
 from farense.release.decision import (
     DECISION_NAME,
     RELEASE_MANIFEST,
@@ -40,6 +48,7 @@ from farense.release.decision import (
     read_decision,
     report_from_run,
 )
+from farense.release.fetch import fetch_release
 from farense.run.fsutil import (
     atomic_write_json,
     commit_dir,
@@ -60,6 +69,7 @@ from farense.run.layout import (
     is_temporary,
 )
 from farense.run.locks import RunLock
+from farense.run.remote_releases import ReleaseConflict, RemoteReleases
 
 RELEASE_FORMAT = "farense.release/1"
 HISTORY_NAME = "history.json"
@@ -107,6 +117,11 @@ class Release:
         if not isinstance(m, dict) or not isinstance(m.get("id"), str) or not isinstance(m.get("files", {}), dict):
             raise FarenseError(f"release manifest is not a release's: {path / RELEASE_MANIFEST} (expected an object "
                                "with an id and files)")
+        return cls.from_manifest(path, m)
+
+    @classmethod
+    def from_manifest(cls, path: Path, m: dict[str, Any]) -> "Release":
+        """The release a manifest describes, at `path` (where it is, or will be once fetched)."""
         return cls(
             id=m["id"], path=path, run_name=m.get("run_name", ""), created_at=m.get("created_at", ""),
             previous=m.get("previous"), forced=bool(m.get("forced")), config_name=m.get("config_name", ""),
@@ -314,10 +329,10 @@ def ensure_decision(run_dir: Path, production_dir: Path, thresholds: DecisionCon
     return DecisionChoice(out.files["decision"], out.decision, False)
 
 
-def _release_id(run_name: str, short: str, when: datetime, releases: Path) -> str:
+def _release_id(run_name: str, short: str, when: datetime, releases: Path, remote: RemoteReleases | None) -> str:
     base = f"{when.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{run_name}-{short}"
     rid, n = base, 1
-    while (releases / rid).exists():
+    while (releases / rid).exists() or (remote is not None and remote.get_release(rid) is not None):
         n += 1
         rid = f"{base}-{n}"
     return rid
@@ -364,8 +379,9 @@ def promote(
     force: bool = False,
     now: datetime | None = None,
     hook: Hook | None = None,
+    remote: RemoteReleases | None = None,
 ) -> Release:
-    """Make the run's best adapters the production release, atomically.
+    """Make the run's best adapters the production release, atomically (and on the store, with `remote`).
 
     Refused (DecisionRefused, naming every failed rule) when the decision does not say "preferred and
     ready", was made from another evaluation than the run's current one, or the adapters are not the
@@ -373,7 +389,9 @@ def promote(
     current release already serves these exact adapters, it is returned unchanged (unless `force`).
     `decision_path` defaults to the run's evaluation/decision.json, `production_dir` to the config's
     resolved in the current workspace (never the one recorded in the run's config.json). `hook(step)`
-    is called at each of STEPS (tests kill the process there).
+    is called at each of STEPS (tests kill the process there). With `remote`, the store's current
+    release decides "already served", and a promotion that loses the store's compare-and-swap raises
+    ReleaseConflict with production here unswitched.
     """
     run = RunPaths(Path(run_dir).resolve())
     config = _run_config(run)
@@ -395,18 +413,20 @@ def promote(
         prod.releases.mkdir(parents=True, exist_ok=True)
         with _production_lock(prod):
             return _release(run, prod, config, decision, decision_path, adapters_sha, reasons,
-                            force=force, when=now or utc_now(), hook=hook or _no_hook)
+                            force=force, when=now or utc_now(), hook=hook or _no_hook, remote=remote)
 
 
 def _release(run: RunPaths, prod: ProductionPaths, config: dict[str, Any], decision: Decision | None,
              decision_path: Path, adapters_sha: str, reasons: list[str], *, force: bool, when: datetime,
-             hook: Hook) -> Release:
-    """Build the release and switch `current` to it (under the production lock)."""
+             hook: Hook, remote: RemoteReleases | None) -> Release:
+    """Build the release and switch `current` to it (under the production lock); with `remote`, the
+    store's pointer first, by compare-and-swap against what it pointed at before the build."""
     clean_temporaries(prod.root)
     incumbent = current_release(prod.root)
-    if incumbent is not None and incumbent.adapters_sha256 == adapters_sha and not force:
-        return incumbent
-    rid = _release_id(run.name, adapters_sha[:8], when, prod.releases)
+    served, previous = _served(prod, incumbent, remote)
+    if served is not None and served.adapters_sha256 == adapters_sha and not force:
+        return served if remote is None else follow_remote(prod, remote, served.id, when=when, hook=hook)
+    rid = _release_id(run.name, adapters_sha[:8], when, prod.releases, remote)
     final = prod.releases / rid
     meta = config.get("_meta") if isinstance(config.get("_meta"), dict) else {}
     with staged_dir(final) as tmp:
@@ -422,7 +442,7 @@ def _release(run: RunPaths, prod: ProductionPaths, config: dict[str, Any], decis
             "run_dir": str(run.root),
             "config_name": config.get("name", ""),
             "config_fingerprint": meta.get("fingerprint", ""),
-            "previous": incumbent.id if incumbent else None,
+            "previous": previous,
             "forced": bool(force and reasons),
             "refusal_overridden": reasons if force else [],
             "decision": None if decision is None else {
@@ -434,6 +454,8 @@ def _release(run: RunPaths, prod: ProductionPaths, config: dict[str, Any], decis
         commit_dir(tmp, final, synced=True, manifest=lambda d: _write_read_only(d / RELEASE_MANIFEST, manifest),
                    before_rename=lambda: hook(STEP_RELEASE_BUILT))
     hook(STEP_RELEASE_COMMITTED)
+    if remote is not None:
+        _publish(remote, final, previous, prod)
 
     _switch(prod, rid, hook)
     hook(STEP_SWITCHED)
@@ -442,12 +464,67 @@ def _release(run: RunPaths, prod: ProductionPaths, config: dict[str, Any], decis
     return Release.read(final)
 
 
+def _served(prod: ProductionPaths, incumbent: Release | None, remote: RemoteReleases | None
+            ) -> tuple[Release | None, str | None]:
+    """(what production serves, its id): the local current, or with a remote the store's current
+    release (described by the store's manifest until it is fetched here)."""
+    if remote is None:
+        return incumbent, incumbent.id if incumbent else None
+    found = remote.current()
+    if found is None:
+        return None, None
+    rid = found[0].release_id
+    local = prod.releases / rid
+    if (local / RELEASE_MANIFEST).is_file():
+        return Release.read(local), rid
+    on_store = remote.get_release(rid)
+    return (Release.from_manifest(local, on_store.manifest) if on_store is not None else None), rid
+
+
+def _publish(remote: RemoteReleases, release_dir: Path, expected: str | None, prod: ProductionPaths) -> None:
+    """Upload the release (release.json last), then move the store's current from `expected` to it."""
+    remote.upload_release(release_dir)
+    barrier("promote-cas")
+    try:
+        remote.promote(release_dir.name, expected_current=expected)
+    except ReleaseConflict as err:
+        raise ReleaseConflict(f"{err}; production here ({prod.current}) was not switched (release "
+                              f"{release_dir.name} stays built in {prod.releases}); decide again against the "
+                              "new production and promote again") from None
+
+
+def follow_remote(production_dir: Path | ProductionPaths, remote: RemoteReleases, release_id: str, *,
+                  when: datetime | None = None, hook: Hook = _no_hook, action: str = "follow") -> Release:
+    """Make `current` here point at `release_id` from the store (fetched and verified when it is not here)."""
+    prod = production_dir if isinstance(production_dir, ProductionPaths) else ProductionPaths(Path(production_dir))
+    local = prod.releases / release_id
+    if not (local / RELEASE_MANIFEST).is_file():
+        fetch_release(remote, release_id, prod.releases)
+    release = Release.read(local)
+    verify_release(release)
+    if current_target(prod.root) != Path(os.path.realpath(local)):
+        before = current_release(prod.root)
+        _switch(prod, release_id, hook)
+        hook(STEP_SWITCHED)
+        _append_history(prod, {"at": iso(when or utc_now()), "action": action, "release": release_id,
+                               "previous": before.id if before else None, "run_name": release.run_name,
+                               "forced": False})
+    return release
+
+
 def rollback(
-    production_dir: Path, *, to: str | None = None, now: datetime | None = None, hook: Hook | None = None
+    production_dir: Path, *, to: str | None = None, now: datetime | None = None, hook: Hook | None = None,
+    remote: RemoteReleases | None = None,
 ) -> Release:
-    """Switch production/current back to the release that was current before it (or to `to`)."""
+    """Switch production/current back to the release that was current before it (or to `to`); with
+    `remote`, the store's current first (by compare-and-swap), the release fetched when not here."""
     prod = ProductionPaths(Path(production_dir).resolve())
     hook = hook or _no_hook
+    if remote is not None:
+        prod.releases.mkdir(parents=True, exist_ok=True)
+        with _production_lock(prod):
+            clean_temporaries(prod.root)
+            return _rollback_remote(prod, remote, to, now or utc_now(), hook)
     if not prod.root.is_dir():  # never created by a rollback: a mistyped --production must not leave one
         raise FarenseError(f"nothing to roll back: no production directory at {prod.root}")
     with _production_lock(prod):
@@ -475,3 +552,26 @@ def rollback(
         _append_history(prod, {"at": iso(now or utc_now()), "action": "rollback", "release": target_id,
                                "previous": current.id, "run_name": target.run_name, "forced": False})
         return target
+
+
+def _rollback_remote(prod: ProductionPaths, remote: RemoteReleases, to: str | None, when: datetime,
+                     hook: Hook) -> Release:
+    """The store's pointer decides what is current and what came before; the target is fetched first."""
+    found = remote.current()
+    if found is None:
+        raise FarenseError(f"nothing to roll back: nothing was promoted on the store ({remote.prefix}/current "
+                           "does not exist)")
+    current = found[0]
+    target_id = to or current.previous
+    if target_id is None:
+        raise FarenseError(f"release {current.release_id} was the first one promoted on the store; there is no "
+                           "previous release to roll back to")
+    if target_id != current.release_id:
+        if "/" in target_id or target_id in (".", "..") or remote.get_release(target_id) is None:  # ids only
+            known = ", ".join(r.id for r in remote.list_releases()) or "none"
+            raise FarenseError(f"no release {target_id!r} on the store (--to takes a release id; releases: {known})")
+        if not (prod.releases / target_id / RELEASE_MANIFEST).is_file():
+            fetch_release(remote, target_id, prod.releases)
+        verify_release(Release.read(prod.releases / target_id))
+        remote.rollback(target_id, expected_current=current.release_id)
+    return follow_remote(prod, remote, target_id, when=when, hook=hook, action="rollback")

@@ -159,6 +159,12 @@ class ObjectStore:
                                       "base": 2}})
         log.debug("object store %s at %s (region %s)", location, self.settings.endpoint or "AWS", self.settings.region)
 
+    @classmethod
+    def at(cls, url: str, **options: Any) -> ObjectStore | None:
+        """The store an `s3://BUCKET/PREFIX` names (endpoint and credentials from the AWS_* variables), None for "":
+        the one way the trainer, the commands, the tasks and the flows open a remote."""
+        return cls(RemoteLocation.parse(url), StoreSettings.from_env(), **options) if url else None
+
     def __repr__(self) -> str:
         return f"ObjectStore({str(self.location)!r}, endpoint={self.settings.endpoint!r})"
 
@@ -328,14 +334,18 @@ class ObjectStore:
         """Abort multipart uploads started more than `older_than_s` ago (a crashed uploader's parts); those aborted."""
         stale = [u for u in self.list_multipart_uploads(prefix) if now() - u.initiated > older_than_s]
         for upload in stale:
-            try:
-                self._client().abort_multipart_upload(Bucket=self.location.bucket, Key=upload.key,
-                                                      UploadId=upload.upload_id)
-            except Exception as exc:
-                if _boto_code(exc) != "NoSuchUpload":  # finished or aborted meanwhile
-                    raise _translate_boto(exc, "abort multipart upload", upload.key) from exc
+            self.abort_multipart(upload)
             log.info("aborted a stale multipart upload of %s (started %.0f s ago)", upload.key, now() - upload.initiated)
         return stale
+
+    def abort_multipart(self, upload: MultipartUpload) -> None:
+        """Abort one multipart upload (its parts are freed); one finished or aborted meanwhile is not an error."""
+        try:
+            self._client().abort_multipart_upload(Bucket=self.location.bucket, Key=upload.key,
+                                                  UploadId=upload.upload_id)
+        except Exception as exc:
+            if _boto_code(exc) != "NoSuchUpload":
+                raise _translate_boto(exc, "abort multipart upload", upload.key) from exc
 
 
 # ---------------------------------------------------------------------- helpers

@@ -22,7 +22,11 @@ from farense.run.layout import CONFIG_FILE, RUN_STATE_FILE, RunPaths
 from farense.run.lease import LEASE_NAME, LeaseHolder, RunLease
 from farense.run.metrics import read_metrics
 from farense.run.mirror import RunMirror
-from farense.run.objectstore import ObjectStore, RemoteLocation, RemoteStoreError, RemoteUnavailable
+from farense.run.objectstore import (
+    ObjectStore,
+    RemoteStoreError,
+    RemoteUnavailable,
+)
 from farense.run.remote_layout import join_key, list_remote_checkpoints
 from farense.run.remote_restore import RestoreResult, restore_latest
 from farense.run.runstate import RunRecorder
@@ -55,7 +59,7 @@ class RemoteRun:
         """The run's remote side, or None when `[storage] remote` is empty (local only)."""
         if not config.storage.remote:
             return None
-        return cls(config, paths, ObjectStore(RemoteLocation.parse(config.storage.remote)), log=log,
+        return cls(config, paths, ObjectStore.at(config.storage.remote), log=log,
                    preemption=preemption)
 
     # ------------------------------------------------------------------ before the first step
