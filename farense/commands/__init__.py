@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Any
 
-from farense.run.objectstore import ObjectStore, RemoteLocation, StoreSettings
+from farense.run.objectstore import ObjectStore
 
 REMOTE_ENV = "FARENSE_REMOTE"
 
