@@ -20,6 +20,7 @@ from farense.signals import kept_from_new_threads
 # partial install still answers `--help`.
 COMMAND_MODULES = (
     "farense.commands.run",
+    "farense.commands.campaign",
     "farense.commands.train",
     "farense.commands.evaluate",
     "farense.commands.disk",
