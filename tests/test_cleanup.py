@@ -496,3 +496,21 @@ def test_cleanup_reports_what_the_filesystem_frees_and_says_what_it_keeps(tmp_pa
     assert f"kept {broken}: " in out.stdout and f"kept {q}: " in out.stdout
     result = apply_cleanup(plan)
     assert result.bytes_freed == item.bytes and broken.is_dir() and (q / "step-00000400").is_dir()
+
+
+def test_campaign_trial_runs_are_found_and_pruned_by_the_normal_policy(tmp_path: Path) -> None:
+    """A campaign's trials live in <runs_dir>/campaign-<name>/<trial>/ (runs/tiny/campaign-<name>/...
+    under an overlay): cleanup finds them and prunes a stopped trial's checkpoints like any run's,
+    leaving the campaign's decision log alone."""
+    runs = tmp_path / "runs"
+    stopped = runs / "campaign-lr" / "t0"
+    nested = runs / "tiny" / "campaign-lr" / "t1"
+    make_run(stopped, [4, 8, 12, 16], best=8)
+    make_run(nested, [4, 8, 12, 16], best=16)
+    log = runs / "campaign-lr" / "campaign_log.json"
+    log.write_text('{"events": []}\n')
+    plan = plan_cleanup(runs, keep_last=1, keep_best=True, older_than_days=30, now=NOW)
+    assert {r.path: list(r.kept_steps) for r in plan.runs} == {nested: [16], stopped: [8, 16]}
+    assert apply_cleanup(plan).errors == []
+    assert steps_on_disk(stopped) == [8, 16] and steps_on_disk(nested) == [16]
+    assert log.read_text() == '{"events": []}\n'

@@ -78,7 +78,7 @@ KINDS = (OLD_CHECKPOINT, TEMPORARY, FINISHED_RUN_EXTRAS, HF_CACHE)
 # them), and the small files that say what the run was.
 FINISHED_KEEP = frozenset({"adapters", SUMMARY_FILE, "evaluation", RUN_STATE_FILE, CONFIG_FILE, RUN_LOCK_FILE})
 _FINISHED_STATES = frozenset(s.value for s in RunState if s.finished)
-_MAX_DEPTH = 3  # runs_dir/<group>/<run>: the demo overlay puts runs under runs/demo/
+_MAX_DEPTH = 3  # runs_dir/<group>/<run>: runs/demo/v2, and a campaign trial runs/tiny/campaign-<name>/<trial>
 DAY = 86_400.0
 
 
