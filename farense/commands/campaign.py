@@ -17,7 +17,7 @@ from farense.commands import add_demo_flags
 from farense.console import print_table
 from farense.model.demos import prepare_overlay_models
 from farense.release.campaign_file import CampaignSpec, load_campaign
-from farense.release.trials import campaign_status, log_path, run_campaign, trained_steps
+from farense.release.trials import campaign_message, campaign_status, log_path, run_campaign, trained_steps
 from farense.train.inputs import write_resolved_config
 
 STATUS_HEADERS = ("trial", "params", "rung reached", "best val loss", "steps", "status")
@@ -66,9 +66,24 @@ def run(args: argparse.Namespace) -> int:
     winner = outcome.winner
     stops = ", ".join(f"{n} at rung {r} (step {spec.rungs[r]})" for r, n in outcome.stopped_per_rung.items())
     print(f"winner: {winner.name if winner else '-'}; stopped: {stops or 'none'}")
+    _notify(args, *campaign_message(outcome))
     if winner is None or args.no_final:
         return 0
     return _final(args, spec, winner)
+
+
+def _notify(args: argparse.Namespace, subject: str, body: str) -> None:
+    """Through the pipeline's notify path, when a block is named (--notify-block or FARENSE_NOTIFY_BLOCK);
+    a notification that cannot be delivered is reported, never fatal."""
+    block = args.notify_block or os.environ.get("FARENSE_NOTIFY_BLOCK")
+    if not block:
+        return
+    import logging
+
+    from tasks.notify import send_notification
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    send_notification(block, subject, body, logging.getLogger("farense.campaign"))
 
 
 def _final(args: argparse.Namespace, spec: CampaignSpec, winner: Any) -> int:
@@ -98,6 +113,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_demo_flags(r)
     r.add_argument("--no-promote", action="store_true", help="Decide, but never promote.")
     r.add_argument("--no-final", action="store_true", help="Stop after choosing the winner (no evaluation).")
+    r.add_argument("--notify-block", help="Prefect notification block told the winner and the stops, as SLUG/NAME "
+                                          "(else FARENSE_NOTIFY_BLOCK; none: not sent).")
     r.set_defaults(handler=run)
     s = csub.add_parser("status", help="The campaign's table from its decision log and runs.")
     s.add_argument("file")

@@ -186,6 +186,25 @@ def run_campaign(spec: CampaignSpec, *, train: TrainFn | None = None, log: Log =
         book.append([run_job(by_name[job.trial], job, train, log)])
 
 
+def campaign_message(outcome: CampaignOutcome) -> tuple[str, str]:
+    """The notification at a campaign's end (subject, body): the winner, and how many trials were
+    stopped at which rung."""
+    spec, winner = outcome.spec, outcome.winner
+    value = next((e["value"] for e in reversed(outcome.events) if e["kind"] == WINNER), None)
+    stops = outcome.stopped_per_rung
+    lines = [f"winner: {winner.name} ({_params(winner.params)}), best val loss {value:.4f}" if winner and value is not None
+             else "no winner"]
+    lines += [f"stopped at rung {r} (step {spec.rungs[r]}): {n} of {len(spec.trials)}" for r, n in stops.items()]
+    if not stops:
+        lines.append("no trial stopped early")
+    subject = f"farense: campaign {spec.name}: " + (f"{winner.name} wins" if winner else "no winner")
+    return subject, "\n".join(lines)
+
+
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "base"
+
+
 def _describe(e: dict[str, Any], spec: CampaignSpec) -> str:
     at = f"rung {e.get('rung')} (step {spec.rungs[e['rung']]})" if "rung" in e else ""
     value = f", best val loss {e['value']:.4f}" if "value" in e else ""
