@@ -60,11 +60,22 @@ def _decisions(events: list[dict[str, Any]]) -> list[tuple]:
             for e in events]
 
 
+def _command(workspace: Path, path: Path) -> list[str]:
+    """`farense campaign run` as a person runs it, without the winner's evaluation."""
+    return [sys.executable, "-m", "farense", "--workspace", str(workspace), "campaign", "run", str(path), "--no-final"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> tuple[CampaignSpec, Any]:
+    """The campaign run once, uninterrupted, through the real command: the same kind of process as the
+    killed one below (in-process under pytest, floats differed at the 6th decimal from the command's)."""
     ws = tmp_path_factory.mktemp("ws-straight")
-    spec = load_campaign(_campaign_file(ws, demo_dir), workspace=ws)
-    return spec, run_campaign(spec, log=lambda m: None)
+    path = _campaign_file(ws, demo_dir)
+    done = subprocess.run(_command(ws, path), cwd=REPO, env=farense_env(), capture_output=True, text=True,
+                          timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    spec = load_campaign(path, workspace=ws)
+    return spec, run_campaign(spec, log=lambda m: None)  # a finished campaign: read from its log
 
 
 def test_halving_trains_under_45_percent_and_picks_the_full_trainings_winner(uninterrupted: Any) -> None:
@@ -89,8 +100,7 @@ def test_sigkill_at_random_moments_then_the_same_command_gives_the_same_campaign
     spec0, outcome0 = uninterrupted
     path = _campaign_file(tmp_path, demo_dir)
     spec = load_campaign(path, workspace=tmp_path)
-    # The command a person runs (it loads the same BLAS as this process: same floats, same decisions).
-    argv = [sys.executable, "-m", "farense", "--workspace", str(tmp_path), "campaign", "run", str(path), "--no-final"]
+    argv = _command(tmp_path, path)  # the same command as the uninterrupted campaign: like with like
     rng = random.Random(22)
     highest = {t.name: 0 for t in spec.trials}
     kills = 0
