@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -22,6 +23,8 @@ from farense.run.fsutil import sha256_file
 
 from .common import artifact_key, best_effort, read_json, step
 from .decide import DecisionResult
+
+CURVES_PNG = "campaign_curves.png"
 
 
 @dataclass(frozen=True)
@@ -71,3 +74,46 @@ def winner_decision(decision: CampaignDecision) -> DecisionResult:
     d = read_decision(Path(decision.winner_decision or ""))
     return DecisionResult(d.verdict, d.promote, d.preferred, d.ready, None, decision.winner_decision or "",
                           tuple(r.name for r in d.failed_rules))
+
+
+@step("train-trial", tags=["farense-train"])
+def train_trial_task(config: ExperimentConfig, stop_at_step: int) -> int:
+    """Train or resume one campaign trial until the rung's step (stopped there like a preemption);
+    the newest checkpoint's step afterwards."""
+    from farense.release.trials import RunProgress, train_in_process
+
+    log = get_run_logger()
+    train_in_process(config, stop_at_step, log=log.info)
+    step_now = RunProgress.read(config).checkpoint_step
+    log.info(f"{config.run_name}: checkpoint at step {step_now} (asked for {stop_at_step})")
+    return step_now
+
+
+@step("campaign-report")
+def campaign_report_task(outcome: Any) -> str:
+    """The halving campaign's table and one PNG of every trial's validation curve (stopped ones marked),
+    as Prefect artifacts; the PNG's path."""
+    from prefect.artifacts import create_table_artifact
+
+    from farense.release.trials import campaign_curves, campaign_table, stopped_at_step
+    from farense.run.plots import plot_campaign_curves
+
+    spec = outcome.spec
+    winner = outcome.winner.name if outcome.winner else None
+    png = plot_campaign_curves(campaign_curves(spec), stopped_at_step(outcome), spec.directory / CURVES_PNG,
+                               title=f"campaign {spec.name}", winner=winner)
+    rows = [{"trial": r["trial"], "params": _params_text(r["params"]), "rung reached": r["rung"],
+             "best val loss": r["best_val_loss"], "gap": r["gap"], "F1": r.get("f1"), "status": r["status"]}
+            for r in campaign_table(spec)]
+    key = artifact_key("halving", spec.name)
+    best_effort("campaign table artifact", create_table_artifact, table=rows, key=key,
+                description=f"campaign {spec.name}: winner {winner or '-'}")
+    best_effort("campaign curves artifact", create_markdown_artifact, key=artifact_key("halving-curves", spec.name),
+                markdown=f"# campaign {spec.name}: validation curves\n\n![validation curves]({png.as_uri()})\n\n"
+                         f"[{png}]({png.as_uri()}); dashed and marked x: stopped at a rung.\n",
+                description="every trial's validation loss, the stopped ones marked")
+    return str(png)
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())

@@ -224,6 +224,26 @@ def campaign_status(spec: CampaignSpec) -> list[dict[str, Any]]:
     return rows
 
 
+def campaign_table(spec: CampaignSpec) -> list[dict[str, Any]]:
+    """campaign_status's rows with each trial's train/val gap (its training_summary.json) beside them."""
+    rows = []
+    for row, t in zip(campaign_status(spec), spec.trials):
+        summary = TrainingSummary.read(RunPaths(t.config.run_dir).summary)
+        rows.append({**row, "gap": summary.train_val_gap if summary else None})
+    return rows
+
+
+def campaign_curves(spec: CampaignSpec) -> dict[str, list[tuple[int, float]]]:
+    """Each trial's validation loss per step, from its run's metrics."""
+    return {t.name: sorted((int(r["step"]), float(r["val_loss"])) for r in RunProgress.read(t.config).rows
+                           if r.get("val_loss") is not None) for t in spec.trials}
+
+
+def stopped_at_step(outcome: CampaignOutcome) -> dict[str, int]:
+    """The step of the rung where each stopped trial stopped."""
+    return {e["trial"]: outcome.spec.rungs[e["rung"]] for e in outcome.events if e["kind"] == STOP}
+
+
 def trained_steps(spec: CampaignSpec) -> int:
     """Optimizer steps the trials' runs went through (their metrics), for the budget's accounting."""
     return sum(RunProgress.read(t.config).last_step for t in spec.trials)

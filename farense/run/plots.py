@@ -121,3 +121,27 @@ def plot_f1_distribution(
     ax.set_title(f"{title or 'Per-example F1'} (n={len(f1s)})")
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, out_png)
+
+
+def plot_campaign_curves(curves: Mapping[str, Sequence[tuple[int, float]]], stopped: Mapping[str, int],
+                         out_png: Path, *, title: str = "campaign", winner: str | None = None) -> Path:
+    """Every trial's validation loss per step; a stopped trial's curve dashed, with an x where it stopped."""
+    fig, ax = _figure()
+    for name, points in curves.items():
+        pts = [(s, v) for s, v in points if _finite(v)]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        if name in stopped:
+            line, = ax.plot(xs, ys, linestyle="--", linewidth=1, alpha=0.7, label=f"{name} (stopped at {stopped[name]})")
+            at = [(s, v) for s, v in pts if s <= stopped[name]] or pts
+            ax.plot([at[-1][0]], [at[-1][1]], marker="x", markersize=9, color=line.get_color())
+        else:
+            ax.plot(xs, ys, linewidth=2.5 if name == winner else 1.5, label=f"{name}{' (winner)' if name == winner else ''}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"{title}: validation loss of every trial")
+    if curves:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, out_png)

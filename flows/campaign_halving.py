@@ -1,0 +1,68 @@
+"""A halving campaign (configs/campaigns/*.toml) as one Prefect flow: `farense campaign run` in Prefect.
+
+    load the campaign file -> loop: the rung decisions (farense.release.halving over the durable
+      decision log campaign_log.json, exactly as the command) -> the next trial trained to its rung
+      (a subflow `farense-campaign-trial`, its training task tagged farense-train) -> ... until a
+      winner -> the campaign table and the validation-curves PNG as artifacts -> notification
+
+Resumable the same way as the command: a crashed or cancelled flow run started again reads the log
+and each trial's own run files, and goes on; no trial is trained backwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow, get_run_logger, tags
+
+from farense.config import ExperimentConfig
+from farense.model.demos import overlays_for, prepare_overlay_models
+from farense.release.campaign_file import load_campaign
+from farense.release.trials import campaign_message, run_campaign
+from farense.train.inputs import write_resolved_config
+from tasks.campaign import campaign_report_task, train_trial_task
+from tasks.common import TASK_TAG, tag_flow_run
+from tasks.inputs import check_inputs_task
+from tasks.notify import NotifyResult, notify_task
+
+HALVING_FLOW = "farense-campaign-halving"
+TRIAL_FLOW = "farense-campaign-trial"
+
+
+@dataclass(frozen=True)
+class HalvingResult:
+    campaign: str
+    winner: str | None
+    stopped_per_rung: dict[int, int]
+    curves_png: str
+    notification: NotifyResult
+
+
+@flow(name=TRIAL_FLOW, flow_run_name="{trial}-to-step-{stop_at_step}", retries=0)
+def campaign_trial_flow(config: str, stop_at_step: int, workspace: str | None = None, trial: str = "trial") -> int:
+    """One trial trained (or resumed) to a rung's step, from its resolved config file."""
+    cfg = check_inputs_task(config, [], workspace)
+    with tags("farense", f"config:{cfg.name}"):
+        return train_trial_task(cfg, stop_at_step)
+
+
+@flow(name=HALVING_FLOW, retries=0)
+def campaign_halving_flow(campaign: str, demo: bool | str = False, workspace: str | None = None,
+                          notify_block: str | None = None) -> HalvingResult:
+    """Successive halving over the campaign file's trials, one trial training at a time; resumable."""
+    log = get_run_logger()
+    tag_flow_run(TASK_TAG, "training", "campaign")
+    spec = load_campaign(campaign, overlays=overlays_for(demo), workspace=workspace)
+    prepare_overlay_models(spec.trials[0].config)
+
+    def train(config: ExperimentConfig, stop_at_step: int) -> None:
+        campaign_trial_flow(config=str(write_resolved_config(config)), stop_at_step=stop_at_step,
+                            workspace=workspace, trial=config.run_name)
+
+    outcome = run_campaign(spec, train=train, log=log.info)
+    png = campaign_report_task(outcome)
+    subject, body = campaign_message(outcome)
+    log.info(body)
+    notification = notify_task(subject, body, notify_block)
+    winner = outcome.winner.name if outcome.winner else None
+    return HalvingResult(spec.name, winner, outcome.stopped_per_rung, png, notification)
