@@ -2,8 +2,10 @@
 
     load the campaign file -> loop: the rung decisions (farense.release.halving over the durable
       decision log campaign_log.json, exactly as the command) -> the next trial trained to its rung
-      (a subflow `farense-campaign-trial`, its training task tagged farense-train) -> ... until a
-      winner -> the campaign table and the validation-curves PNG as artifacts -> notification
+      (a subflow `farense-campaign-trial`; its training task holds the machine's training lock) ->
+      ... until a winner -> the winner through the training pipeline (a subflow: evaluation, decision,
+      promotion; its training is already done) -> the campaign table and the validation-curves PNG
+      as artifacts -> notification
 
 Resumable the same way as the command: a crashed or cancelled flow run started again reads the log
 and each trial's own run files, and goes on; no trial is trained backwards.
@@ -20,6 +22,7 @@ from farense.model.demos import overlays_for, prepare_overlay_models
 from farense.release.campaign_file import load_campaign
 from farense.release.trials import campaign_message, run_campaign
 from farense.train.inputs import write_resolved_config
+from flows.pipeline import training_flow
 from tasks.campaign import campaign_report_task, train_trial_task
 from tasks.common import TASK_TAG, tag_flow_run
 from tasks.inputs import check_inputs_task
@@ -36,6 +39,7 @@ class HalvingResult:
     stopped_per_rung: dict[int, int]
     curves_png: str
     notification: NotifyResult
+    winner_f1: float | None = None
 
 
 @flow(name=TRIAL_FLOW, flow_run_name="{trial}-to-step-{stop_at_step}", retries=0)
@@ -48,8 +52,11 @@ def campaign_trial_flow(config: str, stop_at_step: int, workspace: str | None = 
 
 @flow(name=HALVING_FLOW, retries=0)
 def campaign_halving_flow(campaign: str, demo: bool | str = False, workspace: str | None = None,
-                          notify_block: str | None = None) -> HalvingResult:
-    """Successive halving over the campaign file's trials, one trial training at a time; resumable."""
+                          notify_block: str | None = None, final_pipeline: bool = True,
+                          promote: bool = True) -> HalvingResult:
+    """Successive halving over the campaign file's trials, one trial training at a time; resumable. With
+    `final_pipeline`, the winner is evaluated, decided on against the file's `compare_with`, and promoted
+    if ready (and `promote` and the file's `promote` allow it), as `farense campaign run` does."""
     log = get_run_logger()
     tag_flow_run(TASK_TAG, "training", "campaign")
     spec = load_campaign(campaign, overlays=overlays_for(demo), workspace=workspace)
@@ -60,9 +67,17 @@ def campaign_halving_flow(campaign: str, demo: bool | str = False, workspace: st
                             workspace=workspace, trial=config.run_name)
 
     outcome = run_campaign(spec, train=train, log=log.info)
-    png = campaign_report_task(outcome)
+    winner = outcome.winner
+    final = None
+    if winner is not None and final_pipeline:
+        # The winner through the pipeline (its training is done: evaluation, the seed's rules, promotion).
+        final = training_flow(config=str(write_resolved_config(winner.config)), compare_with=spec.compare_with,
+                              promote=spec.promote and promote, workspace=workspace, notify=False)
+    png = campaign_report_task(outcome, {winner.name: final.evaluation.f1} if final else None)
     subject, body = campaign_message(outcome)
+    if final is not None:
+        body += f"\n{winner.name}: F1 {final.evaluation.f1:.4f}; {final.decision.verdict}; {final.promotion.reason}"
     log.info(body)
     notification = notify_task(subject, body, notify_block)
-    winner = outcome.winner.name if outcome.winner else None
-    return HalvingResult(spec.name, winner, outcome.stopped_per_rung, png, notification)
+    return HalvingResult(spec.name, winner.name if winner else None, outcome.stopped_per_rung, png, notification,
+                         final.evaluation.f1 if final else None)

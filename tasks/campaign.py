@@ -81,16 +81,18 @@ def train_trial_task(config: ExperimentConfig, stop_at_step: int) -> int:
     """Train or resume one campaign trial until the rung's step (stopped there like a preemption);
     the newest checkpoint's step afterwards."""
     from farense.release.trials import RunProgress, train_in_process
+    from farense.train.supervisor import one_training_on_this_machine
 
     log = get_run_logger()
-    train_in_process(config, stop_at_step, log=log.info)
+    with one_training_on_this_machine(log.info, config.run_name):  # the pool's one training per machine
+        train_in_process(config, stop_at_step, log=log.info)
     step_now = RunProgress.read(config).checkpoint_step
     log.info(f"{config.run_name}: checkpoint at step {step_now} (asked for {stop_at_step})")
     return step_now
 
 
 @step("campaign-report")
-def campaign_report_task(outcome: Any) -> str:
+def campaign_report_task(outcome: Any, f1: dict[str, float] | None = None) -> str:
     """The halving campaign's table and one PNG of every trial's validation curve (stopped ones marked),
     as Prefect artifacts; the PNG's path."""
     from prefect.artifacts import create_table_artifact
@@ -103,7 +105,7 @@ def campaign_report_task(outcome: Any) -> str:
     png = plot_campaign_curves(campaign_curves(spec), stopped_at_step(outcome), spec.directory / CURVES_PNG,
                                title=f"campaign {spec.name}", winner=winner)
     rows = [{"trial": r["trial"], "params": _params_text(r["params"]), "rung reached": r["rung"],
-             "best val loss": r["best_val_loss"], "gap": r["gap"], "F1": r.get("f1"), "status": r["status"]}
+             "best val loss": r["best_val_loss"], "gap": r["gap"], "F1": (f1 or {}).get(r["trial"]), "status": r["status"]}
             for r in campaign_table(spec)]
     key = artifact_key("halving", spec.name)
     best_effort("campaign table artifact", create_table_artifact, table=rows, key=key,

@@ -1,6 +1,6 @@
 """The halving campaign as a Prefect flow (prefect_test_harness): a 2-trial tiny campaign, each trial's
 training a subflow, the rung decisions from the same decision log as `farense campaign run`, the
-table and the curves PNG as artifacts; run again, it trains nothing more."""
+winner through the pipeline (its F1 in the table), the table and the curves PNG as artifacts; run again, it trains nothing more."""
 
 from __future__ import annotations
 
@@ -66,13 +66,14 @@ def _artifacts(flow_run_id: Any) -> dict[str, Any]:
 
 
 def test_the_halving_flow_runs_the_campaign_with_trial_subflows_and_artifacts(
-        prefect_api: None, tmp_path: Path, demo_dir: Path) -> None:
+        prefect_api: None, tmp_path: Path, demo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.campaign_halving import campaign_halving_flow
     from farense.release.campaign_file import load_campaign
     from farense.release.trials import RunProgress, campaign_status
 
+    monkeypatch.setenv("FARENSE_TRAINING_LOCK", str(tmp_path / "training.lock"))  # this test's machine lock
     path = _campaign(tmp_path, demo_dir)
-    state = campaign_halving_flow(campaign=str(path), workspace=str(tmp_path), return_state=True)
+    state = campaign_halving_flow(campaign=str(path), workspace=str(tmp_path), promote=False, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     spec = load_campaign(path, workspace=tmp_path)
@@ -86,9 +87,11 @@ def test_the_halving_flow_runs_the_campaign_with_trial_subflows_and_artifacts(
     arts = _artifacts(state.state_details.flow_run_id)
     table = arts[f"halving-{spec.name}"]
     assert table.type == "table" and result.winner in str(table.data)
+    assert result.winner_f1 is not None and f"{result.winner_f1}" in str(table.data)  # the finalist's F1
     assert "validation curves" in str(arts[f"halving-curves-{spec.name}"].data)
 
     # Resumable the same way as the command: a second run reads the log and trains nothing.
-    again = campaign_halving_flow(campaign=str(path), workspace=str(tmp_path), return_state=True)
+    again = campaign_halving_flow(campaign=str(path), workspace=str(tmp_path), final_pipeline=False,
+                                  return_state=True)
     assert again.is_completed() and again.result().winner == result.winner
     assert {t.name: RunProgress.read(t.config).checkpoint_step for t in spec.trials} == steps
