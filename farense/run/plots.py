@@ -133,11 +133,11 @@ def plot_campaign_curves(curves: Mapping[str, Sequence[tuple[int, float]]], stop
             continue
         xs, ys = zip(*pts)
         if name in stopped:
-            line, = ax.plot(xs, ys, linestyle="--", linewidth=1, alpha=0.7, label=f"{name} (stopped at {stopped[name]})")
+            line, = ax.plot(xs, ys, linestyle="--", marker=".", linewidth=1, alpha=0.7, label=f"{name} (stopped at {stopped[name]})")
             at = [(s, v) for s, v in pts if s <= stopped[name]] or pts
             ax.plot([at[-1][0]], [at[-1][1]], marker="x", markersize=9, color=line.get_color())
         else:
-            ax.plot(xs, ys, linewidth=2.5 if name == winner else 1.5, label=f"{name}{' (winner)' if name == winner else ''}")
+            ax.plot(xs, ys, marker=".", linewidth=2.5 if name == winner else 1.5, label=f"{name}{' (winner)' if name == winner else ''}")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
     ax.set_title(f"{title}: validation loss of every trial")
