@@ -147,9 +147,11 @@ def clean_stopped(spec: CampaignSpec, events: Sequence[dict[str, Any]]) -> None:
     by_name = {t.name: t for t in spec.trials}
     for e in events:
         if e["kind"] == STOP:
-            store = CheckpointStore(RunPaths(by_name[e["trial"]].config.run_dir).checkpoints)
-            best, _ = CheckpointStore.recorded_best(store.list())
-            store.prune_to_minimum(best)
+            where = RunPaths(by_name[e["trial"]].config.run_dir).checkpoints
+            store = CheckpointStore(where)
+            infos = store.list() if where.is_dir() else []
+            if infos:  # none: nothing to prune (its run's checkpoints already gone)
+                store.prune_to_minimum(CheckpointStore.recorded_best(infos)[0])
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,33 @@ def run_campaign(spec: CampaignSpec, *, train: TrainFn | None = None, log: Log =
             return CampaignOutcome(spec, list(book.events))
         job = jobs[0]
         book.append([run_job(by_name[job.trial], job, train, log)])
+
+
+def run_campaign_parallel(spec: CampaignSpec, *, train: TrainFn, slots: int, log: Log = print) -> CampaignOutcome:
+    """run_campaign with up to `slots` trials training at once (threads; `train` may hand the work to
+    other machines, e.g. a deployment's workers). Reports are logged as trainings end; the rule waits
+    for a full rung (sync) or promotes as it goes (ASHA) exactly as with one slot, so a sync campaign
+    makes the same decisions whatever the order reports arrive in."""
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+    book, h = DecisionLog(spec), spec.halving
+    by_name = {t.name: t for t in spec.trials}
+    running: dict[Future, str] = {}
+    with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="campaign-trial") as pool:
+        while True:
+            decisions = decide(h, book.events)
+            book.append(decisions)
+            clean_stopped(spec, decisions)
+            for e in decisions:
+                log(_describe(e, spec))
+            for job in next_jobs(h, book.events, running=running.values())[:slots - len(running)]:
+                running[pool.submit(run_job, by_name[job.trial], job, train, log)] = job.trial
+            if not running:
+                return CampaignOutcome(spec, list(book.events))
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for f in done:
+                del running[f]
+                book.append([f.result()])
 
 
 def campaign_message(outcome: CampaignOutcome) -> tuple[str, str]:
