@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger, tags
 from farense.config import ExperimentConfig
 from farense.model.demos import overlays_for, prepare_overlay_models
 from farense.release.campaign_file import load_campaign
-from farense.release.trials import campaign_message, run_campaign
+from farense.release.trials import campaign_message, run_campaign, run_campaign_parallel
 from farense.train.inputs import write_resolved_config
 from flows.pipeline import training_flow
 from tasks.campaign import campaign_report_task, train_trial_task
@@ -53,20 +53,34 @@ def campaign_trial_flow(config: str, stop_at_step: int, workspace: str | None = 
 @flow(name=HALVING_FLOW, retries=0)
 def campaign_halving_flow(campaign: str, demo: bool | str = False, workspace: str | None = None,
                           notify_block: str | None = None, final_pipeline: bool = True,
-                          promote: bool = True) -> HalvingResult:
+                          promote: bool = True, trial_deployment: str | None = None,
+                          parallel: int = 1) -> HalvingResult:
     """Successive halving over the campaign file's trials, one trial training at a time; resumable. With
     `final_pipeline`, the winner is evaluated, decided on against the file's `compare_with`, and promoted
-    if ready (and `promote` and the file's `promote` allow it), as `farense campaign run` does."""
+    if ready (and `promote` and the file's `promote` allow it), as `farense campaign run` does. With
+    `trial_deployment` (a deployment of `farense-campaign-trial`, "FLOW/NAME"), each trial is a run of
+    it and up to `parallel` run at once on the pool's workers (sharing this file system)."""
     log = get_run_logger()
     tag_flow_run(TASK_TAG, "training", "campaign")
     spec = load_campaign(campaign, overlays=overlays_for(demo), workspace=workspace)
     prepare_overlay_models(spec.trials[0].config)
 
     def train(config: ExperimentConfig, stop_at_step: int) -> None:
-        campaign_trial_flow(config=str(write_resolved_config(config)), stop_at_step=stop_at_step,
-                            workspace=workspace, trial=config.run_name)
+        params = dict(config=str(write_resolved_config(config)), stop_at_step=stop_at_step, workspace=workspace,
+                      trial=config.run_name)
+        if trial_deployment is None:
+            campaign_trial_flow(**params)
+            return
+        from prefect.deployments import run_deployment
 
-    outcome = run_campaign(spec, train=train, log=log.info)
+        run = run_deployment(name=trial_deployment, parameters=params, as_subflow=True)  # waits for its end
+        if run.state is None or not run.state.is_completed():
+            raise RuntimeError(f"{config.run_name}: trial run {run.name} ended {run.state and run.state.name}")
+
+    if trial_deployment is None:
+        outcome = run_campaign(spec, train=train, log=log.info)
+    else:  # the deployment's workers train up to `parallel` trials at once, each holding its machine's lock
+        outcome = run_campaign_parallel(spec, train=train, slots=max(1, parallel), log=log.info)
     winner = outcome.winner
     final = None
     if winner is not None and final_pipeline:
