@@ -67,9 +67,9 @@ def _artifacts(flow_run_id: Any) -> dict[str, Any]:
 
 def test_the_halving_flow_runs_the_campaign_with_trial_subflows_and_artifacts(
         prefect_api: None, tmp_path: Path, demo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.campaign_halving import campaign_halving_flow
     from farense.release.campaign_file import load_campaign
     from farense.release.trials import RunProgress, campaign_status
+    from flows.campaign_halving import campaign_halving_flow
 
     monkeypatch.setenv("FARENSE_TRAINING_LOCK", str(tmp_path / "training.lock"))  # this test's machine lock
     path = _campaign(tmp_path, demo_dir)

@@ -21,7 +21,7 @@ RUNG0 = 30  # steps: long enough that two trainings overlap whatever the workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-DEPLOY_YAML = f"""name: farense-test
+DEPLOY_YAML = """name: farense-test
 prefect-version: 3.8.8
 build: null
 push: null
