@@ -1,0 +1,199 @@
+"""The frozen prefix cache (farense.train.prefix_cache) against the uncached path, on the tiny demo model
+with LoRA on its last 2 of 4 blocks.
+
+Tolerance: none. On the CPU in fp32 the cached path runs the same operations on the same arrays in
+the same order (the prefix is computed on the very padded batch the uncached step sees; the padded
+positions differ, zeros against pad-token states, but under the causal mask and the loss mask they
+reach nothing real), so logits at real positions, losses, gradients and trained adapters are
+expected equal to the last bit, which is what resume's byte-identical adapters need. A difference
+of even one ulp would mean an operation or its order changed, so the tests assert equality and
+print the largest difference seen.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import pytest
+
+from farense.batching import eval_batches, make_batch, position_of, train_batches
+from farense.data import validate_data
+from farense.train import prefix_cache as pc
+from farense.train.setup import set_up
+
+LORA = {"num_layers": 2, "dropout": 0.1,
+        "keys": ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"]}
+TRAINING = {"batch_size": 4, "grad_accumulation": 2, "max_seq_length": 128}
+
+
+@pytest.fixture
+def build(make_config):
+    def make(lora: dict[str, Any] | None = None, **training: Any):
+        cfg = make_config(lora={**LORA, **(lora or {})}, training={**TRAINING, **training})
+        _, loaded = validate_data(cfg)
+        return cfg, set_up(cfg, loaded, lambda line: None)
+
+    return make
+
+
+def _max_diff(a, b) -> float:
+    import mlx.core as mx
+
+    return mx.abs(a - b).max().item()
+
+
+def _tree_diffs(a, b) -> list[float]:
+    from mlx.utils import tree_flatten
+
+    fa, fb = tree_flatten(a), tree_flatten(b)
+    assert [k for k, _ in fa] == [k for k, _ in fb]
+    return [_max_diff(x, y) for (_, x), (_, y) in zip(fa, fb)]
+
+
+def test_logits_and_loss_equal_uncached(build):
+    import mlx.core as mx
+    from mlx_lm.tuner.trainer import default_loss
+
+    cfg, s = build()
+    model = s.model
+    assert pc.supported(model) is None
+    assert pc.first_adapted_block(model) == 2
+    cache = pc.PrefixCache(model, s.train_set, cfg.training.max_seq_length)
+    loss = pc.make_cached_loss(cache.first)
+    model.eval()
+    worst_logit = worst_loss = 0.0
+    for g in s.train_groups:
+        tokens, lengths = make_batch(s.train_set, g, cfg.training.max_seq_length)
+        batch = cache.batch(g, tokens)
+        plain, cached = model(tokens[:, :-1]), pc.suffix_forward(model, batch[1])
+        assert plain.shape == cached.shape
+        for j in range(len(g)):  # real positions; padded ones differ (zeros in, not pad-token states)
+            n = pc.stored_positions(int(lengths[j, 1].item()), cfg.training.max_seq_length)
+            worst_logit = max(worst_logit, _max_diff(plain[j, :n], cached[j, :n]))
+        (l1, t1), (l2, t2) = default_loss(model, tokens, lengths), loss(model, batch, lengths)
+        worst_loss = max(worst_loss, abs(l1.item() - l2.item()))
+        assert t1.item() == t2.item()
+        assert mx.array_equal(l1, l2)
+    # The validation set through its own cache, in validation's order.
+    vcache = pc.PrefixCache(model, s.valid_set, cfg.training.max_seq_length)
+    plain_batches = eval_batches(s.valid_set, s.valid_groups, cfg.training.max_seq_length)
+    for (tokens, lengths), (batch, lengths2) in zip(plain_batches, pc.cached_eval_batches(
+            vcache, s.valid_groups, cfg.training.max_seq_length)):
+        assert mx.array_equal(default_loss(model, tokens, lengths)[0], loss(model, batch, lengths2)[0])
+    print(f"max |logit diff| {worst_logit}, max |loss diff| {worst_loss}")
+    assert worst_logit == 0.0 and worst_loss == 0.0
+
+
+def test_lora_gradients_equal_uncached_with_dropout(build):
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.tuner.trainer import default_loss
+
+    cfg, s = build()
+    model = s.model
+    model.train()  # dropout 0.1 inside the LoRA layers is live
+    cache = pc.PrefixCache(model, s.train_set, cfg.training.max_seq_length)
+    plain_vg = nn.value_and_grad(model, default_loss)
+    cached_vg = nn.value_and_grad(model, pc.make_cached_loss(cache.first))
+    worst = 0.0
+    for k, g in enumerate(s.train_groups[:6]):
+        tokens, lengths = make_batch(s.train_set, g, cfg.training.max_seq_length)
+        mx.random.seed(100 + k)
+        (l1, _), g1 = plain_vg(model, tokens, lengths)
+        mx.random.seed(100 + k)
+        (l2, _), g2 = cached_vg(model, cache.batch(g, tokens), lengths)
+        diffs = _tree_diffs(g1, g2)
+        assert len(diffs) == 2 * 2 * len(LORA["keys"])  # lora_a and lora_b of each adapted layer
+        worst = max(worst, *diffs, abs(l1.item() - l2.item()))
+    print(f"max |grad or loss diff| with dropout {worst}")
+    assert worst == 0.0
+
+
+def _train(cfg, s, cached: bool, steps: int) -> list[float]:
+    """`steps` optimizer steps the way TrainingLoop._launch queues them (compiled step, RNG reseeded
+    per step, grad_accumulation micro-steps)."""
+    import mlx.core as mx
+    from mlx_lm.tuner.trainer import default_loss
+
+    from farense.train.loop import make_step
+    from farense.train.state import step_seed
+
+    t = cfg.training
+    kw = dict(seed=t.seed, start=position_of(0, len(s.train_groups)), max_seq_length=t.max_seq_length)
+    if cached:
+        cache = pc.PrefixCache(s.model, s.train_set, t.max_seq_length)
+        loss, batches = pc.make_cached_loss(cache.first), pc.cached_train_batches(cache, s.train_groups, **kw)
+    else:
+        loss, batches = default_loss, train_batches(s.train_set, s.train_groups, **kw)
+    step_fn, state = make_step(s.model, s.optimizer, t.grad_accumulation, loss)
+    s.model.train()
+    losses = []
+    for step in range(1, steps + 1):
+        mx.random.seed(step_seed(t.seed, step))
+        grad = None
+        for k in range(t.grad_accumulation):
+            _, (batch, lengths) = next(batches)
+            lvalue, _, grad = step_fn(batch, lengths, grad, k == t.grad_accumulation - 1)
+            mx.eval(state, lvalue, grad)
+            losses.append(lvalue.item())
+    return losses
+
+
+def test_optimizer_steps_with_dropout_give_the_same_adapters(build):
+    steps = 4
+    cfg, plain = build(warmup_steps=0)
+    _, cached = build(warmup_steps=0)
+    assert cfg.lora.dropout > 0
+    assert max(_tree_diffs(plain.model.trainable_parameters(), cached.model.trainable_parameters())) == 0.0
+    l1, l2 = _train(cfg, plain, False, steps), _train(cfg, cached, True, steps)
+    params = _tree_diffs(plain.model.trainable_parameters(), cached.model.trainable_parameters())
+    adam = _tree_diffs(plain.optimizer.state, cached.optimizer.state)
+    print(f"losses {l1}; max |param diff| {max(params)}, max |optimizer state diff| {max(adam)}")
+    assert l1 == l2
+    assert max(params) == 0.0 and max(adam) == 0.0
+    assert l1[0] != l1[-1]  # it trained
+
+
+def test_size_estimate_matches_bytes_held(build):
+    import mlx.core as mx
+
+    cfg, s = build()
+    msl = cfg.training.max_seq_length
+    cache = pc.PrefixCache(s.model, s.train_set, msl)
+    lengths = [len(s.train_set[i][0]) for i in range(len(s.train_set))]
+    members = sorted(i for g in s.train_groups for i in g)  # the ragged tail of batch_groups is never trained
+    expected = pc.estimate_bytes([lengths[i] for i in members], msl, s.model.args.hidden_size, 4)
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    cache.fill(s.train_groups)
+    gc.collect()
+    held = mx.get_active_memory() - before
+    assert len(cache) == len(members)
+    assert cache.nbytes == expected == cache.estimate(members)
+    # Each entry is its own buffer of its real positions: the padded batch it came from is freed. MLX's
+    # buffer cache may serve a request with a freed buffer up to 2 pages larger (here: the prefix's own
+    # intermediates), so what the allocator counts exceeds the payload by at most that per entry.
+    slack = held - expected
+    print(f"estimate {expected} bytes, entries {cache.nbytes}, active memory grew by {held} "
+          f"(+{slack}, {slack / len(cache):.0f} bytes an entry)")
+    assert 0 <= slack <= len(cache) * 2 * 4096
+
+
+def test_auto_rule(build):
+    cfg, s = build()
+    lengths = [len(s.train_set[i][0]) for i in range(len(s.train_set))]
+    msl = cfg.training.max_seq_length
+    size = pc.estimate_bytes(lengths, msl, s.model.args.hidden_size, 4)
+    on = pc.choose_prefix_cache(s.model, "auto", lengths=lengths, max_seq_length=msl, budget_bytes=None)
+    assert on.use and on.first == 2 and on.cache_bytes == size, on.describe()
+    over = pc.choose_prefix_cache(s.model, "auto", lengths=lengths, max_seq_length=msl, budget_bytes=size - 1)
+    assert not over.use and "budget" in over.reason
+    small = pc.choose_prefix_cache(s.model, "auto", lengths=lengths, max_seq_length=msl, budget_bytes=None,
+                                   min_share=0.75)
+    assert not small.use and "pays" in small.reason
+    assert not pc.choose_prefix_cache(s.model, "off", lengths=lengths, max_seq_length=msl, budget_bytes=None).use
+    _, every = build(lora={"num_layers": -1})
+    refused = pc.choose_prefix_cache(every.model, "on", lengths=lengths, max_seq_length=msl, budget_bytes=None)
+    assert not refused.use and "no frozen prefix" in refused.reason
