@@ -47,7 +47,7 @@ def best_seconds(matmul, warm) -> float:
 
 def worker(sizes: list[int]) -> dict:
     """In a fresh interpreter: choose the BLAS as farense does, then time MLX's and numpy's fp32 products."""
-    from farense.blas import ensure_fast_blas
+    from farense.model.blas import ensure_fast_blas
 
     info = ensure_fast_blas()
     import mlx.core as mx

@@ -20,8 +20,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from farense.cleanup import plan_cleanup  # noqa: E402
-from farense.layout import checkpoint_name  # noqa: E402
+from farense.disk.cleanup import plan_cleanup  # noqa: E402
+from farense.run.layout import checkpoint_name  # noqa: E402
 
 
 def make_runs(root: Path, runs: int, checkpoints: int) -> None:

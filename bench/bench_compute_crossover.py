@@ -9,7 +9,7 @@ A dequantized base trades the 4-bit matmul (slow on the device) for bf16 matmuls
 bottleneck and dequantizing wins (the 7B shape: 3.4x); on a tiny one the host is, and it can lose.
 For each shape and step size this prints tokens/s of both, the host time per step (queueing the
 compiled step: MLX building and launching its kernels) and the ratio, with the work per step
-(6 x base parameters x tokens, the FLOPs of forward and backward) that farense.compute's auto rule
+(6 x base parameters x tokens, the FLOPs of forward and backward) that farense.model.compute's auto rule
 reads. Random weights, random tokens: nothing here depends on what is learned. Nothing is asserted.
 """
 
@@ -47,7 +47,7 @@ def build(hidden: int, layers: int, compute: str) -> tuple[Any, int]:
     from mlx_lm.models import llama
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from farense.compute import ComputeChoice, apply_compute, dequantized_size
+    from farense.model.compute import ComputeChoice, apply_compute, dequantized_size
     from farense.train.setup import set_grad_checkpoint
 
     mx.random.seed(0)

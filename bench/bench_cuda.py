@@ -171,8 +171,8 @@ def run_farense_cli(cfg: Any, timeout: float, steps_ahead: int | None = None,
     `steps_ahead`: FARENSE_STEPS_AHEAD for it (None: farense's default); `profile`: run it under
     cProfile, its stats written there."""
     from farense.config import config_to_toml
-    from farense.layout import RunPaths
-    from farense.metrics import read_metrics
+    from farense.run.layout import RunPaths
+    from farense.run.metrics import read_metrics
 
     ws = Path(cfg.workspace)
     ws.mkdir(parents=True, exist_ok=True)
@@ -227,10 +227,10 @@ def farense_figures(fr: dict[str, Any], skip: int) -> dict[str, Any]:
 def run_farense_in_process(cfg: Any) -> dict[str, Any]:
     import mlx.core as mx
 
-    from farense.checkpoint import CheckpointStore
-    from farense.layout import RunPaths
-    from farense.metrics import read_metrics
-    from farense.trainer import run_training
+    from farense.run.checkpoint import CheckpointStore
+    from farense.run.layout import RunPaths
+    from farense.run.metrics import read_metrics
+    from farense.train.runner import run_training
 
     t0 = time.perf_counter()
     res = run_training(cfg, new_run=True, progress_bar=False, log=lambda m: print(f"  farense: {m}", file=sys.stderr))
@@ -251,8 +251,8 @@ def run_farense_in_process(cfg: Any) -> dict[str, Any]:
 def kill_and_resume(cfg: Any, kill_at: int, timeout: float) -> dict[str, Any]:
     """A real `farense train`, SIGKILLed inside step `kill_at`, then started again until it completes."""
     from farense.config import config_to_toml
-    from farense.layout import RunPaths
-    from farense.runstate import read_run_state
+    from farense.run.layout import RunPaths
+    from farense.run.runstate import read_run_state
 
     ws = Path(cfg.workspace)
     ws.mkdir(parents=True, exist_ok=True)
@@ -303,7 +303,7 @@ _MLX_LM_REPORT = re.compile(r"^\s*(\d+)\s+([\d.]+|nan|inf) [\u25bc\u25b2]\s+([\d
 _MLX_LM_VAL = re.compile(r"^\s*(\d+)\s+val\s+([\d.]+|nan|inf)\s+([\d.]+)s")
 # mlx_lm lora's own main, with its peak memory printed at exit (it reports none per step).
 _MLX_LM_MAIN = ("import atexit, os, sys; "
-                "os.environ.get('BENCH_SAME_BLAS') and __import__('farense.blas').blas.ensure_fast_blas(); "
+                "os.environ.get('BENCH_SAME_BLAS') and __import__('farense.model.blas').model.blas.ensure_fast_blas(); "
                 "import mlx.core as mx; "
                 "atexit.register(lambda: print('BENCH-PEAK-MEMORY', mx.get_peak_memory(), flush=True)); "
                 "from mlx_lm.lora import main; sys.argv = ['mlx_lm.lora', *sys.argv[1:]]; "
@@ -315,7 +315,7 @@ def run_mlx_lm(cfg: Any, ws: Path, steps: int, timeout: float, same_blas: bool =
                profile: Path | None = None) -> dict[str, Any]:
     """`mlx_lm lora` (its own main) with the same settings (YAML config: LoRA keys have no flag);
     every output line is timestamped on arrival, which gives its phases. `same_blas`: MLX's CPU
-    backend gets the BLAS farense loads (farense.blas, before mlx is imported), so that on the CPU
+    backend gets the BLAS farense loads (farense.model.blas, before mlx is imported), so that on the CPU
     the two trainers are compared, not two matmul libraries."""
     import yaml
 
@@ -479,7 +479,7 @@ def main() -> int:
     a.checkpoint_every = a.checkpoint_every or max(a.steps // 3, 1)
     a.work.mkdir(parents=True, exist_ok=True)
 
-    from farense.demo import build_demo
+    from farense.model.demo import build_demo
 
     demo = build_demo(a.work / "demo")
     demo_model, demo_data = Path(demo.model), Path(demo.data)
@@ -537,7 +537,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "device": device, "model": label, "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
         "checkpoint_every": a.checkpoint_every, "warmup_steps_excluded": skip, "rounds": rounds,
-        "mlx_lm_blas": ("farense's (farense.blas loaded before mlx)" if same_blas else
+        "mlx_lm_blas": ("farense's (farense.model.blas loaded before mlx)" if same_blas else
                         "its mlx wheel's" if device.startswith("cpu") else None),
         "cold_wall_s": {k: v["wall_s"] for k, v in rounds[0].items()},
     }

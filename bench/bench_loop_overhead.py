@@ -80,8 +80,8 @@ def bare_loops(cfg: Any, steps: int, skip: int) -> dict[str, float]:
     import mlx.core as mx
     from mlx_lm.tuner.trainer import default_loss
 
-    from farense.batching import DataPosition, train_batches
-    from farense.data import validate_data
+    from farense.train.batching import DataPosition, train_batches
+    from farense.train.data import validate_data
     from farense.train.loop import make_step
     from farense.train.setup import set_up
 
@@ -122,7 +122,8 @@ def main() -> int:
     a = ap.parse_args()
 
     import bench_cuda as bc
-    from farense.demo import build_demo
+
+    from farense.model.demo import build_demo
 
     demo = build_demo(a.work / "demo")
     model = Path(demo.model) if a.shape == "demo" else bc.build_random_model(a.work / f"model-{a.shape}",
@@ -133,9 +134,9 @@ def main() -> int:
     skip = max(a.steps // 10, 2)
 
     instrument()
-    from farense.layout import RunPaths
-    from farense.metrics import read_metrics
-    from farense.trainer import run_training
+    from farense.run.layout import RunPaths
+    from farense.run.metrics import read_metrics
+    from farense.train.runner import run_training
 
     run_training(cfg, new_run=True, progress_bar=False, log=lambda m: None)
     rows = read_metrics(RunPaths(cfg.run_dir).metrics_jsonl)

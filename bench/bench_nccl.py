@@ -82,8 +82,8 @@ BACKEND = "nccl"
 def train(cfg: Any, log: Path, *, gpus: int, port: int, rank_timeout: float, new_run: bool,
           env: dict[str, str] | None = None, kill_rank_at: int | None = None, timeout: float = 600) -> dict[str, Any]:
     """One `farense train` job; with kill_rank_at, rank 1 is SIGKILLed inside that step."""
-    from farense.layout import RunPaths
-    from farense.metrics import read_metrics
+    from farense.run.layout import RunPaths
+    from farense.run.metrics import read_metrics
 
     f = write_config(cfg)
     ws = Path(cfg.workspace)
@@ -162,7 +162,7 @@ def main() -> int:
     if a.steps_ahead is not None:
         NCCL_ENV["FARENSE_STEPS_AHEAD"] = str(a.steps_ahead)
 
-    from farense.demo import build_demo
+    from farense.model.demo import build_demo
 
     demo = build_demo(a.work / "demo")
     if a.shape == "demo":

@@ -36,7 +36,7 @@ iters = {iters}
 
 def workspace(root: Path, name: str, iters: int) -> tuple[Path, Path]:
     """A fresh workspace with the demo built (not timed) and the bench config."""
-    from farense.demo import build_demo
+    from farense.model.demo import build_demo
 
     ws = root / name
     build_demo(ws / ".farense" / "tiny")

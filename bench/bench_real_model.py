@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_trainer import ENV, run_farense, run_mlx_lm  # noqa: E402
 
 from farense.config import load_config  # noqa: E402
-from farense.gguf import import_gguf  # noqa: E402
-from farense.smollm2 import build_smollm2_demo, fetch_gguf  # noqa: E402
+from farense.model.gguf import import_gguf  # noqa: E402
+from farense.model.smollm2 import build_smollm2_demo, fetch_gguf  # noqa: E402
 
 
 def bench_config(ws: Path, demo: Path, steps: int, batch: int, accumulation: int):

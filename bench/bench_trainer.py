@@ -26,11 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from farense.config import config_to_toml, load_config  # noqa: E402
-from farense.demo import build_demo  # noqa: E402
-from farense.gguf import resolve_model_dir  # noqa: E402
-from farense.layout import RunPaths  # noqa: E402
-from farense.metrics import read_metrics  # noqa: E402
-from farense.runstate import read_run_state  # noqa: E402
+from farense.model.demo import build_demo  # noqa: E402
+from farense.model.gguf import resolve_model_dir  # noqa: E402
+from farense.run.layout import RunPaths  # noqa: E402
+from farense.run.metrics import read_metrics  # noqa: E402
+from farense.run.runstate import read_run_state  # noqa: E402
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
 
@@ -57,7 +57,7 @@ def run_farense(cfg, ws: Path, env: dict | None = None) -> tuple[float, list[dic
 
 # `python -m mlx_lm lora`, but with farense's fast BLAS loaded first (or not, as FARENSE_BLAS says), so
 # both tools multiply with the same library.
-MLX_LM_LORA = ("import runpy, sys; from farense.blas import ensure_fast_blas; ensure_fast_blas(); "
+MLX_LM_LORA = ("import runpy, sys; from farense.model.blas import ensure_fast_blas; ensure_fast_blas(); "
                "sys.argv = ['mlx_lm.lora', *sys.argv[1:]]; runpy.run_module('mlx_lm.lora', run_name='__main__')")
 
 

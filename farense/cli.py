@@ -12,9 +12,9 @@ import importlib
 import os
 import sys
 
-from .blas import announce, ensure_fast_blas
-from .errors import FarenseError, storage_error
-from .signals import kept_from_new_threads
+from farense.errors import FarenseError, storage_error
+from farense.model.blas import announce, ensure_fast_blas
+from farense.signals import kept_from_new_threads
 
 # Areas in the order `farense --help` lists them; a module that is missing is skipped so that a
 # partial install still answers `--help`.

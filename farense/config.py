@@ -21,8 +21,7 @@ from typing import Any, Callable, Mapping
 
 import orjson
 
-from .compute import COMPUTE_MODES
-from .errors import ConfigError
+from farense.errors import ConfigError
 
 # --------------------------------------------------------------------------- sizes
 
@@ -134,6 +133,10 @@ def _in_range(value: Any) -> bool:
     if isinstance(value, int) and not isinstance(value, bool):
         return INT_MIN <= value <= INT_MAX
     return True
+
+
+# What a quantized base computes in (model.compute); farense.model.compute acts on it.
+COMPUTE_MODES = ("auto", "quantized", "dequantized")
 
 
 @dataclass(frozen=True)
@@ -387,6 +390,7 @@ class ExperimentConfig:
     decision: DecisionConfig
     output: OutputConfig
     workspace: str = "."
+    overlays: tuple[str, ...] = ()  # the overlays applied on top of `source`, in order (--demo, --tiny, ...)
 
     # ---- derived paths (relative paths resolve against the workspace)
 
@@ -459,7 +463,8 @@ class ExperimentConfig:
         data = self.to_dict()
         for sec, values in sections.items():
             data[sec] = {**data[sec], **values}
-        return build_config(data, source=self.source, chain=self.chain, workspace=self.workspace)
+        return build_config(data, source=self.source, chain=self.chain, workspace=self.workspace,
+                            overlays=self.overlays)
 
 
 def _section_dict(obj: Any) -> dict[str, Any]:
@@ -531,6 +536,7 @@ def build_config(
     chain: tuple[str, ...] = (),
     workspace: str | os.PathLike = ".",
     origins: Mapping[str, str] | None = None,
+    overlays: typing.Sequence[str] = (),
 ) -> ExperimentConfig:
     """Typed, validated config from a merged mapping; every problem is reported at once.
 
@@ -577,6 +583,7 @@ def build_config(
         source=source,
         chain=chain,
         workspace=str(workspace),
+        overlays=tuple(overlays),
         **built,
     )
 
@@ -705,7 +712,7 @@ def default_config_dir() -> Path:
 def find_config(name_or_path: str, config_dir: Path | None = None) -> Path:
     """`v2` -> configs/v2.toml; a path is taken as it is."""
     p = Path(name_or_path)
-    if p.suffix == ".toml" or p.is_file() or os.sep in name_or_path:
+    if p.suffix in (".toml", ".json") or p.is_file() or os.sep in name_or_path:
         return p
     d = config_dir or default_config_dir()
     cand = d / f"{name_or_path}.toml"
@@ -737,8 +744,17 @@ def load_config(
     workspace: str | os.PathLike | None = None,
     config_dir: Path | None = None,
 ) -> ExperimentConfig:
-    """Read, merge (extends, then overlays) and validate a config; cheap, imports nothing heavy."""
+    """Read, merge (extends, then overlays) and validate a config; cheap, imports nothing heavy.
+
+    A `.json` path is a config resolved earlier (a run's config.json): it already records its
+    overlays and workspace, so the trainer trains from exactly what the flow checked.
+    """
     path = find_config(str(name_or_path), config_dir)
+    if path.suffix == ".json":
+        if overlays:
+            raise ConfigError(f"a resolved config already records its overlays ({', '.join(overlays)} given again)",
+                              source=str(path))
+        return config_from_json(path, workspace=workspace)
     merged, chain, origins = _load_merged(path, ())
     merged.setdefault("name", path.stem)
     for ov in overlays:
@@ -749,7 +765,8 @@ def load_config(
         chain += ochain
         origins |= oorigins
     ws = Path(workspace) if workspace is not None else current_workspace()
-    return build_config(merged, source=str(path), chain=chain, workspace=ws.resolve(), origins=origins)
+    return build_config(merged, source=str(path), chain=chain, workspace=ws.resolve(), origins=origins,
+                        overlays=overlays)
 
 
 def current_workspace() -> Path:
@@ -772,7 +789,9 @@ def config_from_json(path: Path, *, workspace: str | os.PathLike | None = None) 
     ws = workspace if workspace is not None else str(meta.get("workspace", "."))
     chain = meta.get("chain")
     chain = tuple(str(c) for c in chain) if isinstance(chain, list) else ()
-    return build_config(data, source=str(meta.get("source", path)), chain=chain, workspace=ws)
+    overlays = meta.get("overlays")
+    overlays = tuple(str(o) for o in overlays) if isinstance(overlays, list) else ()
+    return build_config(data, source=str(meta.get("source", path)), chain=chain, workspace=ws, overlays=overlays)
 
 
 def config_to_json(config: ExperimentConfig) -> bytes:
@@ -780,6 +799,7 @@ def config_to_json(config: ExperimentConfig) -> bytes:
     payload["_meta"] = {
         "source": config.source,
         "chain": list(config.chain),
+        "overlays": list(config.overlays),
         "workspace": config.workspace,
         "fingerprint": config.fingerprint,
     }
@@ -834,62 +854,9 @@ __all__ = [
     "parse_size",
     "format_size",
     "check_world_size",
+    "COMPUTE_MODES",
 ]
 
-
-
-def check_model_path(config: ExperimentConfig) -> list[str]:
-    """Problems with the model location, found without loading anything."""
-    if config.model_is_local:
-        p = Path(config.model_path)
-        if p.suffix.lower() == ".gguf":
-            return _gguf_problems(config, p)
-        if not p.is_dir():
-            return [f"model.path: model directory not found: {p} (for the demo model run `farense demo init`)"]
-        if not (p / "config.json").exists():
-            return [f"model.path: {p} has no config.json (expected a Hugging Face layout model directory)"]
-        if not any(p.glob("*.safetensors")):
-            return [f"model.path: {p} has no *.safetensors weights"]
-        return _layer_count_problems(config, p / "config.json")
-    return _hub_model_problems(config)
-
-
-def _gguf_problems(config: ExperimentConfig, p: Path) -> list[str]:
-    """A .gguf model.path: the file's header is read (no weights) for its architecture, types and layers."""
-    if not p.is_file():
-        return [f"model.path: GGUF file not found: {p}"]
-    from .gguf import gguf_problems
-
-    return gguf_problems(p, config.lora.num_layers)
-
-
-def _layer_count_problems(config: ExperimentConfig, model_config: Path) -> list[str]:
-    """lora.num_layers against the model's layer count, read from its config.json (no weights)."""
-    try:
-        layers = orjson.loads(model_config.read_bytes()).get("num_hidden_layers")
-    except (OSError, orjson.JSONDecodeError, AttributeError):
-        return [f"model.path: {model_config} is not a readable JSON object"]
-    if isinstance(layers, int) and config.lora.num_layers > layers:
-        return [f"lora.num_layers: requested to train {config.lora.num_layers} layers but the model only has "
-                f"{layers} layers (expected 1..{layers}, or -1 for all)"]
-    return []
-
-
-def _hub_model_problems(config: ExperimentConfig) -> list[str]:
-    """A hub model can only be used offline if it is already in the Hugging Face cache."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(config.model.path, "config.json")
-        except Exception:  # a hub library problem is not the user's config error
-            cached = None
-        if not isinstance(cached, str):
-            return [
-                f"model.path: {config.model.path!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
-                "forbids downloading it"
-            ]
-    return []
 
 
 def check_world_size(config: ExperimentConfig, world_size: int) -> None:
@@ -903,21 +870,3 @@ def check_world_size(config: ExperimentConfig, world_size: int) -> None:
             f"expected a multiple of {world_size}",
             source=config.source,
         )
-
-
-def check_inputs(config: ExperimentConfig) -> None:
-    """Fail before any heavy work if the model or the data files are missing, or the run would nest in another."""
-    problems = check_model_path(config)
-    d = config.data_dir
-    if not d.is_dir():
-        problems.append(f"data.dir: directory not found: {d} (expected train.jsonl, valid.jsonl, test.jsonl)")
-    else:
-        for split in ("train", "valid"):
-            if not (d / f"{split}.jsonl").exists():
-                problems.append(f"data.dir: {d / (split + '.jsonl')} not found (the {split} split is required)")
-    from .runstate import run_placement_problem
-
-    if (placement := run_placement_problem(config.run_dir, workspace=config.workspace)) is not None:
-        problems.append(f"output.run_name: {placement}")
-    if problems:
-        raise ConfigError(problems, source=config.source)

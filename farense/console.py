@@ -59,3 +59,17 @@ def human_value(value: object, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def format_duration(seconds: float | None) -> str:
+    """'45s', '12m05s', '3h07m', '2d04h': short enough for a table cell."""
+    if seconds is None:
+        return "-"
+    s = int(round(max(seconds, 0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"

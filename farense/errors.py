@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 
-from .outcome import ExitCode, retryable
+from farense.codes import ExitCode, retryable
 
 
 class FarenseError(Exception):

@@ -14,7 +14,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only annotations: outcome.py and summary.py import this module, and config imports them
-    from .config import EarlyStoppingConfig, OverfittingConfig
+    from farense.config import EarlyStoppingConfig, OverfittingConfig
 
 
 class GapStatus(str, Enum):
@@ -102,6 +102,15 @@ class EarlyStoppingState:
         return cls(**d)
 
 
+def improves_best(val_loss: float | None, best_so_far: float | None) -> bool:
+    """The one definition of "best": the lowest validation loss, the earlier step winning a tie.
+
+    The best adapters, the best checkpoint (retention keeps it) and cleanup's reading of the
+    manifests all follow it.
+    """
+    return val_loss is not None and (best_so_far is None or val_loss < best_so_far)
+
+
 def observe_validation(
     state: EarlyStoppingState, step: int, val_loss: float, cfg: EarlyStoppingConfig
 ) -> tuple[EarlyStoppingState, bool]:
@@ -111,7 +120,7 @@ def observe_validation(
     last improving loss) by more than min_delta, so tiny gains cannot creep the reference down;
     the best adapters follow the lowest loss seen. Patience 0 never stops.
     """
-    is_best = state.best_val_loss is None or val_loss < state.best_val_loss
+    is_best = improves_best(val_loss, state.best_val_loss)
     improved = state.reference_val_loss is None or val_loss < state.reference_val_loss - cfg.min_delta
     waited = 0 if improved else state.evaluations_without_improvement + 1
     new = replace(

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-
 # SIGHUP: the terminal or ssh session that started the run went away; stop as resumable, like SIGTERM.
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 

@@ -16,10 +16,16 @@ from datetime import datetime
 
 from prefect import flow, get_run_logger, tags
 
-from farense.campaign import CampaignDecision, CampaignEntry, decision_path_of
-
+from farense.model.demos import overlays_for
+from farense.release.campaign import CampaignDecision, CampaignEntry, decision_path_of
+from farense.train.inputs import write_resolved_config
 from flows.pipeline import PipelineResult, training_flow
-from tasks.campaign import BaseEvaluation, campaign_decide_task, evaluate_base_task, winner_decision
+from tasks.campaign import (
+    BaseEvaluation,
+    campaign_decide_task,
+    evaluate_base_task,
+    winner_decision,
+)
 from tasks.common import TASK_TAG, tag_flow_run
 from tasks.inputs import check_inputs_task
 from tasks.notify import NotifyResult, notify_task
@@ -68,14 +74,16 @@ def campaign_flow(
         log.info(f"stage {stage}: {timings[stage]:.1f} s")
 
     tag_flow_run(TASK_TAG, "training", "campaign")
-    cfgs = [check_inputs_task(c, demo, workspace) for c in configs]  # every config, before any training
+    # Every config resolved and checked before any training; each pipeline trains from that resolved file.
+    cfgs = [check_inputs_task(c, overlays_for(demo), workspace) for c in configs]
+    resolved = [str(write_resolved_config(c)) for c in cfgs]
     lap("check inputs")
     with tags("farense", "campaign"):
         base = evaluate_base_task(cfgs[0])
         lap("base model evaluation")
         runs: list[PipelineResult] = []
-        for i, config in enumerate(configs):
-            runs.append(training_flow(config=config, demo=demo, workspace=workspace, promote=False, notify=False,
+        for i, config in enumerate(resolved):
+            runs.append(training_flow(config=config, workspace=workspace, promote=False, notify=False,
                                       compare_with=configs[i - 1] if i else "production"))
             lap(f"{cfgs[i].name} pipeline")
         entries = [CampaignEntry(c.name, r.run_dir, decision_path_of(r.run_dir)) for c, r in zip(cfgs, runs)]

@@ -11,8 +11,12 @@ from datetime import datetime
 
 from prefect import flow
 
-from tasks.disk import CleanupResult, cleanup_task
-from tasks.common import TASK_TAG, load_experiment, tag_flow_run
+from farense.config import load_config
+from farense.model.demos import overlays_for
+from tasks.common import TASK_TAG, tag_flow_run
+from farense.disk.cleanup import CleanupResult
+
+from tasks.disk import cleanup_task
 
 MAINTENANCE_FLOW = "farense-maintenance"
 
@@ -34,7 +38,7 @@ def maintenance_flow(
 ) -> CleanupResult:
     """Clean the runs directory of `config` by its retention policy (dry_run: only report; older_than_days:
     None for the config's checkpoint.cleanup_after_days)."""
-    cfg = load_experiment(config, demo=demo, workspace=workspace)
+    cfg = load_config(config, overlays=list(overlays_for(demo)), workspace=workspace)
     tag_flow_run(TASK_TAG, "maintenance", f"config:{cfg.name}")
     return cleanup_task(cfg, dry_run=dry_run, older_than_days=older_than_days)
 

@@ -20,13 +20,15 @@ from typing import Any
 from prefect import flow, get_run_logger, tags
 
 from farense.config import ExperimentConfig
-from farense.decision import PRODUCTION
+from farense.disk.cleanup import CleanupResult
 from farense.errors import ResumeLimitReached
-from farense.outcome import TrainingOutcome
-
+from farense.model.demos import DEMO_OVERLAYS, demo_overlay, overlays_for
+from farense.release.decision import PRODUCTION
+from farense.run.layout import RESOLVED_CONFIG_FILE
+from farense.run.outcome import TrainingOutcome
 from tasks.common import TASK_TAG, tag_flow_run
 from tasks.decide import DecisionResult, decide_task
-from tasks.disk import CleanupResult, PreflightResult, cleanup_task, preflight_task
+from tasks.disk import PreflightResult, cleanup_task, preflight_task
 from tasks.evaluate import EvaluationResult, evaluate_task
 from tasks.inputs import check_inputs_task
 from tasks.notify import NotifyResult, notify_task, send_notification
@@ -56,9 +58,8 @@ def training_run_name() -> str:
     from prefect.runtime import flow_run
 
     p = flow_run.parameters
-    name = Path(str(p.get("config", "v2"))).stem
-    from farense.demo import demo_overlay
-
+    config = Path(str(p.get("config", "v2")))
+    name = config.parent.name if config.name == RESOLVED_CONFIG_FILE else config.stem  # a campaign's resolved file
     demo = f"-{demo_overlay(p.get('demo'))}" if p.get("demo") else ""
     resume = f"-resume{p['resume_attempt']}" if p.get("resume_attempt") else ""
     return f"{name}{demo}-{datetime.now():%Y-%m-%d-%H%M}{resume}"
@@ -74,11 +75,9 @@ def refuse_endless_resumes(resume_attempt: int, max_resume_attempts: int) -> Non
         )
 
 
-def _tag_flow_run(config: ExperimentConfig, demo: bool | str) -> None:
+def _tag_flow_run(config: ExperimentConfig) -> None:
     """Tags in the UI, as the deployments give them: farense, training, which config, which demo model."""
-    from farense.demo import demo_overlay
-
-    tag_flow_run(TASK_TAG, "training", f"config:{config.name}", *([demo_overlay(demo)] if demo else []))
+    tag_flow_run(TASK_TAG, "training", f"config:{config.name}", *[o for o in config.overlays if o in DEMO_OVERLAYS])
 
 
 def completion_message(cfg: ExperimentConfig, t: TrainingOutcome, e: EvaluationResult, d: DecisionResult,
@@ -139,17 +138,17 @@ def training_flow(
     "v1"), promote it if the rules allow and `promote` is set, and say how it went (unless `notify`
     is off: a campaign tells once, at its end)."""
     refuse_endless_resumes(resume_attempt, max_resume_attempts)
-    cfg = check_inputs_task(config, demo, workspace, compare_with)
-    _tag_flow_run(cfg, demo)
+    cfg = check_inputs_task(config, overlays_for(demo), workspace, compare_with)
+    _tag_flow_run(cfg)
     if resume_attempt:
         get_run_logger().info(f"resume attempt {resume_attempt} of {max_resume_attempts} after a crash")
 
     with tags("farense", f"config:{cfg.name}"):
         preflight = preflight_task(cfg)
         cleanup = cleanup_task(cfg)
-        trained = train_model(cfg, demo)
+        trained = train_model(cfg)
         evaluation = evaluate_task(cfg, trained.run_dir)
-        decision = decide_task(cfg, trained.run_dir, compare_with, demo)
+        decision = decide_task(cfg, trained.run_dir, compare_with)
         promotion = promote_task(cfg, trained.run_dir, decision, promote)
         subject, body = completion_message(cfg, trained, evaluation, decision, promotion)
         notification = (notify_task(subject, body, notify_block) if notify

@@ -4,6 +4,6 @@ Importing them loads the fast BLAS before anything imports mlx: the evaluate tas
 flow's own process, which a deployment's worker starts without the farense command.
 """
 
-from farense.blas import announce, ensure_fast_blas
+from farense.model.blas import announce, ensure_fast_blas
 
 announce(ensure_fast_blas())

@@ -8,10 +8,17 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from farense.campaign import (CampaignDecision, CampaignEntry, base_report_path, campaign_markdown, choose_winner,
-                              table_rows, write_campaign)
 from farense.config import ExperimentConfig
-from farense.fsutil import sha256_file
+from farense.release.campaign import (
+    CampaignDecision,
+    CampaignEntry,
+    base_report_path,
+    campaign_markdown,
+    choose_winner,
+    table_rows,
+    write_campaign,
+)
+from farense.run.fsutil import sha256_file
 
 from .common import artifact_key, best_effort, read_json, step
 from .decide import DecisionResult
@@ -27,7 +34,7 @@ class BaseEvaluation:
 @step("evaluate-base-model")
 def evaluate_base_task(config: ExperimentConfig) -> BaseEvaluation:
     """Score the base model without adapters, unless this model was already scored on this test file."""
-    from farense.evaluation import evaluate_base_model
+    from farense.release.evaluation import evaluate_base_model
 
     log = get_run_logger()
     path = base_report_path(config.runs_dir)
@@ -59,7 +66,7 @@ def campaign_decide_task(runs_dir: str, entries: list[CampaignEntry], timings: d
 
 def winner_decision(decision: CampaignDecision) -> DecisionResult:
     """The winner's own decision, in the form the promote task takes."""
-    from farense.decision import read_decision
+    from farense.release.decision import read_decision
 
     d = read_decision(Path(decision.winner_decision or ""))
     return DecisionResult(d.verdict, d.promote, d.preferred, d.ready, None, decision.winner_decision or "",

@@ -12,14 +12,19 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from tenacity import retry, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
+from tenacity import (
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
-from farense.config import ExperimentConfig, load_config
-from farense.fsutil import DISK_FULL_ERRNOS
+from farense.run.fsutil import DISK_FULL_ERRNOS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# ENOSPC, EDQUOT and EIO are never retried (see farense/fsutil.py for why), nor a missing file.
+# ENOSPC, EDQUOT and EIO are never retried (see farense/run/fsutil.py for why), nor a missing file.
 _NOT_TRANSIENT = DISK_FULL_ERRNOS | {errno.ENOENT}
 
 
@@ -88,15 +93,6 @@ def tag_flow_run(*wanted: str) -> None:
             client.update_flow_run(flow_run.id, tags=sorted(current | set(wanted)))
 
     best_effort("tagging the flow run", update)
-
-
-def load_experiment(config: str, *, demo: bool | str = False, workspace: str | None = None) -> ExperimentConfig:
-    """The config as every step sees it: the named file, the demo overlay if asked (True or "demo":
-    the real demo model; "tiny": the tiny random one), the workspace."""
-    from farense.demo import demo_overlay
-
-    overlay = demo_overlay(demo)
-    return load_config(config, overlays=[overlay] if overlay else [], workspace=workspace)
 
 
 def artifact_key(*parts: str) -> str:

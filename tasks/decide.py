@@ -1,6 +1,6 @@
 """Compare the candidate with the incumbent (production, or another run such as V1) and decide.
 
-The rules are farense.decision's (the seed's): gap below max_gap, F1 at least min_f1, F1 not
+The rules are farense.release.decision's (the seed's): gap below max_gap, F1 at least min_f1, F1 not
 meaningfully below the incumbent's. decision.json and comparison.md go into the candidate's
 evaluation directory; the Prefect UI gets the comparison table and the decision as artifacts.
 """
@@ -14,11 +14,17 @@ from typing import Callable
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from farense.config import ExperimentConfig
-from farense.decision import PRODUCTION, compare_and_decide, load_incumbent, report_from_run
-from farense.layout import RunPaths
+from farense.config import ExperimentConfig, load_config
+from farense.release.decision import (
+    PRODUCTION,
+    compare_and_decide,
+    load_incumbent,
+    report_from_run,
+)
+from farense.run.layout import RunPaths
 
-from .common import artifact_key, best_effort, load_experiment, step
+from .common import artifact_key, best_effort, step
+
 
 @dataclass(frozen=True)
 class DecisionResult:
@@ -31,17 +37,18 @@ class DecisionResult:
     failed_rules: tuple[str, ...] = ()
 
 
-def config_run_dir(config: ExperimentConfig, demo: bool | str) -> Callable[[str], Path]:
-    """How a config name given as compare_with becomes a run directory: as this flow resolves configs."""
-    return lambda name: load_experiment(name, demo=demo, workspace=config.workspace).run_dir
+def config_run_dir(config: ExperimentConfig) -> Callable[[str], Path]:
+    """How a config name given as compare_with becomes a run directory: with the overlays and workspace
+    the candidate's resolved config records."""
+    return lambda name: load_config(name, overlays=list(config.overlays), workspace=config.workspace).run_dir
 
 
 @step("compare-and-decide")
-def decide_task(config: ExperimentConfig, run_dir: str, compare_with: str = PRODUCTION, demo: bool | str = False) -> DecisionResult:
+def decide_task(config: ExperimentConfig, run_dir: str, compare_with: str = PRODUCTION) -> DecisionResult:
     """Decide whether the candidate run should replace the incumbent, and publish why."""
     log = get_run_logger()
     candidate = report_from_run(Path(run_dir))
-    incumbent = load_incumbent(compare_with, config.production_dir, config_run_dir(config, demo))
+    incumbent = load_incumbent(compare_with, config.production_dir, config_run_dir(config))
     out = compare_and_decide(incumbent, candidate, config.decision, out_dir=RunPaths(Path(run_dir)).evaluation)
     d = out.decision
     if out.comparison is not None:

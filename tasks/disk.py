@@ -1,6 +1,6 @@
 """Disk steps: the preflight before training and the cleanup of stale checkpoints by policy.
 
-Both are thin over farense.diskguard and farense.cleanup, which never delete what a live run or
+Both are thin over farense.disk.diskguard and farense.disk.cleanup, which never delete what a live run or
 production needs. The preflight already cleans by policy when the run would not fit, and raises
 DiskFull (naming the command that would free more) when even that is not enough.
 """
@@ -14,6 +14,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from farense.config import ExperimentConfig, format_size
+from farense.disk.cleanup import CleanupResult, apply_cleanup, plan_for_config, summary_rows
 from farense.console import markdown_table
 
 from .common import artifact_key, best_effort, step
@@ -30,19 +31,10 @@ class PreflightResult:
     warnings: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class CleanupResult:
-    planned_bytes: int
-    freed_bytes: int
-    deleted: int
-    dry_run: bool
-    errors: tuple[str, ...] = ()
-
-
 @step("disk-preflight")
 def preflight_task(config: ExperimentConfig) -> PreflightResult:
     """Will the run fit on disk? Publishes the preflight table; raises DiskFull when it cannot fit."""
-    from farense.preflight import preflight
+    from farense.disk.preflight import preflight
     from farense.errors import DiskFull
 
     log = get_run_logger()
@@ -64,7 +56,7 @@ def preflight_task(config: ExperimentConfig) -> PreflightResult:
 
 def _preflight_artifact(config: ExperimentConfig, report: Any) -> tuple[int, int]:
     """The preflight's tables in the UI, with a one-line description; returns (needed, free) bytes."""
-    from farense.preflight import render_preflight
+    from farense.disk.preflight import render_preflight
 
     needed = sum(r.needed for r in report.rows)
     free = min((r.free for r in report.rows), default=0)
@@ -78,8 +70,6 @@ def _preflight_artifact(config: ExperimentConfig, report: Any) -> tuple[int, int
 def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_days: float | None = None) -> CleanupResult:
     """Delete stale checkpoints and leftovers under the config's runs directory, by policy
     (finished runs: after the config's checkpoint.cleanup_after_days unless `older_than_days`)."""
-    from farense.cleanup import apply_cleanup, plan_for_config, summary_rows
-
     log = get_run_logger()
     plan = plan_for_config(config, older_than_days=older_than_days)
     rows = summary_rows(plan)
@@ -94,7 +84,7 @@ def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_day
                     description=f"{len(plan.items)} items, {verb} {format_size(plan.total_bytes)}" if plan.items
                     else "nothing to clean")
         log.info(f"cleanup: {len(plan.items)} items, {verb} {format_size(plan.total_bytes)}")
-        return CleanupResult(plan.total_bytes, 0, 0, dry_run)
+        return CleanupResult.not_applied(plan) if dry_run else CleanupResult(planned_bytes=0)
     result = apply_cleanup(plan)
     md += f"\nfreed {format_size(result.bytes_freed)} ({len(result.deleted)} items)\n"
     md += "".join(f"\n- skipped {s.path}: {s.reason}" for s in result.skipped)
@@ -103,4 +93,4 @@ def cleanup_task(config: ExperimentConfig, dry_run: bool = False, older_than_day
     for err in result.errors:
         log.warning(f"cleanup: {err}")
     log.info(f"cleanup freed {format_size(result.bytes_freed)} ({len(result.deleted)} items)")
-    return CleanupResult(plan.total_bytes, result.bytes_freed, len(result.deleted), False, tuple(result.errors))
+    return result

@@ -14,8 +14,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from farense.config import ExperimentConfig
 from farense.console import markdown_table
-from farense.decision import REPORT_NAME
-from farense.layout import RunPaths
+from farense.release.decision import REPORT_NAME
+from farense.run.layout import RunPaths
 
 from .common import artifact_key, best_effort, step
 
@@ -35,7 +35,7 @@ class EvaluationResult:
 
 def existing_evaluation(config: ExperimentConfig, run_dir: Path) -> EvaluationResult | None:
     """The run's report, if it was made from this config and the adapters the run has now."""
-    from farense.evaluation import current_report
+    from farense.release.evaluation import current_report
 
     paths = RunPaths(Path(run_dir))
     report = current_report(config, paths.root)
@@ -49,7 +49,7 @@ def existing_evaluation(config: ExperimentConfig, run_dir: Path) -> EvaluationRe
 @step("evaluate")
 def evaluate_task(config: ExperimentConfig, run_dir: str) -> EvaluationResult:
     """Evaluate the run (or reuse its matching report) and publish the metrics as an artifact."""
-    from farense.evaluation import evaluate_run
+    from farense.release.evaluation import evaluate_run
 
     log = get_run_logger()
     result = existing_evaluation(config, Path(run_dir))

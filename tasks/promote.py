@@ -28,7 +28,7 @@ class PromotionResult:
 @step("promote")
 def promote_task(config: ExperimentConfig, run_dir: str, decision: DecisionResult, requested: bool = True) -> PromotionResult:
     """Promote when asked to and the decision allows it; say why not otherwise."""
-    from farense.promotion import current_release, promote
+    from farense.release.promotion import current_release, promote
 
     log = get_run_logger()
     if not requested:

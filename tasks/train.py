@@ -1,6 +1,6 @@
-"""The training task: farense.training_job runs the trainer; this adds Prefect retries and observability.
+"""The training task: farense.train.supervisor runs the trainer; this adds Prefect retries and observability.
 
-Only failures a retry can cure are retried (farense.outcome decides which); progress becomes a
+Only failures a retry can cure are retried (farense.codes decides which); progress becomes a
 progress artifact, checkpoints become `farense.checkpoint.saved` events, the summary a table.
 """
 
@@ -9,14 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 
-from farense.cleanup import free_space_now
 from farense.config import ExperimentConfig
-from farense.layout import RunPaths
-from farense.outcome import TrainingOutcome
-from farense.summary import TrainingSummary
-from farense.training_job import TrainingWatcher, train_in_subprocess
+from farense.disk.cleanup import free_space_now
+from farense.run.layout import RunPaths
+from farense.run.outcome import TrainingOutcome
+from farense.run.summary import TrainingSummary
+from farense.train.supervisor import TrainingWatcher, train_in_subprocess
 
 from .common import artifact_key, best_effort, step
 
@@ -56,11 +60,11 @@ def _watcher(config: ExperimentConfig, paths: RunPaths, pid: int, log: Any) -> T
 
 @step("train", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.5,
       retry_condition_fn=retry_only_curable, tags=["farense-train"])
-def train_model(config: ExperimentConfig, demo: bool | str = False) -> TrainingOutcome:
+def train_model(config: ExperimentConfig) -> TrainingOutcome:
     """Train or resume `config`; skipped when this exact config already finished training."""
     log = get_run_logger()
     outcome = train_in_subprocess(
-        config, demo=demo, log=log.info, error_log=log.error, free_disk_space=lambda: free_space_now(config),
+        config, log=log.info, error_log=log.error, free_disk_space=lambda: free_space_now(config),
         watcher_for=lambda paths, pid: _watcher(config, paths, pid, log),
         keep_watching=lambda poll: best_effort("watching the run", poll))
     _summary_artifact(config)

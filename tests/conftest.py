@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 
 import pytest
 
-from farense.blas import ensure_fast_blas
+from farense.model.blas import ensure_fast_blas
 
 # As the farense command does, before any test imports mlx: MLX in this process then multiplies
 # with the same BLAS as the `farense` subprocesses the tests start.

@@ -1,4 +1,4 @@
-"""farense.blas: MLX's CPU backend on OpenBLAS through the shim, and every way back to the reference BLAS.
+"""farense.model.blas: MLX's CPU backend on OpenBLAS through the shim, and every way back to the reference BLAS.
 
 Each case runs in a fresh interpreter, since a BLAS can only be chosen before mlx is imported.
 No timings here: bench/bench_blas.py measures the speed.
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from farense.blas import ENV_LIB, ENV_MODE, SHIM_NAME, BlasInfo, thread_env
+from farense.model.blas import ENV_LIB, ENV_MODE, SHIM_NAME, BlasInfo, thread_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,7 +32,7 @@ needs_cc = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), r
 PROBE = """
 import dataclasses, json, sys
 {before}
-from farense import blas
+from farense.model import blas
 info = blas.ensure_fast_blas()
 blas.announce(info)
 import mlx.core as mx
@@ -103,7 +103,7 @@ def test_mlx_multiplies_through_the_shim_and_matches_numpy(cache: Path):
 def test_racing_first_uses_build_one_shim(tmp_path: Path):
     """Processes that start together with an empty cache all get the fast BLAS and leave one file."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("FARENSE_BLAS")}
-    code = "from farense import blas; print(blas.ensure_fast_blas().fast)"
+    code = "from farense.model import blas; print(blas.ensure_fast_blas().fast)"
     procs = [subprocess.Popen([sys.executable, "-c", code], env={**base, "XDG_CACHE_HOME": str(tmp_path)},
                               cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(3)]
     assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["True"] * 3
@@ -181,7 +181,7 @@ def test_the_line_is_printed_once_per_process_tree(tmp_path: Path):
 def test_entry_points_load_it_before_mlx(cache: Path, entry: str):
     """The farense command and the Prefect tasks' package (a deployment's flow process) load it first."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("FARENSE_BLAS")}
-    code = entry + "\nimport mlx.core as mx\nfrom farense import blas\nmx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))\nprint(blas.shim_calls())"
+    code = entry + "\nimport mlx.core as mx\nfrom farense.model import blas\nmx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))\nprint(blas.shim_calls())"
     proc = subprocess.run([sys.executable, "-c", code], env={**base, "XDG_CACHE_HOME": str(cache)},
                           cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr

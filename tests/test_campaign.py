@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from farense.campaign import CampaignEntry, choose_winner, table_rows
-from farense.decision import Decision, Rule, write_decision
+from farense.release.campaign import CampaignEntry, choose_winner, table_rows
+from farense.release.decision import Decision, Rule, write_decision
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def test_a_winner_below_the_f1_threshold_is_not_ready(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_farense_run_two_configs_is_a_campaign_on_the_tiny_model(tmp_path: Path) -> None:
     """`farense run A B`: the base model scored, A and B trained in turn, B decided against A, a table."""
-    from farense.demo import build_demo
+    from farense.model.demo import build_demo
 
     build_demo(tmp_path / ".farense" / "tiny")
     configs = []

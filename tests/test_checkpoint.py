@@ -1,4 +1,4 @@
-"""farense.checkpoint against real files, real fsync, real processes and a real full disk."""
+"""farense.run.checkpoint against real files, real fsync, real processes and a real full disk."""
 
 from __future__ import annotations
 
@@ -15,10 +15,15 @@ import mlx.core as mx
 import orjson
 import pytest
 
-from farense import fsutil
-from farense.checkpoint import CheckpointInfo, CheckpointStore, RetentionPolicy, read_manifest
 from farense.errors import CheckpointCorrupt, DiskFull
-from farense.layout import MANIFEST_NAME, TMP_MARK, checkpoint_name
+from farense.run import fsutil
+from farense.run.checkpoint import (
+    CheckpointInfo,
+    CheckpointStore,
+    RetentionPolicy,
+    read_manifest,
+)
+from farense.run.layout import MANIFEST_NAME, TMP_MARK, checkpoint_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -286,7 +291,7 @@ CRASH_SCRIPT = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from farense.checkpoint import CheckpointStore
+    from farense.run.checkpoint import CheckpointStore
 
     store = CheckpointStore(Path(sys.argv[1]))
     store.save(100, {"state.bin": lambda p: p.write_bytes(b"committed" * 1000)}, {"ok": True})

@@ -1,4 +1,4 @@
-"""farense.cleanup on real directories: the seed's 333 stale checkpoints, active and stale locks,
+"""farense.disk.cleanup on real directories: the seed's 333 stale checkpoints, active and stale locks,
 leftovers, production, old finished runs, the Hugging Face cache and the CLI's dry-run default."""
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from farense.checkpoint import CheckpointStore
-from farense.cleanup import (
+from farense.disk.cleanup import (
     FINISHED_RUN_EXTRAS,
     HF_CACHE,
     OLD_CHECKPOINT,
@@ -24,8 +23,9 @@ from farense.cleanup import (
     apply_cleanup,
     plan_cleanup,
 )
-from farense.fsutil import allocated_bytes
-from farense.layout import RunPaths, checkpoint_name
+from farense.run.checkpoint import CheckpointStore
+from farense.run.fsutil import allocated_bytes
+from farense.run.layout import RunPaths, checkpoint_name
 
 REPO = Path(__file__).resolve().parent.parent
 NOW = 1_750_000_000.0
@@ -72,7 +72,7 @@ def steps_on_disk(run: Path) -> list[int]:
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from farense.locks import RunLock
+    from farense.run.locks import RunLock
     RunLock(sys.argv[1], command="train").acquire()
     print("locked", flush=True)
     time.sleep(60)
@@ -455,7 +455,7 @@ def test_cleanup_frees_space_on_a_disk_that_is_100_percent_full(tmpfs_2m: Path) 
 def test_delete_when_even_a_rename_needs_space_removes_the_manifest_first(tmp_path: Path, monkeypatch) -> None:
     import errno
 
-    import farense.cleanup as cleanup_mod
+    import farense.disk.cleanup as cleanup_mod
 
     runs = tmp_path / "runs"
     make_run(runs / "r", [100, 200], best=None)

@@ -1,11 +1,17 @@
-"""farense.compute: which dtype a (quantized) base computes in, and dequantizing it once at load."""
+"""farense.model.compute: which dtype a (quantized) base computes in, and dequantizing it once at load."""
 
 from __future__ import annotations
 
 import pytest
 
-from farense.compute import ComputeChoice, apply_compute, choose_compute, dequantized_size, resolve_compute
 from farense.config import load_config
+from farense.model.compute import (
+    ComputeChoice,
+    apply_compute,
+    choose_compute,
+    dequantized_size,
+    resolve_compute,
+)
 
 GB = 10**9
 
@@ -32,7 +38,7 @@ def test_auto_on_a_gpu_keeps_the_stored_dtype():
 
 
 def test_auto_plans_for_the_steps_activations_measured_on_the_7b_shape():
-    from farense.compute import activation_bytes
+    from farense.model.compute import activation_bytes
 
     step = activation_bytes(4 * 512, 4096, 32)  # batch 4 x 512 tokens, Mistral-7B's hidden size and depth
     assert 11 * GB < step < 14 * GB  # measured on an H200: 26.4 GB peak beside a 14.5 GB base
@@ -45,7 +51,7 @@ def test_auto_plans_for_the_steps_activations_measured_on_the_7b_shape():
 
 def test_auto_on_a_gpu_keeps_a_small_steps_base_quantized():
     """Measured on one H100: dequantizing loses (0.77-0.90x) up to 3.1e12 FLOPs per step, wins from 6.2e12."""
-    from farense.compute import DEQUANTIZE_MIN_STEP_FLOPS, step_flops
+    from farense.model.compute import DEQUANTIZE_MIN_STEP_FLOPS, step_flops
 
     gpu = dict(device="gpu", dequantized_bytes=15 * GB, memory_bytes=80 * GB)
     seven_b = step_flops(7_250_000_000, 4 * 512)

@@ -16,7 +16,6 @@ from farense.config import (
     ExperimentConfig,
     Size,
     build_config,
-    check_inputs,
     check_world_size,
     config_from_json,
     config_to_json,
@@ -29,6 +28,7 @@ from farense.config import (
     parse_size,
 )
 from farense.errors import ConfigError
+from farense.train.inputs import check_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -557,8 +557,9 @@ def test_loading_a_config_and_validating_data_imports_nothing_heavy(write_config
     path = write_config()
     code = textwrap.dedent(f"""
         import sys
-        from farense.config import load_config, check_inputs
-        from farense.data import validate_data
+        from farense.config import load_config
+        from farense.train.inputs import check_inputs
+        from farense.train.data import validate_data
         cfg = load_config({str(path)!r})
         check_inputs(cfg)
         validate_data(cfg)
@@ -574,8 +575,9 @@ def test_check_inputs_refuses_more_lora_layers_than_the_model_has(write_config, 
     """Found from config.json before any weight is loaded (mlx-lm finds it only after loading)."""
     import json
 
-    from farense.config import check_inputs, load_config
+    from farense.config import load_config
     from farense.errors import ConfigError
+    from farense.train.inputs import check_inputs
 
     (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4}))
     cfg = load_config(write_config({"lora": {"num_layers": 16}}), workspace=tmp_path)
@@ -597,3 +599,39 @@ def test_a_run_is_never_created_inside_another_run_or_around_one(write_config, t
     with pytest.raises(ConfigError, match=r"would lie inside the run .*runs/solo"):
         check_inputs(inner)
     check_inputs(load_config(write_config({"output": {"runs_dir": str(runs / "demo"), "run_name": "v3"}})))
+
+
+# --------------------------------------------------------------------------- resolved once per run
+
+
+def test_the_config_records_its_overlays_and_the_resolved_file_is_what_trains(write_config, tmp_path):
+    """The flow resolves once; the trainer child reads the resolved file, so an edit of the TOML
+    between the check and the training changes nothing, overlays included."""
+    from farense.train.inputs import write_resolved_config
+    from farense.train.supervisor import trainer_command
+
+    toml = write_config({"training": {"learning_rate": 3e-4}, "output": {"runs_dir": str(tmp_path / "runs")}})
+    checked = load_config(toml, overlays=["tiny"], workspace=tmp_path)
+    assert checked.overlays == ("tiny",)
+    resolved = write_resolved_config(checked)
+    assert resolved == checked.run_dir / "config.resolved.json"
+    toml.write_text(toml.read_text().replace("3e-4", "9e-4").replace("0.0003", "0.0009"))
+    assert load_config(toml, workspace=tmp_path).training.learning_rate == 9e-4  # the file did change
+    trained = load_config(resolved)
+    assert trained == checked and trained.fingerprint == checked.fingerprint
+    assert trained.training.learning_rate == 3e-4 and trained.overlays == ("tiny",)
+    argv = trainer_command(checked, tmp_path / "result.json")
+    assert argv[argv.index("train") + 1] == str(resolved) and "--overlay" not in argv
+
+
+def test_a_resolved_config_refuses_overlays_given_again(write_config, tmp_path):
+    resolved = write_config_resolved(write_config, tmp_path)
+    with pytest.raises(ConfigError, match="already records its overlays"):
+        load_config(resolved, overlays=["tiny"])
+
+
+def write_config_resolved(write_config, tmp_path) -> Path:
+    from farense.train.inputs import write_resolved_config
+
+    toml = write_config({"output": {"runs_dir": str(tmp_path / "runs")}})
+    return write_resolved_config(load_config(toml, overlays=["tiny"], workspace=tmp_path))

@@ -1,4 +1,4 @@
-"""farense.data: the mlx-lm formats, and problems reported with file:line before training starts."""
+"""farense.train.data: the mlx-lm formats, and problems reported with file:line before training starts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from farense.config import load_config
-from farense.data import count_too_long, data_fingerprint, validate_data
 from farense.errors import ConfigError, DataError
+from farense.train.data import count_too_long, data_fingerprint, validate_data
 
 CHAT = {"messages": [{"role": "user", "content": "Olá?"}, {"role": "assistant", "content": "Olá!"}]}
 COMPLETION = {"prompt": "2+2=", "completion": "4"}

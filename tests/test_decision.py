@@ -15,10 +15,10 @@ import orjson
 import pytest
 
 import farense
-from farense import decision as decision_mod
 from farense.config import DecisionConfig, config_to_json, load_config
-from farense.fsutil import sha256_file
-from farense.decision import (
+from farense.errors import FarenseError
+from farense.release import decision as decision_mod
+from farense.release.decision import (
     TOLERANCE,
     Decision,
     RunReport,
@@ -30,8 +30,7 @@ from farense.decision import (
     report_from_run,
     write_decision,
 )
-from farense.errors import FarenseError
-from farense.fsutil import sha256_file
+from farense.run.fsutil import sha256_file
 
 CONFIG_DIR = Path(farense.__file__).resolve().parent.parent / "configs"
 T = DecisionConfig(max_gap=0.15, min_f1=0.93, max_f1_drop=0.01)

@@ -1,4 +1,4 @@
-"""farense.demo: the offline demo model and the shipped sample data.
+"""farense.model.demo: the offline demo model and the shipped sample data.
 
 One real build per session (under a second); tests that damage a build work on a copy of it.
 """
@@ -14,9 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from farense import demo
-from farense.demo import DEMO_VERSION, MARKER_NAME, SPLITS, DemoPaths, build_demo, existing_demo
 from farense.errors import FarenseError
+from farense.model import demo
+from farense.model.demo import (
+    DEMO_VERSION,
+    MARKER_NAME,
+    SPLITS,
+    DemoPaths,
+    build_demo,
+    existing_demo,
+)
 
 ACCENTED = "Onde fica o Estádio de São Luís? Açores, coração, ênfase, à noite, pão."
 
@@ -211,8 +218,8 @@ def test_shipped_data_is_chat_jsonl_with_enough_pairs():
 
 
 def test_shipped_data_passes_farense_validation(tmp_path: Path):
-    from farense.data import read_split
     from farense.config import DataConfig
+    from farense.train.data import read_split
 
     problems: list[str] = []
     for split in SPLITS:
@@ -256,6 +263,6 @@ def test_demo_init_command_reports_what_and_where(copy_of: DemoPaths, capsys: py
 
 
 def test_demo_module_does_not_import_prefect_or_mlx_at_import_time():
-    code = "import sys, farense.demo; print(sorted(m for m in ('prefect', 'mlx', 'mlx_lm') if m in sys.modules))"
+    code = "import sys, farense.model.demo; print(sorted(m for m in ('prefect', 'mlx', 'mlx_lm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

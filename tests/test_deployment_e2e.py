@@ -18,8 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from prefect_harness import REPO, PrefectAPI, quiet_env, start_server, start_webhook_listener, start_worker, wait_for
+from prefect_harness import (
+    REPO,
+    PrefectAPI,
+    quiet_env,
+    start_server,
+    start_webhook_listener,
+    start_worker,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -84,7 +91,7 @@ class Stack:
     test; everything it started is stopped by PID on exit."""
 
     def __init__(self, tmp_path: Path, *setup_args: str, **env: str):
-        from farense.demo import build_demo
+        from farense.model.demo import build_demo
 
         self.tmp = tmp_path
         self.workspace, self.logs = tmp_path / "workspace", tmp_path / "logs"

@@ -13,11 +13,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from farense.checkpoint import CheckpointStore
+from farense.codes import RunState
 from farense.errors import DiskFull
-from farense.layout import RunPaths
-from farense.runstate import RunState
-from farense.trainer import run_training
+from farense.run.checkpoint import CheckpointStore
+from farense.run.layout import RunPaths
+from farense.train.runner import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

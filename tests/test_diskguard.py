@@ -1,4 +1,4 @@
-"""farense.diskguard and farense.estimate: every watermark's action with an injected usage function,
+"""farense.disk.diskguard and farense.disk.estimate: every watermark's action with an injected usage function,
 hysteresis, flood writing nothing, a real tmpfs, the preflight, and the estimate against a real
 checkpoint written by the trainer on the demo model."""
 
@@ -14,19 +14,19 @@ from typing import Callable
 import orjson
 import pytest
 
-from farense import fsutil
-from farense.checkpoint import CheckpointStore, RetentionPolicy
 from farense.config import DiskConfig, ExperimentConfig, Size, load_config
-from farense.diskguard import (
+from farense.disk.diskguard import (
     DiskGuard,
     Level,
     RunDiskGuard,
     Usage,
     disk_usage,
 )
-from farense.preflight import preflight, render_preflight
+from farense.disk.estimate import ModelShape, checkpoint_sizes, estimate_run
+from farense.disk.preflight import preflight, render_preflight
 from farense.errors import DiskFull
-from farense.estimate import ModelShape, checkpoint_sizes, estimate_run
+from farense.run import fsutil
+from farense.run.checkpoint import CheckpointStore, RetentionPolicy
 
 REPO = Path(__file__).resolve().parent.parent
 GB = 10**9
@@ -281,7 +281,7 @@ def test_lora_estimate_matches_mlx_lm_exactly_for_dora_and_qlora(tmp_path: Path)
 
 def test_estimate_is_within_10_percent_of_a_real_checkpoint(make_config: Callable[..., ExperimentConfig]) -> None:
     """The trainer writes a real checkpoint of the demo model; the guard saw the estimate first."""
-    from farense.trainer import run_training
+    from farense.train.runner import run_training
 
     cfg = make_config(training={"iters": 2, "warmup_steps": 0}, validation={"every_steps": 2},
                       checkpoint={"every_steps": 2, "keep_last": 1})

@@ -16,8 +16,12 @@ from pathlib import Path
 import orjson
 import psutil
 import pytest
+from training_fixtures import REPO, SHORT, farense_env, write_config_file
 
-from farense.distributed import (
+from farense.codes import ExitCode
+from farense.errors import ConfigError
+from farense.run.outcome import job_exit_code
+from farense.train.distributed import (
     DEFAULT_PORT,
     ENV_RANK_GPUS,
     LaunchSpec,
@@ -30,9 +34,6 @@ from farense.distributed import (
     spec_defaults_from_env,
     stop_on_stdin,
 )
-from farense.errors import ConfigError
-from farense.outcome import ExitCode, job_exit_code
-from training_fixtures import REPO, SHORT, farense_env, write_config_file
 
 # --------------------------------------------------------------------------- the launcher's rules
 
@@ -126,7 +127,7 @@ def test_a_rank_pins_its_gpu_from_the_launchers_table_and_nothing_else_does():
 def test_the_rank_command_pins_its_gpu_before_mlx_is_imported():
     """The GPU must be chosen before CUDA initialises: the rank's path to pin_rank_gpu imports no mlx."""
     code = ("import sys; from farense.cli import build_parser; import farense.commands.train as t; "
-            "import farense.distributed, farense.signals, farense.config; "
+            "import farense.train.distributed, farense.signals, farense.config; "
             "print('mlx.core' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
@@ -147,7 +148,7 @@ def test_an_exception_in_a_rank_is_a_failure_and_a_lost_peer_is_resumable():
 def test_collectives_run_on_the_cpu_stream_except_under_nccl(monkeypatch):
     import mlx.core as mx
 
-    from farense.distributed import collective_stream, nccl_backend
+    from farense.train.distributed import collective_stream, nccl_backend
 
     monkeypatch.delenv("NCCL_HOST_IP", raising=False)
     assert not nccl_backend() and collective_stream() == mx.cpu
@@ -159,7 +160,7 @@ def test_collectives_run_on_the_cpu_stream_except_under_nccl(monkeypatch):
 def test_a_killed_rank_stops_the_job_after_a_short_grace_not_the_rank_time_out():
     """NCCL ranks wait for a dead peer until their own time-out: once a rank is reported killed,
     the launcher ends the rest after death_grace seconds."""
-    from farense.distributed import supervise
+    from farense.train.distributed import supervise
 
     fake_launch = ("import sys, time; print('[WARN] Node with rank 1 exited with code -9', file=sys.stderr, "
                    "flush=True); time.sleep(60)")
@@ -322,8 +323,8 @@ def _finish(cfg_file: Path, ws: Path, log: Path) -> dict:
 
 def _outcome(ws: Path) -> dict:
     from farense.config import load_config
-    from farense.layout import RunPaths
-    from farense.metrics import read_metrics
+    from farense.run.layout import RunPaths
+    from farense.run.metrics import read_metrics
 
     paths = RunPaths(load_config(ws / "v2.toml", workspace=ws).run_dir)
     return {
@@ -348,7 +349,7 @@ def reference(tmp_path_factory, demo_dir):
 
 def _paths(ws: Path):
     from farense.config import load_config
-    from farense.layout import RunPaths
+    from farense.run.layout import RunPaths
 
     return RunPaths(load_config(ws / "v2.toml", workspace=ws).run_dir)
 
@@ -412,8 +413,8 @@ def test_a_hung_rank_stops_the_job_within_the_time_out_and_the_retry_is_byte_ide
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step_and_loses_none(tmp_path, demo_dir, reference):
-    from farense.checkpoint import CheckpointStore
-    from farense.metrics import read_metrics
+    from farense.run.checkpoint import CheckpointStore
+    from farense.run.metrics import read_metrics
 
     ws = tmp_path
     cfg = _config(ws, demo_dir)

@@ -13,7 +13,7 @@ import pytest
 
 from farense.config import load_config
 from farense.errors import DataError, FarenseError
-from farense.evaluation import (
+from farense.release.evaluation import (
     EvaluationSummary,
     evaluate_run,
     load_test_examples,
@@ -21,8 +21,8 @@ from farense.evaluation import (
     report_fingerprint,
     summary_csv_bytes,
 )
-from farense.plots import plot_f1_distribution, plot_loss_curves
-from farense.textmetrics import token_scores
+from farense.release.textmetrics import token_scores
+from farense.run.plots import plot_f1_distribution, plot_loss_curves
 
 REPO = Path(__file__).resolve().parent.parent
 N_EXAMPLES = 4
@@ -53,7 +53,7 @@ def demo_config(workspace: Path, demo_dir: Path, **sections):
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, demo_dir):
     """One briefly trained demo run (farense's trainer, 20 steps), evaluated on the first test examples."""
-    from farense.trainer import run_training
+    from farense.train.runner import run_training
 
     ws = tmp_path_factory.mktemp("eval-ws")
     cfg = demo_config(ws, demo_dir)
@@ -105,8 +105,8 @@ def test_real_evaluation_writes_report_csv_and_plots(evaluated):
 def test_test_loss_is_mlx_lm_loss_over_the_test_examples(evaluated):
     from mlx_lm.tuner.trainer import evaluate
 
-    from farense.data import make_datasets
-    from farense.evaluation import load_model
+    from farense.release.evaluation import load_model
+    from farense.train.data import make_datasets
 
     cfg, run, s = evaluated
     model, tokenizer = load_model(cfg, run / "adapters")
@@ -140,8 +140,8 @@ def test_evaluated_run_goes_through_decision_and_promotion(evaluated, tmp_path):
     """The evaluated run's files are what decide and promote read; the release's adapters load."""
     from mlx_lm import load
 
-    from farense.decision import compare_and_decide, report_from_run
-    from farense.promotion import current_release, promote
+    from farense.release.decision import compare_and_decide, report_from_run
+    from farense.release.promotion import current_release, promote
 
     cfg, run, _ = evaluated
     out = compare_and_decide(None, report_from_run(run), cfg.decision, out_dir=run / "evaluation")

@@ -116,7 +116,7 @@ def test_farense_run_is_the_whole_pipeline_without_a_server(tmp_path: Path) -> N
     import subprocess
     import sys
 
-    from farense.demo import build_demo
+    from farense.model.demo import build_demo
 
     build_demo(tmp_path / ".farense" / "tiny")
     config = tmp_path / "short.toml"
@@ -149,8 +149,8 @@ def test_farense_run_is_the_whole_pipeline_without_a_server(tmp_path: Path) -> N
 )
 def test_only_failures_a_retry_can_cure_are_retried(code: int, retryable: bool) -> None:
     from farense.errors import TrainingFailed
-    from farense.outcome import TrainingOutcome
-    from farense.training_job import judge_exit
+    from farense.run.outcome import TrainingOutcome
+    from farense.train.supervisor import judge_exit
     from tasks.train import retry_only_curable
 
     failure = judge_exit(code, TrainingOutcome.failure("run", code, "detail", "E", False), [], lambda: 1)
@@ -172,9 +172,8 @@ def test_already_trained_needs_a_finished_run_with_the_same_fingerprint(write_co
     import orjson
 
     from farense.config import load_config
-    from farense.training_job import already_trained
-
-    from farense.data import data_fingerprint
+    from farense.train.data import data_fingerprint
+    from farense.train.supervisor import already_trained
 
     cfg = load_config(write_config(), workspace=tmp_path)
     cfg.run_dir.mkdir(parents=True)
@@ -194,8 +193,8 @@ def test_already_trained_needs_a_finished_run_with_the_same_fingerprint(write_co
 def test_the_watcher_follows_a_resumed_run(tmp_path: Path) -> None:
     import orjson
 
-    from farense.layout import RunPaths, checkpoint_name
-    from farense.training_job import TrainingWatcher
+    from farense.run.layout import RunPaths, checkpoint_name
+    from farense.train.supervisor import TrainingWatcher
 
     paths = RunPaths(tmp_path / "run")
     (paths.checkpoints / checkpoint_name(10)).mkdir(parents=True)
@@ -223,8 +222,12 @@ def test_the_watcher_follows_a_resumed_run(tmp_path: Path) -> None:
 def test_the_progress_bar_moves_every_few_percent_not_every_poll(tmp_path: Path) -> None:
     import orjson
 
-    from farense.layout import RunPaths
-    from farense.training_job import PROGRESS_MAX_SECONDS, TrainingWatcher, progress_due
+    from farense.run.layout import RunPaths
+    from farense.train.supervisor import (
+        PROGRESS_MAX_SECONDS,
+        TrainingWatcher,
+        progress_due,
+    )
 
     assert progress_due(0.0, None, 0) and not progress_due(3.0, 0.0, 60) and not progress_due(6.0, 0.0, 1)
     assert progress_due(6.0, 0.0, 11) and progress_due(0.5, 0.0, PROGRESS_MAX_SECONDS) and progress_due(100.0, 99.0, 0)
@@ -261,11 +264,11 @@ def test_a_second_training_on_the_machine_waits_until_the_first_dies(tmp_path: P
     import sys
     import threading
 
-    from farense.training_job import MACHINE_LOCK_ENV, one_training_on_this_machine
+    from farense.train.supervisor import MACHINE_LOCK_ENV, one_training_on_this_machine
 
     lock = tmp_path / "training.lock"
     monkeypatch.setenv(MACHINE_LOCK_ENV, str(lock))
-    hold = ("import sys, time; from farense.locks import RunLock; RunLock(sys.argv[1], command='train other').acquire();"
+    hold = ("import sys, time; from farense.run.locks import RunLock; RunLock(sys.argv[1], command='train other').acquire();"
             " print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -311,7 +314,13 @@ def test_resume_automation_passes_the_crashed_runs_parameters_and_counts_attempt
 def test_automations_are_valid_and_bounded() -> None:
     from uuid import uuid4
 
-    from deployments.setup import AUTOMATION_NOTIFY, AUTOMATION_RESUME, AUTOMATION_ZOMBIE, HEARTBEAT_GRACE, automations
+    from deployments.setup import (
+        AUTOMATION_NOTIFY,
+        AUTOMATION_RESUME,
+        AUTOMATION_ZOMBIE,
+        HEARTBEAT_GRACE,
+        automations,
+    )
 
     made = {a.name: a for a in automations(uuid4())}
     assert set(made) == {AUTOMATION_RESUME, AUTOMATION_ZOMBIE, AUTOMATION_NOTIFY}
@@ -381,10 +390,11 @@ def test_what_a_person_sees_in_prefect_after_a_run(prefect_api: None, tmp_path: 
     rows add up to its total, and tags on every task and on the run itself."""
     import re
 
-    from farense.demo import build_demo
-    from farense.monitor import snapshot
-    from flows.pipeline import completion_message, training_flow
     from test_diskguard import preflight_table_adds_up
+
+    from farense.model.demo import build_demo
+    from farense.observe.monitor import snapshot
+    from flows.pipeline import completion_message, training_flow
 
     monkeypatch.setenv("FARENSE_TRAINING_LOCK", str(tmp_path / "training.lock"))
     build_demo(tmp_path / ".farense" / "tiny")

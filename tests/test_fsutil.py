@@ -1,4 +1,4 @@
-"""farense.fsutil against real files, real fsync and (as root) a real full filesystem."""
+"""farense.run.fsutil against real files, real fsync and (as root) a real full filesystem."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from farense import fsutil
-from farense.layout import TMP_MARK
+from farense.run import fsutil
+from farense.run.layout import TMP_MARK
 
 
 @pytest.fixture

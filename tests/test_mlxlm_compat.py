@@ -19,11 +19,11 @@ import pytest
 from farense.cli import main
 from farense.config import load_config
 from farense.errors import ConfigError
-from farense.mlxlm_compat import (
+from farense.model.mlxlm_compat import (
     EXPORT_RECORD,
+    GRPO_KEYS,
     KEY_RULES,
     MLX_LM_DEFAULTS,
-    GRPO_KEYS,
     import_lora_config,
     import_lora_yaml,
     read_yaml,
@@ -268,7 +268,7 @@ def test_imported_yaml_trains_to_the_hand_written_fingerprint_and_exports_for_ml
     cfg = load_config(imported, workspace=tmp_path)
     assert cfg.fingerprint == load_config(hand, workspace=tmp_path).fingerprint
 
-    from farense.trainer import run_training
+    from farense.train.runner import run_training
 
     result = run_training(cfg, progress_bar=False, log=lambda m: None)
     run = Path(result.run_dir)

@@ -23,10 +23,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from farense.codes import RunState
 from farense.config import config_to_json, load_config
-from farense.layout import RunPaths
-from farense.locks import LockInfo
-from farense.monitor import (
+from farense.observe.monitor import (
     MonitorSnapshot,
     parse_plain_line,
     plain_line,
@@ -36,8 +35,9 @@ from farense.monitor import (
     watch,
 )
 from farense.overfitting import GapStatus
-from farense.runstate import write_run_state
-from farense.runstate import RunState, effective_state
+from farense.run.layout import RunPaths
+from farense.run.locks import LockInfo
+from farense.run.runstate import effective_state, write_run_state
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,7 +49,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 @pytest.fixture(scope="module")
 def trained(demo_dir, tmp_path_factory):
     """A real 8-step run; snapshots taken at the start of steps 3 and 7, while it holds its lock."""
-    from farense.trainer import run_training
+    from farense.train.runner import run_training
 
     ws = tmp_path_factory.mktemp("ws")
     cfg = load_config("v2", overlays=["tiny"], workspace=ws).with_overrides(
@@ -182,9 +182,9 @@ def test_watch_prints_one_line_per_refresh_off_a_terminal(trained):
 
 _HOLDER = """
 import sys, time
-from farense.locks import RunLock
-from farense.runstate import write_run_state
-from farense.runstate import RunState
+from farense.run.locks import RunLock
+from farense.run.runstate import write_run_state
+from farense.codes import RunState
 run = sys.argv[1]
 with RunLock(run + "/run.lock", command="train"):
     write_run_state(__import__("pathlib").Path(run) / "run_state.json", RunState.RUNNING, step=3, total_steps=10)

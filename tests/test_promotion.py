@@ -15,12 +15,18 @@ from pathlib import Path
 
 import orjson
 import pytest
+from test_decision import make_fake_run
 
 from farense.config import DecisionConfig
-from farense.decision import compare_and_decide, decide, incumbent_from_production, load_report, report_from_run
 from farense.errors import DecisionRefused, FarenseError, RunLocked
-from farense.fsutil import sha256_file
-from farense.promotion import (
+from farense.release.decision import (
+    compare_and_decide,
+    decide,
+    incumbent_from_production,
+    load_report,
+    report_from_run,
+)
+from farense.release.promotion import (
     LOCK_NAME,
     STEPS,
     Release,
@@ -31,8 +37,7 @@ from farense.promotion import (
     rollback,
     verify_release,
 )
-
-from test_decision import make_fake_run
+from farense.run.fsutil import sha256_file
 
 T = DecisionConfig(max_gap=0.15, min_f1=0.93, max_f1_drop=0.01)
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -120,12 +125,12 @@ def test_promotion_refuses_adapters_other_than_the_evaluated_ones(ws, capsys):
 
 def test_promotion_is_refused_while_the_run_is_training_even_with_force(ws):
     """Issue 13.3: the run lock held (a trainer) means the adapters may still change: no promotion."""
-    from farense.locks import RunLock
+    from farense.run.locks import RunLock
 
     run = decided_run(ws, "v2")
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import sys, time
-        from farense.locks import RunLock
+        from farense.run.locks import RunLock
         RunLock(sys.argv[1], command="train").acquire()
         print("locked", flush=True)
         time.sleep(60)
@@ -248,7 +253,7 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from farense.promotion import promote
+    from farense.release.promotion import promote
     run, prod, stop_at, marker = sys.argv[1:5]
 
     def hook(step):
@@ -359,7 +364,7 @@ def test_command_resolves_a_config_name_to_its_run(ws, capsys, monkeypatch):
 
 
 def test_ensure_decision_reuses_a_fresh_one_and_otherwise_decides_against_production(ws):
-    from farense.promotion import ensure_decision
+    from farense.release.promotion import ensure_decision
 
     r1 = promote(decided_run(ws, "v1", config="v1", f1=0.97), None, prod_of(ws), now=T0)
     v2 = make_fake_run(ws, "v2", f1=0.955)

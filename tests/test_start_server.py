@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from prefect_harness import DEPLOYMENTS, free_port, quiet_env, start_server
 
 SCRIPT = DEPLOYMENTS / "start-server.sh"

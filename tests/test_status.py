@@ -16,10 +16,10 @@ import orjson
 import pytest
 
 from farense.cli import main
+from farense.codes import RunState
 from farense.config import config_to_json, load_config
-from farense.runstate import write_run_state
-from farense.runstate import RunState
-from farense.status import PRODUCTION_HEADERS, RUN_HEADERS, status_report
+from farense.observe.status import PRODUCTION_HEADERS, RUN_HEADERS, status_report
+from farense.run.runstate import write_run_state
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 _HOLDER = """
 import sys, time
-from farense.locks import RunLock
+from farense.run.locks import RunLock
 with RunLock(sys.argv[1] + "/run.lock", command="train"):
     print("holding", flush=True)
     time.sleep(120)

@@ -12,15 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-
-from farense.cli import main
-from farense.fsutil import write_problem
-from farense.layout import RunPaths
-from farense.outcome import ExitCode
-from farense.promotion import promote
-
 from test_decision import make_fake_run
 from training_fixtures import farense_env, start_train, write_config_file
+
+from farense.cli import main
+from farense.codes import ExitCode
+from farense.release.promotion import promote
+from farense.run.fsutil import write_problem
+from farense.run.layout import RunPaths
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from farense.textmetrics import Scores, aggregate, harmonic_mean, normalize_answer, strip_accents, token_scores
+from farense.release.textmetrics import (
+    Scores,
+    aggregate,
+    harmonic_mean,
+    normalize_answer,
+    strip_accents,
+    token_scores,
+)
 
 
 @pytest.mark.parametrize(

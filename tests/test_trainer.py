@@ -7,15 +7,20 @@ import math
 import orjson
 import pytest
 
-from farense.checkpoint import CheckpointStore
+from farense.codes import RunState
 from farense.config import EarlyStoppingConfig
 from farense.errors import FingerprintMismatch, NumericalError, Preempted
-from farense.layout import RunPaths
-from farense.metrics import read_metrics
-from farense.overfitting import EarlyStoppingState, GapStatus, classify_gap, observe_validation
+from farense.overfitting import (
+    EarlyStoppingState,
+    GapStatus,
+    classify_gap,
+    observe_validation,
+)
+from farense.run.checkpoint import CheckpointStore
+from farense.run.layout import RunPaths
+from farense.run.metrics import read_metrics
 from farense.signals import PreemptionFlag
-from farense.runstate import RunState
-from farense.trainer import run_training
+from farense.train.runner import run_training
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -243,8 +248,8 @@ def _preempted_run(make_config, at: int):
 def test_checkpoints_that_fail_verification_are_quarantined_and_never_silently_started_over(make_config):
     """Issue 13.6: every checkpoint damaged -> none deleted (moved to quarantine/ with the reason), a
     distinct exit code, the same refusal on the retry, and --new-run starts over explicitly."""
+    from farense.codes import ExitCode
     from farense.errors import NoUsableCheckpoint
-    from farense.outcome import ExitCode
 
     cfg, paths = _preempted_run(make_config, 10)
     committed = sorted(p.name for p in paths.checkpoints.iterdir() if p.name.startswith("step-"))

@@ -28,7 +28,7 @@ SHORT = {
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The offline demo model and data, built once for the whole session."""
-    from farense.demo import build_demo
+    from farense.model.demo import build_demo
 
     d = tmp_path_factory.mktemp("demo")
     build_demo(d)
@@ -83,7 +83,7 @@ def smollm2_gguf() -> Path:
     import os
 
     from farense.errors import FarenseError
-    from farense.smollm2 import fetch_gguf
+    from farense.model.smollm2 import fetch_gguf
 
     cache = Path(os.environ.get("FARENSE_TEST_CACHE") or Path.home() / ".cache" / "farense-tests")
     try:
@@ -95,6 +95,6 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_demo(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
     """The real demo (imported SmolLM2 and the shipped data), built once for the session."""
-    from farense.smollm2 import build_smollm2_demo
+    from farense.model.smollm2 import build_smollm2_demo
 
     return build_smollm2_demo(tmp_path_factory.mktemp("ws") / ".farense" / "demo", cache=smollm2_gguf.parent).root

@@ -1,4 +1,8 @@
-"""The `farense` command's sub-commands, one module per area; shared argument helpers."""
+"""The `farense` command's sub-commands, one module per area; shared argument helpers.
+
+May import: everything in farense/ (this is the top layer, with farense.cli); never tasks/ or flows/
+at module level (`farense run` imports the flows when it runs, so the library stays Prefect-free).
+"""
 
 from __future__ import annotations
 

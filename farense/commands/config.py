@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from . import add_demo_flags
-
 import argparse
 import sys
 
 import orjson
 
-from ..config import check_inputs, config_to_toml, diff_configs, load_config
-from ..console import print_table
+from farense.commands import add_demo_flags
+from farense.commands.observe import register_config_import
+from farense.config import config_to_toml, diff_configs, load_config
+from farense.console import print_table
+from farense.train.inputs import check_experiment
 
 
 def _load(name: str, args: argparse.Namespace):
@@ -45,11 +46,8 @@ def diff(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    from ..data import validate_data
-
     cfg = _load(args.config, args)
-    check_inputs(cfg)
-    report, _ = validate_data(cfg)
+    report = check_experiment(cfg, probe_writes=False).report
     for s in report.splits.values():
         print(f"{s.name:6} {s.examples:6d} examples  format={s.format}  ({s.path})")
     print(f"{cfg.name}: config, model path and data are valid (fingerprint {cfg.fingerprint})")
@@ -80,7 +78,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--overlay", action="append")
     add_demo_flags(c)
     c.set_defaults(handler=check)
-
-    from .observe import register_config_import  # `config import`: mlx-lm YAML -> farense TOML
 
     register_config_import(csub)

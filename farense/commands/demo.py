@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from farense.model.demo import demo_init_command
+from farense.model.smollm2 import smollm2_init_command
+
 
 def init(args: argparse.Namespace) -> int:
     if args.tiny:
-        from ..demo import demo_init_command
-
         return demo_init_command(args.directory or ".farense/tiny", force=args.force)
-    from ..smollm2 import smollm2_init_command
 
     return smollm2_init_command(args.directory or ".farense/demo", force=args.force)
 

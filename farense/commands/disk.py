@@ -5,8 +5,6 @@ cleanup is a dry run unless --apply: it prints what would go and the bytes, and 
 
 from __future__ import annotations
 
-from . import add_demo_flags
-
 import argparse
 import os
 import sys
@@ -14,8 +12,24 @@ from pathlib import Path
 
 import orjson
 
-from ..config import CheckpointConfig, format_size, load_config
-from ..console import print_table
+from farense.commands import add_demo_flags
+from farense.config import CheckpointConfig, format_size, load_config
+from farense.console import print_table
+from farense.disk.cleanup import (
+    apply_cleanup,
+    item_rows,
+    plan_cleanup,
+    referenced_models,
+    summary_rows,
+)
+from farense.disk.preflight import (
+    NEEDS_HEADERS,
+    PREFLIGHT_HEADERS,
+    needs_rows,
+    preflight_rows,
+)
+from farense.disk.preflight import preflight as run_preflight
+from farense.errors import DiskFull
 
 
 def _dump(obj: object) -> None:
@@ -23,8 +37,6 @@ def _dump(obj: object) -> None:
 
 
 def cleanup(args: argparse.Namespace) -> int:
-    from ..cleanup import apply_cleanup, item_rows, plan_cleanup, referenced_models, summary_rows
-
     defaults = CheckpointConfig()
     keep_last, keep_best, older_than_days = defaults.keep_last, defaults.keep_best, defaults.cleanup_after_days
     if args.config:
@@ -78,9 +90,6 @@ def cleanup(args: argparse.Namespace) -> int:
 
 
 def preflight(args: argparse.Namespace) -> int:
-    from ..preflight import NEEDS_HEADERS, PREFLIGHT_HEADERS, needs_rows, preflight as run_preflight, preflight_rows
-    from ..errors import DiskFull
-
     cfg = load_config(args.config, overlays=args.overlay or [])
     err: DiskFull | None = None
     try:

@@ -9,8 +9,6 @@ and otherwise decides against what production serves now.
 
 from __future__ import annotations
 
-from . import add_demo_flags
-
 import argparse
 import os
 import sys
@@ -18,10 +16,27 @@ from pathlib import Path
 
 import orjson
 
-from ..config import ExperimentConfig, config_from_json, current_workspace, load_config
-from ..console import print_table
-from ..errors import FarenseError
-from ..layout import RunPaths
+from farense.commands import add_demo_flags
+from farense.config import (
+    ExperimentConfig,
+    config_from_json,
+    current_workspace,
+    load_config,
+)
+from farense.console import print_table
+from farense.errors import FarenseError
+from farense.release.decision import compare_and_decide, load_incumbent, report_from_run
+from farense.release.evaluation import evaluate_run
+from farense.release.promotion import (
+    current_release,
+    current_target,
+    ensure_decision,
+    list_releases,
+    promote,
+    rollback,
+)
+from farense.run.layout import RunPaths
+
 
 def _overlays(args: argparse.Namespace) -> list[str]:
     return list(getattr(args, "overlay", None) or [])
@@ -60,8 +75,6 @@ def _print_json(obj: object) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate_run
-
     run_dir, config = resolve_run(args.run, args)
     if args.max_new_tokens:
         config = config.with_overrides(evaluation={"max_new_tokens": args.max_new_tokens})
@@ -86,8 +99,6 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def _load_incumbent(spec: str, args: argparse.Namespace, candidate_config: ExperimentConfig):
-    from ..decision import load_incumbent
-
     prod = _production_dir(args, candidate_config)
     inc = load_incumbent(spec, prod, lambda name: resolve_run(name, args)[0])
     if inc is None:
@@ -96,8 +107,6 @@ def _load_incumbent(spec: str, args: argparse.Namespace, candidate_config: Exper
 
 
 def compare_cmd(args: argparse.Namespace) -> int:
-    from ..decision import compare_and_decide, report_from_run
-
     b_dir, b_config = resolve_run(args.run_b, args)
     a = _load_incumbent(args.run_a, args, b_config)
     b = report_from_run(b_dir)
@@ -120,8 +129,6 @@ def compare_cmd(args: argparse.Namespace) -> int:
 
 
 def promote_cmd(args: argparse.Namespace) -> int:
-    from ..promotion import current_release, ensure_decision, promote
-
     run_dir, config = resolve_run(args.run, args)
     paths = RunPaths(run_dir)
     prod = _production_dir(args, config)
@@ -151,8 +158,6 @@ def promote_cmd(args: argparse.Namespace) -> int:
 
 
 def rollback_cmd(args: argparse.Namespace) -> int:
-    from ..promotion import current_release, rollback
-
     prod = _production_dir(args)
     before = current_release(prod)
     rel = rollback(prod, to=args.to)
@@ -162,8 +167,6 @@ def rollback_cmd(args: argparse.Namespace) -> int:
 
 def releases_cmd(args: argparse.Namespace) -> int:
     """Every release, the current one marked by where production/current points (whatever its manifest says)."""
-    from ..promotion import current_target, list_releases
-
     prod = _production_dir(args)
     target = current_target(prod)
     rels = list_releases(prod)

@@ -6,12 +6,12 @@ import argparse
 import sys
 import time
 
+from farense.config import format_size
+from farense.console import print_table
+from farense.model.gguf import import_gguf
+
 
 def import_(args: argparse.Namespace) -> int:
-    from ..config import format_size
-    from ..console import print_table
-    from ..gguf import import_gguf
-
     if args.dtype and not args.dequantize:
         print("farense: error: --dtype applies only with --dequantize", file=sys.stderr)
         return 2

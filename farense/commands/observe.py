@@ -10,8 +10,6 @@ monitor, nothing: the run under ./runs (or --runs-dir) that wrote last.
 
 from __future__ import annotations
 
-from . import add_demo_flags
-
 import argparse
 import json
 import os
@@ -19,7 +17,19 @@ import sys
 import time
 from pathlib import Path
 
-from ..console import print_table
+from farense.commands import add_demo_flags
+from farense.config import load_config
+from farense.console import print_table
+from farense.errors import FarenseError
+from farense.model.mlxlm_compat import export_adapters, fuse_run, import_lora_yaml
+from farense.observe.monitor import resolve_run_dir, watch
+from farense.observe.status import (
+    PRODUCTION_HEADERS,
+    RUN_HEADERS,
+    plot_run,
+    status_report,
+)
+from farense.run.fsutil import atomic_write_bytes
 
 
 def _dump(obj: object) -> None:
@@ -31,8 +41,6 @@ def _workspace() -> Path:
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
-    from ..monitor import resolve_run_dir
-
     return resolve_run_dir(args.run, runs_dir=getattr(args, "runs_dir", None), overlays=args.overlay or [])
 
 
@@ -40,8 +48,6 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 
 def monitor_cmd(args: argparse.Namespace) -> int:
-    from ..monitor import watch
-
     if args.refresh <= 0:
         print("farense: error: --refresh must be a number of seconds > 0", file=sys.stderr)
         return 2
@@ -53,9 +59,6 @@ def monitor_cmd(args: argparse.Namespace) -> int:
 
 
 def status_cmd(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..status import PRODUCTION_HEADERS, RUN_HEADERS, status_report
-
     ws = _workspace()
     if args.config:
         cfg = load_config(args.config, overlays=args.overlay or [])
@@ -91,8 +94,6 @@ def status_cmd(args: argparse.Namespace) -> int:
 
 
 def plot_cmd(args: argparse.Namespace) -> int:
-    from ..status import plot_run
-
     path = plot_run(_run_dir(args), args.out)
     if args.json:
         _dump({"plot": str(path)})
@@ -105,8 +106,6 @@ def plot_cmd(args: argparse.Namespace) -> int:
 
 
 def export_cmd(args: argparse.Namespace) -> int:
-    from ..mlxlm_compat import export_adapters, fuse_run
-
     run_dir = _run_dir(args)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.json else (lambda m: None)
     if args.fuse:
@@ -130,10 +129,6 @@ def export_cmd(args: argparse.Namespace) -> int:
 
 
 def config_import_cmd(args: argparse.Namespace) -> int:
-    from ..errors import FarenseError
-    from ..fsutil import atomic_write_bytes
-    from ..mlxlm_compat import import_lora_yaml
-
     imported = import_lora_yaml(args.yaml, name=args.name)
     text = imported.to_toml()
     if not args.out:

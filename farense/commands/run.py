@@ -15,7 +15,18 @@ import sys
 import time
 from typing import Any
 
-from . import add_demo_flags
+from farense.commands import add_demo_flags
+from farense.config import load_config
+from farense.console import print_table
+from farense.model.demos import overlays_for
+from farense.release.campaign import (
+    TABLE_HEADERS,
+    CampaignEntry,
+    base_report_path,
+    decision_path_of,
+    table_rows,
+)
+from farense.train.inputs import check_experiment
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,14 +36,12 @@ def run(args: argparse.Namespace) -> int:
     # The embedded API is a server process of its own: on a busy 2-core machine it can take longer
     # than Prefect's default 20 s to answer, which would fail the run before it starts.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from ..demo import demo_overlay
-
     overlays = [o for o in (args.overlay or []) if o in ("demo", "tiny")]
     if len(set(overlays)) > 1:
         print("farense: error: --demo and --tiny exclude each other", file=sys.stderr)
         return 2
     demo: bool | str = overlays[0] if overlays else False
-    _check_early(args.config, demo_overlay(demo))
+    _check_early(args.config, overlays_for(demo))
     started = time.monotonic()
     if len(args.config) == 1:
         return _pipeline(args, demo)
@@ -41,17 +50,13 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _check_early(configs: list[str], overlay: str | None) -> None:
+def _check_early(configs: list[str], overlays: tuple[str, ...]) -> None:
     """A bad config or bad data fails here, in a second, before Prefect and its local API start; the
-    flow checks again as its first task. The demo model and data are built by that task."""
-    from ..config import check_inputs, load_config
-    from ..data import validate_data
-
+    flow resolves and checks again as its first task, which also builds the demo model and data."""
     for name in configs:
-        config = load_config(name, overlays=[overlay] if overlay else [])
-        if not overlay:
-            check_inputs(config)
-            validate_data(config)
+        config = load_config(name, overlays=list(overlays))
+        if not overlays:
+            check_experiment(config, probe_writes=False)
 
 
 def _pipeline(args: argparse.Namespace, demo: bool | str) -> int:
@@ -77,9 +82,6 @@ def _pipeline(args: argparse.Namespace, demo: bool | str) -> int:
 
 def _campaign(args: argparse.Namespace, demo: bool | str) -> int:
     from flows.campaign import campaign_flow
-
-    from ..campaign import TABLE_HEADERS, CampaignEntry, base_report_path, decision_path_of, table_rows
-    from ..console import print_table
 
     state = campaign_flow(configs=list(args.config), demo=demo, workspace=os.environ.get("FARENSE_WORKSPACE"),
                           promote=not args.no_promote, notify_block=args.notify_block, return_state=True)

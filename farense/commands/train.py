@@ -14,24 +14,39 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import ExperimentConfig, load_config
-from ..demo import DEMO_OVERLAYS, prepare_demo
-from ..errors import ConfigError, FarenseError
-from ..outcome import ExitCode, TrainingOutcome
-from ..summary import TrainingSummary
-from . import add_demo_flags
+from farense.codes import ExitCode
+from farense.commands import add_demo_flags
+from farense.config import ExperimentConfig, check_world_size, load_config
+from farense.errors import ConfigError, FarenseError, PeerLost, RankFailed, RunLocked
+from farense.model.blas import thread_env
+from farense.model.demos import prepare_overlay_models
+from farense.run.layout import RunPaths
+from farense.run.locks import probe_lock
+from farense.run.outcome import TrainingOutcome
+from farense.run.summary import TrainingSummary
+from farense.signals import PreemptionFlag, die_with_parent
+from farense.train.distributed import (
+    DEFAULT_PORT,
+    DEFAULT_RANK_TIMEOUT,
+    DEFAULT_STARTUP_TIMEOUT,
+    LaunchSpec,
+    Watchdog,
+    peer_lost,
+    pin_rank_gpu,
+    spec_defaults_from_env,
+    stop_on_stdin,
+    supervise,
+    world,
+)
+from farense.train.runner import run_training
 
 ENV_STEPS_AHEAD = "FARENSE_STEPS_AHEAD"
 
 if TYPE_CHECKING:
-    from ..distributed import JobOutcome, LaunchSpec
-    from ..signals import PreemptionFlag
+    from farense.train.distributed import JobOutcome
 
 
 def train(args: argparse.Namespace) -> int:
-    from ..distributed import pin_rank_gpu, spec_defaults_from_env
-    from ..signals import PreemptionFlag, die_with_parent
-
     if args.rank_mode:
         pin_rank_gpu()  # before anything imports mlx: CUDA chooses the GPU when it initialises
     # Before anything starts a thread (MLX's stream thread inherits the mask): a preemption signal during
@@ -42,8 +57,7 @@ def train(args: argparse.Namespace) -> int:
             die_with_parent()
         hosts, hostfile = (None, None) if args.rank_mode else spec_defaults_from_env(args.hosts, args.hostfile)
         config = load_config(args.config, overlays=args.overlay or [])
-        for overlay in set(args.overlay or []) & set(DEMO_OVERLAYS):
-            prepare_demo(overlay, config.model_path)
+        prepare_overlay_models(config)
         if hosts or hostfile:
             flag.restore()  # the launcher polls for signals itself, from the start
             return _launch(args, config, hosts, hostfile)
@@ -54,8 +68,6 @@ def train(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, config: ExperimentConfig, flag: PreemptionFlag) -> int:
     """Train in this process: alone, or as one rank of a launched job (--rank-mode)."""
-    from ..trainer import run_training
-
     outcome: TrainingOutcome | None = None
     rank, dog, log, on_step_end = 0, None, None, None
     if args.rank_mode:
@@ -99,8 +111,6 @@ def _steps_ahead(environ: Any) -> int | None:
 
 def _join_job(args: argparse.Namespace, flag: Any) -> tuple[int, Any, Any, Any]:
     """One rank of a launched job: a watchdog against dead peers, 'stop' on stdin, prefixed logs."""
-    from ..distributed import Watchdog, stop_on_stdin, world
-
     dog = Watchdog(args.rank_timeout, args.startup_timeout, rank=int(os.environ.get("MLX_RANK", "0") or 0)).start()
     stop_on_stdin(flag.request)
     rank = world().rank()  # connects to the peers, under the watchdog's start-up limit
@@ -116,16 +126,11 @@ def _as_failure(e: BaseException, rank: int) -> FarenseError:
     """A rank's own exception as the job's failure, its traceback on stderr for whoever fixes it."""
     import traceback
 
-    from ..errors import RankFailed
-
     traceback.print_exception(e, file=sys.stderr)
     return RankFailed(f"rank {rank} failed: {type(e).__name__}: {e}")
 
 
 def _as_peer_lost(e: BaseException) -> BaseException:
-    from ..distributed import peer_lost
-    from ..errors import PeerLost
-
     if peer_lost(e):
         return PeerLost(f"another rank was lost ({e}); stopping as resumable, the retry resumes from the "
                         "last checkpoint")
@@ -134,14 +139,6 @@ def _as_peer_lost(e: BaseException) -> BaseException:
 
 def _launch(args: argparse.Namespace, config: ExperimentConfig, hosts: str | None, hostfile: str | None) -> int:
     """Launch and watch the ranks; one exit code and one --result-json for the whole job."""
-    from ..blas import thread_env
-    from ..config import check_world_size
-    from ..distributed import LaunchSpec, supervise
-    from ..errors import RunLocked
-    from ..layout import RunPaths
-    from ..locks import probe_lock
-    from ..signals import PreemptionFlag
-
     try:
         spec = LaunchSpec.create(hosts=hosts, hostfile=hostfile, ranks_per_host=args.ranks_per_host,
                                  backend=args.backend, port=args.port, rank_timeout=args.rank_timeout,
@@ -163,7 +160,7 @@ def _launch(args: argparse.Namespace, config: ExperimentConfig, hosts: str | Non
                     str(config.source), "--rank-mode", "--no-progress", "--die-with-parent",
                     "--rank-timeout", str(spec.rank_timeout), "--startup-timeout", str(spec.startup_timeout),
                     "--result-json", str(rank0_json)]
-        rank_cmd += [a for o in (args.overlay or []) for a in ("--overlay", o)]
+        rank_cmd += [a for o in config.overlays for a in ("--overlay", o)]
         rank_cmd += ["--new-run"] if args.new_run else []
         print(f"farense: launching {spec.world_size} ranks: " + " ".join(spec.launcher_argv(rank_cmd)[1:]),
               file=sys.stderr, flush=True)
@@ -206,15 +203,11 @@ def _job_outcome(config: ExperimentConfig, spec: LaunchSpec, job: JobOutcome, ra
 
 def _summary_outcome(config: ExperimentConfig) -> TrainingOutcome:
     """The job's outcome from training_summary.json, when rank 0 ran elsewhere but wrote here too."""
-    from ..layout import RunPaths
-
     summary = TrainingSummary.read(RunPaths(config.run_dir).summary) or TrainingSummary()
     return TrainingOutcome.from_summary(config.run_dir, summary)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..distributed import DEFAULT_PORT, DEFAULT_RANK_TIMEOUT, DEFAULT_STARTUP_TIMEOUT
-
     p = sub.add_parser("train", help="Train a config, resuming from its newest verified checkpoint.")
     p.add_argument("config", help="Config name (configs/NAME.toml) or path.")
     p.add_argument("--new-run", action="store_true", help="Start over: delete this run's checkpoints and metrics.")

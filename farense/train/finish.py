@@ -5,32 +5,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from ..config import ExperimentConfig
-from ..layout import RunPaths
-from ..metrics import write_seed_files
-from ..outcome import TrainingOutcome
-from ..overfitting import classify_gap
-from ..runstate import write_run_state
-from ..runstate import RunState
-from ..summary import TrainingSummary
-from .phases import PhaseClock
-from .setup import library_versions
-from .state import TrainState
+from farense.codes import RunState
+from farense.config import ExperimentConfig
+from farense.overfitting import classify_gap
+from farense.run.layout import RunPaths
+from farense.run.metrics import write_seed_files
+from farense.run.outcome import TrainingOutcome
+from farense.run.plots import plot_loss_curves
+from farense.run.runstate import RunRecorder
+from farense.run.summary import TrainingSummary
+from farense.train.phases import PhaseClock
+from farense.train.progress import TrainingProgress
+from farense.train.setup import library_versions
 
 
-def record_state(paths: RunPaths, state: RunState, st: TrainState, total: int, resumed_from: int | None,
-                 message: str, is_writer: bool) -> None:
-    """run_state.json once the loop stopped (best effort: on a full disk even this small file may not fit)."""
-    if not is_writer:
-        return
-    try:
-        write_run_state(paths.state, state, step=st.step, total_steps=total, resumed_from=resumed_from,
-                        message=message)
-    except OSError:
-        pass
-
-
-def summarize(config: ExperimentConfig, paths: RunPaths, st: TrainState, history: list[dict[str, Any]],
+def summarize(config: ExperimentConfig, paths: RunPaths, st: TrainingProgress, history: list[dict[str, Any]],
               total_steps: int, outcome: RunState, data_fp: str) -> TrainingSummary:
     """How the training ended, in the seed's terms: best step, its loss and gap, early stopping, time."""
     es = st.early_stopping
@@ -53,17 +42,16 @@ def summarize(config: ExperimentConfig, paths: RunPaths, st: TrainState, history
     )
 
 
-def finish(config: ExperimentConfig, paths: RunPaths, st: TrainState, history: list[dict[str, Any]], *,
+def finish(config: ExperimentConfig, paths: RunPaths, st: TrainingProgress, history: list[dict[str, Any]], *,
            total_steps: int, resumed_from: int | None, outcome: RunState, message: str, data_fp: str,
-           is_writer: bool, log: Callable[[str], None], phases: PhaseClock | None = None) -> TrainingOutcome:
+           recorder: RunRecorder, log: Callable[[str], None], phases: PhaseClock | None = None) -> TrainingOutcome:
     """Write what a finished run leaves (rank 0) and return its outcome."""
     phases = phases or PhaseClock()
     summary = summarize(config, paths, st, history, total_steps, outcome, data_fp)
-    if is_writer:
+    if recorder.enabled:  # rank 0 writes
         write_seed_files(history, paths.metrics_json, paths.metrics_csv)
         phases.lap("finish_metrics_files")
         try:  # the loss curves (`farense plot RUN` redraws them); a plot never fails a finished run
-            from ..plots import plot_loss_curves
 
             plot_loss_curves(history, summary.to_json(), paths.plots / "loss_curves.png")
         except Exception as e:
@@ -71,5 +59,5 @@ def finish(config: ExperimentConfig, paths: RunPaths, st: TrainState, history: l
         phases.lap("finish_plot")
         summary = dataclasses.replace(summary, phase_seconds=phases.rounded(), training_started_at=phases.started_at)
         summary.write(paths.summary)
-        record_state(paths, outcome, st, total_steps, resumed_from, message, is_writer)
+        recorder.stopped(outcome, st.step, message)
     return TrainingOutcome.from_summary(paths.root, summary, message=message).with_(resumed_from=resumed_from)

@@ -1,7 +1,7 @@
 """The training loop, read top to bottom: one iteration is one optimizer step (nanoGPT's train.py as the model).
 
 It receives its collaborators, as mlx-lm's `train(model, optimizer, ..., loss=, training_callback=)`
-does: the set-up model and data, the resumable TrainState, the loss, the checkpoints (store, retention
+does: the set-up model and data, the resumable TrainingProgress, the loss, the checkpoints (store, retention
 and disk guard behind one object), the preemption flag, the clock and the callbacks. Exactness rests on
 three choices: the data order is a pure function of (seed, epoch); the RNG is reseeded from
 (seed, step) before every optimizer step, so dropout never depends on where a process started; and
@@ -17,17 +17,17 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from ..batching import eval_batches, position_of, train_batches
-from ..config import ExperimentConfig
-from ..distributed import collective_stream
-from ..errors import NumericalError, Preempted
-from ..faults import fault_point
-from ..overfitting import GapReading, classify_gap, gap_legend, observe_validation
-from ..signals import PreemptionFlag
-from ..runstate import RunState
-from .phases import PhaseClock
-from .setup import Setup
-from .state import TrainState, step_seed
+from farense.codes import RunState
+from farense.config import ExperimentConfig
+from farense.errors import NumericalError, Preempted
+from farense.faults import fault_point
+from farense.overfitting import GapReading, classify_gap, gap_legend, observe_validation
+from farense.signals import PreemptionFlag
+from farense.train.batching import eval_batches, position_of, train_batches
+from farense.train.distributed import collective_stream
+from farense.train.phases import PhaseClock
+from farense.train.progress import TrainingProgress, step_seed
+from farense.train.setup import Setup
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -56,11 +56,11 @@ def default_steps_ahead(world_size: int, device: str) -> int:
 class Checkpoints(Protocol):
     """Where the loop's checkpoints go: the store, its retention and the disk guard behind one call."""
 
-    def due(self, state: TrainState, total_steps: int, *, preempting: bool) -> bool: ...
+    def due(self, state: TrainingProgress, total_steps: int, *, preempting: bool) -> bool: ...
 
-    def save(self, state: TrainState) -> None: ...
+    def save(self, state: TrainingProgress) -> None: ...
 
-    def between_steps(self, state: TrainState) -> None: ...
+    def between_steps(self, state: TrainingProgress) -> None: ...
 
 
 @dataclass
@@ -68,21 +68,22 @@ class Callbacks:
     """What the loop tells the outside world; each may be left out."""
 
     on_step_end: Callable[[int, dict[str, Any], Any], None] | None = None  # (step, row, model): before the checkpoint
-    on_row: Callable[[dict[str, Any], TrainState], None] | None = None  # the step's final row: metrics, run state, bar
+    on_row: Callable[[dict[str, Any], TrainingProgress], None] | None = None  # the step's final row: metrics, run state, bar
     on_best: Callable[[int, float], None] | None = None  # a new best validation loss: the best adapters
 
 
 def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_accumulation: int, loss: Callable) -> tuple[Callable, list]:
-    """One compiled micro-step over model, optimizer and RNG state, as mlx-lm's trainer has it."""
+    """One compiled micro-step over model, optimizer and RNG arrays, as mlx-lm's trainer has it; returns the
+    step and the arrays it updates in place (MLX calls them the compiled function's state)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.nn.utils import average_gradients
     from mlx.utils import tree_map
 
     loss_value_and_grad = nn.value_and_grad(model, loss)
-    state = [model.state, optimizer.state, mx.random.state]
+    arrays = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
+    @partial(mx.compile, inputs=arrays, outputs=arrays)
     def step(batch: Any, lengths: Any, prev_grad: Any, do_update: bool) -> tuple[Any, Any, Any]:
         (lvalue, toks), grad = loss_value_and_grad(model, batch, lengths)
         if prev_grad is not None:
@@ -95,7 +96,7 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_accumulation: i
             grad = None
         return lvalue, toks, grad
 
-    return step, state
+    return step, arrays
 
 
 def validation_loss(model: nn.Module, dataset: Any, groups: list, config: ExperimentConfig, loss: Callable,
@@ -141,7 +142,7 @@ class TrainingLoop:
     (or the last): those need the model as it is after their own step, so exactness is untouched.
     """
 
-    def __init__(self, config: ExperimentConfig, setup: Setup, state: TrainState, *, world: mx.distributed.Group, loss: Callable,
+    def __init__(self, config: ExperimentConfig, setup: Setup, state: TrainingProgress, *, world: mx.distributed.Group, loss: Callable,
                  checkpoints: Checkpoints, preemption: PreemptionFlag, clock: Callable[[], float],
                  log: Callable[[str], None], callbacks: Callbacks | None = None,
                  phases: PhaseClock | None = None, steps_ahead: int = STEPS_AHEAD_GPU) -> None:
@@ -150,7 +151,7 @@ class TrainingLoop:
         self.callbacks = callbacks or Callbacks()
         self.phases = phases or PhaseClock(clock)
         t = config.training
-        self.step_fn, self.compiled_state = make_step(setup.model, setup.optimizer, t.grad_accumulation, loss)
+        self.step_fn, self.compiled_arrays = make_step(setup.model, setup.optimizer, t.grad_accumulation, loss)
         setup.model.train()
         self.batches = train_batches(setup.train_set, setup.train_groups, seed=t.seed,
                                      start=position_of(state.step * t.grad_accumulation, len(setup.train_groups)),
@@ -230,7 +231,7 @@ class TrainingLoop:
         for k in range(t.grad_accumulation):
             _, (batch, lengths) = next(self.batches)
             lvalue, toks, grad = self.step_fn(batch, lengths, grad, k == t.grad_accumulation - 1)
-            mx.async_eval(self.compiled_state, lvalue, toks, grad)
+            mx.async_eval(self.compiled_arrays, lvalue, toks, grad)
             losses.append(lvalue)
             tokens.append(toks)
             if k == 0:

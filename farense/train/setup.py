@@ -6,11 +6,14 @@ import platform
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import __version__
-from ..batching import batch_groups
-from ..config import ExperimentConfig, TrainingConfig
-from ..data import count_too_long, make_datasets
-from ..errors import ConfigError
+from farense import __version__
+from farense.config import ExperimentConfig, TrainingConfig
+from farense.errors import ConfigError
+from farense.model.blas import describe_blas
+from farense.model.compute import apply_compute, current_device, resolve_compute
+from farense.model.gguf import resolve_model_dir
+from farense.train.batching import batch_groups
+from farense.train.data import count_too_long, make_datasets
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -78,12 +81,9 @@ def adapter_config(config: ExperimentConfig) -> dict[str, Any]:
 
 def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None = None) -> tuple[Any, Any]:
     """The base model and tokenizer via mlx-lm, quantized on load when the config asks (QLoRA), then
-    dequantized or cast for the device as `model.compute` decides (farense.compute)."""
+    dequantized or cast for the device as `model.compute` decides (farense.model.compute)."""
     import mlx.nn as nn
     from mlx_lm.utils import load
-
-    from ..compute import apply_compute, resolve_compute
-    from ..gguf import resolve_model_dir
 
     model, tokenizer = load(resolve_model_dir(config),  # a .gguf is imported once into the workspace's cache
                             tokenizer_config={"trust_remote_code": config.model.trust_remote_code})
@@ -92,9 +92,6 @@ def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None 
     t = config.training
     choice = resolve_compute(model, config.model.compute, tokens_per_step=t.batch_size * t.max_seq_length)
     if log:
-        from ..blas import describe_blas
-        from ..compute import current_device
-
         # The BLAS multiplies only on the CPU: on a GPU its line, and its advice, would mislead.
         log(choice.describe() + (f"; {describe_blas()}" if current_device() == "cpu" else ""))
     model = apply_compute(model, choice)
