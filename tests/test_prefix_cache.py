@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from farense.batching import eval_batches, make_batch, position_of, train_batches
-from farense.data import validate_data
+from farense.train.batching import eval_batches, make_batch, position_of, train_batches
+from farense.train.data import validate_data
 from farense.train import prefix_cache as pc
 from farense.train.setup import set_up
 
@@ -117,7 +117,7 @@ def _train(cfg, s, cached: bool, steps: int) -> list[float]:
     from mlx_lm.tuner.trainer import default_loss
 
     from farense.train.loop import make_step
-    from farense.train.state import step_seed
+    from farense.train.progress import step_seed
 
     t = cfg.training
     kw = dict(seed=t.seed, start=position_of(0, len(s.train_groups)), max_seq_length=t.max_seq_length)

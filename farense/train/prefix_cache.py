@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from ..batching import DataPosition, epoch_order, make_batch, train_batches
+from farense.train.batching import DataPosition, epoch_order, make_batch, train_batches
 
 if TYPE_CHECKING:
     import mlx.core as mx
