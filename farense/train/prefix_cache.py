@@ -186,6 +186,7 @@ class PrefixCache:
         self.first = first_adapted_block(model) if first is None else first
         self._hidden: dict[int, mx.array] = {}
         self.filled_batches = 0
+        self.hits = 0  # batches served without computing the prefix
 
     def __len__(self) -> int:
         return len(self._hidden)
@@ -231,6 +232,8 @@ class PrefixCache:
         missing = [i for i in members if i not in self._hidden]
         if missing:
             self._store(members, tokens)
+        else:
+            self.hits += 1
         return tokens, self.hidden(members, tokens.shape[1] - 1)
 
     def fill(self, groups: Sequence[Sequence[int]], *, rank: int = 0, world_size: int = 1) -> None:
@@ -285,15 +288,21 @@ class PrefixChoice:
     reason: str
 
     def describe(self) -> str:
-        return f"prefix cache: {'on' if self.use else 'off'} ({self.reason})"
+        if not self.use:
+            return f"prefix cache: off ({self.reason})"
+        return (f"prefix cache: on ({self.reason}): the hidden states entering block {self.first} are computed "
+                f"once per example and kept in memory ({self.cache_bytes / 1e6:.1f} MB once filled); every "
+                f"later step and validation runs {self.num_layers - self.first} of {self.num_layers} blocks, "
+                f"skipping {self.first}")
 
 
 def choose_prefix_cache(model: Any, requested: str, *, lengths: Sequence[int], max_seq_length: int,
-                        budget_bytes: int | None, min_share: float = AUTO_MIN_PREFIX_SHARE) -> PrefixChoice:
+                        budget_bytes: int | None, min_share: float = AUTO_MIN_PREFIX_SHARE,
+                        on_gpu: bool = False) -> PrefixChoice:
     """`requested`: "auto", "on" or "off". `lengths`: token lengths of the examples to cache (train and
     validation). `budget_bytes`: what the cache may hold (None: no limit). "on" still refuses a model
     it would not be exact for. "auto": on when the frozen prefix is at least `min_share` of the blocks
-    and the cache fits the budget."""
+    and the cache fits the budget; off on a GPU (`on_gpu`), where its exactness is not checked yet."""
     layers = _inner(model).layers
     n = len(layers)
     why_not = supported(model) if requested != "off" else "off in the config"
@@ -305,8 +314,25 @@ def choose_prefix_cache(model: Any, requested: str, *, lengths: Sequence[int], m
     what = f"blocks 0-{first - 1} of {n} frozen ({share:.0%}), cache {size / 1e6:.1f} MB"
     if requested == "on":
         return PrefixChoice(True, first, n, size, what + ", on in the config")
+    if on_gpu:
+        return PrefixChoice(False, first, n, size, what + ": auto keeps it off on a GPU until its exactness "
+                                                          "is checked there (set training.prefix_cache = 'on')")
     if share < min_share:
         return PrefixChoice(False, first, n, size, what + f": below the {min_share:.0%} that pays")
     if budget_bytes is not None and size > budget_bytes:
-        return PrefixChoice(False, first, n, size, what + f": over the {budget_bytes / 1e6:.1f} MB budget")
-    return PrefixChoice(True, first, n, size, what)
+        return PrefixChoice(False, first, n, size, what + f": over the {budget_bytes / 1e6:.1f} MB budget "
+                                                          "(a share of the available memory)")
+    return PrefixChoice(True, first, n, size, what + (f", budget {budget_bytes / 1e6:.0f} MB"
+                                                      if budget_bytes is not None else ""))
+
+
+def describe_savings(train: PrefixCache, valid: PrefixCache | None) -> str:
+    """What the cache saved in a run, for its log: batches that ran the adapted blocks only."""
+    parts = []
+    for name, cache in (("training", train), ("validation", valid)):
+        if cache is not None:
+            parts.append(f"{name}: {cache.filled_batches} micro-batches filled it, {cache.hits} served from it")
+    held = train.nbytes + (valid.nbytes if valid is not None else 0)
+    served = train.hits + (valid.hits if valid is not None else 0)
+    return (f"prefix cache: {'; '.join(parts)}; {held / 1e6:.1f} MB held; blocks 0-{train.first - 1} "
+            f"({train.first} blocks) skipped in {served} micro-batches")

@@ -110,7 +110,6 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
                   on_step_end: Callable[[int, dict[str, Any], Any], None] | None,
                   phases: PhaseClock, steps_ahead: int | None) -> TrainingOutcome:
     import mlx.core as mx
-    from mlx_lm.tuner.trainer import default_loss
 
     world = mx.distributed.init()
     is_writer = world.rank() == 0
@@ -152,7 +151,7 @@ def _train_locked(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_
     on_best = (lambda step, val: save_best_adapters(paths, setup.model, config, step, val)) if is_writer else None
     if steps_ahead is None:
         steps_ahead = default_steps_ahead(world.size(), current_device())
-    loop = TrainingLoop(config, setup, state, world=world, loss=default_loss, checkpoints=checkpoints,
+    loop = TrainingLoop(config, setup, state, world=world, loss=setup.loss, checkpoints=checkpoints,
                         preemption=preemption, clock=clock, log=log, phases=phases,
                         steps_ahead=steps_ahead,
                         callbacks=Callbacks(on_step_end=on_step_end, on_row=on_row, on_best=on_best))
