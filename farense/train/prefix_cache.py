@@ -107,10 +107,9 @@ def prefix_hidden(model: Any, tokens: mx.array, first: int | None = None) -> mx.
     return mx.stop_gradient(h)
 
 
-def suffix_forward(model: Any, hidden: mx.array, mask: Any = None, first: int | None = None) -> mx.array:
-    """Logits from the hidden states entering block `first`: the remaining blocks, the final norm and
-    the head (lm_head or the tied embedding), as model(tokens) computes them. `mask`: None builds the
-    causal mask LlamaModel builds."""
+def suffix_hidden(model: Any, hidden: mx.array, mask: Any = None, first: int | None = None) -> mx.array:
+    """From the hidden states entering block `first`: the remaining blocks and the final norm, as
+    model(tokens) computes them. `mask`: None builds the causal mask LlamaModel builds."""
     from mlx_lm.models.base import create_attention_mask
 
     inner = _inner(model)
@@ -120,31 +119,60 @@ def suffix_forward(model: Any, hidden: mx.array, mask: Any = None, first: int | 
     h = hidden
     for layer in inner.layers[first:]:
         h = layer(h, mask, cache=None)
-    out = inner.norm(h)
+    return inner.norm(h)
+
+
+def head(model: Any, out: mx.array) -> mx.array:
+    """The output head: lm_head, or the tied embedding."""
     if model.args.tie_word_embeddings:
-        return inner.embed_tokens.as_linear(out)
+        return _inner(model).embed_tokens.as_linear(out)
     return model.lm_head(out)
+
+
+def suffix_forward(model: Any, hidden: mx.array, mask: Any = None, first: int | None = None) -> mx.array:
+    """Logits from the hidden states entering block `first`: the remaining blocks, the final norm and
+    the head (lm_head or the tied embedding), as model(tokens) computes them."""
+    return head(model, suffix_hidden(model, hidden, mask, first))
 
 
 def make_cached_loss(first: int) -> Callable:
     """A loss with the loop's signature, loss(model, batch, lengths) -> (mean loss, tokens), where
-    `batch` is (tokens (B, W), hidden (B, W-1, D)) as `PrefixCache.batch` builds it. The same
-    arithmetic as mlx_lm.tuner.trainer.default_loss, which the loop uses, from the hidden states on."""
+    `batch` is (tokens (B, W), hidden (B, W-1, D)[, head_columns (S,)]) as `PrefixCache.batch` builds
+    it. The same arithmetic as mlx_lm.tuner.trainer.default_loss, which the loop uses, from the hidden
+    states on; with `head_columns`, the head and the cross-entropy run on the last S positions only
+    (every position whose loss counts; see `head_start`), and the cross-entropy is laid back into the
+    full (B, W-1) grid with zeros before the same masked sum, so the loss and gradients are unchanged."""
     import mlx.core as mx
     import mlx.nn as nn
 
-    def cached_loss(model: Any, batch: tuple[mx.array, mx.array], lengths: mx.array) -> tuple[mx.array, mx.array]:
-        tokens, hidden = batch
+    def cached_loss(model: Any, batch: tuple[mx.array, ...], lengths: mx.array) -> tuple[mx.array, mx.array]:
+        tokens, hidden = batch[0], batch[1]
+        start = hidden.shape[1] - batch[2].shape[0] if len(batch) > 2 else 0  # a shape: static when compiled
         targets = tokens[:, 1:]
-        logits = suffix_forward(model, hidden, first=first)
+        out = suffix_hidden(model, hidden, first=first)
+        ce = nn.losses.cross_entropy(head(model, out[:, start:]), targets[:, start:])
+        if start:
+            ce = mx.concatenate([mx.zeros((ce.shape[0], start), ce.dtype), ce], axis=1)
         steps = mx.arange(1, targets.shape[1] + 1)
         mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
-        ce = nn.losses.cross_entropy(logits, targets) * mask
+        ce = ce * mask
         ntoks = mask.sum()
         ce = ce.astype(mx.float32).sum() / ntoks
         return ce, ntoks
 
     return cached_loss
+
+
+# The head's first column is rounded down to a multiple of this, so a step compiles for few shapes.
+HEAD_START_ROUND = 16
+
+
+def head_start(offsets: Sequence[int], width: int) -> int:
+    """The first of the model's `width` input positions whose loss can count in a batch whose examples'
+    prompts end at `offsets` (make_batch's first column: the loss counts target steps >= offset, i.e.
+    positions >= offset - 1), rounded down to a multiple of HEAD_START_ROUND. 0 without mask_prompt."""
+    start = max(min(offsets) - 1, 0)
+    return min(start - start % HEAD_START_ROUND, max(width - 1, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,12 +209,15 @@ class PrefixCache:
     uncached step computes for the same batch; read back as a zero-padded batch of the batch's width.
     """
 
-    def __init__(self, model: Any, dataset: Any, max_seq_length: int, first: int | None = None) -> None:
+    def __init__(self, model: Any, dataset: Any, max_seq_length: int, first: int | None = None, *,
+                 head_only_where_counted: bool = False) -> None:
         self.model, self.dataset, self.max_seq_length = model, dataset, max_seq_length
         self.first = first_adapted_block(model) if first is None else first
+        self.head_only_where_counted = head_only_where_counted
         self._hidden: dict[int, mx.array] = {}
         self.filled_batches = 0
         self.hits = 0  # batches served without computing the prefix
+        self.positions = self.head_positions_skipped = 0  # padded positions served; those the head skipped
 
     def __len__(self) -> int:
         return len(self._hidden)
@@ -226,15 +257,26 @@ class PrefixCache:
             rows.append(mx.pad(h, [(0, pad), (0, 0)]) if pad else h)
         return mx.stack(rows)
 
-    def batch(self, members: Sequence[int], tokens: mx.array) -> tuple[mx.array, mx.array]:
-        """(tokens, hidden) for the loss of `make_cached_loss`: the padded batch `tokens` of `members`
-        (as farense.batching.make_batch built it) and their hidden states, computed on a miss."""
+    def batch(self, members: Sequence[int], tokens: mx.array) -> tuple[mx.array, ...]:
+        """(tokens, hidden[, head_columns]) for the loss of `make_cached_loss`: the padded batch `tokens`
+        of `members` (as farense.batching.make_batch built it) and their hidden states, computed on a
+        miss; with head_only_where_counted, an array whose length is the number of positions the head runs on."""
+        import mlx.core as mx
+
         missing = [i for i in members if i not in self._hidden]
         if missing:
             self._store(members, tokens)
         else:
             self.hits += 1
-        return tokens, self.hidden(members, tokens.shape[1] - 1)
+        width = tokens.shape[1] - 1
+        out = (tokens, self.hidden(members, width))
+        if not self.head_only_where_counted:
+            return out
+        offsets = [it[1] if len(it) > 1 else 0 for it in (self.dataset[i] for i in members)]
+        start = head_start(offsets, width)
+        self.positions += len(members) * width
+        self.head_positions_skipped += len(members) * start
+        return out + (mx.zeros((width - start,), mx.int32),)
 
     def fill(self, groups: Sequence[Sequence[int]], *, rank: int = 0, world_size: int = 1) -> None:
         """Compute every group's prefix now (this rank's share of each), batch by batch."""
@@ -332,7 +374,10 @@ def describe_savings(train: PrefixCache, valid: PrefixCache | None) -> str:
     for name, cache in (("training", train), ("validation", valid)):
         if cache is not None:
             parts.append(f"{name}: {cache.filled_batches} micro-batches filled it, {cache.hits} served from it")
-    held = train.nbytes + (valid.nbytes if valid is not None else 0)
-    served = train.hits + (valid.hits if valid is not None else 0)
+    caches = [c for c in (train, valid) if c is not None]
+    held, served = sum(c.nbytes for c in caches), sum(c.hits for c in caches)
+    positions, skipped = sum(c.positions for c in caches), sum(c.head_positions_skipped for c in caches)
+    head = (f"; the head skipped {skipped} of {positions} positions (prompts, mask_prompt)"
+            if train.head_only_where_counted and positions else "")
     return (f"prefix cache: {'; '.join(parts)}; {held / 1e6:.1f} MB held; blocks 0-{train.first - 1} "
-            f"({train.first} blocks) skipped in {served} micro-batches")
+            f"({train.first} blocks) skipped in {served} micro-batches{head}")

@@ -225,6 +225,9 @@ def attach_prefix_cache(setup: Setup, config: ExperimentConfig, log: Callable[[s
     setup.loss = default_loss
     if choice.use:
         setup.loss = make_cached_loss(choice.first)
-        setup.train_cache = PrefixCache(setup.model, setup.train_set, t.max_seq_length, choice.first)
-        setup.valid_cache = PrefixCache(setup.model, setup.valid_set, t.max_seq_length, choice.first)
+        # With mask_prompt the head (the tied 49152-word one of the demo: the largest part of a step) runs
+        # only from the first position whose loss can count: exact (tests/test_prefix_cache.py).
+        kw = dict(first=choice.first, head_only_where_counted=t.mask_prompt)
+        setup.train_cache = PrefixCache(setup.model, setup.train_set, t.max_seq_length, **kw)
+        setup.valid_cache = PrefixCache(setup.model, setup.valid_set, t.max_seq_length, **kw)
     return choice
