@@ -182,6 +182,7 @@ class LoraConfig(_Section):
 
 
 SCHEDULES = ("constant", "cosine", "linear")
+PREFIX_CACHE_MODES = ("auto", "on", "off")
 OPTIMIZERS = ("adam", "adamw")
 
 
@@ -203,6 +204,12 @@ class TrainingConfig(_Section):
     seed: int = _f(0, "Seed for weights init, dropout and the data order.", at_least(0))
     grad_checkpoint: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     mask_prompt: bool = _f(False, "Compute the loss on the answer only.")
+    prefix_cache: str = _f("auto", "Keep each example's hidden states below the first adapted block (computed once, "
+                                   "in memory) and run only the adapted blocks afterwards: exact, the same adapters to "
+                                   "the bit on the CPU. 'on', 'off', or 'auto' (on the CPU when at least a quarter "
+                                   "of the blocks is frozen below the first adapted one and the cache fits a share "
+                                   "of the available memory; off on a GPU until its exactness is checked there).",
+                           one_of(*PREFIX_CACHE_MODES))
 
     def cross(self) -> list[str]:
         out = []
@@ -419,8 +426,9 @@ TOP_LEVEL_KEYS = ("name", "description", "extends")
 # Sections whose fields change what training computes; the fingerprint covers them only.
 FINGERPRINT_SECTIONS = ("model", "data", "lora", "training", "validation", "early_stopping")
 # How the base computes, not what is trained: the adapters fit the same base values either way, so a
-# run may resume on another device (auto picks per device).
-NOT_FINGERPRINTED = frozenset({"model.compute"})
+# run may resume on another device (auto picks per device). The prefix cache changes no bit of what is
+# trained on the CPU (tests/test_prefix_cache.py), and `auto` keeps it off elsewhere.
+NOT_FINGERPRINTED = frozenset({"model.compute", "training.prefix_cache"})
 
 
 @dataclass(frozen=True)

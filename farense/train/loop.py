@@ -26,6 +26,7 @@ from farense.signals import PreemptionFlag
 from farense.train.batching import eval_batches, position_of, train_batches
 from farense.train.distributed import collective_stream
 from farense.train.phases import PhaseClock
+from farense.train.prefix_cache import PrefixCache, cached_eval_batches, cached_train_batches, describe_savings
 from farense.train.progress import TrainingProgress, step_seed
 from farense.train.setup import Setup
 
@@ -100,15 +101,18 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_accumulation: i
 
 
 def validation_loss(model: nn.Module, dataset: Any, groups: list, config: ExperimentConfig, loss: Callable,
-                    world: mx.distributed.Group, step: int) -> float:
-    """Token-weighted mean loss over the validation batches (fixed order, dropout off)."""
+                    world: mx.distributed.Group, step: int, cache: PrefixCache | None = None) -> float:
+    """Token-weighted mean loss over the validation batches (fixed order, dropout off); `cache`: the
+    validation split's prefix cache, when `loss` is the cached one."""
     import mlx.core as mx
 
     model.eval()
     total, ntok = mx.array(0.0), mx.array(0)
-    for i, (batch, lengths) in enumerate(eval_batches(dataset, groups, config.training.max_seq_length,
-                                                       rank=world.rank(), world_size=world.size(),
-                                                       limit=config.validation.batches)):
+    kw = dict(rank=world.rank(), world_size=world.size(), limit=config.validation.batches)
+    msl = config.training.max_seq_length
+    batches = (cached_eval_batches(cache, groups, msl, **kw) if cache is not None
+               else eval_batches(dataset, groups, msl, **kw))
+    for i, (batch, lengths) in enumerate(batches):
         lvalue, toks = loss(model, batch, lengths)
         total, ntok = total + lvalue * toks, ntok + toks
         mx.eval(total, ntok)
@@ -153,9 +157,11 @@ class TrainingLoop:
         t = config.training
         self.step_fn, self.compiled_arrays = make_step(setup.model, setup.optimizer, t.grad_accumulation, loss)
         setup.model.train()
-        self.batches = train_batches(setup.train_set, setup.train_groups, seed=t.seed,
-                                     start=position_of(state.step * t.grad_accumulation, len(setup.train_groups)),
-                                     max_seq_length=t.max_seq_length, rank=world.rank(), world_size=world.size())
+        kw = dict(seed=t.seed, start=position_of(state.step * t.grad_accumulation, len(setup.train_groups)),
+                  max_seq_length=t.max_seq_length, rank=world.rank(), world_size=world.size())
+        cache = setup.train_cache
+        self.batches = (train_batches(setup.train_set, setup.train_groups, **kw) if cache is None
+                        else cached_train_batches(cache, setup.train_groups, **kw))
         self.steps_ahead = steps_ahead
         self._next_step = state.step + 1  # the next step to queue
         self._gate: int | None = None  # a queued step whose bookkeeping must be done before more are queued
@@ -196,6 +202,8 @@ class TrainingLoop:
             self.checkpoints.between_steps(st)
             self._queue_steps(queue, 1)  # after a validation or checkpoint step: the next one
             self.phases.lap("steps")
+        if self.setup.train_cache is not None:
+            self.log(describe_savings(self.setup.train_cache, self.setup.valid_cache))
         if not st.stopping:
             return RunState.COMPLETED, ""
         es = self.config.early_stopping
@@ -300,7 +308,7 @@ class TrainingLoop:
             return
         self.phases.lap("steps")
         val = validation_loss(self.setup.model, self.setup.valid_set, self.setup.valid_groups, cfg, self.loss,
-                              self.world, st.step)
+                              self.world, st.step, self.setup.valid_cache)
         reading = GapReading(val, st.window_loss_sum / max(st.window_steps, 1), st.window_steps)
         st.window_loss_sum, st.window_steps = 0.0, 0
         st.last_val_loss, st.last_gap = val, reading.gap

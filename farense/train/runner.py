@@ -176,7 +176,7 @@ def _train(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_fp: str
             remote.on_best_adapters()
     if steps_ahead is None:
         steps_ahead = default_steps_ahead(world.size(), current_device())
-    loop = TrainingLoop(config, setup, state, world=world, loss=default_loss, checkpoints=checkpoints,
+    loop = TrainingLoop(config, setup, state, world=world, loss=setup.loss, checkpoints=checkpoints,
                         preemption=preemption, clock=clock, log=log, phases=phases,
                         steps_ahead=steps_ahead,
                         callbacks=Callbacks(on_step_end=on_step_end, on_row=on_row,
