@@ -17,11 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from training_fixtures import REPO, farense_env
 
 from farense.release.campaign_file import CampaignSpec, load_campaign
 from farense.release.halving import REPORT
-from farense.release.trials import RunProgress, campaign_status, run_campaign, train_in_process, trained_steps
-from training_fixtures import REPO, farense_env
+from farense.release.trials import (
+    RunProgress,
+    campaign_status,
+    run_campaign,
+    train_in_process,
+    trained_steps,
+)
+from farense.run.layout import RunPaths
 
 pytestmark = pytest.mark.slow
 BUDGET, TRIALS = 24, 8
@@ -53,6 +60,15 @@ min_resource = 4
 eta = 2
 ''')
     return path
+
+
+def _rows_trained(spec: CampaignSpec) -> int:
+    """Metrics rows written so far by all trials (one per optimizer step, replays after a resume included)."""
+    total = 0
+    for t in spec.trials:
+        path = RunPaths(t.config.run_dir).metrics_jsonl
+        total += path.read_bytes().count(b"\n") if path.exists() else 0
+    return total
 
 
 def _decisions(events: list[dict[str, Any]]) -> list[tuple]:
@@ -105,8 +121,14 @@ def test_sigkill_at_random_moments_then_the_same_command_gives_the_same_campaign
     highest = {t.name: 0 for t in spec.trials}
     kills = 0
     for _ in range(4):
+        # A random moment measured in training, not in seconds (a fast machine would finish first):
+        # after 2-10 more optimizer steps across the trials, plus up to half a second.
+        target = _rows_trained(spec) + rng.randint(2, 10)
         proc = subprocess.Popen(argv, cwd=REPO, env=farense_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(4, 20))
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and _rows_trained(spec) < target and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.5))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

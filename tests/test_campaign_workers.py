@@ -17,7 +17,7 @@ from farense.run.metrics import read_metrics
 from prefect_harness import REPO, PrefectAPI, _spawn, quiet_env, start_server
 from test_campaign_flow import _campaign
 
-RUNG0 = 30  # steps: long enough that two trainings overlap whatever the workers' polling
+RUNG0 = 20  # steps: both trainings start their steps at a barrier; this keeps them going a while
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -55,10 +55,16 @@ def test_two_workers_train_two_trials_at_the_same_time(tmp_path: Path, demo_dir:
             done = subprocess.run([sys.executable, "-m", "prefect", *argv], cwd=REPO, env=env,
                                   capture_output=True, text=True, timeout=180)
             assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        barrier_dir = tmp_path / "barrier"
+        barrier_dir.mkdir()
         for name in ("a", "b"):
             ws = tmp_path / f"machine-{name}"
             ws.mkdir()
-            wenv = {**env, "FARENSE_WORKSPACE": str(ws), "FARENSE_TRAINING_LOCK": str(ws / "training.lock")}
+            # Both trainings begin their steps together (a barrier file each, up to 60 s): on a fast machine
+            # 30 steps take a second, less than the workers' polling skew. Trainings run one after the
+            # other would leave the first waiting in vain and their windows apart: the test would fail.
+            wenv = {**env, "FARENSE_WORKSPACE": str(ws), "FARENSE_TRAINING_LOCK": str(ws / "training.lock"),
+                    "FARENSE_BARRIER": f"training-loop:2:{barrier_dir}"}
             procs.append(_spawn(f"worker-{name}", [sys.executable, "-m", "prefect", "worker", "start", "--pool",
                                                    "farense-test", "--type", "process", "--limit", "1", "--name",
                                                    f"worker-{name}"], wenv, logs / f"worker-{name}.log"))

@@ -145,6 +145,29 @@ def test_an_exception_in_a_rank_is_a_failure_and_a_lost_peer_is_resumable():
     assert isinstance(lost, PeerLost) and lost.retryable and lost.exit_code == ExitCode.PREEMPTED
 
 
+def test_a_ranks_own_failure_decides_the_job_even_when_the_launcher_reported_a_peer_lost_first(tmp_path):
+    """The race seen in CI: rank 1 raised (its own result says failed), rank 0 saw the lost peer and
+    exited 75 before the launcher reaped rank 1 with SIGTERM. The job is failed, not resumable."""
+    from farense.commands.train import _as_failure, _as_peer_lost, _job_outcome
+    from farense.config import load_config
+    from farense.run.outcome import TrainingOutcome
+    from farense.train.distributed import JobOutcome
+
+    config = load_config("v2", overlays=["tiny"], workspace=tmp_path)
+    spec = LaunchSpec.create(hosts="127.0.0.1", ranks_per_host=2, port=41000)
+    job = JobOutcome(job_exit_code({0: 75, 1: -15}, 2), {0: 75, 1: -15}, False, False, 3.0)
+    assert job.exit_code == ExitCode.PREEMPTED  # what the launcher alone would say
+    lost = TrainingOutcome.from_error(config.run_dir, _as_peer_lost(RuntimeError("[ring] connection to a peer was lost")))
+    bug = TrainingOutcome.from_error(config.run_dir, _as_failure(RuntimeError("boom"), 1))
+    result = _job_outcome(config, spec, job, {0: lost, 1: bug})
+    assert result.exit_code == ExitCode.FAILED and not result.retryable
+    assert "rank 1 failed: RuntimeError: boom" in result.message and "resumable" not in result.message
+    assert result.ranks == {"0": ExitCode.PREEMPTED, "1": ExitCode.FAILED}
+    # A real preemption stays resumable: every rank's own result says so.
+    assert _job_outcome(config, spec, job, {0: lost, 1: lost}).exit_code == ExitCode.PREEMPTED
+    assert _job_outcome(config, spec, job, {}).exit_code == ExitCode.PREEMPTED
+
+
 def test_collectives_run_on_the_cpu_stream_except_under_nccl(monkeypatch):
     import mlx.core as mx
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from farense.codes import ExitCode
+from farense.codes import ExitCode, retryable
 from farense.commands import add_demo_flags
 from farense.config import ExperimentConfig, check_world_size, load_config
 from farense.errors import ConfigError, FarenseError, PeerLost, RankFailed, RunLocked
@@ -93,9 +93,15 @@ def _run(args: argparse.Namespace, config: ExperimentConfig, flag: PreemptionFla
         if dog is not None:
             dog.stop()
         flag.restore()
-        if args.result_json and outcome is not None and rank == 0 and Path(args.result_json).parent.is_dir():
-            outcome.write(args.result_json)
+        if args.result_json and outcome is not None and Path(args.result_json).parent.is_dir():
+            outcome.write(_rank_result_path(args.result_json, rank) if args.rank_mode else args.result_json)
     return outcome.exit_code
+
+
+def _rank_result_path(result_json: str | Path, rank: int) -> Path:
+    """Each rank's own outcome beside rank 0's (`.../rank0.json` -> `.../rank1.json`): the launcher reads
+    them all, so a rank's own failure is not mistaken for the preemption it causes in the others."""
+    return Path(result_json).with_name(f"rank{rank}.json")
 
 
 def _steps_ahead(environ: Any) -> int | None:
@@ -171,9 +177,10 @@ def _launch(args: argparse.Namespace, config: ExperimentConfig, hosts: str | Non
                                      **(thread_env(spec.world_size) if spec.all_local else {})})
         finally:
             flag.restore()
-        rank0 = TrainingOutcome.read(rank0_json)
+        ranks = {r: o for r in range(spec.world_size)
+                 if (o := TrainingOutcome.read(_rank_result_path(rank0_json, r))) is not None}
 
-    result = _job_outcome(config, spec, outcome, rank0)
+    result = _job_outcome(config, spec, outcome, ranks)
     print(f"farense: {result.state.value}: {result.message}" if not result.ok else
           f"farense: distributed job of {spec.world_size} ranks finished in {outcome.seconds:.1f} s", file=sys.stderr)
     if args.result_json:
@@ -181,10 +188,17 @@ def _launch(args: argparse.Namespace, config: ExperimentConfig, hosts: str | Non
     return result.exit_code
 
 
-def _job_outcome(config: ExperimentConfig, spec: LaunchSpec, job: JobOutcome, rank0: TrainingOutcome | None
+def _job_outcome(config: ExperimentConfig, spec: LaunchSpec, job: JobOutcome, ranks: dict[int, TrainingOutcome]
                  ) -> TrainingOutcome:
-    """One outcome for the whole job: the launcher's view of the ranks, completed by rank 0's own result."""
+    """One outcome for the whole job: the launcher's view of the ranks, completed by the ranks' own results
+    (those that ran here). A rank's own failure that no retry cures (a bug, bad input, NaN) decides the job
+    even when the launcher reported another rank's resumable stop first: that stop was its consequence."""
+    rank0 = ranks.get(0)
     code = job.exit_code
+    own_failures = [o for _, o in sorted(ranks.items()) if not o.ok and not o.retryable]
+    if own_failures and (code == ExitCode.OK or retryable(code)):
+        rank0 = own_failures[0]  # the rank whose own result explains the job
+        code = rank0.exit_code
     if code == ExitCode.OK and rank0 is not None and not rank0.ok:
         code = rank0.exit_code  # mpirun reports no rank's exit; rank 0's own result does
     elif code == ExitCode.OK and rank0 is None and spec.all_local:
@@ -197,7 +211,8 @@ def _job_outcome(config: ExperimentConfig, spec: LaunchSpec, job: JobOutcome, ra
         if code == ExitCode.PREEMPTED and not own:
             message += "; resumable: the retry resumes from the last checkpoint"
         result = TrainingOutcome.failure(config.run_dir, code, message, own.error if own else "DistributedJobFailed")
-    return result.with_(world_size=spec.world_size, ranks={str(r): c for r, c in job.rank_codes.items()},
+    rank_codes = {**job.rank_codes, **{r: o.exit_code for r, o in ranks.items() if not o.ok}}  # own word first
+    return result.with_(world_size=spec.world_size, ranks={str(r): c for r, c in sorted(rank_codes.items())},
                         killed_after_timeout=job.killed_after_timeout)
 
 

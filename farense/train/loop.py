@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from farense.codes import RunState
 from farense.config import ExperimentConfig
 from farense.errors import NumericalError, Preempted
-from farense.faults import fault_point
+from farense.faults import barrier, fault_point
 from farense.overfitting import GapReading, classify_gap, gap_legend, observe_validation
 from farense.signals import PreemptionFlag
 from farense.train.batching import eval_batches, position_of, train_batches
@@ -173,6 +173,7 @@ class TrainingLoop:
         st, total = self.state, self.setup.total_steps
         self.log(f"validation every {self.config.validation.every_steps} steps: {gap_legend(self.config.overfitting)}")
         queue: deque[InFlight] = deque()
+        barrier("training-loop")  # tests: trainings on two workers start their steps together
         self._queue_steps(queue, 1)
         while queue:
             current = queue.popleft()
