@@ -140,6 +140,35 @@ def test_farense_run_is_the_whole_pipeline_without_a_server(tmp_path: Path) -> N
     assert "already evaluated with these adapters" in again.stderr
 
 
+def test_a_local_flow_gives_its_own_value_or_one_line_and_its_errors_exit_code(capsys: Any,
+                                                                                monkeypatch: Any) -> None:
+    """`farense run` takes the value the flow returned in memory (never the API's copy of the final
+    state, which a 'database is locked' can leave without data) and maps a failure to its exit code."""
+    from farense.commands import call_flow, local_prefect_env
+    from farense.errors import ConfigError
+
+    assert call_flow(lambda **p: p["x"] * 2, x=21) == (42, 0)
+
+    def bad(**_: Any) -> None:
+        raise ConfigError("configs/v9.toml: [training] iters: expected a positive whole number")
+
+    assert call_flow(bad) == (None, ConfigError("x").exit_code)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("farense: error: ") and "[training] iters: expected" in err[0]
+    assert call_flow(lambda: 1 / 0)[1] == 1
+    assert capsys.readouterr().err.strip() == "farense: failed: ZeroDivisionError: division by zero"
+
+    for name in ("PREFECT_API_URL", "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED"):
+        monkeypatch.delenv(name, raising=False)
+    local_prefect_env()
+    assert os.environ["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED"] == "false"
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false" and os.environ["DO_NOT_TRACK"] == "1"
+    monkeypatch.delenv("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    local_prefect_env()  # a real server keeps its event persister
+    assert "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED" not in os.environ
+
+
 # --------------------------------------------------------------------------- retry rules
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
+from farense.errors import FarenseError
 from farense.run.objectstore import ObjectStore
 
 REMOTE_ENV = "FARENSE_REMOTE"
@@ -44,3 +46,31 @@ def remote_url(args: argparse.Namespace, config: Any = None) -> str:
 def remote_store(args: argparse.Namespace, config: Any = None) -> ObjectStore | None:
     """An ObjectStore on the remote (see remote_url), None when there is none; a bad URL is a ConfigError."""
     return ObjectStore.at(remote_url(args, config))
+
+
+def local_prefect_env() -> None:
+    """Settings for a flow run in this process on Prefect's embedded API: no traffic leaves the machine,
+    whatever the user's profile says about telemetry; and the embedded API, a server process of its own,
+    gets 120 s to start (a busy 2-core machine can exceed Prefect's default 20 s). Its event persister is
+    off: it is the second batch writer beside the task-run recorder on one SQLite file, and their
+    'database is locked' waits (PrefectHQ/prefect#18934) stalled a pipeline for 60 s; a local run keeps
+    its flow and task runs, states, logs and artifacts, not the raw event feed. Each stays overridable."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if not os.environ.get("PREFECT_API_URL"):  # a real server keeps every service
+        os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED", "false")
+
+
+def call_flow(flow: Callable[..., Any], **parameters: Any) -> tuple[Any, int]:
+    """Run a flow in this process: (its return value, 0), or (None, exit code) after one line on stderr.
+
+    The value is the one the flow returned, held in memory, never the final state read back from the
+    API: on the embedded SQLite API a 'database is locked' (PrefectHQ/prefect#18934) can leave that
+    state without its data, and a finished run would end in MissingResult."""
+    try:
+        return flow(**parameters), 0
+    except Exception as e:  # the flow's own error, re-raised by Prefect: its exit code says what it was
+        print(f"farense: error: {e}" if isinstance(e, FarenseError) else f"farense: failed: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return None, int(getattr(e, "exit_code", 1) or 1)

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from farense.commands import add_demo_flags
+from farense.commands import add_demo_flags, call_flow, local_prefect_env
 from farense.console import print_table
 from farense.model.demos import prepare_overlay_models
 from farense.release.campaign_file import CampaignSpec, load_campaign
@@ -88,18 +88,14 @@ def _notify(args: argparse.Namespace, subject: str, body: str) -> None:
 
 def _final(args: argparse.Namespace, spec: CampaignSpec, winner: Any) -> int:
     """The winner through evaluation, the seed's rules against `compare_with`, promotion if ready."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    local_prefect_env()
     from flows.pipeline import training_flow
 
-    state = training_flow(config=str(write_resolved_config(winner.config)), compare_with=spec.compare_with,
-                          promote=spec.promote and not args.no_promote, workspace=winner.config.workspace,
-                          notify=False, return_state=True)
-    if not state.is_completed():
-        print(f"farense: {state.name}: {state.message}", file=sys.stderr)
-        return 1
-    result = state.result()
+    result, code = call_flow(training_flow, config=str(write_resolved_config(winner.config)),
+                             compare_with=spec.compare_with, promote=spec.promote and not args.no_promote,
+                             workspace=winner.config.workspace, notify=False)
+    if code:
+        return code
     print(f"{winner.name}: F1 {result.evaluation.f1:.4f}; decision: {result.decision.verdict}")
     print(f"promotion: {result.promotion.reason}")
     return 0

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from farense.commands import add_demo_flags
+from farense.commands import add_demo_flags, call_flow, local_prefect_env
 from farense.config import load_config
 from farense.console import print_table
 from farense.model.demos import overlays_for
@@ -30,12 +30,7 @@ from farense.train.inputs import check_experiment
 
 
 def run(args: argparse.Namespace) -> int:
-    # No traffic leaves the machine, whatever the user's Prefect profile says about telemetry.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    # The embedded API is a server process of its own: on a busy 2-core machine it can take longer
-    # than Prefect's default 20 s to answer, which would fail the run before it starts.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    local_prefect_env()
     overlays = [o for o in (args.overlay or []) if o in ("demo", "tiny")]
     if len(set(overlays)) > 1:
         print("farense: error: --demo and --tiny exclude each other", file=sys.stderr)
@@ -62,12 +57,11 @@ def _check_early(configs: list[str], overlays: tuple[str, ...]) -> None:
 def _pipeline(args: argparse.Namespace, demo: bool | str) -> int:
     from flows.pipeline import training_flow
 
-    state = training_flow(config=args.config[0], compare_with=args.compare_with, promote=not args.no_promote,
-                          demo=demo, workspace=os.environ.get("FARENSE_WORKSPACE"),
-                          notify_block=args.notify_block, return_state=True)
-    if not state.is_completed():
-        return _failed(state)
-    result = state.result()
+    result, code = call_flow(training_flow, config=args.config[0], compare_with=args.compare_with,
+                             promote=not args.no_promote, demo=demo, workspace=os.environ.get("FARENSE_WORKSPACE"),
+                             notify_block=args.notify_block)
+    if code:
+        return code
     t, e, d, p = result.training, result.evaluation, result.decision, result.promotion
     print(f"{result.config}: {t.state.value} at step {t.step}/{t.total_steps}"
           + (f" (resumed from {t.resumed_from})" if t.resumed_from else "")
@@ -83,11 +77,11 @@ def _pipeline(args: argparse.Namespace, demo: bool | str) -> int:
 def _campaign(args: argparse.Namespace, demo: bool | str) -> int:
     from flows.campaign import campaign_flow
 
-    state = campaign_flow(configs=list(args.config), demo=demo, workspace=os.environ.get("FARENSE_WORKSPACE"),
-                          promote=not args.no_promote, notify_block=args.notify_block, return_state=True)
-    if not state.is_completed():
-        return _failed(state)
-    result = state.result()
+    result, code = call_flow(campaign_flow, configs=list(args.config), demo=demo,
+                             workspace=os.environ.get("FARENSE_WORKSPACE"), promote=not args.no_promote,
+                             notify_block=args.notify_block)
+    if code:
+        return code
     entries = [CampaignEntry(n, r.run_dir, decision_path_of(r.run_dir)) for n, r in zip(result.configs, result.runs)]
     base = _read(base_report_path(result.runs_dir))
     print_table("base model vs " + " vs ".join(result.configs), TABLE_HEADERS, table_rows(base, entries))
@@ -109,12 +103,6 @@ def _read(path: Any) -> dict[str, Any] | None:
             return orjson.loads(f.read())
     except OSError:
         return None
-
-
-def _failed(state: Any) -> int:
-    error = state.result(raise_on_failure=False)
-    print(f"farense: {state.name}: {state.message}", file=sys.stderr)
-    return int(getattr(error, "exit_code", 1) or 1)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
