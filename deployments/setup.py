@@ -5,7 +5,7 @@
 
 What it makes sure of, in order:
 1. the process work pool `farense` with the queues `training` (concurrency limit 1: one training
-   at a time on the machine) and `maintenance`; with --shared-queue NAME --machines N also the queue
+   at a time on the machine), `maintenance` and `campaigns` (a halving campaign's coordinating run); with --shared-queue NAME --machines N also the queue
    NAME with concurrency limit N, which every machine's worker polls (deployments/multi-machine.md);
 2. the deployments of deployments/prefect.yaml, or of --prefect-file (`prefect deploy --all`), unless --no-deploy;
    with --timezone (or FARENSE_TIMEZONE) their cron schedules move to that time zone;
@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 
 WORK_POOL = "farense"
-QUEUES = {"training": 1, "maintenance": None}  # name -> concurrency limit
+QUEUES = {"training": 1, "maintenance": None, "campaigns": None}  # name -> concurrency limit; a campaign's
+# coordinating run waits on `campaigns`, its trials on `training`
 TRAINING_FLOW = "farense-training"
 MAINTENANCE_FLOW = "farense-maintenance"
 TRAINING_DEPLOYMENT = f"{TRAINING_FLOW}/nightly"

@@ -389,6 +389,20 @@ def test_prefect_yaml_nightly_and_weekly_deployments() -> None:
     assert set(campaign["parameters"]) <= set(__import__("inspect").signature(campaign_flow.fn).parameters)
     assert campaign["work_pool"]["work_queue_name"] == nightly["work_pool"]["work_queue_name"]
 
+    # The halving campaign: its trials are runs of the trial deployment on the training queue; the
+    # coordinating run waits elsewhere, or it would hold the one training slot its own trials need.
+    from deployments.setup import QUEUES
+    from flows.campaign_halving import campaign_halving_flow, campaign_trial_flow
+
+    halving, trial = deps["halving"], deps["trial"]
+    assert halving["entrypoint"] == "flows/campaign_halving.py:campaign_halving_flow"
+    assert trial["entrypoint"] == "flows/campaign_halving.py:campaign_trial_flow"
+    assert halving["parameters"]["trial_deployment"] == f"{campaign_trial_flow.name}/{trial['name']}"
+    assert set(halving["parameters"]) <= set(__import__("inspect").signature(campaign_halving_flow.fn).parameters)
+    assert (REPO / halving["parameters"]["campaign"]).is_file()
+    assert trial["work_pool"]["work_queue_name"] == "training" and QUEUES["training"] == 1
+    assert halving["work_pool"]["work_queue_name"] in QUEUES and halving["work_pool"]["work_queue_name"] != "training"
+
 
 # --------------------------------------------------------------------------- what a person sees
 
