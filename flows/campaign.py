@@ -52,7 +52,7 @@ def campaign_run_name() -> str:
     from prefect.runtime import flow_run
 
     p = flow_run.parameters
-    return f"campaign-{'-'.join(p.get('configs') or [])}-{datetime.now():%Y-%m-%d-%H%M}"
+    return f"campaign-{p.get('name') or '-'.join(p.get('configs') or [])}-{datetime.now():%Y-%m-%d-%H%M}"
 
 
 @flow(name=CAMPAIGN_FLOW, flow_run_name=campaign_run_name, retries=0)
@@ -62,8 +62,11 @@ def campaign_flow(
     workspace: str | None = None,
     promote: bool = True,
     notify_block: str | None = None,
+    name: str | None = None,
 ) -> CampaignResult:
-    """Train each config in order (each decided against the one before it), choose, promote, tell."""
+    """Train each config in order (each decided against the one before it), choose, promote, tell.
+    `configs` are names or files (a campaign file's trials come as resolved files, `name` the campaign's);
+    each is known by its run's name, the one the next config is decided against."""
     log, timings = get_run_logger(), {}
     clock = time.monotonic()
 
@@ -84,20 +87,20 @@ def campaign_flow(
         runs: list[PipelineResult] = []
         for i, config in enumerate(resolved):
             runs.append(training_flow(config=config, workspace=workspace, promote=False, notify=False,
-                                      compare_with=configs[i - 1] if i else "production"))
-            lap(f"{cfgs[i].name} pipeline")
-        entries = [CampaignEntry(c.name, r.run_dir, decision_path_of(r.run_dir)) for c, r in zip(cfgs, runs)]
+                                      compare_with=cfgs[i - 1].run_name if i else "production"))
+            lap(f"{cfgs[i].run_name} pipeline")
+        entries = [CampaignEntry(c.run_name, r.run_dir, decision_path_of(r.run_dir)) for c, r in zip(cfgs, runs)]
         decision = campaign_decide_task(str(cfgs[0].runs_dir), entries, timings)
-        winner = next((c for c in cfgs if c.name == decision.winner), None)
+        winner = next((c for c in cfgs if c.run_name == decision.winner), None)
         if winner is None:
             promotion = PromotionResult(False, None, None, decision.verdict)
         else:
             promotion = promote_task(winner, decision.winner_run_dir, winner_decision(decision), promote)
         lap("decision and promotion")
-        notification = notify_task(f"farense campaign {' vs '.join(c.name for c in cfgs)}: {decision.verdict}",
+        notification = notify_task(f"farense campaign {' vs '.join(c.run_name for c in cfgs)}: {decision.verdict}",
                                    "\n".join([decision.verdict, *decision.reasons, f"promotion: {promotion.reason}"]),
                                    notify_block)
-    return CampaignResult([c.name for c in cfgs], str(cfgs[0].runs_dir), base, runs, decision, promotion,
+    return CampaignResult([c.run_name for c in cfgs], str(cfgs[0].runs_dir), base, runs, decision, promotion,
                           notification, timings)
 
 

@@ -97,3 +97,18 @@ def test_farense_run_two_configs_is_a_campaign_on_the_tiny_model(tmp_path: Path)
     # The table re-read from the runs' files matches what was written.
     entries = [CampaignEntry(n, str(runs / n), str(runs / n / "evaluation" / "decision.json")) for n in ("a", "b")]
     assert table_rows(base, entries) == campaign["table"]["rows"]
+
+    # The same campaign written as a file (explicit trials, no [halving]) through `farense campaign run`:
+    # the same flow, a table of the same shape, its runs in the campaign's own directory.
+    listed = tmp_path / "ab.toml"
+    listed.write_text(f'[[trials]]\nname = "a"\nconfig = "{configs[0]}"\n[[trials]]\nname = "b"\nconfig = "{configs[1]}"\n'
+                      '[final]\npromote = false\n')
+    argv = [sys.executable, "-m", "farense", "--workspace", str(tmp_path), "campaign"]
+    proc = subprocess.run([*argv, "run", str(listed)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    again = json.loads((runs / "campaign-ab" / "campaign.json").read_text())
+    assert [row[0] for row in again["table"]["rows"]] == names
+    assert again["reasons"][1].startswith("b (against a):") and "base model (no adapters)" in proc.stdout
+    status = subprocess.run([*argv, "status", str(listed)], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert status.returncode == 0 and "no halving" in status.stdout and status.stdout.count("finished") == 2, status.stdout

@@ -33,6 +33,31 @@ def test_explicit_trials_name_their_configs(tmp_path: Path) -> None:
     assert c.rungs == (45, 90, 100)
 
 
+def test_without_halving_every_trial_keeps_its_own_schedule_and_farense_run_is_that_campaign(tmp_path: Path) -> None:
+    from farense.config import load_config
+    from farense.release.campaign_file import configs_campaign
+    from farense.release.trials import campaign_status
+
+    path = tmp_path / "v1v2.toml"
+    path.write_text('[[trials]]\nconfig = "v1"\n[[trials]]\nconfig = "v2"\nset = {"lora.rank" = 4}\n')
+    c = load_campaign(path, overlays=["tiny"], workspace=tmp_path)
+    v1, v2 = (load_config(n, overlays=["tiny"], workspace=tmp_path) for n in ("v1", "v2"))
+    assert not c.halves and c.rungs == ()
+    assert [(t.name, t.config.training.iters, t.config.lora.rank) for t in c.trials] == [
+        ("v1", v1.training.iters, v1.lora.rank), ("v2", v2.training.iters, 4)]
+    assert [r["status"] for r in campaign_status(c)] == ["not started", "not started"]
+
+    # `farense run v1 v2`: the same campaign from the command line, each config in its own run directory.
+    simplest = configs_campaign(["v1", "v2"], overlays=["tiny"], workspace=tmp_path)
+    assert not simplest.halves and simplest.name == "v1-v2"
+    assert [(t.name, t.config.run_dir, t.config.fingerprint) for t in simplest.trials] == [
+        ("v1", v1.run_dir, v1.fingerprint), ("v2", v2.run_dir, v2.fingerprint)]
+    with pytest.raises(ConfigError, match="each config may appear once"):
+        configs_campaign(["v1", "v1"], overlays=["tiny"], workspace=tmp_path)
+    with pytest.raises(ConfigError, match="v9"):
+        configs_campaign(["v1", "v9"], overlays=["tiny"], workspace=tmp_path)
+
+
 def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('base = "v2"\ncolour = 1\n[halving]\nbudget = 24\nmin_resource = 6\neta = 1\nmode = "fast"\n'

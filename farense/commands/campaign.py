@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from farense.commands import add_demo_flags, call_flow, local_prefect_env
+from farense.commands.run import run_list_campaign
 from farense.console import print_table
 from farense.model.demos import prepare_overlay_models
 from farense.release.campaign_file import CampaignSpec, load_campaign
@@ -45,6 +46,10 @@ def _fmt(v: Any) -> str:
 def print_status(spec: CampaignSpec) -> None:
     rows = [[_fmt(r[k]) for k in ("trial", "params", "rung", "best_val_loss", "steps", "status")]
             for r in campaign_status(spec)]
+    if not spec.halves:
+        print_table(f"campaign {spec.name} (no halving: every trial trains fully, in order)", STATUS_HEADERS, rows)
+        print(f"steps trained: {trained_steps(spec)}")
+        return
     print_table(f"campaign {spec.name} (rungs at steps {', '.join(map(str, spec.rungs))}, eta {spec.eta})",
                 STATUS_HEADERS, rows)
     full = len(spec.trials) * spec.budget
@@ -60,6 +65,10 @@ def status(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     spec = _spec(args)
+    if not spec.halves:  # the simplest campaign: every trial fully, in order, as `farense run A B` does
+        refs = [str(write_resolved_config(t.config)) for t in spec.trials]
+        return run_list_campaign(spec, refs, False, promote=spec.promote and not args.no_promote,
+                                 notify_block=args.notify_block or os.environ.get("FARENSE_NOTIFY_BLOCK"))
     prepare_overlay_models(spec.trials[0].config)
     outcome = run_campaign(spec, log=lambda m: print(m, flush=True))
     print_status(spec)

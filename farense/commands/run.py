@@ -19,6 +19,7 @@ from farense.commands import add_demo_flags, call_flow, local_prefect_env
 from farense.config import load_config
 from farense.console import print_table
 from farense.model.demos import overlays_for
+from farense.release.campaign_file import CampaignSpec, configs_campaign
 from farense.release.campaign import (
     TABLE_HEADERS,
     CampaignEntry,
@@ -75,11 +76,23 @@ def _pipeline(args: argparse.Namespace, demo: bool | str) -> int:
 
 
 def _campaign(args: argparse.Namespace, demo: bool | str) -> int:
+    """Several configs: the simplest campaign (no halving), each config trained fully in turn."""
+    spec = configs_campaign(args.config, overlays=overlays_for(demo), workspace=os.environ.get("FARENSE_WORKSPACE"))
+    return run_list_campaign(spec, list(args.config), demo, promote=not args.no_promote,
+                             notify_block=args.notify_block)
+
+
+def run_list_campaign(spec: CampaignSpec, refs: list[str], demo: bool | str, *, promote: bool,
+                      notify_block: str | None) -> int:
+    """A campaign without halving through the campaign flow: `refs` are what each trial's pipeline loads
+    (config names with `demo` overlays, or resolved config files); prints base vs every trial."""
     from flows.campaign import campaign_flow
 
-    result, code = call_flow(campaign_flow, configs=list(args.config), demo=demo,
-                             workspace=os.environ.get("FARENSE_WORKSPACE"), promote=not args.no_promote,
-                             notify_block=args.notify_block)
+    local_prefect_env()
+    assert not spec.halves and len(refs) == len(spec.trials)
+    result, code = call_flow(campaign_flow, configs=refs, demo=demo, workspace=os.environ.get("FARENSE_WORKSPACE"),
+                             promote=promote, notify_block=notify_block,
+                             name=spec.name if spec.source != "command line" else None)
     if code:
         return code
     entries = [CampaignEntry(n, r.run_dir, decision_path_of(r.run_dir)) for n, r in zip(result.configs, result.runs)]

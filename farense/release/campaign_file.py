@@ -13,6 +13,8 @@ stopping it at a rung and continuing it later is an ordinary resume of the same 
     # or explicit trials: [[trials]] name = "v1", config = "v1", set = {"lora.rank" = 4}
     [halving]
     budget = 24  min_resource = 4  eta = 2  max_concurrent = 1  mode = "sync"  metric = "val_loss"
+    # no [halving]: the simplest campaign, every trial trained fully on its own schedule, in order,
+    # each decided against the one before it (`farense run v1 v2` is this campaign of two configs)
     [final]
     compare_with = "production"  promote = true
 """
@@ -67,10 +69,11 @@ class CampaignSpec:
     promote: bool = True
     description: str = ""
     overlays: tuple[str, ...] = field(default_factory=tuple)
+    halves: bool = True  # False: no [halving]; every trial trains fully, in order (farense run v1 v2)
 
     @property
     def rungs(self) -> tuple[int, ...]:
-        return tuple(rung_steps(self.min_resource, self.budget, self.eta))
+        return tuple(rung_steps(self.min_resource, self.budget, self.eta)) if self.halves else ()
 
     @property
     def halving(self) -> Halving:
@@ -201,8 +204,8 @@ def _config_path(name: str, here: Path) -> str:
 
 
 def _build_trials(data: Mapping[str, Any], path: Path, overlays: Sequence[str], workspace: Any,
-                  budget: int, problems: list[str]) -> list[Trial]:
-    """Every trial's config, each with the full budget's schedule; a bad one adds its problems."""
+                  budget: int | None, problems: list[str]) -> list[Trial]:
+    """Every trial's config, each with the full budget's schedule (None: its own); a bad one adds its problems."""
     if data.get("search") and data.get("trials"):
         problems.append("search / trials: give a search space or an explicit list of trials, not both")
     specs = ([(n, None, p) for n, p in _grid(data, problems)] if not data.get("trials")
@@ -214,7 +217,8 @@ def _build_trials(data: Mapping[str, Any], path: Path, overlays: Sequence[str], 
             base = load_config(_config_path(config_name or data.get("base") or "", path), overlays=overlays,
                                workspace=workspace)
             sections = _overrides({**(data.get("set") or {}), **params}, f"{name}: ", problems)
-            sections.setdefault("training", {}).update(iters=budget, epochs=0)
+            if budget is not None:
+                sections.setdefault("training", {}).update(iters=budget, epochs=0)
             sections["output"] = {"run_name": name,
                                   "runs_dir": str(base.runs_dir / f"{CAMPAIGN_DIR_PREFIX}{camp}")}
             trials.append(Trial(name, dict(params), base.with_overrides(**sections)))
@@ -234,8 +238,9 @@ def load_campaign(path: str | Path, *, overlays: Sequence[str] = (), workspace: 
     _unknown(final, FINAL_KEYS, "final.", problems)
     if not data.get("base") and not data.get("trials"):
         problems.append("base: missing; expected a config name or path (or an explicit [[trials]] list)")
-    budget = _int(h, "budget", None, 1, problems)
-    min_resource = _int(h, "min_resource", budget, 1, problems)
+    halves = "halving" in data
+    budget = _int(h, "budget", None, 1, problems) if halves else 0
+    min_resource = _int(h, "min_resource", budget, 1, problems) if halves else 0
     eta = _int(h, "eta", 2, 2, problems)
     max_concurrent = _int(h, "max_concurrent", 1, 1, problems)
     if min_resource > budget:
@@ -249,8 +254,9 @@ def load_campaign(path: str | Path, *, overlays: Sequence[str] = (), workspace: 
     if not isinstance(name, str) or not is_plain_name(name):
         problems.append(f"name: expected letters, digits, '.', '_' or '-', got {name!r}")
     all_overlays = (*data.get("overlays", ()), *overlays)
-    trials = [] if problems else _build_trials(data, path, all_overlays, workspace, budget, problems)
-    rungs = rung_steps(min_resource, budget, eta)
+    trials = [] if problems else _build_trials(data, path, all_overlays, workspace, budget if halves else None,
+                                               problems)
+    rungs = rung_steps(min_resource, budget, eta) if halves else []
     for t in trials:
         every = t.config.validation.every_steps
         if any(r % every for r in rungs[:-1]):  # the last step always validates
@@ -262,4 +268,23 @@ def load_campaign(path: str | Path, *, overlays: Sequence[str] = (), workspace: 
         raise ConfigError(problems, source=str(path))
     return CampaignSpec(str(name), str(path), tuple(trials), budget, min_resource, eta, max_concurrent, mode, metric,
                         str(final.get("compare_with", "production")), bool(final.get("promote", True)),
-                        str(data.get("description", "")), tuple(all_overlays))
+                        str(data.get("description", "")), tuple(all_overlays), halves)
+
+
+def configs_campaign(configs: Sequence[str], *, overlays: Sequence[str] = (), workspace: Any = None) -> CampaignSpec:
+    """The simplest campaign, `farense run v1 v2`: each config a trial under its own name and run
+    directory, trained fully in order, each decided against the one before it; no halving."""
+    problems: list[str] = []
+    trials = []
+    for ref in configs:
+        try:
+            config = load_config(ref, overlays=list(overlays), workspace=workspace)
+            trials.append(Trial(config.run_name, {}, config))
+        except ConfigError as e:
+            problems.extend(f"{e.source}: {x}" if e.source else x for x in e.problems)
+    if len({t.name for t in trials}) != len(trials):
+        problems.append(f"configs: each config may appear once, got {' '.join(configs)}")
+    if problems:
+        raise ConfigError(problems, source="command line")
+    return CampaignSpec("-".join(t.name for t in trials), "command line", tuple(trials), 0, 0, 2,
+                        overlays=tuple(overlays), halves=False)

@@ -243,6 +243,8 @@ def _describe(e: dict[str, Any], spec: CampaignSpec) -> str:
 
 def campaign_status(spec: CampaignSpec) -> list[dict[str, Any]]:
     """One row per trial from the log and the runs: params, rung reached, best val loss, steps trained, status."""
+    if not spec.halves:  # every trial trains fully: its run's own files say where it is
+        return [_list_trial_row(t) for t in spec.trials]
     body = read_json_object(spec.directory / LOG_NAME) or {}
     events = body.get("events", [])
     rows = []
@@ -251,6 +253,14 @@ def campaign_status(spec: CampaignSpec) -> list[dict[str, Any]]:
         rows.append({"trial": t.name, "params": t.params, "rung": s.rung, "best_val_loss": s.value,
                      "steps": progress.last_step, "status": s.status})
     return rows
+
+
+def _list_trial_row(t: Trial) -> dict[str, Any]:
+    progress = RunProgress.read(t.config)
+    status = ("finished" if progress.finished else f"at step {progress.checkpoint_step}" if progress.checkpoint_step
+              else "not started")
+    return {"trial": t.name, "params": t.params, "rung": None, "best_val_loss": progress.best_val(progress.last_step),
+            "steps": progress.last_step, "status": status}
 
 
 def campaign_table(spec: CampaignSpec) -> list[dict[str, Any]]:
