@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -13,6 +15,13 @@ from farense.model.blas import ensure_fast_blas
 # As the farense command does, before any test imports mlx: MLX in this process then multiplies
 # with the same BLAS as the `farense` subprocesses the tests start.
 ensure_fast_blas()
+
+# The machine-wide training lock is the user's: the suite's trainings take one of their own, one per
+# pytest-xdist worker, so the workers' trainings (and a user's overnight run) never wait on each other.
+# Tests of the lock itself set their own path.
+if not os.environ.get("FARENSE_TRAINING_LOCK"):
+    _lock_dir = Path(tempfile.mkdtemp(prefix=f"farense-tests-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"))
+    os.environ["FARENSE_TRAINING_LOCK"] = str(_lock_dir / "training.lock")
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
