@@ -38,6 +38,10 @@ def test_without_halving_every_trial_keeps_its_own_schedule_and_farense_run_is_t
     from farense.release.campaign_file import configs_campaign
     from farense.release.trials import campaign_status
 
+    shipped = load_campaign(REPO / "configs" / "campaigns" / "v1-v2.toml", overlays=["demo"], workspace=tmp_path)
+    assert not shipped.halves and [t.name for t in shipped.trials] == ["v1", "v2"]
+    assert shipped.directory.name == "campaign-v1-v2" and shipped.promote
+
     path = tmp_path / "v1v2.toml"
     path.write_text('[[trials]]\nconfig = "v1"\n[[trials]]\nconfig = "v2"\nset = {"lora.rank" = 4}\n')
     c = load_campaign(path, overlays=["tiny"], workspace=tmp_path)
