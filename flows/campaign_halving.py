@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from prefect import flow, get_run_logger, tags
 
 from farense.config import ExperimentConfig
+from farense.errors import FarenseError
 from farense.model.demos import overlays_for, prepare_overlay_models
 from farense.release.campaign_file import load_campaign
-from farense.release.trials import campaign_message, run_campaign, run_campaign_parallel
+from farense.release.trials import campaign_message, finalists, run_campaign, run_campaign_parallel
 from farense.train.inputs import write_resolved_config
 from flows.pipeline import training_flow
 from tasks.campaign import campaign_report_task, train_trial_task
 from tasks.common import TASK_TAG, tag_flow_run
+from tasks.evaluate import evaluate_task
 from tasks.inputs import check_inputs_task
 from tasks.notify import NotifyResult, notify_task
 
@@ -87,7 +89,16 @@ def campaign_halving_flow(campaign: str, demo: bool | str = False, workspace: st
         # The winner through the pipeline (its training is done: evaluation, the seed's rules, promotion).
         final = training_flow(config=str(write_resolved_config(winner.config)), compare_with=spec.compare_with,
                               promote=spec.promote and promote, workspace=workspace, notify=False)
-    png = campaign_report_task(outcome, {winner.name: final.evaluation.f1} if final else None)
+    f1 = {winner.name: final.evaluation.f1} if final else {}
+    if final is not None:  # the other finalists on the same test split: how close the last comparison was
+        for t in finalists(outcome):
+            if t.name == winner.name:
+                continue
+            try:
+                f1[t.name] = evaluate_task(t.config, str(t.config.run_dir)).f1
+            except FarenseError as e:  # e.g. no best adapters yet: the table says '-', the campaign stands
+                log.warning(f"{t.name}: finalist not evaluated: {e}")
+    png = campaign_report_task(outcome, f1 or None)
     subject, body = campaign_message(outcome)
     if final is not None:
         body += f"\n{winner.name}: F1 {final.evaluation.f1:.4f}; {final.decision.verdict}; {final.promotion.reason}"

@@ -56,3 +56,15 @@ def test_three_trials_at_once_make_the_same_decisions_as_one_at_a_time(tmp_path:
     assert _decisions(b.events) == _decisions(a.events)
     assert b.stopped_per_rung == a.stopped_per_rung == {0: 4, 1: 2, 2: 1}
     assert campaign_status(many) == campaign_status(one)
+
+
+def test_the_finalists_are_the_trials_of_the_last_comparison(tmp_path: Path) -> None:
+    """8 trials, eta 2: 4 reach rung 1, 2 reach rung 2 and meet there; the winner alone goes on to the
+    end. Those two are the finalists whose F1 the campaign's table shows."""
+    from farense.release.trials import finalists
+
+    spec = load_campaign(REPO / "configs" / "campaigns" / "lr-rank.toml", overlays=["tiny"], workspace=tmp_path)
+    outcome = run_campaign(spec, train=FakeTrainer(), log=lambda m: None)
+    at_rung_2 = sorted({e["trial"] for e in outcome.events if e["kind"] == "report" and e["rung"] == 2})
+    names = [t.name for t in finalists(outcome)]
+    assert len(names) == 2 and names == at_rung_2 and outcome.winner.name in names

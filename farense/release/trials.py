@@ -283,6 +283,18 @@ def stopped_at_step(outcome: CampaignOutcome) -> dict[str, int]:
     return {e["trial"]: outcome.spec.rungs[e["rung"]] for e in outcome.events if e["kind"] == STOP}
 
 
+def finalists(outcome: CampaignOutcome) -> list[Trial]:
+    """The trials of the campaign's last comparison: those reported at the highest rung that more than
+    one trial reached (the winner went on from there); the campaign's table gives each of them an F1."""
+    by_rung: dict[int, set[str]] = {}
+    for e in outcome.events:
+        if e["kind"] == REPORT:
+            by_rung.setdefault(int(e["rung"]), set()).add(e["trial"])
+    contested = [r for r, names in by_rung.items() if len(names) > 1]
+    names = by_rung[max(contested)] if contested else {outcome.winner.name} if outcome.winner else set()
+    return [t for t in outcome.spec.trials if t.name in names]
+
+
 def trained_steps(spec: CampaignSpec) -> int:
     """Optimizer steps the trials' runs went through (their metrics), for the budget's accounting."""
     return sum(RunProgress.read(t.config).last_step for t in spec.trials)
