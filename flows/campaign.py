@@ -87,7 +87,7 @@ def campaign_flow(
         runs: list[PipelineResult] = []
         for i, config in enumerate(resolved):
             runs.append(training_flow(config=config, workspace=workspace, promote=False, notify=False,
-                                      compare_with=cfgs[i - 1].run_name if i else "production"))
+                                      compare_with=str(cfgs[i - 1].run_dir) if i else "production"))
             lap(f"{cfgs[i].run_name} pipeline")
         entries = [CampaignEntry(c.run_name, r.run_dir, decision_path_of(r.run_dir)) for c, r in zip(cfgs, runs)]
         decision = campaign_decide_task(str(cfgs[0].runs_dir), entries, timings)
