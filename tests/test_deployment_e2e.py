@@ -188,8 +188,10 @@ class Stack:
         """The run resumed training from `last_checkpoint` (not step 0) and finished every step."""
         final = self.finish(run_id)
         assert final == "COMPLETED", "\n".join(self.api.logs(run_id)[-40:])
-        logs = _wait_for_log(self.api, run_id, "notified through custom-webhook/farense-notify")
-        assert f"training resumed from checkpoint step {last_checkpoint}" in logs
+        _wait_for_log(self.api, run_id, "notified through custom-webhook/farense-notify")
+        # Waited for on its own: under load a log batch can reach the server after later ones.
+        logs = _wait_for_log(self.api, run_id, "training resumed from checkpoint step", timeout=60)
+        assert f"training resumed from checkpoint step {last_checkpoint}" in logs, [x for x in logs if "resum" in x]
         assert any(f"resuming from step {last_checkpoint}" in line for line in logs)
         run_state = json.loads((self.run_dir / "run_state.json").read_text())
         assert run_state["state"] == "completed" and run_state["resumed_from"] == last_checkpoint
