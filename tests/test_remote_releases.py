@@ -109,3 +109,32 @@ def test_stale_expectation_is_a_conflict(s3_store: ObjectStore, tmp_path: Path) 
     rel.promote("r1", expected_current=None)
     with pytest.raises(ReleaseConflict, match="production/current is 'r1', not None"):
         rel.promote("r2", expected_current=None)
+
+
+class _RacyStore:
+    """The store as a self-hosted S3 can behave under load: a second writer's conditional put passes
+    the same check as ours and lands just after it (both get 200)."""
+
+    def __init__(self, store: ObjectStore, rival: bytes) -> None:
+        self._store, self._rival = store, rival
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    def put_if_absent(self, key: str, data: bytes) -> str:
+        etag = self._store.put_if_absent(key, data)
+        self._store.put(key, self._rival)  # the rival's write, accepted too
+        return etag
+
+
+def test_a_write_overwritten_by_a_racing_writer_is_a_conflict_not_a_second_winner(s3_store: ObjectStore,
+                                                                                 tmp_path: Path) -> None:
+    prefix = s3_store.key("production")
+    for rid in ("r1", "r2"):
+        RemoteReleases(s3_store, prefix).write_release(rid, adapters(tmp_path, rid))
+    rival = orjson.dumps({"release_id": "r2", "previous": None, "updated_at": 1.0, "by_host": "rival",
+                          "action": "promote"})
+    racy = RemoteReleases(_RacyStore(s3_store, rival), prefix)  # type: ignore[arg-type]
+    with pytest.raises(ReleaseConflict, match="points at r2 .*r1 was not promoted"):
+        racy.promote("r1", expected_current=None)
+    assert RemoteReleases(s3_store, prefix).current()[0].release_id == "r2"  # type: ignore[index]

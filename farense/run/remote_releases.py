@@ -147,9 +147,15 @@ class RemoteReleases:
                             option=orjson.OPT_INDENT_2)
         try:
             if found is None:
-                self.store.put_if_absent(self._key(CURRENT_NAME), data)
+                written = self.store.put_if_absent(self._key(CURRENT_NAME), data)
             else:
-                self.store.put_if_match(self._key(CURRENT_NAME), data, found[1])
+                written = self.store.put_if_match(self._key(CURRENT_NAME), data, found[1])
+            # Read back: a store whose conditional writes are not atomic under load (a self-hosted S3
+            # can let two racing writers both pass) shows here which write stayed; only that one won.
+            after = self.current()
+            if written and (after is None or after[1] != written):
+                raise PreconditionFailed(f"production/current was overwritten after {release_id}'s write",
+                                         self._key(CURRENT_NAME))
         except PreconditionFailed:
             winner = self.current()
             raise ReleaseConflict(f"another promotion moved production/current first: "
