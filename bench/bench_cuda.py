@@ -18,6 +18,35 @@ steps; (2) `farense train` SIGKILLed mid-step after a checkpoint, then resumed, 
 compared with (1)'s; (3) `python -m mlx_lm lora` with the same settings, and the cost of mlx-lm's
 checkpoint (its adapters written twice, as it does at every save). Prints a table and the ratios,
 and writes them as JSON and Markdown (--out). Nothing is asserted: timings belong here.
+
+Model FLOPs utilisation (MFU): the FLOPs one optimizer step needs, counted from the model's shape
+(`step_flops`), times steps per second (tokens/s by wall interval / tokens per step), over the
+device's dense bf16 peak: 989 TFLOP/s for an H100 SXM and an H200 (NVIDIA's datasheets, without
+sparsity; `--peak-tflops` for other devices; none is assumed on the CPU). With T tokens in the step
+(the real ones, no padding), B sequences of s = T / B tokens, L layers of which the last Lt carry
+LoRA (rank r on the `keys`), a layer's frozen projections P (q, k, v, o, gate, up, down; in -> out),
+vocabulary V, hidden d, H query heads of size h:
+
+    lin  = sum over P of 2 * in * out                 per token, one layer's frozen matmuls
+    lora = sum over keys of 2 * r * (in + out)        per token, one layer's LoRA (A then B)
+    att  = 4 * H * h * s * (s + 1) / 2                per sequence and layer: QK^T and PV, causal
+                                                      (the positions the mask keeps, not the full s x s)
+    head = 2 * d * V                                  per token
+    forward   = T * (L * (lin + lora) + head) + B * L * att        every layer, frozen ones included
+    recompute = Lt * (T * (lin + lora) + B * att)                  gradient checkpointing: mlx-lm and
+                                                                   farense checkpoint every block, and the
+                                                                   backward re-runs the trained ones
+    backward  = Lt * (T * (lin + 2 * lora) + 2 * B * att) + T * head - T * qkv_in
+        input gradients through the trained blocks and the head (one matmul per frozen projection),
+        both gradients of each LoRA matrix (input and weight), attention's backward (twice its
+        forward); qkv_in: the first trained block's q/k/v input gradient, which feeds nothing
+        trainable, so it is not computed. The frozen blocks below the first LoRA block have no backward.
+    step = forward + recompute + backward;  MFU = step * steps/s / peak
+
+Element-wise work (norms, RoPE, SiLU, softmax, the loss) is not counted, as is usual. "MFU without
+recompute" leaves the recompute term out (the strict model-FLOPs convention; the recompute is work
+the device does, so the first figure is the one quoted). For the 7B shape at batch 4 x 512 this is
+about 28.8 GFLOP per token, 21.7 without the recompute.
 """
 
 from __future__ import annotations
@@ -55,6 +84,60 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 QUANT = {"group_size": 64, "bits": 4}
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+# Dense bf16 peak (TFLOP/s, no sparsity) by a name in the device's description: NVIDIA's datasheets (SXM).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0}
+
+
+def layer_projections(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """A llama/Mistral block's linear layers as (in, out) features, from an mlx-lm config.json."""
+    d, f = cfg["hidden_size"], cfg["intermediate_size"]
+    heads = cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or d // heads
+    kv = cfg.get("num_key_value_heads") or heads
+    return {"self_attn.q_proj": (d, heads * hd), "self_attn.k_proj": (d, kv * hd), "self_attn.v_proj": (d, kv * hd),
+            "self_attn.o_proj": (heads * hd, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f),
+            "mlp.down_proj": (f, d)}
+
+
+def step_flops(cfg: dict[str, Any], tokens: float, batch: int, trained_layers: int, rank: int,
+               keys: list[str], grad_checkpoint: bool = True) -> dict[str, float]:
+    """FLOPs of one optimizer step (the formula in the module docstring), by part, and their sum."""
+    proj = layer_projections(cfg)
+    layers, lt = cfg["num_hidden_layers"], trained_layers
+    heads = cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    s = tokens / batch
+    lin = sum(2 * i * o for i, o in proj.values())
+    lora = sum(2 * rank * (proj[k][0] + proj[k][1]) for k in keys)
+    att = 4 * heads * hd * s * (s + 1) / 2
+    head = 2 * cfg["hidden_size"] * cfg["vocab_size"]
+    qkv_in = sum(2 * proj[k][0] * (proj[k][1] + (rank if k in keys else 0))
+                 for k in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+    forward = tokens * (layers * (lin + lora) + head) + batch * layers * att
+    recompute = lt * (tokens * (lin + lora) + batch * att) if grad_checkpoint else 0.0
+    backward = lt * (tokens * (lin + 2 * lora) + 2 * batch * att) + tokens * head - (tokens * qkv_in if lt else 0)
+    return {"forward": forward, "recompute": recompute, "backward": backward,
+            "step": forward + recompute + backward, "per_token": (forward + recompute + backward) / tokens,
+            "per_token_without_recompute": (forward + backward) / tokens}
+
+
+def peak_tflops(device: str, override: float | None) -> float | None:
+    """The device's dense bf16 peak: --peak-tflops, else by name (H100, H200); None on the CPU or unknown."""
+    if override:
+        return override
+    if not device.startswith("cuda"):
+        return None
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
+
+
+def add_mfu(figures: dict[str, Any], flops: dict[str, float], peak: float | None) -> dict[str, Any]:
+    """MFU (and without the recompute) of a tool's figures, from its tokens/s by wall interval."""
+    rate = figures.get("tokens_per_s_wall_interval")
+    if peak and rate:
+        figures["tflops_per_s"] = rate * flops["per_token"] / 1e12
+        figures["mfu_percent"] = 100 * figures["tflops_per_s"] / peak
+        figures["mfu_percent_without_recompute"] = 100 * rate * flops["per_token_without_recompute"] / 1e12 / peak
+    return figures
 
 
 # --------------------------------------------------------------------------- the model and the data
@@ -148,7 +231,7 @@ def farense_config(ws: Path, model: Path, data: Path, a: argparse.Namespace, num
         lora={"rank": 6, "scale": 20.0, "dropout": 0.08, "num_layers": num_layers, "keys": LORA_KEYS},
         training={"iters": a.steps, "epochs": 0, "batch_size": a.batch_size, "grad_accumulation": 1,
                   "learning_rate": 1e-5, "schedule": "constant", "warmup_steps": 0, "max_seq_length": a.seq_len,
-                  "grad_checkpoint": True, "mask_prompt": False, "seed": 42},
+                  "grad_checkpoint": not a.no_grad_checkpoint, "mask_prompt": False, "seed": 42},
         validation={"every_steps": a.steps, "batches": 1},  # once, at the end (mlx-lm: first and last)
         early_stopping={"patience": 0},
         checkpoint={"every_steps": a.checkpoint_every, "keep_last": 2},
@@ -472,6 +555,10 @@ def main() -> int:
                          "the trainers are compared, not the matmul libraries).")
     ap.add_argument("--timeout", type=float, default=900, help="Seconds any one run may take.")
     ap.add_argument("--prepare-only", action="store_true", help="Build the model and the data, then stop.")
+    ap.add_argument("--no-grad-checkpoint", action="store_true",
+                    help="Train without gradient checkpointing (both tools; default: with, as the seed's runs).")
+    ap.add_argument("--peak-tflops", type=float,
+                    help="The device's dense bf16 peak for MFU (default: 989 for an H100 or H200; none on the CPU).")
     a = ap.parse_args()
     big = a.shape == "7b"
     a.steps = a.steps or (20 if big else 200)
@@ -499,12 +586,13 @@ def main() -> int:
                      n_train=max(a.steps * a.batch_size, 8 * a.batch_size), n_valid=2 * a.batch_size)
     device = device_description()
     same_blas = device.startswith("cpu") and not a.mlx_lm_own_blas
+    peak = peak_tflops(device, a.peak_tflops)
     if a.prepare_only:
         print(f"prepared {model} and {data} on {device}", file=sys.stderr)
         return 0
     print(f"device: {device}\nmodel: {label}\n{a.steps} steps, batch {a.batch_size}, ~{a.seq_len} tokens/example, "
-          f"LoRA rank 6 on q/k/v/o of {min(16, n_layers)} layers, checkpoint every {a.checkpoint_every}",
-          file=sys.stderr)
+          f"LoRA rank 6 on q/k/v/o of {min(16, n_layers)} layers, checkpoint every {a.checkpoint_every}"
+          f"{'' if not a.no_grad_checkpoint else ', no gradient checkpointing'}", file=sys.stderr)
 
     skip = max(2, a.steps // 10)
     layers = min(16, n_layers)
@@ -530,9 +618,11 @@ def main() -> int:
             else:
                 raw[tool] = run_farense_cli(cfgs[tool], a.timeout, ahead_of[tool])
                 this[tool] = farense_figures(raw[tool], skip)
+        tokens_per_step = next(iter(this.values()))["tokens_per_step"] if this else a.batch_size * a.seq_len
         if "mlx_lm lora" in tools:  # its wall intervals count the same tokens per step as farense's (same data)
-            this["mlx_lm lora"] = mlx_lm_figures(mr, skip, next(iter(this.values()))["tokens_per_step"])
-        rounds.append({t: this[t] for t in tools})
+            this["mlx_lm lora"] = mlx_lm_figures(mr, skip, tokens_per_step)
+        flops = step_flops(model_cfg, tokens_per_step, a.batch_size, layers, 6, LORA_KEYS, not a.no_grad_checkpoint)
+        rounds.append({t: add_mfu(this[t], flops, peak) for t in tools})
     last = rounds[-1]
     results: dict[str, Any] = {
         "device": device, "model": label, "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
@@ -540,6 +630,8 @@ def main() -> int:
         "mlx_lm_blas": ("farense's (farense.model.blas loaded before mlx)" if same_blas else
                         "its mlx wheel's" if device.startswith("cpu") else None),
         "cold_wall_s": {k: v["wall_s"] for k, v in rounds[0].items()},
+        "grad_checkpoint": not a.no_grad_checkpoint, "peak_bf16_tflops": peak, "flops_per_step": flops,
+        "env": {k: os.environ[k] for k in ("MLX_PTX_CACHE_DIR", "FARENSE_ALLOW_TORCH") if k in os.environ},
     }
     if len(computes) > 1 and "farense quantized" in raw and "farense dequantized" in raw:
         q, d = raw["farense quantized"]["train_losses"], raw["farense dequantized"]["train_losses"]
@@ -605,20 +697,21 @@ def generate_with_adapters(model: Path, adapters: Path, timeout: float) -> dict[
     return {"exit_code": p.returncode, "tail": (p.stdout + p.stderr)[-400:]}
 
 
-def rounds_table(rounds: list[dict[str, Any]], tools: list[str]) -> list[str]:
-    """Tokens/s by wall interval in every round, and each tool's median over the warm rounds (2..N):
-    one process can run 25% off another of the same tool on a shared host, so no single round decides."""
+def rounds_table(rounds: list[dict[str, Any]], tools: list[str], key: str = "tokens_per_s_wall_interval",
+                 title: str = "Tokens/s by wall interval", fmt: str = ",.0f") -> list[str]:
+    """`key` (default tokens/s by wall interval) in every round, and each tool's median over the warm
+    rounds (2..N): one process can run 25% off another of the same tool on a shared host, so no single
+    round decides. The ratio columns are each tool's figure over mlx_lm's."""
     if len(rounds) < 2:
         return []
-    key = "tokens_per_s_wall_interval"
     others = [t for t in tools if t != "mlx_lm lora"]
     ref = "mlx_lm lora" in tools
-    lines = ["", "Tokens/s by wall interval, round by round (order alternates; round 1 warms up):", "",
+    lines = ["", f"{title}, round by round (order alternates; round 1 warms up):", "",
              f"| round | {' | '.join(tools)} |" + ("".join(f" {t} / mlx_lm |" for t in others) if ref else ""),
              "|---|" + "---:|" * (len(tools) + (len(others) if ref else 0))]
 
     def line(label: str, vals: dict[str, float]) -> str:
-        cells = [f"{vals[t]:,.0f}" for t in tools]
+        cells = [format(vals[t], fmt) for t in tools]
         if ref:
             cells += [f"{vals[t] / vals['mlx_lm lora']:.3f}" for t in others]
         return f"| {label} | " + " | ".join(cells) + " |"
@@ -627,6 +720,27 @@ def rounds_table(rounds: list[dict[str, Any]], tools: list[str]) -> list[str]:
         lines.append(line(str(n), {t: rd[t][key] for t in tools}))
     warm = rounds[1:]
     lines.append(line(f"median, rounds 2-{len(rounds)}", {t: statistics.median(rd[t][key] for rd in warm) for t in tools}))
+    return lines
+
+
+def mfu_lines(r: dict[str, Any]) -> list[str]:
+    """Each tool's MFU at its median tokens/s over the warm rounds, and the FLOPs it is counted from."""
+    f, peak = r.get("flops_per_step"), r.get("peak_bf16_tflops")
+    if not f:
+        return []
+    gc = "with" if r.get("grad_checkpoint", True) else "without"
+    lines = ["", (f"Model FLOPs per token: {f['per_token'] / 1e9:.3f} GFLOP ({f['per_token_without_recompute'] / 1e9:.3f} "
+                  f"without the recompute; {gc} gradient checkpointing; formula in bench/bench_cuda.py's docstring).")]
+    if not peak:
+        return lines + ["MFU: no peak known for this device (--peak-tflops)."]
+    warm = r["rounds"][1:] or r["rounds"]
+    lines.append(f"MFU against {peak:.0f} TFLOP/s (dense bf16 peak), at each tool's median tokens/s by wall interval "
+                 f"over rounds {'2' if len(r['rounds']) > 1 else '1'}-{len(r['rounds'])}:")
+    for t in r["rounds"][-1]:
+        rate = statistics.median(rd[t]["tokens_per_s_wall_interval"] for rd in warm)
+        lines.append(f"- {t}: {rate:,.0f} tokens/s = {rate * f['per_token'] / 1e12:,.1f} TFLOP/s, MFU "
+                     f"{100 * rate * f['per_token'] / 1e12 / peak:.1f}% ({100 * rate * f['per_token_without_recompute'] / 1e12 / peak:.1f}% "
+                     "without the recompute)")
     return lines
 
 
@@ -657,11 +771,16 @@ def render(r: dict[str, Any]) -> str:
     row("peak memory (GB)", "peak_memory_gb", ".2f", ratio=True)
     row("final train loss", "final_train_loss", ".4f", ratio=False)
     row("validation loss", "val_loss", ".4f", ratio=False)
+    row("TFLOP/s (model FLOPs, by wall interval)", "tflops_per_s", ",.1f")
+    row("MFU, % of the dense bf16 peak", "mfu_percent", ".1f")
+    row("MFU without the recompute, %", "mfu_percent_without_recompute", ".1f")
     row("process wall time, warm (s)", "wall_s", ".1f")
     cold = r.get("cold_wall_s", {})
     lines.append("| process wall time, round 1 (s) | " + " | ".join(f"{cold.get(t, 0):.1f}" for t in tools) + " |"
                  + (" - |" * (len(tools) - 1) if ref else ""))
     lines += rounds_table(r["rounds"], tools)
+    lines += rounds_table(r["rounds"], tools, "wall_s", "Whole-process wall time (s)", ".2f")
+    lines += mfu_lines(r)
     computes = [f"{t}: {last[t]['compute']}" for t in tools if last[t].get("compute")]
     if computes:
         lines += ["", "; ".join(computes)]

@@ -6,7 +6,9 @@
 #   mlx-cuda-13 (about 90 MB) is larger than one transfer may carry (64 MiB), so it travels in two
 #   parts, one per call, while the machine stays warm; each call copies its part to /tmp/whl, and
 #   `install` joins them, checks the SHA-256 and installs everything with pip --target (no index).
-#   .whl/MANIFEST.txt says which files go in which call.
+#   .whl/MANIFEST.txt says which files go in which call: call1 the wheel's first 45,000,000 bytes
+#   (split -b 45000000), call2 the rest with mlx, mlx_lm, orjson, tomli_w, tenacity and obstore
+#   (farense.commands imports farense.run.objectstore, so every `farense` command needs obstore).
 #
 #   call 1 (carry .whl/call1):  bash bench/cuda_device_run.sh stage
 #   call 2 (carry .whl/call2):  bash bench/cuda_device_run.sh stage install bench demo bench 7b --prepare-only
@@ -14,7 +16,8 @@
 # A machine stays warm about 30 s after a call: make each call right after the previous one
 # (/tmp/whl, /tmp/site and the built 7B model in /tmp/farense-bench live only that long).
 #
-# Commands, run in order given: stage | install | check | probe | bench SHAPE [bench_cuda.py args...]
+# Commands, run in order given: stage | install | check | probe | startup | ptxcache [SHAPE [args]]
+#   | bench SHAPE [bench_cuda.py args...]
 #   | nccl [bench_nccl.py args...] | script FILE [args...] (another bench/ script on one GPU, e.g.
 #   `script bench/bench_compute_crossover.py --out "$OUT/crossover"`, `script bench/bench_loop_overhead.py`)
 # Results land in $OUT/<shape>/results.{json,md} and $OUT/nccl/ (with the logs).
@@ -58,7 +61,7 @@ install() {
   rm -rf "$SITE" && mkdir -p "$SITE"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     "$WHL"/mlx-0.32.4-*.whl "$WHL/$CUDA_WHEEL" "$WHL"/mlx_lm-*.whl "$WHL"/orjson-*.whl "$WHL"/tomli_w-*.whl \
-    "$WHL"/tenacity-*.whl
+    "$WHL"/tenacity-*.whl "$WHL"/obstore-*.whl
   cd "$REPO"
   check
 }
@@ -114,7 +117,48 @@ probe() {  # nccl_probe.py: all_sum time and bandwidth between two GPUs, beside 
     2>&1 | tee "$OUT/nccl/probe.log"
 }
 
-COMMANDS=" stage install check probe bench nccl script "
+startup() {  # where a start-up's seconds go: python -X importtime of the import path training needs
+  env_setup
+  mkdir -p "$OUT/startup"
+  local hide="import sys; sys.modules['torch'] = None; "  # what farense.cli.keep_torch_out does
+  local imp="import mlx.core as mx; from mlx_lm.tuner.trainer import default_loss; from mlx_lm.utils import load"
+  for i in 1 2; do  # the second pass has a warm page cache and bytecode
+    for v in with-torch without-torch; do
+      local pre=""; [[ "$v" == without-torch ]] && pre="$hide"
+      local t0; t0=$(date +%s%N)
+      "$PY" -X importtime -c "$pre$imp" 2> "$OUT/startup/importtime-$v.txt"
+      echo "pass $i, mlx + mlx_lm training imports, $v: $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+    done
+  done
+  local t0; t0=$(date +%s%N); "$PY" -c "import torch"; echo "import torch alone: $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+  for v in with-torch without-torch; do
+    echo "== $v: top 12 by cumulative import time (us)"
+    sort -t'|' -k2 -n -r "$OUT/startup/importtime-$v.txt" | head -12  || true
+  done
+}
+
+ptxcache() {  # MLX's CUDA kernel cache (MLX_PTX_CACHE_DIR): one farense process on an empty cache dir,
+  # then on the same dir, then on a copy of it elsewhere (as if carried to a fresh machine); all else warm
+  env_setup
+  export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
+  mkdir -p "$OUT/ptxcache"
+  rm -rf /tmp/ptx-empty /tmp/ptx-copy
+  local n=0 log
+  for d in /tmp/ptx-empty /tmp/ptx-empty /tmp/ptx-copy; do
+    [[ "$d" == /tmp/ptx-copy ]] && cp -a /tmp/ptx-empty /tmp/ptx-copy
+    n=$((n + 1)); log="$OUT/ptxcache/run$n.log"
+    MLX_PTX_CACHE_DIR="$d" "$PY" "$REPO/bench/bench_cuda.py" --shape "${1:-demo}" --work /tmp/farense-bench \
+      --rounds 1 --skip-mlx-lm "${@:2}" > "$log" 2>&1 || { tail -20 "$log"; return 1; }
+    # the summary is written as it goes: a call stopped at its time limit still brings it back
+    echo "run $n, MLX_PTX_CACHE_DIR=$d: $(grep -E '^\| (process wall time, warm|first step)' "$log" | tr -s ' ' | paste -sd' ')" \
+      | tee -a "$OUT/ptxcache/summary.txt"
+    echo "  cache: $(du -sh "$d" | cut -f1), $(ls "$d" | wc -l) files" | tee -a "$OUT/ptxcache/summary.txt"
+  done
+  { du -sh "$HOME/.nv/ComputeCache" 2>/dev/null || echo "no driver JIT cache at ~/.nv/ComputeCache"; } \
+    | tee -a "$OUT/ptxcache/summary.txt"
+}
+
+COMMANDS=" stage install check probe startup ptxcache bench nccl script "
 
 # The command's name, then its fixed arguments ($1: how many), then its own arguments up to the next
 # command: one command with all its arguments, as an array named `cmd`; `taken`: how many words.
@@ -131,7 +175,8 @@ take_command() {
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    stage|install|check|probe) take_command 0 "$1" ;;
+    stage|install|check|probe|startup) take_command 0 "$1" ;;
+    ptxcache) take_command 0 "$@" ;;
     nccl) take_command 0 "$@" ;;
     bench|script) take_command 1 "$@" ;;
     *) echo "unknown command: $1 (stage | install | check | probe | bench SHAPE [args] | nccl [args] | script FILE [args])" >&2; exit 2 ;;

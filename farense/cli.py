@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _interrupted()
     announce(info)
+    keep_torch_out()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.workspace:
@@ -77,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return _interrupted()
+
+
+def keep_torch_out() -> None:
+    """farense computes with MLX alone, but transformers (mlx-lm's tokenizers) imports PyTorch at its own
+    import whenever torch is installed: seconds of every start on a GPU machine's image, where both are
+    (issue 23). A None entry in sys.modules makes torch look absent to transformers' checks, and an
+    `import torch` raise ImportError. FARENSE_ALLOW_TORCH=1 leaves torch importable (code of your own
+    that needs it in the same process)."""
+    if os.environ.get("FARENSE_ALLOW_TORCH") != "1" and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]
 
 
 def _interrupted() -> int:
