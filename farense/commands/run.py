@@ -86,9 +86,9 @@ def run_list_campaign(spec: CampaignSpec, refs: list[str], demo: bool | str, *, 
                       notify_block: str | None) -> int:
     """A campaign without halving through the campaign flow: `refs` are what each trial's pipeline loads
     (config names with `demo` overlays, or resolved config files); prints base vs every trial."""
+    local_prefect_env()  # before Prefect is imported: it reads its settings then
     from flows.campaign import campaign_flow
 
-    local_prefect_env()
     assert not spec.halves and len(refs) == len(spec.trials)
     result, code = call_flow(campaign_flow, configs=refs, demo=demo, workspace=os.environ.get("FARENSE_WORKSPACE"),
                              promote=promote, notify_block=notify_block,
