@@ -1,6 +1,6 @@
 """The frozen prefix's hidden states, computed once per example and reused at every later step (issue 23).
 
-LoRA sits on the last blocks of a frozen base (the demo: the last 8 of 30 blocks; mlx-lm's default on
+LoRA sits on the last blocks of a frozen base (the demo: the last 16 of 30 blocks; mlx-lm's default on
 a 7B: the last 16 of 32), and dropout lives only inside the LoRA layers. So what enters the first
 adapted block is a pure function of the example's tokens: the embedding and the frozen blocks below
 it never change and draw no random numbers. This module computes that hidden state once, keeps it,
