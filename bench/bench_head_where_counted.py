@@ -2,7 +2,7 @@
 
     nice -n 10 python bench/bench_head_where_counted.py [--groups 6] [--rounds 3]
 
-V1 + the demo overlay (mask_prompt on, LoRA on the last 8 of 30 blocks, 4 examples a micro-batch,
+V1 + the demo overlay (mask_prompt on, LoRA on the overlay's last blocks: 8 of 30 when its results were measured, 16 now, 4 examples a micro-batch,
 fp32 on the CPU), training.prefix_cache off in set_up so each variant builds its own cache:
 
 1. Exactness: for `--groups` training batches spread from short to long, with LoRA dropout live,

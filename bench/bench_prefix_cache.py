@@ -1,5 +1,5 @@
 """The frozen-prefix cache (farense.train.prefix_cache, issue 23) against the uncached step, side by side
-in one process on the demo model (SmolLM2-135M-Instruct, LoRA on the last 8 of 30 blocks, every linear
+in one process on the demo model (SmolLM2-135M-Instruct, LoRA on the overlay's last blocks (8 of 30 when its results were measured, 16 now), every linear
 layer; V1 + the demo overlay: 4 examples x 2 micro-steps = 8 examples an optimizer step, fp32 on the CPU).
 
     nice -n 10 python bench/bench_prefix_cache.py [--rounds 3] [--steps 3] [--demo DIR]
