@@ -19,7 +19,7 @@ from farense.commands import add_demo_flags, call_flow, local_prefect_env
 from farense.config import load_config
 from farense.console import print_table
 from farense.model.demos import overlays_for
-from farense.release.campaign_file import CampaignSpec, configs_campaign
+from farense.release.campaign_file import COMMAND_LINE, CampaignSpec, configs_campaign
 from farense.release.campaign import (
     TABLE_HEADERS,
     CampaignEntry,
@@ -92,7 +92,7 @@ def run_list_campaign(spec: CampaignSpec, refs: list[str], demo: bool | str, *, 
     assert not spec.halves and len(refs) == len(spec.trials)
     result, code = call_flow(campaign_flow, configs=refs, demo=demo, workspace=os.environ.get("FARENSE_WORKSPACE"),
                              promote=promote, notify_block=notify_block,
-                             name=spec.name if spec.source != "command line" else None)
+                             name=None if spec.source == COMMAND_LINE else spec.name)
     if code:
         return code
     entries = [CampaignEntry(n, r.run_dir, decision_path_of(r.run_dir)) for n, r in zip(result.configs, result.runs)]

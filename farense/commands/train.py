@@ -193,20 +193,22 @@ def _job_outcome(config: ExperimentConfig, spec: LaunchSpec, job: JobOutcome, ra
     """One outcome for the whole job: the launcher's view of the ranks, completed by the ranks' own results
     (those that ran here). A rank's own failure that no retry cures (a bug, bad input, NaN) decides the job
     even when the launcher reported another rank's resumable stop first: that stop was its consequence."""
-    rank0 = ranks.get(0)
-    code = job.exit_code
+    # The result that explains the job: a rank's own failure no retry cures, else rank 0's.
     own_failures = [o for _, o in sorted(ranks.items()) if not o.ok and not o.retryable]
+    code = job.exit_code
     if own_failures and (code == ExitCode.OK or retryable(code)):
-        rank0 = own_failures[0]  # the rank whose own result explains the job
-        code = rank0.exit_code
-    if code == ExitCode.OK and rank0 is not None and not rank0.ok:
-        code = rank0.exit_code  # mpirun reports no rank's exit; rank 0's own result does
-    elif code == ExitCode.OK and rank0 is None and spec.all_local:
+        explains: TrainingOutcome | None = own_failures[0]
+        code = own_failures[0].exit_code
+    else:
+        explains = ranks.get(0)
+    if code == ExitCode.OK and explains is not None and not explains.ok:
+        code = explains.exit_code  # mpirun reports no rank's exit; rank 0's own result does
+    elif code == ExitCode.OK and explains is None and spec.all_local:
         code = ExitCode.PREEMPTED  # rank 0 ran here and left no result: it died before it could write one
     if code == ExitCode.OK:
-        result = rank0 or _summary_outcome(config)
+        result = explains or _summary_outcome(config)
     else:
-        own = rank0 if rank0 is not None and rank0.exit_code == code else None
+        own = explains if explains is not None and explains.exit_code == code else None
         message = (own.message if own else "") or f"distributed job stopped ({job.describe()})"
         if code == ExitCode.PREEMPTED and not own:
             message += "; resumable: the retry resumes from the last checkpoint"

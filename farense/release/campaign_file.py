@@ -43,6 +43,7 @@ TRIAL_KEYS = ("name", "config", "set")
 METRICS = ("val_loss",)
 MODES = ("sync", "async")
 CAMPAIGN_DIR_PREFIX = "campaign-"
+COMMAND_LINE = "command line"  # the source of `farense run A B`'s campaign: no file
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,6 @@ def configs_campaign(configs: Sequence[str], *, overlays: Sequence[str] = (), wo
     if len({t.name for t in trials}) != len(trials):
         problems.append(f"configs: each config may appear once, got {' '.join(configs)}")
     if problems:
-        raise ConfigError(problems, source="command line")
-    return CampaignSpec("-".join(t.name for t in trials), "command line", tuple(trials), 0, 0, 2,
+        raise ConfigError(problems, source=COMMAND_LINE)
+    return CampaignSpec("-".join(t.name for t in trials), COMMAND_LINE, tuple(trials), 0, 0, 2,
                         overlays=tuple(overlays), halves=False)
