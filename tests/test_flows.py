@@ -158,15 +158,20 @@ def test_a_local_flow_gives_its_own_value_or_one_line_and_its_errors_exit_code(c
     assert call_flow(lambda: 1 / 0)[1] == 1
     assert capsys.readouterr().err.strip() == "farense: failed: ZeroDivisionError: division by zero"
 
-    for name in ("PREFECT_API_URL", "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED"):
+    batch, every = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL"
+    for name in ("PREFECT_API_URL", batch, every):
         monkeypatch.delenv(name, raising=False)
     local_prefect_env()
-    assert os.environ["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED"] == "false"
+    assert (os.environ[batch], os.environ[every]) == ("1000", "1")  # one recorder flush at a time
     assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false" and os.environ["DO_NOT_TRACK"] == "1"
-    monkeypatch.delenv("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED")
+    from prefect.settings.models.server.services import ServerServicesTaskRunRecorderSettings
+
+    assert ServerServicesTaskRunRecorderSettings().batch_size == 1000  # the names Prefect reads
+    for name in (batch, every):
+        monkeypatch.delenv(name)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
-    local_prefect_env()  # a real server keeps its event persister
-    assert "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED" not in os.environ
+    local_prefect_env()  # a real server is left as it is
+    assert batch not in os.environ and every not in os.environ
 
 
 # --------------------------------------------------------------------------- retry rules

@@ -51,15 +51,17 @@ def remote_store(args: argparse.Namespace, config: Any = None) -> ObjectStore | 
 def local_prefect_env() -> None:
     """Settings for a flow run in this process on Prefect's embedded API: no traffic leaves the machine,
     whatever the user's profile says about telemetry; and the embedded API, a server process of its own,
-    gets 120 s to start (a busy 2-core machine can exceed Prefect's default 20 s). Its event persister is
-    off: it is the second batch writer beside the task-run recorder on one SQLite file, and their
-    'database is locked' waits (PrefectHQ/prefect#18934) stalled a pipeline for 60 s; a local run keeps
-    its flow and task runs, states, logs and artifacts, not the raw event feed. Each stays overridable."""
+    gets 120 s to start (a busy 2-core machine can exceed Prefect's default 20 s). Its task-run recorder
+    writes one batch a second instead of flushing per event: per-event flushes run concurrently with its
+    periodic one, two writers on one SQLite file, and two such flushes were seen waiting on each other
+    for the full 60 s busy timeout ('database is locked', PrefectHQ/prefect#18934) while the pipeline
+    stood still. Each setting stays overridable; a real server (PREFECT_API_URL) is left as it is."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    if not os.environ.get("PREFECT_API_URL"):  # a real server keeps every service
-        os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED", "false")
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "1000")
+        os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL", "1")
 
 
 def call_flow(flow: Callable[..., Any], **parameters: Any) -> tuple[Any, int]:
