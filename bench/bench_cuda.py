@@ -5,6 +5,7 @@ SIGKILL + resume of a real `farense train` process.
     python bench/bench_cuda.py --shape demo            # the tiny demo model (seconds, any machine)
     python bench/bench_cuda.py --shape 7b --steps 20   # Mistral-7B's shape, random 4-bit weights
     python bench/bench_cuda.py --model DIR             # any mlx-lm model directory
+    python bench/bench_cuda.py --shape 7b --breakdown 4x512,4x2048   # farense's step in one process, by variant
 
 The 7B-shaped model is built from its config with random weights, quantized to 4 bits layer by
 layer (nn.quantize on lazily initialised layers, each evaluated on its own), so no full-precision
@@ -248,11 +249,69 @@ def median_interval_rate(times: list[float], tokens: list[float], skip: int) -> 
     return statistics.median(rates) if rates else None
 
 
+# Prototypes (issue 23, item 3), not farense's behaviour, patched into the `farense train` process only:
+# `--lora-bf16`: mlx-lm's LoRALinear multiplies in the input's dtype (bf16 on a GPU) instead of promoting the
+# activations to the adapters' fp32. The adapters, their gradients (the cast's vjp returns fp32) and Adam's
+# state stay fp32; only the two thin matmuls x @ A and (x A) @ B, and their backward, run in bf16. Patched
+# after farense attaches the adapters, so nothing imports mlx before farense's own start-up has run.
+def lora_bf16_call(self: Any, x: Any) -> Any:
+    """mlx-lm's LoRALinear.__call__ with the adapters cast to the input's dtype."""
+    y = self.linear(x)
+    z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+    return y + (self.scale * z).astype(x.dtype)
+
+
+# `--align-batches N`: farense.train.batching.make_batch pads every batch so that the model's input (the batch
+# less its last column) is a multiple of N tokens, also where mlx-lm's rule (1 + a multiple of 32, capped at
+# max_seq_length) leaves it at max_seq_length - 1 (511, 2047). MLX 0.32's CUDA backend runs attention's
+# backward through cuDNN only when the sequence is a multiple of 128 (ScaledDotProductAttentionVJP::use_fallback),
+# else through the unfused fallback. The loss is the same function: the targets counted are exactly those the
+# unaligned batch counts (the second column of `lengths` is capped at the unaligned width - 1), and the extra
+# positions sit after every counted one, which causal attention keeps them from influencing. The FLOPs counted
+# stay those of the real tokens, so the padding is work done and not counted.
+def make_batch_aligned(dataset: Any, members: Any, max_seq_length: int, align: int = 128) -> tuple[Any, Any]:
+    """farense.train.batching.make_batch, its input padded to a multiple of `align` with the same targets counted."""
+    import mlx.core as mx
+    import numpy as np
+
+    from farense.train.batching import PAD_TO
+
+    items = [dataset[j] for j in members]
+    tokens = [it[0] for it in items]
+    offsets = [it[1] if len(it) > 1 else 0 for it in items]
+    lengths = [min(len(t), max_seq_length) for t in tokens]
+    width = min(1 + PAD_TO * ((max(lengths) + PAD_TO - 1) // PAD_TO), max_seq_length)  # farense's (mlx-lm's)
+    aligned = 1 + align * ((width - 1 + align - 1) // align)
+    arr = np.zeros((len(tokens), aligned), np.int32)
+    for j, t in enumerate(tokens):
+        arr[j, : lengths[j]] = t[: lengths[j]]
+    return mx.array(arr), mx.array([(o, min(n, width - 1)) for o, n in zip(offsets, lengths)])
+
+
+def farense_main_argv(lora_bf16: bool = False, align: int = 0) -> list[str]:
+    """How the bench starts `farense`: `-m farense`, or with the prototypes above patched in first."""
+    if not lora_bf16 and not align:
+        return ["-m", "farense"]
+    import inspect
+
+    code = ["import runpy", "from typing import Any"]
+    if lora_bf16:
+        code += ["import farense.train.setup as s", "_attach = s.attach_adapters", inspect.getsource(lora_bf16_call),
+                 ("def attach(model, config):\n    _attach(model, config)\n"
+                  "    from mlx_lm.tuner.lora import LoRALinear\n    LoRALinear.__call__ = lora_bf16_call"),
+                 "s.attach_adapters = attach"]
+    if align:
+        code += ["import functools", "import farense.train.batching as b", inspect.getsource(make_batch_aligned),
+                 f"b.make_batch = functools.partial(make_batch_aligned, align={int(align)})"]
+    code.append("runpy.run_module('farense', run_name='__main__', alter_sys=True)")
+    return ["-c", "\n".join(code)]
+
+
 def run_farense_cli(cfg: Any, timeout: float, steps_ahead: int | None = None,
-                    profile: Path | None = None) -> dict[str, Any]:
+                    profile: Path | None = None, lora_bf16: bool = False, align: int = 0) -> dict[str, Any]:
     """`farense train` in its own process (as a person runs it): metrics, phases, wall time, peak memory.
     `steps_ahead`: FARENSE_STEPS_AHEAD for it (None: farense's default); `profile`: run it under
-    cProfile, its stats written there."""
+    cProfile, its stats written there; `lora_bf16`, `align`: the prototypes above."""
     from farense.config import config_to_toml
     from farense.run.layout import RunPaths
     from farense.run.metrics import read_metrics
@@ -264,7 +323,8 @@ def run_farense_cli(cfg: Any, timeout: float, steps_ahead: int | None = None,
     paths = RunPaths(cfg.run_dir)
     shutil.rmtree(paths.root, ignore_errors=True)
     argv = [sys.executable, *(["-m", "cProfile", "-o", str(profile)] if profile else []),
-            "-m", "farense", "--workspace", str(ws), "train", str(f), "--no-progress", "--new-run"]
+            *farense_main_argv(lora_bf16, align),
+            "--workspace", str(ws), "train", str(f), "--no-progress", "--new-run"]
     t0 = time.perf_counter()
     epoch0 = time.time()
     log_lines: list[str] = []
@@ -514,6 +574,181 @@ def device_description() -> str:
     return f"{backend}: {name}; mlx {mx.__version__}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
 
 
+# --------------------------------------------------------------------------- where the step's time goes
+
+
+BREAKDOWN_VARIANTS = [
+    # name, gradient checkpointing, LoRA matmuls in bf16, LoRA dropout, what is timed
+    ("as farense (checkpointing, LoRA fp32)", True, False, True, "step"),
+    ("no checkpointing", False, False, True, "step"),
+    ("LoRA in bf16", True, True, True, "step"),
+    ("LoRA in bf16, no checkpointing", False, True, True, "step"),
+    ("no LoRA dropout (diagnostic)", True, False, False, "step"),
+    ("forward only (loss, no gradients)", True, False, True, "forward"),
+]
+
+
+def _median_time(fn: Any, warm: int, n: int) -> float:
+    import mlx.core as mx
+
+    for _ in range(warm):
+        mx.eval(fn())
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_rates(cfg: dict[str, Any], tokens: int, reps: int = 10) -> dict[str, dict[str, float]]:
+    """MLX's bf16 matmul on the step's frozen shapes at `tokens` rows: forward x @ W.T and the input
+    gradient g @ W (the two a frozen projection costs), each timed as `reps` queued products."""
+    import mlx.core as mx
+
+    shapes = {**layer_projections(cfg), "head": (cfg["hidden_size"], cfg["vocab_size"]),
+              "q+k+v fused": (cfg["hidden_size"], sum(layer_projections(cfg)[k][1] for k in LORA_KEYS[:3])),
+              "gate+up fused": (cfg["hidden_size"], 2 * cfg["intermediate_size"])}
+    out: dict[str, dict[str, float]] = {}
+    for name, (i, o) in shapes.items():
+        x = (mx.random.normal((tokens, i)) * 0.5).astype(mx.bfloat16)
+        w = (mx.random.normal((o, i)) * 0.02).astype(mx.bfloat16)
+        g = (mx.random.normal((tokens, o)) * 0.5).astype(mx.bfloat16)
+        mx.eval(x, w, g)
+        res = {}
+        for kind, a, b in (("forward", x, w.T), ("input_grad", g, w)):
+            dt = _median_time(lambda a=a, b=b: [a @ b for _ in range(reps)], 1, 3) / reps
+            res[f"{kind}_ms"] = dt * 1e3
+            res[f"{kind}_tflops"] = 2 * tokens * i * o / dt / 1e12
+        out[name] = res
+    mx.clear_cache()
+    return out
+
+
+def matmul_floor_ms(rates: dict[str, dict[str, float]], cfg: dict[str, Any], trained: int, gc_on: bool) -> float:
+    """The step's frozen matmuls alone at MLX's measured rates (no LoRA, attention or element-wise work)."""
+    proj = layer_projections(cfg)
+    fwd = sum(rates[k]["forward_ms"] for k in proj)
+    bwd = sum(rates[k]["input_grad_ms"] for k in proj)
+    qkv = sum(rates[k]["input_grad_ms"] for k in LORA_KEYS[:3])
+    return (cfg["num_hidden_layers"] * fwd + (trained * fwd if gc_on else 0) + trained * bwd - qkv
+            + rates["head"]["forward_ms"] + rates["head"]["input_grad_ms"])
+
+
+def breakdown(a: argparse.Namespace, model: Path, data: Path, model_cfg: dict[str, Any], device: str,
+              peak: float | None) -> int:
+    """farense's own step (its model set-up, adapters, checkpointing switch, optimizer and compiled step) on
+    synthetic batches, in this process, under the variants above; and MLX's matmul rate on the step's shapes."""
+    import mlx.core as mx
+    from mlx_lm.tuner.lora import LoRALinear
+    from mlx_lm.tuner.trainer import default_loss
+
+    from farense.train.loop import make_step
+    from farense.train.setup import (
+        attach_adapters,
+        build_optimizer,
+        load_base_model,
+        set_grad_checkpoint,
+    )
+
+    sizes = [tuple(int(v) for v in sz.split("x")) for sz in a.breakdown.split(",")]
+    layers = min(16, model_cfg["num_hidden_layers"])
+    biggest = max(sizes, key=lambda bs: bs[0] * bs[1])
+    a.batch_size, a.seq_len = biggest  # the compute choice plans for the largest step
+    cfg = farense_config(a.work / "breakdown", model, data, a, layers)
+    t0 = time.perf_counter()
+    m, _ = load_base_model(cfg, log=lambda msg: print(f"  farense: {msg}", file=sys.stderr))
+    attach_adapters(m, cfg)
+    print(f"model loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    layer_type = type(m.layers[0])
+    plain_call = LoRALinear.__call__
+    results: dict[str, Any] = {"device": device, "sizes": [], "peak_bf16_tflops": peak}
+    for batch, seq in sizes:
+        tokens = batch * seq
+        mx.random.seed(0)
+        x = mx.random.randint(3, model_cfg["vocab_size"], (batch, seq + 1))
+        lengths = mx.array([[0, seq]] * batch)
+        rates = matmul_rates(model_cfg, tokens)
+        entry: dict[str, Any] = {"batch": batch, "seq_len": seq, "tokens": tokens, "matmul": rates, "variants": {}}
+        for name, gc_on, bf16, dropout, what in BREAKDOWN_VARIANTS:
+            set_grad_checkpoint(layer_type, gc_on)
+            LoRALinear.__call__ = lora_bf16_call if bf16 else plain_call
+            for mod in m.modules():
+                if isinstance(mod, LoRALinear):
+                    mod.dropout._p_1 = 1 - 0.08 if dropout else 1.0
+            mx.reset_peak_memory()
+            try:
+                if what == "step":
+                    opt = build_optimizer(cfg, 1000)
+                    opt.init(m.trainable_parameters())
+                    step, arrays = make_step(m, opt, 1, default_loss)
+                    dt = _median_time(lambda f=step, st=arrays, b=x, ln=lengths: (f(b, ln, None, True), st), 2, 6)
+                else:
+                    fwd = mx.compile(lambda b, ln: default_loss(m, b, ln)[0], inputs=[m.state, mx.random.state],
+                                     outputs=[mx.random.state])
+                    dt = _median_time(lambda f=fwd, b=x, ln=lengths: f(b, ln), 2, 6)
+            except Exception as e:  # noqa: BLE001 -- one variant failing (memory) should not lose the others
+                entry["variants"][name] = {"error": repr(e)[:300]}
+                print(f"{batch}x{seq} {name}: {e!r}", file=sys.stderr)
+                continue
+            flops = step_flops(model_cfg, tokens, batch, layers, 6, LORA_KEYS, gc_on)
+            v = {"step_ms": dt * 1e3, "tokens_per_s": tokens / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                 "gradient_checkpointing": gc_on, "lora_bf16": bf16, "dropout": dropout, "timed": what}
+            if what == "step":
+                floor = matmul_floor_ms(rates, model_cfg, layers, gc_on)
+                v.update(gflop_per_token=flops["per_token"] / 1e9, matmul_floor_ms=floor,
+                         tflops_per_s=tokens / dt * flops["per_token"] / 1e12)
+                if peak:
+                    v.update(mfu_percent=100 * v["tflops_per_s"] / peak,
+                             mfu_percent_without_recompute=100 * tokens / dt * flops["per_token_without_recompute"]
+                             / 1e12 / peak)
+            else:
+                v["forward_gflop_per_token"] = flops["forward"] / tokens / 1e9
+                v["forward_tflops_per_s"] = flops["forward"] / dt / 1e12
+            entry["variants"][name] = v
+            print(f"{batch}x{seq} {name}: {dt * 1e3:.1f} ms/step, {tokens / dt:,.0f} tokens/s"
+                  + (f", MFU {v['mfu_percent']:.1f}%" if "mfu_percent" in v else ""), file=sys.stderr, flush=True)
+        LoRALinear.__call__ = plain_call
+        set_grad_checkpoint(layer_type, True)
+        for mod in m.modules():
+            if isinstance(mod, LoRALinear):
+                mod.dropout._p_1 = 1 - 0.08
+        results["sizes"].append(entry)
+        gc.collect()
+        mx.clear_cache()
+        publish(results, render_breakdown(results), a.out)  # as it goes: a call stopped mid-way keeps the rest
+    return 0
+
+
+def render_breakdown(r: dict[str, Any]) -> str:
+    lines = [f"device: {r['device']}", ("farense's compiled step on synthetic batches (every position a target), "
+                                        "in one process; median of 6 steps after 2 warm-up steps, each step "
+                                        "evaluated before the next")]
+    for e in r["sizes"]:
+        lines += ["", f"### {e['batch']} x {e['seq_len']} tokens ({e['tokens']:,} a step)", "",
+                  ("| variant | ms/step | tokens/s | GFLOP/token | TFLOP/s | MFU | MFU w/o recompute | "
+                   "matmul floor (ms) | peak GB |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, v in e["variants"].items():
+            if "error" in v:
+                lines.append(f"| {name} | failed: {v['error'][:80]} | | | | | | | |")
+            elif v["timed"] == "forward":
+                lines.append(f"| {name} | {v['step_ms']:.1f} | {v['tokens_per_s']:,.0f} | "
+                             f"{v['forward_gflop_per_token']:.2f} | {v['forward_tflops_per_s']:.1f} | "
+                             f"({100 * v['forward_tflops_per_s'] / (r['peak_bf16_tflops'] or 1):.1f}%) | | | "
+                             f"{v['peak_memory_gb']:.1f} |")
+            else:
+                lines.append(f"| {name} | {v['step_ms']:.1f} | {v['tokens_per_s']:,.0f} | {v['gflop_per_token']:.2f} | "
+                             f"{v['tflops_per_s']:.1f} | {v.get('mfu_percent', 0):.1f}% | "
+                             f"{v.get('mfu_percent_without_recompute', 0):.1f}% | {v['matmul_floor_ms']:.1f} | "
+                             f"{v['peak_memory_gb']:.1f} |")
+        lines += ["", f"MLX bf16 matmul at {e['tokens']:,} rows (TFLOP/s; ms):", "",
+                  "| weight (in -> out) | x @ W.T | g @ W |", "|---|---:|---:|"]
+        for name, v in e["matmul"].items():
+            lines.append(f"| {name} | {v['forward_tflops']:.0f} ({v['forward_ms']:.2f}) | "
+                         f"{v['input_grad_tflops']:.0f} ({v['input_grad_ms']:.2f}) |")
+    return "\n".join(lines)
+
+
 PHASES = [("process_start_to_training", "start-up (interpreter, imports, CLI) to training"),
           ("checks_and_resume_choice", "input checks, importing mlx and mlx-lm, run lock, checkpoint scan"),
           ("model_load", "model load (+ dequantize)"),
@@ -559,6 +794,19 @@ def main() -> int:
                     help="Train without gradient checkpointing (both tools; default: with, as the seed's runs).")
     ap.add_argument("--peak-tflops", type=float,
                     help="The device's dense bf16 peak for MFU (default: 989 for an H100 or H200; none on the CPU).")
+    ap.add_argument("--no-generate", action="store_true",
+                    help="Skip `mlx_lm generate` with the trained adapters on the quantized model (saves seconds).")
+    ap.add_argument("--lora-bf16", action="store_true",
+                    help="Prototype: farense's LoRA matmuls in the activations' dtype (bf16) instead of fp32 "
+                         "(mlx-lm's LoRALinear patched in the farense process; adapters and Adam stay fp32).")
+    ap.add_argument("--align-batches", type=int, default=0, metavar="N",
+                    help="Prototype: farense's batches padded so that the model's input is a multiple of N tokens "
+                         "(128: MLX's cuDNN attention backward), the same targets counted.")
+    ap.add_argument("--breakdown", metavar="BxS,...",
+                    help="Instead of the tools' runs: in this process, farense's compiled step on synthetic batches "
+                         "of these sizes (e.g. 4x512,4x2048), timed under variants (checkpointing off, LoRA in "
+                         "bf16, no dropout, forward only), beside MLX's bf16 matmul rate on the step's shapes; "
+                         "writes breakdown.json/.md into --out.")
     a = ap.parse_args()
     big = a.shape == "7b"
     a.steps = a.steps or (20 if big else 200)
@@ -590,6 +838,8 @@ def main() -> int:
     if a.prepare_only:
         print(f"prepared {model} and {data} on {device}", file=sys.stderr)
         return 0
+    if a.breakdown:
+        return breakdown(a, model, data, model_cfg, device, peak)
     print(f"device: {device}\nmodel: {label}\n{a.steps} steps, batch {a.batch_size}, ~{a.seq_len} tokens/example, "
           f"LoRA rank 6 on q/k/v/o of {min(16, n_layers)} layers, checkpoint every {a.checkpoint_every}"
           f"{'' if not a.no_grad_checkpoint else ', no gradient checkpointing'}", file=sys.stderr)
@@ -616,7 +866,8 @@ def main() -> int:
             if tool == "mlx_lm lora":
                 mr = run_mlx_lm(next(iter(cfgs.values())), a.work / "mlx_lm", a.steps, a.timeout, same_blas)
             else:
-                raw[tool] = run_farense_cli(cfgs[tool], a.timeout, ahead_of[tool])
+                raw[tool] = run_farense_cli(cfgs[tool], a.timeout, ahead_of[tool], lora_bf16=a.lora_bf16,
+                                            align=a.align_batches)
                 this[tool] = farense_figures(raw[tool], skip)
         tokens_per_step = next(iter(this.values()))["tokens_per_step"] if this else a.batch_size * a.seq_len
         if "mlx_lm lora" in tools:  # its wall intervals count the same tokens per step as farense's (same data)
@@ -632,6 +883,7 @@ def main() -> int:
         "cold_wall_s": {k: v["wall_s"] for k, v in rounds[0].items()},
         "grad_checkpoint": not a.no_grad_checkpoint, "peak_bf16_tflops": peak, "flops_per_step": flops,
         "env": {k: os.environ[k] for k in ("MLX_PTX_CACHE_DIR", "FARENSE_ALLOW_TORCH") if k in os.environ},
+        "lora_bf16": a.lora_bf16, "align_batches": a.align_batches,
     }
     if len(computes) > 1 and "farense quantized" in raw and "farense dequantized" in raw:
         q, d = raw["farense quantized"]["train_losses"], raw["farense dequantized"]["train_losses"]
@@ -640,7 +892,7 @@ def main() -> int:
                             "max_rel_train_loss_diff": max(dd / abs(x) for dd, x in zip(diffs, q)),
                             "val_loss_quantized": raw["farense quantized"]["val_loss"],
                             "val_loss_dequantized": raw["farense dequantized"]["val_loss"]}
-    if quantized:
+    if quantized and not a.no_generate:
         best = raw.get("farense dequantized") or next(iter(raw.values()))
         results["adapters_on_quantized_base"] = generate_with_adapters(model, Path(best["adapters_path"]), a.timeout)
     if a.resume:
@@ -784,6 +1036,11 @@ def render(r: dict[str, Any]) -> str:
     computes = [f"{t}: {last[t]['compute']}" for t in tools if last[t].get("compute")]
     if computes:
         lines += ["", "; ".join(computes)]
+    if r.get("lora_bf16"):
+        lines.append("farense: LoRA matmuls in bf16 (prototype, --lora-bf16; adapters and Adam in fp32).")
+    if r.get("align_batches"):
+        lines.append(f"farense: batches padded so the model's input is a multiple of {r['align_batches']} tokens "
+                     "(prototype, --align-batches; same targets counted).")
     if r.get("mlx_lm_blas"):
         lines.append(f"mlx_lm lora: MLX's CPU matmuls through {r['mlx_lm_blas']} BLAS.")
     if "drift" in r:

@@ -17,7 +17,10 @@
 # (/tmp/whl, /tmp/site and the built 7B model in /tmp/farense-bench live only that long).
 #
 # Commands, run in order given: stage | install | check | probe | startup | ptxcache [SHAPE [args]]
-#   | bench SHAPE [bench_cuda.py args...]
+#   | bench SHAPE [bench_cuda.py args...] | sweep CONFIG... (one farense process on the 7B shape per CONFIG,
+#   BxS[-nogc][-bf16][-align][-sN], e.g. 4x2048-nogc; with --sweep-repeat=N the best by MFU runs N more times at the
+#   end; a line each in $OUT/sweep/summary.tsv, the runs' results and logs in $OUT/sweep/runs.tgz;
+#   SWEEP_RUN_TIMEOUT: seconds one run may take, default 240)
 #   | nccl [bench_nccl.py args...] | script FILE [args...] (another bench/ script on one GPU, e.g.
 #   `script bench/bench_compute_crossover.py --out "$OUT/crossover"`, `script bench/bench_loop_overhead.py`)
 # Results land in $OUT/<shape>/results.{json,md} and $OUT/nccl/ (with the logs).
@@ -95,6 +98,53 @@ bench() {
     2>&1 | tee "$OUT/$shape/bench.log"
 }
 
+sweep() {  # farense alone on the 7B shape, one process per configuration: where MFU goes with the step's size
+  env_setup
+  export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
+  mkdir -p "$OUT/sweep" /tmp/sweep
+  local repeat=0 c best
+  local summary="$OUT/sweep/summary.tsv"
+  [[ -f "$summary" ]] || printf 'config\trun\ttokens/s\tGFLOP/token\tTFLOP/s\tMFU%%\tMFU w/o recompute%%\tpeak GB\tfinal loss\tval loss\n' > "$summary"
+  local configs=()
+  for c in "$@"; do
+    case "$c" in --sweep-repeat=*) repeat="${c#*=}" ;; *) configs+=("$c") ;; esac
+  done
+  one() {  # one configuration, run number $2
+    local c="$1" n="$2" b s steps args
+    b="${c%%x*}"; s="${c#*x}"; s="${s%%-*}"
+    steps=20; (( b * s >= 8192 )) && steps=12
+    [[ "$c" =~ -s([0-9]+) ]] && steps="${BASH_REMATCH[1]}"
+    args=(--shape 7b --skip-mlx-lm --rounds 1 --computes auto --no-generate --batch-size "$b" --seq-len "$s"
+          --steps "$steps" --checkpoint-every "$steps" --timeout 200)
+    [[ "$c" == *-nogc* ]] && args+=(--no-grad-checkpoint)
+    [[ "$c" == *-bf16* ]] && args+=(--lora-bf16)
+    [[ "$c" == *-align* ]] && args+=(--align-batches 128)
+    local out="/tmp/sweep/$c-run$n"
+    echo "== sweep $c run $n: bench_cuda.py ${args[*]}"
+    # Each run under its own limit, so that a stuck or slow run still leaves its log in runs.tgz.
+    if timeout "${SWEEP_RUN_TIMEOUT:-240}" "$PY" "$REPO/bench/bench_cuda.py" "${args[@]}" --work /tmp/farense-bench \
+        --out "$out" > "$out.log" 2>&1; then
+      "$PY" - "$out/results.json" "$c" "$n" >> "$summary" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1])); f = r["rounds"][-1]["farense"]; fl = r["flops_per_step"]
+print("\t".join([sys.argv[2], sys.argv[3], f"{f['tokens_per_s_wall_interval']:.0f}", f"{fl['per_token'] / 1e9:.2f}",
+                 f"{f['tflops_per_s']:.1f}", f"{f['mfu_percent']:.1f}", f"{f['mfu_percent_without_recompute']:.1f}",
+                 f"{f['peak_memory_gb']:.2f}", f"{f['final_train_loss']:.4f}", f"{f['val_loss'] or float('nan'):.4f}"]))
+EOF
+    else
+      printf '%s\t%s\tFAILED\n' "$c" "$n" >> "$summary"; tail -5 "$out.log"
+    fi
+    tail -1 "$summary"
+    tar czf "$OUT/sweep/runs.tgz" -C /tmp --exclude='*.safetensors' sweep 2>/dev/null || true
+  }
+  for c in "${configs[@]}"; do one "$c" 1; done
+  if (( repeat > 0 )); then
+    best="$(awk -F'\t' 'NR > 1 && $3 != "FAILED" && $6 + 0 > m {m = $6 + 0; c = $1} END {print c}' "$summary")"
+    for ((n = 2; n <= repeat + 1; n++)); do [[ -n "$best" ]] && one "$best" "$n"; done
+  fi
+  return 0
+}
+
 nccl() {  # bench_nccl.py: 1 GPU vs 2, a SIGKILLed rank, the resume (needs 2 GPUs)
   env_setup
   mkdir -p "$OUT/nccl"
@@ -158,7 +208,7 @@ ptxcache() {  # MLX's CUDA kernel cache (MLX_PTX_CACHE_DIR): one farense process
     | tee -a "$OUT/ptxcache/summary.txt"
 }
 
-COMMANDS=" stage install check probe startup ptxcache bench nccl script "
+COMMANDS=" stage install check probe startup ptxcache bench sweep nccl script "
 
 # The command's name, then its fixed arguments ($1: how many), then its own arguments up to the next
 # command: one command with all its arguments, as an array named `cmd`; `taken`: how many words.
@@ -177,9 +227,9 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     stage|install|check|probe|startup) take_command 0 "$1" ;;
     ptxcache) take_command 0 "$@" ;;
-    nccl) take_command 0 "$@" ;;
+    nccl|sweep) take_command 0 "$@" ;;
     bench|script) take_command 1 "$@" ;;
-    *) echo "unknown command: $1 (stage | install | check | probe | bench SHAPE [args] | nccl [args] | script FILE [args])" >&2; exit 2 ;;
+    *) echo "unknown command: $1 (stage | install | check | probe | bench SHAPE [args] | sweep CONFIG... | nccl [args] | script FILE [args])" >&2; exit 2 ;;
   esac
   shift "$taken"
   "${cmd[@]}"
