@@ -5,4 +5,7 @@ cd "$(dirname "$0")/.."
 source scripts/_venv.sh
 ensure_venv .venv-test "test"
 export HF_HUB_OFFLINE=1
-exec python -m pytest "$@"
+# Three workers on a 2-core machine, each test file on one worker (its module fixtures built once): the
+# end-to-end files spend most of their time waiting on servers, heartbeats and leases, and the other files
+# fill those waits. FARENSE_TEST_WORKERS=0 runs everything in this process.
+exec python -m pytest -n "${FARENSE_TEST_WORKERS:-3}" --dist loadfile "$@"

@@ -12,6 +12,12 @@ import pytest
 
 from farense.model.blas import ensure_fast_blas
 
+# Workers of pytest-xdist (scripts/test.sh) share the machine's cores: their trainings use one OpenBLAS
+# thread each, whose threads would otherwise wait for each other on busy cores (farense.model.blas). Set
+# before OpenBLAS is loaded below; the `farense` subprocesses inherit it.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # As the farense command does, before any test imports mlx: MLX in this process then multiplies
 # with the same BLAS as the `farense` subprocesses the tests start.
 ensure_fast_blas()
@@ -25,6 +31,18 @@ if not os.environ.get("FARENSE_TRAINING_LOCK"):
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
+
+# The longest files, longest first (measured: `pytest --durations=0`). pytest-xdist's loadfile hands files
+# out in collection order: started first, their waits on servers, heartbeats and leases overlap the rest of
+# the suite instead of ending it. The other files keep pytest's order after them.
+LONGEST_FIRST = ("test_deployment_e2e.py", "test_real_model.py", "test_pool_e2e.py", "test_distributed.py",
+                 "test_flows.py", "test_campaign.py", "test_resume_exact.py", "test_campaign_workers.py",
+                 "test_campaign_halving.py", "test_campaign_flow.py", "test_trainer.py", "test_remote_training.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
 
 
 def _chat_example(i: int) -> dict[str, Any]:
