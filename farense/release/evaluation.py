@@ -29,6 +29,7 @@ import orjson
 from farense.config import ExperimentConfig, config_from_json
 from farense.disk.preflight import require_writable
 from farense.errors import DataError, FarenseError
+from farense.model.compute import current_device
 from farense.release.decision import REPORT_NAME, iso
 from farense.release.textmetrics import aggregate, token_scores
 from farense.run.fsutil import atomic_write_bytes, read_json_object, sha256_file
@@ -37,6 +38,8 @@ from farense.run.metrics import read_metrics
 from farense.run.plots import plot_f1_distribution, plot_loss_curves
 from farense.train.batching import make_batch
 from farense.train.data import make_datasets, read_split
+from farense.train.losses import cross_entropy_for, target_mask
+from farense.train.prefix_cache import counted_rows, head, head_splits_off
 from farense.train.setup import load_base_model
 
 REPORT_FORMAT = "farense.evaluation/1"
@@ -146,25 +149,38 @@ def load_model(config: ExperimentConfig, adapters_dir: Path) -> tuple[Any, Any]:
 
 
 def example_losses(model: Any, dataset: Any, batch_size: int, max_seq_length: int) -> list[tuple[float, int]]:
-    """(summed cross-entropy, token count) per example, with mlx-lm's loss and masking; every example
-    counts (the ragged last batch too), so the test loss does not depend on the batch size."""
+    """(summed cross-entropy, token count) per example, with mlx-lm's masking and the training loss's
+    cross-entropy for this device; every example counts (the ragged last batch too), so the test loss
+    does not depend on the batch size. On a model whose head can be split off (farense.train.prefix_cache),
+    the head runs only on the positions whose loss counts (the answers under mask_prompt)."""
     import mlx.core as mx
-    import mlx.nn as nn
+    import numpy as np
 
+    cross_entropy = cross_entropy_for(current_device())
+    split = head_splits_off(model)
     order = sorted(range(len(dataset)), key=lambda i: (len(dataset[i][0]), i))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(dataset)
     for start in range(0, len(order), batch_size):
         members = order[start : start + batch_size]
         batch, lengths = make_batch(dataset, members, max_seq_length)
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = model(inputs)
-        steps = mx.arange(1, targets.shape[1] + 1)
-        mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
-        ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum(axis=1)
+        mask = target_mask(targets, lengths)
         ntok = mask.sum(axis=1)
-        mx.eval(ce, ntok)
+        if split:
+            spans = [tuple(pair) for pair in lengths.tolist()]
+            rows, real = counted_rows(spans, inputs.shape[1])
+            hidden = model.model(inputs).reshape(-1, model.args.hidden_size)
+            ce = cross_entropy(head(model, hidden[mx.array(rows[:real])]), targets.reshape(-1)[mx.array(rows[:real])])
+            mx.eval(ce, ntok)
+            per_row, counts = np.array(ce, dtype=np.float64), ntok.tolist()  # rows grouped by example, in order
+            ends = np.cumsum(counts)
+            sums = [float(per_row[end - n : end].sum()) for n, end in zip(counts, ends)]
+        else:
+            ce = (cross_entropy(model(inputs), targets) * mask).astype(mx.float32).sum(axis=1)
+            mx.eval(ce, ntok)
+            sums = [ce[j].item() for j in range(len(members))]
         for j, i in enumerate(members):
-            out[i] = (ce[j].item(), int(ntok[j].item()))
+            out[i] = (sums[j], int(ntok[j].item()))
     return out
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from farense.train.batching import DataPosition, epoch_order, make_batch, train_batches
+from farense.train.losses import CrossEntropy, cross_entropy_exp_once, masked_mean, target_mask
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -77,10 +78,15 @@ def first_adapted_block(model: Any) -> int:
     return len(layers)
 
 
+def head_splits_off(model: Any) -> bool:
+    """Whether `model(tokens)` is `head(model, model.model(tokens))` (the llama-style forward)."""
+    return type(model).__module__ in SUPPORTED_MODULES
+
+
 def supported(model: Any) -> str | None:
     """None when the prefix cache is exact for `model`, else why it is not."""
-    module = type(model).__module__
-    if module not in SUPPORTED_MODULES:
+    if not head_splits_off(model):
+        module = type(model).__module__
         return f"model class {module}.{type(model).__name__} is not one the prefix cache knows the forward of"
     inner = _inner(model)
     if getattr(inner, "swa_idx", None) is not None:
@@ -135,44 +141,49 @@ def suffix_forward(model: Any, hidden: mx.array, mask: Any = None, first: int | 
     return head(model, suffix_hidden(model, hidden, mask, first))
 
 
-def make_cached_loss(first: int) -> Callable:
+def make_cached_loss(first: int, cross_entropy: CrossEntropy | None = None) -> Callable:
     """A loss with the loop's signature, loss(model, batch, lengths) -> (mean loss, tokens), where
-    `batch` is (tokens (B, W), hidden (B, W-1, D)[, head_columns (S,)]) as `PrefixCache.batch` builds
-    it. The same arithmetic as mlx_lm.tuner.trainer.default_loss, which the loop uses, from the hidden
-    states on; with `head_columns`, the head and the cross-entropy run on the last S positions only
-    (every position whose loss counts; see `head_start`), and the cross-entropy is laid back into the
-    full (B, W-1) grid with zeros before the same masked sum, so the loss and gradients are unchanged."""
+    `batch` is (tokens (B, W), hidden (B, W-1, D)[, rows (S,), weights (S,)]) as `PrefixCache.batch`
+    builds it. The same arithmetic as farense.train.losses.make_default_loss(cross_entropy) (the
+    loop's uncached loss; default: exp once, the CPU's), from the hidden states on. With `rows`, the
+    head and the cross-entropy run only on those flattened positions (every position whose loss
+    counts, padded to a multiple of ROWS_ROUND with weight-0 copies of row 0; see `counted_rows`),
+    and the cross-entropy is laid back into the full (B, W-1) grid before the same masked sum, so the
+    loss and the gradients are those of the whole head to the bit."""
     import mlx.core as mx
-    import mlx.nn as nn
+
+    ce_fn = cross_entropy or cross_entropy_exp_once
 
     def cached_loss(model: Any, batch: tuple[mx.array, ...], lengths: mx.array) -> tuple[mx.array, mx.array]:
         tokens, hidden = batch[0], batch[1]
-        start = hidden.shape[1] - batch[2].shape[0] if len(batch) > 2 else 0  # a shape: static when compiled
         targets = tokens[:, 1:]
         out = suffix_hidden(model, hidden, first=first)
-        ce = nn.losses.cross_entropy(head(model, out[:, start:]), targets[:, start:])
-        if start:
-            ce = mx.concatenate([mx.zeros((ce.shape[0], start), ce.dtype), ce], axis=1)
-        steps = mx.arange(1, targets.shape[1] + 1)
-        mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
-        ce = ce * mask
-        ntoks = mask.sum()
-        ce = ce.astype(mx.float32).sum() / ntoks
-        return ce, ntoks
+        if len(batch) > 2:
+            rows, weights = batch[2], batch[3]
+            picked = out.reshape(-1, out.shape[-1])[rows]
+            ce_rows = ce_fn(head(model, picked), targets.reshape(-1)[rows]) * weights
+            ce = mx.zeros((targets.size,), ce_rows.dtype).at[rows].add(ce_rows).reshape(targets.shape)
+        else:
+            ce = ce_fn(head(model, out), targets)
+        return masked_mean(ce, target_mask(targets, lengths))
 
     return cached_loss
 
 
-# The head's first column is rounded down to a multiple of this, so a step compiles for few shapes.
-HEAD_START_ROUND = 16
+# The head's row count is rounded up to a multiple of this, so a step compiles for few shapes.
+ROWS_ROUND = 32
 
 
-def head_start(offsets: Sequence[int], width: int) -> int:
-    """The first of the model's `width` input positions whose loss can count in a batch whose examples'
-    prompts end at `offsets` (make_batch's first column: the loss counts target steps >= offset, i.e.
-    positions >= offset - 1), rounded down to a multiple of HEAD_START_ROUND. 0 without mask_prompt."""
-    start = max(min(offsets) - 1, 0)
-    return min(start - start % HEAD_START_ROUND, max(width - 1, 0))
+def counted_rows(spans: Sequence[tuple[int, int]], width: int) -> tuple[list[int], int]:
+    """The flattened positions (b * width + p) of a batch of `width` model positions whose loss counts,
+    for examples with (prompt offset, length) `spans` (make_batch's `lengths`): target step p + 1 counts
+    when offset <= p + 1 <= length (farense.train.losses.target_mask), padded with row 0 up to a multiple
+    of ROWS_ROUND; returns (rows, how many are real)."""
+    rows: list[int] = []
+    for b, (offset, length) in enumerate(spans):
+        rows.extend(range(b * width + max(offset, 1) - 1, b * width + min(length, width)))
+    real = len(rows)
+    return rows + [0] * (-real % ROWS_ROUND), real
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,9 +269,10 @@ class PrefixCache:
         return mx.stack(rows)
 
     def batch(self, members: Sequence[int], tokens: mx.array) -> tuple[mx.array, ...]:
-        """(tokens, hidden[, head_columns]) for the loss of `make_cached_loss`: the padded batch `tokens`
+        """(tokens, hidden[, rows, weights]) for the loss of `make_cached_loss`: the padded batch `tokens`
         of `members` (as farense.batching.make_batch built it) and their hidden states, computed on a
-        miss; with head_only_where_counted, an array whose length is the number of positions the head runs on."""
+        miss; with head_only_where_counted, the positions the head runs on (`counted_rows`) and their
+        weights (0 for the padding rows)."""
         import mlx.core as mx
 
         missing = [i for i in members if i not in self._hidden]
@@ -272,11 +284,13 @@ class PrefixCache:
         out = (tokens, self.hidden(members, width))
         if not self.head_only_where_counted:
             return out
-        offsets = [it[1] if len(it) > 1 else 0 for it in (self.dataset[i] for i in members)]
-        start = head_start(offsets, width)
+        spans = [(it[1] if len(it) > 1 else 0, min(len(it[0]), self.max_seq_length))
+                 for it in (self.dataset[i] for i in members)]
+        rows, real = counted_rows(spans, width)
         self.positions += len(members) * width
-        self.head_positions_skipped += len(members) * start
-        return out + (mx.zeros((width - start,), mx.int32),)
+        self.head_positions_skipped += len(members) * width - real
+        weights = mx.array([1.0] * real + [0.0] * (len(rows) - real), dtype=out[1].dtype)
+        return out + (mx.array(rows, dtype=mx.int32), weights)
 
     def fill(self, groups: Sequence[Sequence[int]], *, rank: int = 0, world_size: int = 1) -> None:
         """Compute every group's prefix now (this rank's share of each), batch by batch."""
@@ -377,7 +391,7 @@ def describe_savings(train: PrefixCache, valid: PrefixCache | None) -> str:
     caches = [c for c in (train, valid) if c is not None]
     held, served = sum(c.nbytes for c in caches), sum(c.hits for c in caches)
     positions, skipped = sum(c.positions for c in caches), sum(c.head_positions_skipped for c in caches)
-    head = (f"; the head skipped {skipped} of {positions} positions (prompts, mask_prompt)"
+    head = (f"; the head skipped {skipped} of {positions} positions (prompts under mask_prompt, padding)"
             if train.head_only_where_counted and positions else "")
     return (f"prefix cache: {'; '.join(parts)}; {held / 1e6:.1f} MB held; blocks 0-{train.first - 1} "
             f"({train.first} blocks) skipped in {served} micro-batches{head}")

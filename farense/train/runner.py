@@ -128,8 +128,6 @@ def _train(config: ExperimentConfig, paths: RunPaths, loaded: dict, data_fp: str
            progress_bar: bool | None, on_step_end: Callable[[int, dict[str, Any], Any], None] | None,
            phases: PhaseClock, steps_ahead: int | None, world: mx.distributed.Group,
            remote: RemoteRun | None) -> TrainingOutcome:
-    from mlx_lm.tuner.trainer import default_loss
-
     is_writer = world.rank() == 0
     store = CheckpointStore(paths.checkpoints, rank=world.rank(), required_files=CHECKPOINT_FILES,
                             on_skip=lambda p, why: log(f"skipping checkpoint {p}: {why}"))

@@ -14,6 +14,7 @@ from farense.model.compute import apply_compute, current_device, resolve_compute
 from farense.model.gguf import resolve_model_dir
 from farense.train.batching import batch_groups
 from farense.train.data import count_too_long, make_datasets
+from farense.train.losses import cross_entropy_for, training_loss
 from farense.train.prefix_cache import PrefixCache, PrefixChoice, choose_prefix_cache, make_cached_loss
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class Setup:
     train_groups: list
     valid_groups: list
     total_steps: int
-    loss: Callable | None = None  # loss(model, batch, lengths): mlx-lm's default_loss, or the cached one
+    loss: Callable | None = None  # loss(model, batch, lengths): farense.train.losses.training_loss, or the cached one
     train_cache: PrefixCache | None = None  # the frozen prefix's hidden states (None: the prefix cache is off)
     valid_cache: PrefixCache | None = None
 
@@ -212,8 +213,6 @@ def attach_prefix_cache(setup: Setup, config: ExperimentConfig, log: Callable[[s
     """Decide `training.prefix_cache` for this model, data and device; set the loss and the (empty) caches.
 
     The caches fill themselves from the batches as the loop first meets them (farense.train.prefix_cache)."""
-    from mlx_lm.tuner.trainer import default_loss
-
     t = config.training
     valid_groups = setup.valid_groups if config.validation.batches == -1 else setup.valid_groups[:config.validation.batches]
     lengths = ([len(setup.train_set[i][0]) for g in setup.train_groups for i in g]
@@ -222,11 +221,12 @@ def attach_prefix_cache(setup: Setup, config: ExperimentConfig, log: Callable[[s
     choice = choose_prefix_cache(setup.model, t.prefix_cache, lengths=lengths, max_seq_length=t.max_seq_length,
                                  budget_bytes=prefix_cache_budget() if on_cpu else None, on_gpu=not on_cpu)
     log(choice.describe())
-    setup.loss = default_loss
+    device = "cpu" if on_cpu else "gpu"
+    setup.loss = training_loss(device)
     if choice.use:
-        setup.loss = make_cached_loss(choice.first)
+        setup.loss = make_cached_loss(choice.first, cross_entropy_for(device))
         # With mask_prompt the head (the tied 49152-word one of the demo: the largest part of a step) runs
-        # only from the first position whose loss can count: exact (tests/test_prefix_cache.py).
+        # only on the positions whose loss counts: exact (tests/test_prefix_cache.py).
         kw = dict(first=choice.first, head_only_where_counted=t.mask_prompt)
         setup.train_cache = PrefixCache(setup.model, setup.train_set, t.max_seq_length, **kw)
         setup.valid_cache = PrefixCache(setup.model, setup.valid_set, t.max_seq_length, **kw)
