@@ -112,9 +112,10 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120", "LINES": "40", "TERM": "xterm-256color"}
 
 
-def _read_pty(fd: int, proc: subprocess.Popen, deadline: float) -> str:
+def _read_pty(fd: int, proc: subprocess.Popen, deadline: float, until=None) -> str:
+    """What the child wrote to the terminal until `deadline`, its exit, or `until(text so far)` holds."""
     chunks = []
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (until and until(b"".join(chunks).decode("utf-8", "replace"))):
         r, _, _ = select.select([fd], [], [], 0.1)
         if r:
             try:
@@ -148,7 +149,10 @@ def test_monitor_command_in_a_pseudo_terminal_draws_the_panel_and_refreshes(trai
     proc = subprocess.Popen([*cmd, "--refresh", "0.2"], stdin=slave2, stdout=slave2, stderr=slave2, env=_env(),
                             cwd=REPO)
     try:
-        first = _read_pty(master2, proc, time.monotonic() + 1.5)
+        # The first frame whenever the process has started (slower on a loaded machine), then ~5 refreshes.
+        first = _read_pty(master2, proc, time.monotonic() + 60,
+                          until=lambda text: "farense monitor: watched" in ANSI.sub("", text))
+        first += _read_pty(master2, proc, time.monotonic() + 1.0)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
     finally:
