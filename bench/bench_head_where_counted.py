@@ -6,9 +6,9 @@ V1 + the demo overlay (mask_prompt on, LoRA on the overlay's last blocks: 8 of 3
 fp32 on the CPU), training.prefix_cache off in set_up so each variant builds its own cache:
 
 1. Exactness: for `--groups` training batches spread from short to long, with LoRA dropout live,
-   the loss and every LoRA gradient of (a) mlx-lm's default_loss on the whole model, (b) the cached
-   loss with the whole head, (c) the cached loss with the head from the first position whose loss
-   can count; printed as the largest difference (0.0 means equal to the last bit).
+   the loss and every LoRA gradient of (a) the loop's uncached loss (farense.train.losses) on the whole model, (b) the cached
+   loss with the whole head, (c) the cached loss with the head on the rows whose loss counts
+   (farense.train.prefix_cache.counted_rows); printed as the largest difference (0.0: equal to the last bit).
 2. Time: ms per micro-step (value_and_grad, evaluated) for the three, in alternating rounds over the
    same batches, medians; the caches filled before timing. Prints; asserts nothing.
 """
@@ -41,9 +41,8 @@ def main() -> None:
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
-    from mlx_lm.tuner.trainer import default_loss
-
     from farense.config import load_config
+    from farense.train.losses import training_loss
     from farense.train import prefix_cache as pc
     from farense.train.batching import make_batch
     from farense.train.data import validate_data
@@ -61,6 +60,7 @@ def main() -> None:
     whole = pc.PrefixCache(model, s.train_set, msl)
     cut = pc.PrefixCache(model, s.train_set, msl, head_only_where_counted=True)
     loss = pc.make_cached_loss(whole.first)
+    default_loss = training_loss("cpu")  # the loop's uncached loss on the CPU (exp once, as the cached one)
     vg = {"uncached": nn.value_and_grad(model, default_loss), "cached": nn.value_and_grad(model, loss),
           "cached, head where counted": nn.value_and_grad(model, loss)}
     batches = []
@@ -81,8 +81,8 @@ def main() -> None:
                 ref = flat
             else:
                 worst[name] = max(worst[name], *(mx.abs(x - y).max().item() for x, y in zip(ref, flat)))
-    print(f"widths {[b['uncached'][0].shape[1] for b in batches]}; head columns kept "
-          f"{[b['cached, head where counted'][0][2].shape[0] for b in batches]}")
+    print(f"widths {[b['uncached'][0].shape[1] for b in batches]}; head rows kept "
+          f"{[int(b['cached, head where counted'][0][3].sum().item()) for b in batches]}")
     print(f"head positions skipped {cut.head_positions_skipped} of {cut.positions}")
     for name in list(vg)[1:]:
         print(f"max |loss or LoRA gradient diff| against uncached, {name}: {worst[name]}", flush=True)
