@@ -4,15 +4,23 @@
       training pipeline) -> train + evaluate V2, decided against V1 (a subflow) -> choose the
       winner by the seed's rules -> promote it if it is ready -> notification
 
-One training at a time (the subflows run in order). `farense run v1 v2 --demo` runs it on the real
-demo model with Prefect's embedded API; the `campaign` deployment runs it from a server.
+One training at a time (the subflows run in order) unless `parallel` > 1: then up to that many
+pipelines run at once, each training in its own machine slot with its share of the cores (on a CPU,
+where MLX's element-wise work uses one core, two trainings side by side finish sooner than one
+after the other), and the decisions follow in config order once every run is evaluated: the same
+decisions, from the same numbers. `farense run v1 v2 --demo` runs it on the real demo model with
+Prefect's embedded API; the `campaign` deployment runs it from a server.
 """
 
 from __future__ import annotations
 
+import contextvars
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import datetime
+from pathlib import Path
+from typing import Callable
 
 from prefect import flow, get_run_logger, tags
 
@@ -24,9 +32,11 @@ from tasks.campaign import (
     BaseEvaluation,
     campaign_decide_task,
     evaluate_base_task,
+    trainings_at_once,
     winner_decision,
 )
 from tasks.common import TASK_TAG, tag_flow_run
+from tasks.decide import decide_task
 from tasks.inputs import check_inputs_task
 from tasks.notify import NotifyResult, notify_task
 from tasks.promote import PromotionResult, promote_task
@@ -63,10 +73,12 @@ def campaign_flow(
     promote: bool = True,
     notify_block: str | None = None,
     name: str | None = None,
+    parallel: int | str = 1,
 ) -> CampaignResult:
-    """Train each config in order (each decided against the one before it), choose, promote, tell.
+    """Train each config (each decided against the one before it), choose, promote, tell.
     `configs` are names or files (a campaign file's trials come as resolved files, `name` the campaign's);
-    each is known by its run's name, the one the next config is decided against."""
+    each is known by its run's name, the one the next config is decided against. `parallel`: how many
+    pipelines run at once (1: in order; "auto": as the machine allows, see trainings_at_once)."""
     log, timings = get_run_logger(), {}
     clock = time.monotonic()
 
@@ -84,11 +96,20 @@ def campaign_flow(
     with tags("farense", "campaign"):
         base = evaluate_base_task(cfgs[0])
         lap("base model evaluation")
+        compare = [str(cfgs[i - 1].run_dir) if i else "production" for i in range(len(cfgs))]
+        at_once, why = trainings_at_once(parallel, cfgs)
+        log.info(f"trainings: {why}")
         runs: list[PipelineResult] = []
-        for i, config in enumerate(resolved):
-            runs.append(training_flow(config=config, workspace=workspace, promote=False, notify=False,
-                                      compare_with=str(cfgs[i - 1].run_dir) if i else "production"))
-            lap(f"{cfgs[i].run_name} pipeline")
+        if at_once <= 1:
+            for i, config in enumerate(resolved):
+                runs.append(training_flow(config=config, workspace=workspace, promote=False, notify=False,
+                                          compare_with=compare[i]))
+                lap(f"{cfgs[i].run_name} pipeline")
+        else:
+            runs = pipelines_side_by_side(resolved, workspace, at_once, log.info)
+            lap(f"{' + '.join(c.run_name for c in cfgs)} pipelines side by side")
+            runs = [replace(r, decision=decide_task(c, r.run_dir, compare[i]))
+                    for i, (c, r) in enumerate(zip(cfgs, runs))]
         entries = [CampaignEntry(c.run_name, r.run_dir, decision_path_of(r.run_dir)) for c, r in zip(cfgs, runs)]
         decision = campaign_decide_task(str(cfgs[0].runs_dir), entries, timings)
         winner = next((c for c in cfgs if c.run_name == decision.winner), None)
@@ -102,6 +123,30 @@ def campaign_flow(
                                    notify_block)
     return CampaignResult([c.run_name for c in cfgs], str(cfgs[0].runs_dir), base, runs, decision, promotion,
                           notification, timings)
+
+
+def pipelines_side_by_side(resolved: list[str], workspace: str | None, parallel: int,
+                           log: Callable[[str], None]) -> list[PipelineResult]:
+    """Each config's pipeline (a subflow, the decision left to the campaign), `parallel` at a time, each in
+    its own thread with the flow's context; a failed one fails the campaign once the others have ended
+    (their trainings stay resumable either way)."""
+    at_once = min(parallel, len(resolved))
+
+    def pipeline(i: int) -> PipelineResult:
+        started = time.monotonic()
+        others = [c for j, c in enumerate(resolved) if j != i][: at_once - 1]
+        result = training_flow(config=resolved[i], workspace=workspace, promote=False, notify=False,
+                               side_by_side_with=others)
+        log(f"{Path(result.run_dir).name} pipeline: {time.monotonic() - started:.1f} s (side by side)")
+        return result
+
+    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="farense-pipeline") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, pipeline, i) for i in range(len(resolved))]
+        failures = [f.exception() for f in futures]
+    for failure in failures:
+        if failure is not None:
+            raise failure
+    return [f.result() for f in futures]
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, tags
 
-from farense.config import ExperimentConfig
+from farense.config import ExperimentConfig, load_config
 from farense.disk.cleanup import CleanupResult
 from farense.errors import ResumeLimitReached
 from farense.model.demos import DEMO_OVERLAYS, demo_overlay, overlays_for
@@ -48,7 +48,7 @@ class PipelineResult:
     cleanup: CleanupResult
     training: TrainingOutcome
     evaluation: EvaluationResult
-    decision: DecisionResult
+    decision: DecisionResult | None  # None: left to the calling campaign (runs trained side by side)
     promotion: PromotionResult
     notification: NotifyResult
 
@@ -80,7 +80,7 @@ def _tag_flow_run(config: ExperimentConfig) -> None:
     tag_flow_run(TASK_TAG, "training", f"config:{config.name}", *[o for o in config.overlays if o in DEMO_OVERLAYS])
 
 
-def completion_message(cfg: ExperimentConfig, t: TrainingOutcome, e: EvaluationResult, d: DecisionResult,
+def completion_message(cfg: ExperimentConfig, t: TrainingOutcome, e: EvaluationResult, d: DecisionResult | None,
                        p: PromotionResult) -> tuple[str, str]:
     """Subject and body of the completion notification: the decision and the key metrics."""
     from prefect.runtime import flow_run
@@ -100,8 +100,8 @@ def completion_message(cfg: ExperimentConfig, t: TrainingOutcome, e: EvaluationR
         f"train/validation gap at the best step: {gap}",
         f"F1 {e.f1:.4f}, precision {e.precision:.4f}, recall {e.recall:.4f}, exact match {e.exact_match:.4f}"
         f" on {e.examples} test examples",
-        f"compared with: {d.incumbent or 'nothing in production yet'}",
-        f"decision: {d.verdict}",
+        f"compared with: {d.incumbent or 'nothing in production yet'}" if d else "compared with: (the campaign decides)",
+        f"decision: {d.verdict if d else 'left to the calling campaign'}",
         f"promotion: {p.reason}" + (f" (release {p.release_id})" if p.release_id else ""),
         f"run directory: {t.run_dir}",
     ]
@@ -133,23 +133,35 @@ def training_flow(
     notify: bool = True,
     resume_attempt: int = 0,
     max_resume_attempts: int = 3,
+    side_by_side_with: list[str] | None = None,
 ) -> PipelineResult:
     """Train `config`, evaluate it, compare it with `compare_with` ("production" or a run such as
     "v1"), promote it if the rules allow and `promote` is set, and say how it went (unless `notify`
-    is off: a campaign tells once, at its end)."""
+    is off: a campaign tells once, at its end).
+
+    `side_by_side_with`: the configs (resolved files) a campaign trains at the same time as this one.
+    The preflight counts their disk and memory, the training takes one of that many machine slots
+    with its share of the cores, and the decision is left to the campaign: the run this one is
+    compared with may still be training."""
     refuse_endless_resumes(resume_attempt, max_resume_attempts)
     cfg = check_inputs_task(config, overlays_for(demo), workspace, compare_with)
     _tag_flow_run(cfg)
     if resume_attempt:
         get_run_logger().info(f"resume attempt {resume_attempt} of {max_resume_attempts} after a crash")
 
+    beside = [load_config(c, workspace=cfg.workspace) for c in side_by_side_with or []]  # resolved files
+
     with tags("farense", f"config:{cfg.name}"):
-        preflight = preflight_task(cfg)
+        preflight = preflight_task(cfg, alongside=beside)
         cleanup = cleanup_task(cfg)
-        trained = train_model(cfg)
+        trained = train_model(cfg, slots=1 + len(beside))
         evaluation = evaluate_task(cfg, trained.run_dir)
-        decision = decide_task(cfg, trained.run_dir, compare_with)
-        promotion = promote_task(cfg, trained.run_dir, decision, promote)
+        decision: DecisionResult | None = None
+        if beside:
+            promotion = PromotionResult(False, None, None, "left to the calling campaign")
+        else:
+            decision = decide_task(cfg, trained.run_dir, compare_with)
+            promotion = promote_task(cfg, trained.run_dir, decision, promote)
         subject, body = completion_message(cfg, trained, evaluation, decision, promotion)
         notification = (notify_task(subject, body, notify_block) if notify
                         else NotifyResult(False, None, "left to the calling flow"))

@@ -119,3 +119,24 @@ def campaign_report_task(outcome: Any, f1: dict[str, float] | None = None) -> st
 
 def _params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def trainings_at_once(parallel: int | str, configs: list[ExperimentConfig]) -> tuple[int, str]:
+    """How many of the campaign's trainings run side by side on this machine (farense.train.supervisor
+    decides from the device, the cores and the memory one run needs), and why."""
+    import os
+
+    from farense.disk.estimate import estimate_run
+    from farense.disk.preflight import MEMORY_OVERHEAD
+    from farense.model.compute import current_device, device_memory_bytes
+    from farense.train.supervisor import trainings_side_by_side
+
+    device = current_device()
+    if parallel in (1, "1") or len(configs) <= 1 or device != "cpu":
+        return trainings_side_by_side(parallel, len(configs), device=device, cores=1)
+    est = estimate_run(configs[0])
+    weights = est.model_parameters * 4 if est.model_parameters else est.model_memory_bytes  # fp32 on a CPU
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return trainings_side_by_side(parallel, len(configs), device=device, cores=cores,
+                                  available_bytes=device_memory_bytes(device),
+                                  run_bytes=int(weights * MEMORY_OVERHEAD) if weights else None)

@@ -39,14 +39,15 @@ class PreflightResult:
 
 
 @step("disk-preflight")
-def preflight_task(config: ExperimentConfig) -> PreflightResult:
-    """Will the run fit on disk? Publishes the preflight table; raises DiskFull when it cannot fit."""
+def preflight_task(config: ExperimentConfig, alongside: list[ExperimentConfig] | None = None) -> PreflightResult:
+    """Will the run fit on disk (with the runs training `alongside` it)? Publishes the preflight table;
+    raises DiskFull when it cannot fit."""
     from farense.disk.preflight import preflight
     from farense.errors import DiskFull
 
     log = get_run_logger()
     try:
-        report = preflight(config)
+        report = preflight(config, alongside=alongside or ())
     except DiskFull as e:
         short = getattr(e, "report", None)
         if short is not None:
@@ -56,7 +57,8 @@ def preflight_task(config: ExperimentConfig) -> PreflightResult:
     for w in report.warnings:
         log.warning(w)
     freed = report.cleanup.bytes_freed if report.cleanup is not None else 0
-    log.info(f"disk preflight ok: needs {format_size(needed)}, {format_size(free)} free"
+    beside = f" with {', '.join(c.run_name for c in alongside)} training beside it" if alongside else ""
+    log.info(f"disk preflight ok{beside}: needs {format_size(needed)}, {format_size(free)} free"
              + (f", cleanup freed {format_size(freed)}" if freed else ""))
     return PreflightResult(report.ok, needed, free, freed, tuple(report.warnings))
 

@@ -60,13 +60,14 @@ def _watcher(config: ExperimentConfig, paths: RunPaths, pid: int, log: Any) -> T
 
 @step("train", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.5,
       retry_condition_fn=retry_only_curable, tags=["farense-train"])
-def train_model(config: ExperimentConfig) -> TrainingOutcome:
-    """Train or resume `config`; skipped when this exact config already finished training."""
+def train_model(config: ExperimentConfig, slots: int = 1) -> TrainingOutcome:
+    """Train or resume `config`; skipped when this exact config already finished training. `slots` > 1:
+    it trains beside up to slots - 1 others on this machine (farense.train.supervisor)."""
     log = get_run_logger()
     outcome = train_in_subprocess(
         config, log=log.info, error_log=log.error, free_disk_space=lambda: free_space_now(config),
         watcher_for=lambda paths, pid: _watcher(config, paths, pid, log),
-        keep_watching=lambda poll: best_effort("watching the run", poll))
+        keep_watching=lambda poll: best_effort("watching the run", poll), slots=slots)
     _summary_artifact(config)
     return outcome
 

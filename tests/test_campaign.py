@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,7 +63,8 @@ def test_a_winner_below_the_f1_threshold_is_not_ready(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_farense_run_two_configs_is_a_campaign_on_the_tiny_model(tmp_path: Path) -> None:
-    """`farense run A B`: the base model scored, A and B trained in turn, B decided against A, a table."""
+    """`farense run A B`: the base model scored, A and B trained side by side (B still decided against A),
+    a table; the same campaign one training at a time trains the same adapters, to the byte."""
     from farense.model.demo import build_demo
 
     build_demo(tmp_path / ".farense" / "tiny")
@@ -76,8 +78,8 @@ def test_farense_run_two_configs_is_a_campaign_on_the_tiny_model(tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
                FARENSE_TRAINING_LOCK=str(tmp_path / "training.lock"))
-    proc = subprocess.run([sys.executable, "-m", "farense", "--workspace", str(tmp_path), "run", *configs],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "farense", "--workspace", str(tmp_path), "run", *configs,
+                           "--parallel", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
 
     runs = tmp_path / "runs" / "tiny"
@@ -86,7 +88,8 @@ def test_farense_run_two_configs_is_a_campaign_on_the_tiny_model(tmp_path: Path)
     assert names == ["base model (no adapters)", "a", "b"]
     assert campaign["reasons"][0].startswith("a (by its own rules):")
     assert campaign["reasons"][1].startswith("b (against a):")
-    assert set(campaign["stage_seconds"]) >= {"base model evaluation", "a pipeline", "b pipeline"}
+    assert set(campaign["stage_seconds"]) >= {"base model evaluation", "a + b pipelines side by side"}
+    assert "trainings: 2 trainings side by side (asked for), OPENBLAS_NUM_THREADS=" in proc.stdout + proc.stderr
     b_decision = json.loads((runs / "b" / "evaluation" / "decision.json").read_text())
     assert b_decision["incumbent"]["name"] == "a"  # V2 is decided against V1, not production
     base = json.loads((runs / ".base-model" / "evaluation_report.json").read_text())
@@ -104,11 +107,25 @@ def test_farense_run_two_configs_is_a_campaign_on_the_tiny_model(tmp_path: Path)
     listed.write_text(f'[[trials]]\nname = "a"\nconfig = "{configs[0]}"\n[[trials]]\nname = "b"\nconfig = "{configs[1]}"\n'
                       '[final]\npromote = false\n')
     argv = [sys.executable, "-m", "farense", "--workspace", str(tmp_path), "campaign"]
-    proc = subprocess.run([*argv, "run", str(listed)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*argv, "run", str(listed), "--parallel", "1"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     again = json.loads((runs / "campaign-ab" / "campaign.json").read_text())
+    assert set(again["stage_seconds"]) >= {"a pipeline", "b pipeline"}
+    for name in ("a", "b"):  # one BLAS thread each beside the other, or both threads in turn: the same bytes
+        side_by_side = (runs / name / "adapters" / "adapters.safetensors").read_bytes()
+        assert side_by_side == (runs / "campaign-ab" / name / "adapters" / "adapters.safetensors").read_bytes()
     assert [row[0] for row in again["table"]["rows"]] == names
     assert again["reasons"][1].startswith("b (against a):") and "base model (no adapters)" in proc.stdout
     status = subprocess.run([*argv, "status", str(listed)], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
     assert status.returncode == 0 and "no halving" in status.stdout and status.stdout.count("finished") == 2, status.stdout
+
+
+def test_a_bad_parallel_value_is_refused_before_anything_starts(capsys: Any) -> None:
+    from farense.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "v1", "v2", "--tiny", "--parallel", "0"])
+    assert exit_.value.code == 2
+    assert "--parallel: expected 'auto' or a whole number >= 1, got '0'" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from farense.disk.diskguard import (
     Usage,
     disk_usage,
 )
-from farense.disk.estimate import ModelShape, checkpoint_sizes, estimate_run
+from farense.disk.estimate import ModelShape, checkpoint_sizes, estimate_run, side_by_side
 from farense.disk.preflight import preflight, render_preflight
 from farense.errors import DiskFull
 from farense.run import fsutil
@@ -334,6 +334,29 @@ def test_preflight_estimates_mistral_7b_qlora_and_prints_a_table(tiny_config: Ex
     assert sum(b or 0 for _, b, _ in row.needs()) == row.needed
     assert row.needs()[-1][1] == row.headroom == max(row.reserve, row.flood_floor)
     assert preflight_table_adds_up(text) == [row.needed]
+
+
+def test_runs_trained_side_by_side_are_counted_together_shared_files_once(tiny_config: ExperimentConfig) -> None:
+    """A campaign's runs training at the same time: each one's checkpoints, adapters and metrics count,
+    the model they share once, and their memory adds up (so the same disk that fits one may not fit two)."""
+    other = load_config("v1", workspace=tiny_config.workspace).with_overrides(
+        model={"path": tiny_config.model.path}, data={"dir": str(tiny_config.data_dir)})
+    alone = estimate_run(tiny_config)
+    together = side_by_side(alone, [("v1", estimate_run(other))])
+    own = {i.name for i in alone.items}
+    assert {i.name for i in together.items} == own | {f"v1: {n}" for n in own if n != "release"}
+    theirs = estimate_run(other)  # the release (one production directory) is counted once, as this run's
+    assert together.total_bytes == alone.total_bytes + theirs.total_bytes - next(
+        i.bytes for i in theirs.items if i.name == "release")
+    assert together.model_memory_bytes == 2 * alone.model_memory_bytes
+    memory = lambda: SimpleNamespace(available=64 * GB, total=64 * GB)  # noqa: E731
+    # A disk with room for one run's writes (plus the flood level) but not for both.
+    need_one = alone.total_bytes + 5 * GB
+    disk = FakeDisk(100 * GB, 100 * GB - need_one - 10 * MB)
+    assert preflight(tiny_config, usage=disk, memory=memory, allow_cleanup=False).ok
+    with pytest.raises(DiskFull) as err:
+        preflight(tiny_config, usage=disk, memory=memory, allow_cleanup=False, alongside=[other])
+    assert "v1: checkpoints" in render_preflight(err.value.report)
 
 
 def preflight_table_adds_up(markdown: str) -> list[int]:

@@ -319,6 +319,73 @@ def test_a_second_training_on_the_machine_waits_until_the_first_dies(tmp_path: P
         holder.wait()
 
 
+def test_with_two_slots_two_trainings_hold_the_machine_and_a_third_waits_for_either(tmp_path: Path,
+                                                                                   monkeypatch: Any) -> None:
+    """A campaign training side by side takes one of two slots; a third training (two slots, or the usual
+    one) waits until a holder dies, and says who holds what."""
+    import subprocess
+    import sys
+    import threading
+
+    from farense.train.supervisor import MACHINE_LOCK_ENV, one_training_on_this_machine, training_lock_paths
+
+    monkeypatch.setenv(MACHINE_LOCK_ENV, str(tmp_path / "training.lock"))
+    first, second = training_lock_paths(2)
+    assert first == tmp_path / "training.lock" and second == tmp_path / "training.lock.1"
+    hold = ("import sys, time; from farense.run.locks import RunLock; RunLock(sys.argv[1], command='train ' + sys.argv[2])"
+            ".acquire(); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(first), "v1"], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        messages: list[str] = []
+        with one_training_on_this_machine(messages.append, "v2", slots=2):  # the second slot is free: no wait
+            assert messages == [] and json_record(second)["command"] == "train v2"
+            threading.Timer(1.0, holder.kill).start()  # SIGKILL frees the first slot
+            started = time.monotonic()
+            with one_training_on_this_machine(messages.append, "v3", slots=2):
+                waited = time.monotonic() - started
+                assert json_record(first)["command"] == "train v3"
+        assert waited >= 0.9
+        assert messages[0].startswith("waiting: every training slot is taken on this machine")
+        assert "train v1" in messages[0] and "train v2" in messages[0]
+        # Both slots free again: a one-slot training takes the first at once.
+        with one_training_on_this_machine(messages.append, "v4"):
+            assert json_record(first)["command"] == "train v4" and len(messages) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def json_record(lock: Path) -> dict[str, Any]:
+    import orjson
+
+    return orjson.loads(lock.read_bytes())
+
+
+@pytest.mark.parametrize("requested, device, cores, memory, expected", [
+    ("auto", "cpu", 2, None, 2),
+    ("auto", "cpu", 8, None, 2),  # never more than there are configs
+    ("auto", "cpu", 1, None, 1),  # one core: nothing to gain
+    ("auto", "cpu", 2, 1.5, 1),  # memory for one run only
+    ("auto", "gpu", 8, None, 1),  # one device, never shared
+    (2, "gpu", 8, None, 1),
+    (1, "cpu", 8, None, 1),
+    (3, "cpu", 2, None, 2),  # asked for more than there are configs
+])
+def test_how_many_trainings_run_side_by_side(requested: Any, device: str, cores: int, memory: float | None,
+                                             expected: int) -> None:
+    from farense.train.supervisor import trainings_side_by_side
+
+    gb = 1 << 30
+    n, why = trainings_side_by_side(requested, 2, device=device, cores=cores,
+                                    available_bytes=None if memory is None else int(memory * gb), run_bytes=gb)
+    assert n == expected, why
+    assert ("side by side" in why and f"OPENBLAS_NUM_THREADS={max(1, cores // n)}" in why) if n > 1 else \
+        why.startswith("one training at a time")
+    with pytest.raises(ValueError, match="parallel: expected 'auto' or a whole number >= 1, got 0"):
+        trainings_side_by_side(0, 2, device=device, cores=cores)
+
+
 # --------------------------------------------------------------------------- the resume automation
 
 
@@ -340,7 +407,8 @@ def test_resume_automation_passes_the_crashed_runs_parameters_and_counts_attempt
     # A deployment run that set only some parameters: the others keep the flow's defaults.
     first = render({"config": "v1", "demo": True})
     assert first == {"config": "v1", "compare_with": "production", "promote": True, "demo": True, "workspace": None,
-                     "notify_block": None, "notify": True, "resume_attempt": 1, "max_resume_attempts": 3}
+                     "notify_block": None, "notify": True, "resume_attempt": 1, "max_resume_attempts": 3,
+                     "side_by_side_with": None}
     again = render({**first, "workspace": "/w"})
     assert again["resume_attempt"] == 2 and again["workspace"] == "/w"
 

@@ -25,6 +25,20 @@ def add_demo_flags(p: argparse.ArgumentParser, dest: str = "overlay") -> None:
                    help="Use the tiny overlay: a tiny random model built locally (offline; for quick checks).")
 
 
+def add_parallel_flag(p: argparse.ArgumentParser, applies: str = "Several configs: ") -> None:
+    """--parallel N|auto: how many of a campaign's trainings run side by side on this machine."""
+    def parallel(value: str) -> int | str:
+        if value == "auto" or (value.isdigit() and int(value) >= 1):
+            return value if value == "auto" else int(value)
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 1, got {value!r}")
+
+    p.add_argument("--parallel", type=parallel, default="auto", metavar="N|auto",
+                   help=f"{applies}how many trainings run side by side, each in its own machine slot with its "
+                        "share of the cores; decisions still follow in order. auto (default): on a CPU as many as "
+                        "there are configs, cores and memory for (MLX's element-wise work uses one core, so two "
+                        "trainings fill two); on a GPU one at a time. 1: one after the other.")
+
+
 def add_remote_flag(p: argparse.ArgumentParser) -> None:
     """--remote s3://BUCKET/PREFIX: the object store that is the runs' and releases' home."""
     p.add_argument("--remote", metavar="S3_URL",

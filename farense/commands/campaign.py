@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from farense.commands import add_demo_flags, call_flow, local_prefect_env
+from farense.commands import add_demo_flags, add_parallel_flag, call_flow, local_prefect_env
 from farense.commands.run import run_list_campaign
 from farense.console import print_table
 from farense.model.demos import prepare_overlay_models
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if not spec.halves:  # the simplest campaign: every trial fully, in order, as `farense run A B` does
         refs = [str(write_resolved_config(t.config)) for t in spec.trials]
         return run_list_campaign(spec, refs, False, promote=spec.promote and not args.no_promote,
-                                 notify_block=args.notify_block or os.environ.get("FARENSE_NOTIFY_BLOCK"))
+                                 notify_block=args.notify_block or os.environ.get("FARENSE_NOTIFY_BLOCK"),
+                                 parallel=args.parallel)
     prepare_overlay_models(spec.trials[0].config)
     outcome = run_campaign(spec, log=lambda m: print(m, flush=True))
     print_status(spec)
@@ -117,6 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("file", help="Campaign file (configs/campaigns/NAME.toml).")
     add_demo_flags(r)
     r.add_argument("--no-promote", action="store_true", help="Decide, but never promote.")
+    add_parallel_flag(r, "A campaign without [halving]: ")
     r.add_argument("--no-final", action="store_true", help="Stop after choosing the winner (no evaluation).")
     r.add_argument("--notify-block", help="Prefect notification block told the winner and the stops, as SLUG/NAME "
                                           "(else FARENSE_NOTIFY_BLOCK; none: not sent).")

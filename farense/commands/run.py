@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from farense.commands import add_demo_flags, call_flow, local_prefect_env
+from farense.commands import add_demo_flags, add_parallel_flag, call_flow, local_prefect_env
 from farense.config import load_config
 from farense.console import print_table
 from farense.model.demos import overlays_for
@@ -79,11 +79,11 @@ def _campaign(args: argparse.Namespace, demo: bool | str) -> int:
     """Several configs: the simplest campaign (no halving), each config trained fully in turn."""
     spec = configs_campaign(args.config, overlays=overlays_for(demo), workspace=os.environ.get("FARENSE_WORKSPACE"))
     return run_list_campaign(spec, list(args.config), demo, promote=not args.no_promote,
-                             notify_block=args.notify_block)
+                             notify_block=args.notify_block, parallel=args.parallel)
 
 
 def run_list_campaign(spec: CampaignSpec, refs: list[str], demo: bool | str, *, promote: bool,
-                      notify_block: str | None) -> int:
+                      notify_block: str | None, parallel: int | str = "auto") -> int:
     """A campaign without halving through the campaign flow: `refs` are what each trial's pipeline loads
     (config names with `demo` overlays, or resolved config files); prints base vs every trial."""
     local_prefect_env()  # before Prefect is imported: it reads its settings then
@@ -91,7 +91,7 @@ def run_list_campaign(spec: CampaignSpec, refs: list[str], demo: bool | str, *, 
 
     assert not spec.halves and len(refs) == len(spec.trials)
     result, code = call_flow(campaign_flow, configs=refs, demo=demo, workspace=os.environ.get("FARENSE_WORKSPACE"),
-                             promote=promote, notify_block=notify_block,
+                             promote=promote, notify_block=notify_block, parallel=parallel,
                              name=None if spec.source == COMMAND_LINE else spec.name)
     if code:
         return code
@@ -123,6 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "notify); several configs run a campaign (e.g. `farense run v1 v2 --demo`).")
     p.add_argument("config", nargs="+", help="Config name (configs/NAME.toml) or path; several: a campaign, in order.")
     add_demo_flags(p)
+    add_parallel_flag(p)
     p.add_argument("--compare-with", default="production",
                    help="One config: what to compare with, 'production' (the current release, default) or a run "
                         "such as v1. A campaign compares each config with the one before it.")

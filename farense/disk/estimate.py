@@ -15,9 +15,9 @@ Sizes are file bytes (safetensors headers computed as mlx writes them), not file
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import orjson
 
@@ -191,6 +191,19 @@ class RunEstimate:
             "items": [{"name": i.name, "path": str(i.path), "bytes": i.bytes, "detail": i.detail} for i in self.items],
             "notes": list(self.notes),
         }
+
+
+def side_by_side(main: RunEstimate, others: Sequence[tuple[str, RunEstimate]]) -> RunEstimate:
+    """One estimate for runs that train at the same time: every run's own writes (named after it), the
+    files they share (model download or import, the release) once, and the models' memory added up."""
+    seen = {(i.name, i.path) for i in main.items}
+    items = list(main.items)
+    memory = main.model_memory_bytes
+    for name, est in others:
+        items += [replace(i, name=f"{name}: {i.name}") for i in est.items if (i.name, i.path) not in seen]
+        seen |= {(i.name, i.path) for i in est.items}
+        memory = None if memory is None or est.model_memory_bytes is None else memory + est.model_memory_bytes
+    return replace(main, items=tuple(items), model_memory_bytes=memory)
 
 
 # --------------------------------------------------------------------------- LoRA tensors

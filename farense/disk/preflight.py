@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from farense.config import ExperimentConfig, format_size
 from farense.console import markdown_table
@@ -25,7 +25,7 @@ from farense.disk.diskguard import (
     flood_floor,
     mount_point,
 )
-from farense.disk.estimate import estimate_run
+from farense.disk.estimate import estimate_run, side_by_side
 from farense.errors import DiskFull, NotWritable
 from farense.run.fsutil import write_problem
 from farense.run.layout import RunPaths
@@ -181,14 +181,19 @@ def preflight(
     memory: Callable[[], Any] | None = None,
     estimate: Any = None,
     hf_cache_dir: Path | None = None,
+    alongside: Sequence[ExperimentConfig] = (),
 ) -> PreflightReport:
     """Before any model is loaded: will the run fit? Cleans by policy if short, else raises DiskFull.
 
+    `alongside`: runs that train at the same time as this one; their writes and memory count too.
     The DiskFull carries `.report` (the table) and names the command that would free space.
     """
     check_writable(config)
     est = estimate or estimate_run(config, include_fused=include_fused, cache_dir=hf_cache_dir,
                                    allow_network=allow_network)
+    if alongside:
+        est = side_by_side(est, [(c.run_name, estimate_run(c, include_fused=include_fused, cache_dir=hf_cache_dir,
+                                                            allow_network=allow_network)) for c in alongside])
     refs = referenced_models(config.runs_dir) | {config.model.path} if include_hf_cache else set()
     plan_kw: dict[str, Any] = dict(older_than_days=older_than_days, now=now, include_hf_cache=include_hf_cache,
                                    referenced_models=refs, hf_cache_dir=hf_cache_dir)

@@ -18,8 +18,10 @@ import csv
 import hashlib
 import io
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
+from functools import wraps
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -53,6 +55,19 @@ CSV_COLUMNS = (
 )
 
 Log = Callable[[str], None]
+
+
+# One model evaluated at a time in a process: a campaign whose runs train side by side evaluates each as it
+# finishes, from its own thread; two models at once would share MLX's device and double the memory.
+_EVALUATING = threading.Lock()
+
+
+def one_model_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _EVALUATING:
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def utc_now() -> datetime:
@@ -248,6 +263,7 @@ def score_model(model: Any, tokenizer: Any, config: ExperimentConfig, raw: list[
     return ScoredModel(rows, aggregate(rows), test_loss, perplexity, total_tok, loss_seconds, gen_seconds)
 
 
+@one_model_at_a_time
 def evaluate_base_model(config: ExperimentConfig, out_path: Path, *, max_examples: int | None = None,
                         log: Log | None = None) -> dict[str, Any]:
     """Score the base model without adapters on the test split (what fine-tuning must beat); the
@@ -358,6 +374,7 @@ def current_report(config: ExperimentConfig, run_dir: Path) -> dict[str, Any] | 
     return report
 
 
+@one_model_at_a_time
 def evaluate_run(
     run_dir: Path,
     *,

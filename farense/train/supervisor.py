@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import IO, Callable, Iterator
 
 from farense.codes import ExitCode, RunState, explain_exit
-from farense.config import ExperimentConfig
+from farense.config import ExperimentConfig, format_size
 from farense.console import format_duration
-from farense.errors import TrainingFailed
+from farense.errors import RunLocked, TrainingFailed
+from farense.model.blas import thread_env
 from farense.overfitting import GapReading
 from farense.run.checkpoint import CheckpointStore
 from farense.run.layout import RunPaths
@@ -55,17 +56,72 @@ def already_trained(config: ExperimentConfig) -> TrainingOutcome | None:
     return TrainingOutcome.from_summary(paths.root, summary, message="already trained with this config", skipped=True)
 
 
+def training_lock_paths(slots: int = 1) -> list[Path]:
+    """The machine's training slots: the lock file (FARENSE_TRAINING_LOCK, default ~/.farense/training.lock)
+    for the first, `.1`, `.2`... beside it for the others."""
+    first = Path(os.environ.get(MACHINE_LOCK_ENV) or Path.home() / ".farense" / "training.lock")
+    return [first] + [first.with_name(f"{first.name}.{i}") for i in range(1, max(1, slots))]
+
+
 @contextmanager
-def one_training_on_this_machine(log: Log, run_name: str, *, poll: float = POLL_SECONDS) -> Iterator[None]:
-    """Wait for, then hold, the machine's training lock (fcntl: the kernel frees it if we die).
+def one_training_on_this_machine(log: Log, run_name: str, *, slots: int = 1,
+                                 poll: float = POLL_SECONDS) -> Iterator[None]:
+    """Wait for, then hold, one of the machine's `slots` training locks (fcntl: the kernel frees it if we die).
 
     Prefect's deployment and queue limits keep a server's runs apart; this also keeps out a flow
-    started without that server (`farense run`), so two trainings never share memory or accelerator.
+    started without that server (`farense run`), so trainings never share memory or accelerator
+    beyond what the caller allowed: `slots` > 1 only where trainings are meant to run side by side.
     """
-    path = Path(os.environ.get(MACHINE_LOCK_ENV) or Path.home() / ".farense" / "training.lock")
-    wait = lambda info: log(f"waiting: another training runs on this machine ({info.describe()})")  # noqa: E731
-    with RunLock(path, command=f"train {run_name}", timeout=None, poll=poll, on_wait=wait):
+    paths, told = training_lock_paths(slots), False
+    while True:
+        lock, holders = _free_training_slot(paths, f"train {run_name}")
+        if lock is not None:
+            break
+        if not told:
+            every = "every training slot is taken" if slots > 1 else "another training runs"
+            log(f"waiting: {every} on this machine ({'; '.join(holders)})")
+            told = True
+        time.sleep(poll)
+    try:
         yield
+    finally:
+        lock.release()
+
+
+def _free_training_slot(paths: list[Path], command: str) -> tuple[RunLock | None, list[str]]:
+    """The first slot nobody holds, taken; else None and who holds each."""
+    holders = []
+    for path in paths:
+        try:
+            return RunLock(path, command=command, timeout=0, busy=lambda info: info.describe()).acquire(), []
+        except RunLocked as busy:
+            holders.append(str(busy))
+    return None, holders
+
+
+def trainings_side_by_side(requested: int | str, configs: int, *, device: str, cores: int,
+                            available_bytes: int | None = None, run_bytes: int | None = None) -> tuple[int, str]:
+    """How many of a campaign's trainings run at once, and why. Side by side pays on a CPU: MLX's
+    element-wise work there runs on one core, so two trainings with one core each finish sooner than
+    one after the other with both (bench/bench_side_by_side.py). A GPU is one device: never shared.
+    "auto": as many as there are configs, cores and memory for (`run_bytes` each)."""
+    if requested != "auto" and (not str(requested).isdigit() or int(requested) < 1):
+        raise ValueError(f"parallel: expected 'auto' or a whole number >= 1, got {requested!r}")
+    if configs <= 1 or requested in (1, "1"):
+        return 1, "one training at a time"
+    if device != "cpu":
+        return 1, f"one training at a time: on the {device} trainings side by side would share one device"
+    if requested != "auto":
+        n = min(int(requested), configs)
+        return n, f"{n} trainings side by side (asked for), OPENBLAS_NUM_THREADS={max(1, cores // n)} each"
+    n = min(configs, cores)
+    why = f"{cores} cores, {configs} configs"
+    if available_bytes is not None and run_bytes:
+        n = min(n, max(1, available_bytes // run_bytes))
+        why += f", memory for {available_bytes // run_bytes} trainings of {format_size(run_bytes)}"
+    if n <= 1:
+        return 1, f"one training at a time ({why})"
+    return n, f"{n} trainings side by side (auto: {why}), OPENBLAS_NUM_THREADS={max(1, cores // n)} each"
 
 
 def trainer_command(config: ExperimentConfig, result_json: Path) -> list[str]:
@@ -193,10 +249,11 @@ def _forward_output(stream: IO[str], log: Log, tail: list[str]) -> None:
 
 
 def _supervise(argv: list[str], watcher_for: Callable[[int], TrainingWatcher], log: Log,
-               keep_watching: Callable[[Callable[[], None]], None]) -> tuple[int, list[str]]:
+               keep_watching: Callable[[Callable[[], None]], None],
+               env: dict[str, str] | None = None) -> tuple[int, list[str]]:
     """Run the trainer to its end, polling the watcher; on our own cancellation it checkpoints and stops."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     tail: list[str] = []
     reader = threading.Thread(target=_forward_output, args=(proc.stdout, log, tail), daemon=True)
     reader.start()
@@ -235,22 +292,29 @@ def judge_exit(code: int, result: TrainingOutcome | None, tail: list[str],
 def train_in_subprocess(config: ExperimentConfig, *, log: Log, error_log: Log,
                         free_disk_space: Callable[[], int],
                         watcher_for: Callable[[RunPaths, int], TrainingWatcher],
-                        keep_watching: Callable[[Callable[[], None]], None] = lambda poll: poll()) -> TrainingOutcome:
+                        keep_watching: Callable[[Callable[[], None]], None] = lambda poll: poll(),
+                        slots: int = 1) -> TrainingOutcome:
     """Train or resume `config` in a child process, one training per machine; skipped when already trained.
 
+    `slots` > 1: this training runs beside up to slots - 1 others (a campaign's side-by-side runs), in
+    one of that many machine slots, with its share of the cores (cores // slots BLAS threads).
     Returns the outcome (skipped=True when nothing ran); raises TrainingFailed (with `retryable`).
     """
     paths = RunPaths(config.run_dir)
     if (done := _skip_if_trained(config, log)) is not None:
         return done
     started = time.monotonic()
-    with one_training_on_this_machine(log, paths.name), tempfile.TemporaryDirectory(prefix="farense-train-") as tmp:
+    with one_training_on_this_machine(log, paths.name, slots=slots), tempfile.TemporaryDirectory(prefix="farense-train-") as tmp:
         if (done := _skip_if_trained(config, log)) is not None:  # trained while we waited for the machine
             return done
         result_json = Path(tmp) / "result.json"
         argv = trainer_command(config, result_json)
         log("starting: " + shlex.join(argv))  # the interpreter too: which environment trains
-        code, tail = _supervise(argv, lambda pid: watcher_for(paths, pid), log, keep_watching)
+        share = thread_env(slots)
+        if share:
+            log(f"side by side with up to {slots - 1} other training(s): its share of the cores, "
+                f"OPENBLAS_NUM_THREADS={share['OPENBLAS_NUM_THREADS']}")
+        code, tail = _supervise(argv, lambda pid: watcher_for(paths, pid), log, keep_watching, share)
         result = TrainingOutcome.read(result_json)
     if code == ExitCode.OK and result is not None:
         return result.with_(seconds=round(time.monotonic() - started, 3))
