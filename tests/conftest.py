@@ -45,6 +45,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """FARENSE_TEST_CPU_LOG=FILE: one JSON line per test with its wall time and the CPU seconds of this
+    process and of the processes it reaped (servers, trainers): where the suite's CPU goes, since on
+    two cores the suite is CPU-bound. Off unless asked."""
+    log = os.environ.get("FARENSE_TEST_CPU_LOG")
+    if not log:
+        yield
+        return
+    import resource
+    import time
+
+    def cpu(who: int) -> float:
+        r = resource.getrusage(who)
+        return r.ru_utime + r.ru_stime
+
+    own, kids, wall = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN), time.monotonic()
+    yield
+    row = {"test": item.nodeid, "wall": round(time.monotonic() - wall, 2),
+           "cpu_self": round(cpu(resource.RUSAGE_SELF) - own, 2),
+           "cpu_children": round(cpu(resource.RUSAGE_CHILDREN) - kids, 2)}
+    with open(log, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def _chat_example(i: int) -> dict[str, Any]:
     return {"messages": [
         {"role": "system", "content": "Responde em português."},
