@@ -63,7 +63,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
     own, kids, wall = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN), time.monotonic()
     yield
-    row = {"test": item.nodeid, "wall": round(time.monotonic() - wall, 2),
+    row = {"test": item.nodeid, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+           "start": round(time.time() - (time.monotonic() - wall), 2), "wall": round(time.monotonic() - wall, 2),
            "cpu_self": round(cpu(resource.RUSAGE_SELF) - own, 2),
            "cpu_children": round(cpu(resource.RUSAGE_CHILDREN) - kids, 2)}
     with open(log, "a") as f:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect_harness import seeded_prefect_home
 
 from farense.release.campaign import CampaignEntry, choose_winner, table_rows
 from farense.release.decision import Decision, Rule, write_decision
@@ -76,7 +77,7 @@ def test_farense_run_two_configs_is_a_campaign_on_the_tiny_model(tmp_path: Path)
                         "[checkpoint]\nevery_steps = 5\n[evaluation]\nmax_examples = 4\nmax_new_tokens = 8\n")
         configs.append(str(path))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+    env.update(PREFECT_HOME=str(seeded_prefect_home(tmp_path / "prefect-home")), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
                FARENSE_TRAINING_LOCK=str(tmp_path / "training.lock"))
     proc = subprocess.run([sys.executable, "-m", "farense", "--workspace", str(tmp_path), "run", *configs,
                            "--parallel", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
+from prefect_harness import seeded_prefect_home
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,7 +125,7 @@ def test_farense_run_is_the_whole_pipeline_without_a_server(tmp_path: Path) -> N
                       "[training]\niters = 12\nwarmup_steps = 2\n[validation]\nevery_steps = 6\n"
                       "[checkpoint]\nevery_steps = 6\n[evaluation]\nmax_examples = 4\nmax_new_tokens = 8\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+    env.update(PREFECT_HOME=str(seeded_prefect_home(tmp_path / "prefect-home")), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
                FARENSE_TRAINING_LOCK=str(tmp_path / "training.lock"))
     argv = [sys.executable, "-m", "farense", "--workspace", str(tmp_path), "run", str(config)]
 

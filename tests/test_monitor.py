@@ -154,8 +154,13 @@ def test_monitor_command_in_a_pseudo_terminal_draws_the_panel_and_refreshes(trai
                           until=lambda text: "farense monitor: watched" in ANSI.sub("", text))
         first += _read_pty(master2, proc, time.monotonic() + 1.0)
         proc.send_signal(signal.SIGINT)
+        # Keep reading: a child whose terminal buffer is full blocks in its last redraw and never exits.
+        _read_pty(master2, proc, time.monotonic() + 30)
         assert proc.wait(30) == 0
     finally:
+        if proc.poll() is None:  # never left running after a failure
+            proc.kill()
+            proc.wait()
         os.close(slave2)
         os.close(master)
         os.close(master2)

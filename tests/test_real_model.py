@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from prefect_harness import seeded_prefect_home
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ def test_campaign_on_the_real_model_lowers_the_loss_and_decides(smollm2_demo: Pa
                         "[evaluation]\nmax_examples = 4\nmax_new_tokens = 16\nbatch_size = 4\n")
         configs.append(str(path))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(ws / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+    env.update(PREFECT_HOME=str(seeded_prefect_home(ws / "prefect-home")), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
                FARENSE_TRAINING_LOCK=str(ws / "training.lock"))
     proc = subprocess.run([sys.executable, "-m", "farense", "--workspace", str(ws), "run", *configs],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
