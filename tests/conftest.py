@@ -32,12 +32,14 @@ if not os.environ.get("FARENSE_TRAINING_LOCK"):
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 
-# The longest files, longest first (measured: `pytest --durations=0`). pytest-xdist's loadfile hands files
-# out in collection order: started first, their waits on servers, heartbeats and leases overlap the rest of
-# the suite instead of ending it. The other files keep pytest's order after them.
-LONGEST_FIRST = ("test_deployment_e2e.py", "test_real_model.py", "test_pool_e2e.py", "test_distributed.py",
-                 "test_flows.py", "test_campaign.py", "test_resume_exact.py", "test_campaign_workers.py",
-                 "test_campaign_halving.py", "test_campaign_flow.py", "test_trainer.py", "test_remote_training.py")
+# The longest files, longest first (wall seconds in a 3-worker run on the 2-core machine, FARENSE_TEST_CPU_LOG).
+# scripts/test.sh has pytest-xdist hand files out in this order (--no-loadscope-reorder; by default it sorts
+# them by their number of tests): started first, their waits on servers, heartbeats and leases overlap the
+# rest of the suite instead of ending it. The other files keep pytest's order after them.
+LONGEST_FIRST = ("test_deployment_e2e.py", "test_flows.py", "test_pool_e2e.py", "test_distributed.py",
+                 "test_real_model.py", "test_resume_exact.py", "test_campaign_workers.py", "test_campaign.py",
+                 "test_monitor.py", "test_trainer.py", "test_campaign_halving.py", "test_remote_training.py",
+                 "test_property_cli.py", "test_gguf.py", "test_campaign_flow.py", "test_disk_full_training.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
