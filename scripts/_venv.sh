@@ -4,7 +4,9 @@ set -euo pipefail
 
 # uv installs the same packages as pip (same resolver inputs: pyproject.toml's pins; same index settings,
 # passed on below) about four times faster: a fresh test venv in ~15 s instead of ~65 s on the 2-core
-# machine. pip is the fallback, and FARENSE_INSTALLER=pip chooses it.
+# machine. --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set, nothing compiles later, and
+# every process would compile Prefect and mlx-lm from source (imports 1.5x slower). pip is the fallback,
+# and FARENSE_INSTALLER=pip chooses it.
 _install() {
   local py="$1" target="$2"
   local index=()
@@ -12,7 +14,7 @@ _install() {
   [ -n "${PIP_EXTRA_INDEX_URL:-}" ] && index+=("UV_EXTRA_INDEX_URL=${UV_EXTRA_INDEX_URL:-$PIP_EXTRA_INDEX_URL}")
   [ -n "${PIP_FIND_LINKS:-}" ] && index+=("UV_FIND_LINKS=${UV_FIND_LINKS:-$PIP_FIND_LINKS}")
   if [ "${FARENSE_INSTALLER:-uv}" = uv ] && "$py" -m pip install -q uv >&2 2>/dev/null; then
-    if env "${index[@]}" "$py" -m uv pip install -q --python "$py" -e "$target" >&2; then
+    if env "${index[@]}" "$py" -m uv pip install -q --compile-bytecode --python "$py" -e "$target" >&2; then
       return 0
     fi
     echo "uv could not install $target; trying pip" >&2
