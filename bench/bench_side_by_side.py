@@ -32,7 +32,7 @@ def write_config(ws: Path, name: str, steps: int, demo: Path, mode: str) -> Path
     path.write_text(
         f'extends = ["{REPO}/configs/{name}.toml", "{REPO}/configs/overlays/demo.toml"]\nname = "{name}"\n'
         f'[model]\npath = "{demo / "model"}"\n[data]\ndir = "{demo / "data"}"\n'
-        f"[training]\niters = {steps}\nwarmup_steps = 2\n[validation]\nevery_steps = {steps}\n"
+        f"[training]\nepochs = 0\niters = {steps}\nwarmup_steps = 2\n[validation]\nevery_steps = {steps}\n"
         f'[checkpoint]\nevery_steps = {steps}\n[output]\nruns_dir = "{ws / mode}"\n')
     return path
 
