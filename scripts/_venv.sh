@@ -3,7 +3,7 @@
 set -euo pipefail
 
 # uv installs the same packages as pip (same resolver inputs: pyproject.toml's pins; same index settings,
-# passed on below) about four times faster: a fresh test venv in ~15 s instead of ~65 s on the 2-core
+# passed on below) about three times faster: a fresh test venv in ~22 s instead of ~65 s on the 2-core
 # machine. --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set, nothing compiles later, and
 # every process would compile Prefect and mlx-lm from source (imports 1.5x slower). pip is the fallback,
 # and FARENSE_INSTALLER=pip chooses it.
