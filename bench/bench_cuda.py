@@ -995,8 +995,7 @@ def render(r: dict[str, Any]) -> str:
     for key, label in (("lora_matmuls", "LoRA matmuls"), ("alignment", "batch alignment")):
         chosen = [f"{t}: {last[t][key]}" for t in tools if last[t].get(key)]
         if chosen:
-            lines.append(f"{label} (lora.matmul_dtype = {r.get('lora_matmul_dtype')!r}, training.align_tokens = "
-                         f"{r.get('align_tokens')!r}): " + "; ".join(chosen))
+            lines.append(f"{label}: " + "; ".join(chosen))
     if r.get("mlx_lm_blas"):
         lines.append(f"mlx_lm lora: MLX's CPU matmuls through {r['mlx_lm_blas']} BLAS.")
     if "drift" in r:

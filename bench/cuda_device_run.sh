@@ -144,10 +144,12 @@ EOF
     tail -1 "$summary"
     tar czf "$OUT/sweep/runs.tgz" -C /tmp --exclude='*.safetensors' sweep 2>/dev/null || true
   }
-  for c in "${configs[@]}"; do one "$c" 1; done
+  local -A seen=()  # a configuration named again is its next run
+  for c in "${configs[@]}"; do seen[$c]=$(( ${seen[$c]:-0} + 1 )); one "$c" "${seen[$c]}"; done
   if (( repeat > 0 )); then
     best="$(awk -F'\t' 'NR > 1 && $3 != "FAILED" && $6 + 0 > m {m = $6 + 0; c = $1} END {print c}' "$summary")"
-    for ((n = 2; n <= repeat + 1; n++)); do [[ -n "$best" ]] && one "$best" "$n"; done
+    local first=$(( ${seen[$best]:-1} + 1 ))
+    for ((n = first; n < first + repeat; n++)); do [[ -n "$best" ]] && one "$best" "$n"; done
   fi
   return 0
 }
