@@ -203,11 +203,12 @@ class LoraConfig(_Section):
 
 SCHEDULES = ("constant", "cosine", "linear")
 PREFIX_CACHE_MODES = ("auto", "on", "off")
+OPTIMIZERS = ("adam", "adamw")
 
 
 def _align_ok(v: Any) -> bool:
+    """training.align_tokens: "auto", or a number of tokens >= 0 (0: off)."""
     return v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
-OPTIMIZERS = ("adam", "adamw")
 
 
 @dataclass(frozen=True)
