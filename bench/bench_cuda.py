@@ -229,10 +229,12 @@ def farense_config(ws: Path, model: Path, data: Path, a: argparse.Namespace, num
     return load_config("v2", workspace=ws).with_overrides(
         model={"path": str(model), "quantize_bits": 0, "compute": compute},
         data={"dir": str(data)},
-        lora={"rank": 6, "scale": 20.0, "dropout": 0.08, "num_layers": num_layers, "keys": LORA_KEYS},
+        lora={"rank": 6, "scale": 20.0, "dropout": 0.08, "num_layers": num_layers, "keys": LORA_KEYS,
+              "matmul_dtype": a.lora_dtype},
         training={"iters": a.steps, "epochs": 0, "batch_size": a.batch_size, "grad_accumulation": 1,
                   "learning_rate": 1e-5, "schedule": "constant", "warmup_steps": 0, "max_seq_length": a.seq_len,
-                  "grad_checkpoint": not a.no_grad_checkpoint, "mask_prompt": False, "seed": 42},
+                  "grad_checkpoint": not a.no_grad_checkpoint, "mask_prompt": False, "seed": 42,
+                  "align_tokens": a.align_tokens},
         validation={"every_steps": a.steps, "batches": 1},  # once, at the end (mlx-lm: first and last)
         early_stopping={"patience": 0},
         checkpoint={"every_steps": a.checkpoint_every, "keep_last": 2},
@@ -249,69 +251,11 @@ def median_interval_rate(times: list[float], tokens: list[float], skip: int) -> 
     return statistics.median(rates) if rates else None
 
 
-# Prototypes (issue 23, item 3), not farense's behaviour, patched into the `farense train` process only:
-# `--lora-bf16`: mlx-lm's LoRALinear multiplies in the input's dtype (bf16 on a GPU) instead of promoting the
-# activations to the adapters' fp32. The adapters, their gradients (the cast's vjp returns fp32) and Adam's
-# state stay fp32; only the two thin matmuls x @ A and (x A) @ B, and their backward, run in bf16. Patched
-# after farense attaches the adapters, so nothing imports mlx before farense's own start-up has run.
-def lora_bf16_call(self: Any, x: Any) -> Any:
-    """mlx-lm's LoRALinear.__call__ with the adapters cast to the input's dtype."""
-    y = self.linear(x)
-    z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
-    return y + (self.scale * z).astype(x.dtype)
-
-
-# `--align-batches N`: farense.train.batching.make_batch pads every batch so that the model's input (the batch
-# less its last column) is a multiple of N tokens, also where mlx-lm's rule (1 + a multiple of 32, capped at
-# max_seq_length) leaves it at max_seq_length - 1 (511, 2047). MLX 0.32's CUDA backend runs attention's
-# backward through cuDNN only when the sequence is a multiple of 128 (ScaledDotProductAttentionVJP::use_fallback),
-# else through the unfused fallback. The loss is the same function: the targets counted are exactly those the
-# unaligned batch counts (the second column of `lengths` is capped at the unaligned width - 1), and the extra
-# positions sit after every counted one, which causal attention keeps them from influencing. The FLOPs counted
-# stay those of the real tokens, so the padding is work done and not counted.
-def make_batch_aligned(dataset: Any, members: Any, max_seq_length: int, align: int = 128) -> tuple[Any, Any]:
-    """farense.train.batching.make_batch, its input padded to a multiple of `align` with the same targets counted."""
-    import mlx.core as mx
-    import numpy as np
-
-    from farense.train.batching import PAD_TO
-
-    items = [dataset[j] for j in members]
-    tokens = [it[0] for it in items]
-    offsets = [it[1] if len(it) > 1 else 0 for it in items]
-    lengths = [min(len(t), max_seq_length) for t in tokens]
-    width = min(1 + PAD_TO * ((max(lengths) + PAD_TO - 1) // PAD_TO), max_seq_length)  # farense's (mlx-lm's)
-    aligned = 1 + align * ((width - 1 + align - 1) // align)
-    arr = np.zeros((len(tokens), aligned), np.int32)
-    for j, t in enumerate(tokens):
-        arr[j, : lengths[j]] = t[: lengths[j]]
-    return mx.array(arr), mx.array([(o, min(n, width - 1)) for o, n in zip(offsets, lengths)])
-
-
-def farense_main_argv(lora_bf16: bool = False, align: int = 0) -> list[str]:
-    """How the bench starts `farense`: `-m farense`, or with the prototypes above patched in first."""
-    if not lora_bf16 and not align:
-        return ["-m", "farense"]
-    import inspect
-
-    code = ["import runpy", "from typing import Any"]
-    if lora_bf16:
-        code += ["import farense.train.setup as s", "_attach = s.attach_adapters", inspect.getsource(lora_bf16_call),
-                 ("def attach(model, config):\n    _attach(model, config)\n"
-                  "    from mlx_lm.tuner.lora import LoRALinear\n    LoRALinear.__call__ = lora_bf16_call"),
-                 "s.attach_adapters = attach"]
-    if align:
-        code += ["import functools", "import farense.train.batching as b", inspect.getsource(make_batch_aligned),
-                 f"b.make_batch = functools.partial(make_batch_aligned, align={int(align)})"]
-    code.append("runpy.run_module('farense', run_name='__main__', alter_sys=True)")
-    return ["-c", "\n".join(code)]
-
-
 def run_farense_cli(cfg: Any, timeout: float, steps_ahead: int | None = None,
-                    profile: Path | None = None, lora_bf16: bool = False, align: int = 0) -> dict[str, Any]:
+                    profile: Path | None = None) -> dict[str, Any]:
     """`farense train` in its own process (as a person runs it): metrics, phases, wall time, peak memory.
     `steps_ahead`: FARENSE_STEPS_AHEAD for it (None: farense's default); `profile`: run it under
-    cProfile, its stats written there; `lora_bf16`, `align`: the prototypes above."""
+    cProfile, its stats written there."""
     from farense.config import config_to_toml
     from farense.run.layout import RunPaths
     from farense.run.metrics import read_metrics
@@ -323,7 +267,7 @@ def run_farense_cli(cfg: Any, timeout: float, steps_ahead: int | None = None,
     paths = RunPaths(cfg.run_dir)
     shutil.rmtree(paths.root, ignore_errors=True)
     argv = [sys.executable, *(["-m", "cProfile", "-o", str(profile)] if profile else []),
-            *farense_main_argv(lora_bf16, align),
+            "-m", "farense",
             "--workspace", str(ws), "train", str(f), "--no-progress", "--new-run"]
     t0 = time.perf_counter()
     epoch0 = time.time()
@@ -343,11 +287,15 @@ def run_farense_cli(cfg: Any, timeout: float, steps_ahead: int | None = None,
     rows = read_metrics(paths.metrics_jsonl)
     summary = json.loads(paths.summary.read_text())
     compute = next((ln.split("compute:", 1)[1].strip() for ln in log_lines if " compute: " in ln), "")
+    # What lora.matmul_dtype and training.align_tokens chose, as the log says it (one line each)
+    lora_matmuls = next((ln.split("LoRA matmuls:", 1)[1].strip() for ln in log_lines if "LoRA matmuls:" in ln), "")
+    alignment = next((ln.split("batch alignment:", 1)[1].strip() for ln in log_lines if "batch alignment:" in ln), "")
     phases = dict(summary.get("phase_seconds", {}))
     if summary.get("training_started_at"):  # measured from here: from the moment the process was started
         phases["process_start_to_training"] = summary["training_started_at"] - epoch0
     ckpt = [r["checkpoint_seconds"] for r in rows if "checkpoint_seconds" in r]
-    return {"wall_s": wall, "rows": rows, "phases": phases, "compute": compute,
+    return {"wall_s": wall, "rows": rows, "phases": phases, "compute": compute, "lora_matmuls": lora_matmuls,
+            "alignment": alignment,
             "peak_memory_gb": max(r.get("peak_memory_gb", 0) for r in rows), "checkpoint_s": ckpt,
             "adapters_path": str(paths.adapters), "adapters": (paths.adapters / "adapters.safetensors").read_bytes(),
             "val_loss": summary.get("final_val_loss"), "train_losses": [r["train_loss"] for r in rows]}
@@ -361,7 +309,8 @@ def farense_figures(fr: dict[str, Any], skip: int) -> dict[str, Any]:
         "tokens_per_s_wall_interval": median_interval_rate([r["timestamp"] for r in rows],
                                                            [r["tokens"] for r in rows], skip),
         "peak_memory_gb": fr["peak_memory_gb"], "wall_s": fr["wall_s"], "phases": fr["phases"],
-        "compute": fr["compute"], "final_train_loss": rows[-1]["train_loss"], "val_loss": fr["val_loss"],
+        "compute": fr["compute"], "lora_matmuls": fr["lora_matmuls"], "alignment": fr["alignment"],
+        "final_train_loss": rows[-1]["train_loss"], "val_loss": fr["val_loss"],
         "checkpoint_s_mean": statistics.mean(fr["checkpoint_s"]) if fr["checkpoint_s"] else None,
         "tokens_per_step": statistics.median(r["tokens"] for r in rows),
     }
@@ -579,9 +528,9 @@ def device_description() -> str:
 
 BREAKDOWN_VARIANTS = [
     # name, gradient checkpointing, LoRA matmuls in bf16, LoRA dropout, what is timed
-    ("as farense (checkpointing, LoRA fp32)", True, False, True, "step"),
+    ("checkpointing, LoRA fp32 (lora.matmul_dtype = float32)", True, False, True, "step"),
     ("no checkpointing", False, False, True, "step"),
-    ("LoRA in bf16", True, True, True, "step"),
+    ("LoRA in bf16 (farense's auto on a GPU)", True, True, True, "step"),
     ("LoRA in bf16, no checkpointing", False, True, True, "step"),
     ("no LoRA dropout (diagnostic)", True, False, False, "step"),
     ("forward only (loss, no gradients)", True, False, True, "forward"),
@@ -649,6 +598,7 @@ def breakdown(a: argparse.Namespace, model: Path, data: Path, model_cfg: dict[st
         build_optimizer,
         load_base_model,
         set_grad_checkpoint,
+        set_lora_matmul_dtype,
     )
 
     sizes = [tuple(int(v) for v in sz.split("x")) for sz in a.breakdown.split(",")]
@@ -661,7 +611,6 @@ def breakdown(a: argparse.Namespace, model: Path, data: Path, model_cfg: dict[st
     attach_adapters(m, cfg)
     print(f"model loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     layer_type = type(m.layers[0])
-    plain_call = LoRALinear.__call__
     results: dict[str, Any] = {"device": device, "sizes": [], "peak_bf16_tflops": peak}
     for batch, seq in sizes:
         tokens = batch * seq
@@ -672,7 +621,7 @@ def breakdown(a: argparse.Namespace, model: Path, data: Path, model_cfg: dict[st
         entry: dict[str, Any] = {"batch": batch, "seq_len": seq, "tokens": tokens, "matmul": rates, "variants": {}}
         for name, gc_on, bf16, dropout, what in BREAKDOWN_VARIANTS:
             set_grad_checkpoint(layer_type, gc_on)
-            LoRALinear.__call__ = lora_bf16_call if bf16 else plain_call
+            set_lora_matmul_dtype(m, "bfloat16" if bf16 else "float32")  # lora.matmul_dtype's two values
             for mod in m.modules():
                 if isinstance(mod, LoRALinear):
                     mod.dropout._p_1 = 1 - 0.08 if dropout else 1.0
@@ -708,7 +657,6 @@ def breakdown(a: argparse.Namespace, model: Path, data: Path, model_cfg: dict[st
             entry["variants"][name] = v
             print(f"{batch}x{seq} {name}: {dt * 1e3:.1f} ms/step, {tokens / dt:,.0f} tokens/s"
                   + (f", MFU {v['mfu_percent']:.1f}%" if "mfu_percent" in v else ""), file=sys.stderr, flush=True)
-        LoRALinear.__call__ = plain_call
         set_grad_checkpoint(layer_type, True)
         for mod in m.modules():
             if isinstance(mod, LoRALinear):
@@ -762,6 +710,11 @@ PHASES = [("process_start_to_training", "start-up (interpreter, imports, CLI) to
           ("finish_and_exit", "finish and exit (after the last step's report)")]
 
 
+def align_value(text: str) -> int | str:
+    """--align-tokens: "auto" or a number of tokens (farense's config validates the value)."""
+    return text if text == "auto" else int(text)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=["demo", *SHAPES], default="demo",
@@ -796,12 +749,16 @@ def main() -> int:
                     help="The device's dense bf16 peak for MFU (default: 989 for an H100 or H200; none on the CPU).")
     ap.add_argument("--no-generate", action="store_true",
                     help="Skip `mlx_lm generate` with the trained adapters on the quantized model (saves seconds).")
-    ap.add_argument("--lora-bf16", action="store_true",
-                    help="Prototype: farense's LoRA matmuls in the activations' dtype (bf16) instead of fp32 "
-                         "(mlx-lm's LoRALinear patched in the farense process; adapters and Adam stay fp32).")
-    ap.add_argument("--align-batches", type=int, default=0, metavar="N",
-                    help="Prototype: farense's batches padded so that the model's input is a multiple of N tokens "
-                         "(128: MLX's cuDNN attention backward), the same targets counted.")
+    ap.add_argument("--lora-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="farense's lora.matmul_dtype (default auto: bf16 with a bf16 base on a GPU, fp32 on the CPU; "
+                         "adapters and Adam stay fp32 either way).")
+    ap.add_argument("--lora-bf16", dest="lora_dtype", action="store_const", const="bfloat16",
+                    help="The same as --lora-dtype bfloat16.")
+    ap.add_argument("--align-tokens", type=align_value, default="auto", metavar="auto|N",
+                    help="farense's training.align_tokens: the model's input padded to a multiple of N tokens, the "
+                         "same targets counted (0: off; default auto: 128 on a CUDA GPU, off elsewhere).")
+    ap.add_argument("--align-batches", dest="align_tokens", type=align_value, metavar="N",
+                    help="The same as --align-tokens N.")
     ap.add_argument("--breakdown", metavar="BxS,...",
                     help="Instead of the tools' runs: in this process, farense's compiled step on synthetic batches "
                          "of these sizes (e.g. 4x512,4x2048), timed under variants (checkpointing off, LoRA in "
@@ -866,8 +823,7 @@ def main() -> int:
             if tool == "mlx_lm lora":
                 mr = run_mlx_lm(next(iter(cfgs.values())), a.work / "mlx_lm", a.steps, a.timeout, same_blas)
             else:
-                raw[tool] = run_farense_cli(cfgs[tool], a.timeout, ahead_of[tool], lora_bf16=a.lora_bf16,
-                                            align=a.align_batches)
+                raw[tool] = run_farense_cli(cfgs[tool], a.timeout, ahead_of[tool])
                 this[tool] = farense_figures(raw[tool], skip)
         tokens_per_step = next(iter(this.values()))["tokens_per_step"] if this else a.batch_size * a.seq_len
         if "mlx_lm lora" in tools:  # its wall intervals count the same tokens per step as farense's (same data)
@@ -883,7 +839,7 @@ def main() -> int:
         "cold_wall_s": {k: v["wall_s"] for k, v in rounds[0].items()},
         "grad_checkpoint": not a.no_grad_checkpoint, "peak_bf16_tflops": peak, "flops_per_step": flops,
         "env": {k: os.environ[k] for k in ("MLX_PTX_CACHE_DIR", "FARENSE_ALLOW_TORCH") if k in os.environ},
-        "lora_bf16": a.lora_bf16, "align_batches": a.align_batches,
+        "lora_matmul_dtype": a.lora_dtype, "align_tokens": a.align_tokens,
     }
     if len(computes) > 1 and "farense quantized" in raw and "farense dequantized" in raw:
         q, d = raw["farense quantized"]["train_losses"], raw["farense dequantized"]["train_losses"]
@@ -1036,11 +992,10 @@ def render(r: dict[str, Any]) -> str:
     computes = [f"{t}: {last[t]['compute']}" for t in tools if last[t].get("compute")]
     if computes:
         lines += ["", "; ".join(computes)]
-    if r.get("lora_bf16"):
-        lines.append("farense: LoRA matmuls in bf16 (prototype, --lora-bf16; adapters and Adam in fp32).")
-    if r.get("align_batches"):
-        lines.append(f"farense: batches padded so the model's input is a multiple of {r['align_batches']} tokens "
-                     "(prototype, --align-batches; same targets counted).")
+    for key, label in (("lora_matmuls", "LoRA matmuls"), ("alignment", "batch alignment")):
+        chosen = [f"{t}: {last[t][key]}" for t in tools if last[t].get(key)]
+        if chosen:
+            lines.append(f"{label}: " + "; ".join(chosen))
     if r.get("mlx_lm_blas"):
         lines.append(f"mlx_lm lora: MLX's CPU matmuls through {r['mlx_lm_blas']} BLAS.")
     if "drift" in r:

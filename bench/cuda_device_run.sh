@@ -18,7 +18,9 @@
 #
 # Commands, run in order given: stage | install | check | probe | startup | ptxcache [SHAPE [args]]
 #   | bench SHAPE [bench_cuda.py args...] | sweep CONFIG... (one farense process on the 7B shape per CONFIG,
-#   BxS[-nogc][-bf16][-align][-sN], e.g. 4x2048-nogc; with --sweep-repeat=N the best by MFU runs N more times at the
+#   BxS[-nogc][-bf16|-fp32][-align|-noalign][-sN], e.g. 4x2048-nogc; without a suffix farense's defaults
+#   (lora.matmul_dtype and training.align_tokens `auto`: bf16 and 128 on a CUDA GPU); -bf16 / -fp32 set
+#   lora.matmul_dtype, -align / -noalign training.align_tokens 128 / 0; with --sweep-repeat=N the best by MFU runs N more times at the
 #   end; a line each in $OUT/sweep/summary.tsv, the runs' results and logs in $OUT/sweep/runs.tgz;
 #   SWEEP_RUN_TIMEOUT: seconds one run may take, default 240)
 #   | nccl [bench_nccl.py args...] | script FILE [args...] (another bench/ script on one GPU, e.g.
@@ -104,7 +106,7 @@ sweep() {  # farense alone on the 7B shape, one process per configuration: where
   mkdir -p "$OUT/sweep" /tmp/sweep
   local repeat=0 c best
   local summary="$OUT/sweep/summary.tsv"
-  [[ -f "$summary" ]] || printf 'config\trun\ttokens/s\tGFLOP/token\tTFLOP/s\tMFU%%\tMFU w/o recompute%%\tpeak GB\tfinal loss\tval loss\n' > "$summary"
+  [[ -f "$summary" ]] || printf 'config\trun\ttokens/s\tGFLOP/token\tTFLOP/s\tMFU%%\tMFU w/o recompute%%\tpeak GB\tfinal loss\tval loss\tLoRA matmuls\talignment\n' > "$summary"
   local configs=()
   for c in "$@"; do
     case "$c" in --sweep-repeat=*) repeat="${c#*=}" ;; *) configs+=("$c") ;; esac
@@ -117,19 +119,24 @@ sweep() {  # farense alone on the 7B shape, one process per configuration: where
     args=(--shape 7b --skip-mlx-lm --rounds 1 --computes auto --no-generate --batch-size "$b" --seq-len "$s"
           --steps "$steps" --checkpoint-every "$steps" --timeout 200)
     [[ "$c" == *-nogc* ]] && args+=(--no-grad-checkpoint)
-    [[ "$c" == *-bf16* ]] && args+=(--lora-bf16)
-    [[ "$c" == *-align* ]] && args+=(--align-batches 128)
+    [[ "$c" == *-bf16* ]] && args+=(--lora-dtype bfloat16)
+    [[ "$c" == *-fp32* ]] && args+=(--lora-dtype float32)
+    [[ "$c" =~ -align($|-) ]] && args+=(--align-tokens 128)
+    [[ "$c" == *-noalign* ]] && args+=(--align-tokens 0)
     local out="/tmp/sweep/$c-run$n"
     echo "== sweep $c run $n: bench_cuda.py ${args[*]}"
     # Each run under its own limit, so that a stuck or slow run still leaves its log in runs.tgz.
     if timeout "${SWEEP_RUN_TIMEOUT:-240}" "$PY" "$REPO/bench/bench_cuda.py" "${args[@]}" --work /tmp/farense-bench \
         --out "$out" > "$out.log" 2>&1; then
       "$PY" - "$out/results.json" "$c" "$n" >> "$summary" <<'EOF'
-import json, sys
+import json, re, sys
 r = json.load(open(sys.argv[1])); f = r["rounds"][-1]["farense"]; fl = r["flops_per_step"]
 print("\t".join([sys.argv[2], sys.argv[3], f"{f['tokens_per_s_wall_interval']:.0f}", f"{fl['per_token'] / 1e9:.2f}",
                  f"{f['tflops_per_s']:.1f}", f"{f['mfu_percent']:.1f}", f"{f['mfu_percent_without_recompute']:.1f}",
-                 f"{f['peak_memory_gb']:.2f}", f"{f['final_train_loss']:.4f}", f"{f['val_loss'] or float('nan'):.4f}"]))
+                 f"{f['peak_memory_gb']:.2f}", f"{f['final_train_loss']:.4f}", f"{f['val_loss'] or float('nan'):.4f}",
+                 (f.get("lora_matmuls") or "?").split(" ")[0],
+                 "off" if (f.get("alignment") or "").startswith("off") else
+                 (re.findall(r"multiple of (\d+)", f.get("alignment") or "") or ["?"])[0]]))
 EOF
     else
       printf '%s\t%s\tFAILED\n' "$c" "$n" >> "$summary"; tail -5 "$out.log"
@@ -137,10 +144,12 @@ EOF
     tail -1 "$summary"
     tar czf "$OUT/sweep/runs.tgz" -C /tmp --exclude='*.safetensors' sweep 2>/dev/null || true
   }
-  for c in "${configs[@]}"; do one "$c" 1; done
+  local -A seen=()  # a configuration named again is its next run
+  for c in "${configs[@]}"; do seen[$c]=$(( ${seen[$c]:-0} + 1 )); one "$c" "${seen[$c]}"; done
   if (( repeat > 0 )); then
     best="$(awk -F'\t' 'NR > 1 && $3 != "FAILED" && $6 + 0 > m {m = $6 + 0; c = $1} END {print c}' "$summary")"
-    for ((n = 2; n <= repeat + 1; n++)); do [[ -n "$best" ]] && one "$best" "$n"; done
+    local first=$(( ${seen[$best]:-1} + 1 ))
+    for ((n = first; n < first + repeat; n++)); do [[ -n "$best" ]] && one "$best" "$n"; done
   fi
   return 0
 }

@@ -67,6 +67,10 @@ class Size(int):
     """A byte count that a config may write as "20GB"."""
 
 
+# A field that takes "auto" or an integer (training.align_tokens): its Check says which values.
+AutoInt = typing.Union[int, str]
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -168,6 +172,10 @@ class DataConfig(_Section):
     text_feature: str = _f("text", "Key of the text in plain-text data.")
 
 
+# The dtypes LoRA's matmuls may run in (lora.matmul_dtype); farense.train.setup acts on it.
+LORA_MATMUL_DTYPES = ("auto", "float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class LoraConfig(_Section):
     section = "lora"
@@ -179,11 +187,28 @@ class LoraConfig(_Section):
     num_layers: int = _f(16, "How many of the last transformer blocks get adapters (-1: all).",
                          Check(lambda v: v > 0 or v == -1, "a positive number of layers or -1 for all"))
     keys: list[str] = _f([], "Module keys to adapt (e.g. self_attn.q_proj); empty: every linear layer, as mlx-lm does.")
+    matmul_dtype: str = _f("auto", "The dtype LoRA's two matmuls (x A, then B) run in; the adapters and the optimizer "
+                                   "state stay float32 either way. 'float32' (mlx-lm's: a bf16 input is promoted), "
+                                   "'bfloat16' (the input and the adapters cast to bf16 inside the call), or 'auto' "
+                                   "(the dtype the base computes in: bf16 for a bf16 or dequantized 4-bit base on a "
+                                   "GPU, float32 on the CPU, where nothing changes).",
+                           one_of(*LORA_MATMUL_DTYPES))
+
+    def cross(self) -> list[str]:
+        if self.type == "dora" and self.matmul_dtype == "bfloat16":
+            return ["lora.matmul_dtype: 'bfloat16' applies to lora.type = 'lora' only (DoRA's layer keeps mlx-lm's "
+                    "float32 matmuls); expected 'auto' or 'float32' with 'dora'"]
+        return []
 
 
 SCHEDULES = ("constant", "cosine", "linear")
 PREFIX_CACHE_MODES = ("auto", "on", "off")
 OPTIMIZERS = ("adam", "adamw")
+
+
+def _align_ok(v: Any) -> bool:
+    """training.align_tokens: "auto", or a number of tokens >= 0 (0: off)."""
+    return v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
 
 
 @dataclass(frozen=True)
@@ -210,6 +235,16 @@ class TrainingConfig(_Section):
                                    "of the blocks is frozen below the first adapted one and the cache fits a share "
                                    "of the available memory; off on a GPU until its exactness is checked there).",
                            one_of(*PREFIX_CACHE_MODES))
+    align_tokens: AutoInt = _f("auto", "Pad each batch so that the model's input (the batch less its last column) is a "
+                                       "multiple of this many tokens, the targets counted unchanged: the padding sits "
+                                       "after every counted position, where causal attention keeps it from reaching "
+                                       "them, so the loss, its token count and the gradients are the same (to the bit "
+                                       "on the CPU), except that LoRA dropout draws its masks for the padded shape "
+                                       "(other draws, the same distribution). 0: off (batches 1 + a multiple of 32 "
+                                       "wide, as mlx-lm's). 'auto': 128 on a CUDA GPU, where MLX runs attention's "
+                                       "backward through cuDNN only on sequences of a multiple of 128 (else an "
+                                       "unfused fallback); off elsewhere.",
+                               Check(_align_ok, "'auto', 0 (off) or a positive number of tokens"))
 
     def cross(self) -> list[str]:
         out = []
@@ -427,8 +462,13 @@ TOP_LEVEL_KEYS = ("name", "description", "extends")
 FINGERPRINT_SECTIONS = ("model", "data", "lora", "training", "validation", "early_stopping")
 # How the base computes, not what is trained: the adapters fit the same base values either way, so a
 # run may resume on another device (auto picks per device). The prefix cache changes no bit of what is
-# trained on the CPU (tests/test_prefix_cache.py), and `auto` keeps it off elsewhere.
-NOT_FINGERPRINTED = frozenset({"model.compute", "training.prefix_cache"})
+# trained on the CPU (tests/test_prefix_cache.py), and `auto` keeps it off elsewhere. The LoRA matmuls'
+# dtype and the batches' alignment are how a step computes, like model.compute (`auto` picks per
+# device, and leaves the CPU's bits as they were; the parameters, the optimizer state and the targets
+# counted are the same; tests/test_lora_dtype_align.py): a run may resume on another device, and
+# configs written before these keys existed keep their fingerprint.
+NOT_FINGERPRINTED = frozenset({"model.compute", "training.prefix_cache", "lora.matmul_dtype",
+                               "training.align_tokens"})
 
 
 @dataclass(frozen=True)
@@ -562,6 +602,8 @@ def _unknown_key(key: str, options: typing.Iterable[str]) -> str:
 def _type_name(tp: Any) -> str:
     if tp is Size:
         return "a size (bytes, or a string such as '20GB')"
+    if tp == AutoInt:
+        return "'auto' or an integer"
     if typing.get_origin(tp) in (list, tuple):
         return "a list of strings"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
@@ -571,6 +613,10 @@ def _coerce(value: Any, tp: Any) -> Any:
     """Check a TOML value against a field type; raise ValueError with what is expected."""
     if tp is Size:
         return Size(parse_size(value))
+    if tp == AutoInt:  # the field's Check says which strings and integers
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"expected 'auto' or an integer, got {type(value).__name__} {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value

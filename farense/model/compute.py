@@ -97,6 +97,14 @@ def current_device() -> str:
     return "cpu" if mx.default_device() == mx.cpu else "gpu"
 
 
+def cuda_device() -> bool:
+    """Whether MLX computes on a CUDA GPU in this process (not the CPU, not Metal)."""
+    import mlx.core as mx
+
+    cuda = getattr(mx, "cuda", None)
+    return current_device() == "gpu" and cuda is not None and bool(cuda.is_available())
+
+
 def device_memory_bytes(device: str) -> int | None:
     """Memory the device can give the training: the GPU's recommended working set, else free RAM."""
     import mlx.core as mx

@@ -15,6 +15,37 @@ if TYPE_CHECKING:
     import numpy as np
 
 PAD_TO = 32
+# `training.align_tokens = "auto"` on a CUDA GPU: MLX 0.32's CUDA backend runs attention's backward through
+# cuDNN only when the sequence is a multiple of 128 (ScaledDotProductAttentionVJP::use_fallback), else through
+# an unfused fallback that materialises every layer's score matrix; mlx-lm's widths (1 + a multiple of 32,
+# capped at max_seq_length) give inputs of 511 or 2047 tokens.
+ALIGN_CUDA = 128
+
+
+@dataclass(frozen=True)
+class AlignChoice:
+    """How many tokens the model's input is padded to a multiple of (0: not padded), and why (for the run's log)."""
+
+    tokens: int
+    reason: str
+
+    def describe(self) -> str:
+        if not self.tokens:
+            return f"batch alignment: off ({self.reason})"
+        return (f"batch alignment: the model's input padded to a multiple of {self.tokens} tokens, the same "
+                f"targets counted ({self.reason})")
+
+
+def choose_align(requested: int | str, *, cuda: bool) -> AlignChoice:
+    """`training.align_tokens`: "auto", 0 (off) or N; `cuda`: the process computes on a CUDA GPU."""
+    if requested == "auto":
+        if cuda:
+            return AlignChoice(ALIGN_CUDA, f"auto: on a CUDA GPU, MLX runs attention's backward through cuDNN "
+                                           f"only on sequences of a multiple of {ALIGN_CUDA}")
+        return AlignChoice(0, "auto: off where MLX computes on the CPU or Metal; on only on a CUDA GPU")
+    if not requested:
+        return AlignChoice(0, "training.align_tokens = 0")
+    return AlignChoice(int(requested), f"training.align_tokens = {requested}")
 
 
 @dataclass(frozen=True)
@@ -55,28 +86,38 @@ def train_batches(
     max_seq_length: int,
     rank: int = 0,
     world_size: int = 1,
+    align: int = 0,
 ) -> Iterator[tuple[DataPosition, tuple[Any, Any]]]:
-    """Endless micro-batches from `start` on; each rank takes its share of every batch."""
+    """Endless micro-batches from `start` on; each rank takes its share of every batch (`align`: make_batch's)."""
     epoch, index = start.epoch, start.index
     while True:
         order = epoch_order(seed, epoch, len(groups))
         for i in range(index, len(groups)):
             members = groups[order[i]][rank::world_size]
-            yield DataPosition(epoch, i), make_batch(dataset, members, max_seq_length)
+            yield DataPosition(epoch, i), make_batch(dataset, members, max_seq_length, align)
         epoch, index = epoch + 1, 0
 
 
 def eval_batches(dataset: Any, groups: list[list[int]], max_seq_length: int, *, rank: int = 0, world_size: int = 1,
-                 limit: int = -1) -> Iterator[tuple[Any, Any]]:
+                 limit: int = -1, align: int = 0) -> Iterator[tuple[Any, Any]]:
     """Validation batches in a fixed order (no randomness: validation never moves the RNG)."""
     for n, g in enumerate(groups):
         if limit != -1 and n >= limit:
             return
-        yield make_batch(dataset, g[rank::world_size], max_seq_length)
+        yield make_batch(dataset, g[rank::world_size], max_seq_length, align)
 
 
-def make_batch(dataset: Any, members: Sequence[int], max_seq_length: int) -> tuple[Any, Any]:
-    """Pad token lists into an int32 array with (prompt offset, length) pairs, as mlx-lm's loss expects."""
+def make_batch(dataset: Any, members: Sequence[int], max_seq_length: int, align: int = 0) -> tuple[Any, Any]:
+    """Pad token lists into an int32 array with (prompt offset, length) pairs, as mlx-lm's loss expects.
+
+    The width is mlx-lm's: 1 + a multiple of PAD_TO, capped at max_seq_length. With `align` > 1 the array
+    is widened so that the model's input (every column but the last) is a multiple of `align` tokens,
+    and each length is capped at the unaligned width - 1, so the targets counted are exactly the
+    unaligned batch's (target step s counts when offset <= s <= length: farense.train.losses.target_mask);
+    the extra columns are zeros after every counted position, which causal attention keeps from
+    reaching them. The loss, its token count and the gradients are those of the unaligned batch (to the
+    bit on the CPU: tests/test_lora_dtype_align.py), except that LoRA dropout, drawing its masks for the
+    padded shape, draws others."""
     import mlx.core as mx
     import numpy as np
 
@@ -85,7 +126,13 @@ def make_batch(dataset: Any, members: Sequence[int], max_seq_length: int) -> tup
     offsets = [it[1] if len(it) > 1 else 0 for it in items]
     lengths = [min(len(t), max_seq_length) for t in tokens]
     width = min(1 + PAD_TO * ((max(lengths) + PAD_TO - 1) // PAD_TO), max_seq_length)
-    arr = np.zeros((len(tokens), width), np.int32)
+    padded = width
+    if align > 1:
+        padded = 1 + align * ((width - 1 + align - 1) // align)
+        lengths_counted = [min(n, width - 1) for n in lengths]
+    else:
+        lengths_counted = lengths
+    arr = np.zeros((len(tokens), padded), np.int32)
     for j, t in enumerate(tokens):
         arr[j, : lengths[j]] = t[: lengths[j]]
-    return mx.array(arr), mx.array(list(zip(offsets, lengths)))
+    return mx.array(arr), mx.array(list(zip(offsets, lengths_counted)))

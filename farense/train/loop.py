@@ -101,9 +101,9 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_accumulation: i
 
 
 def validation_loss(model: nn.Module, dataset: Any, groups: list, config: ExperimentConfig, loss: Callable,
-                    world: mx.distributed.Group, step: int, cache: PrefixCache | None = None) -> float:
+                    world: mx.distributed.Group, step: int, cache: PrefixCache | None = None, align: int = 0) -> float:
     """Token-weighted mean loss over the validation batches (fixed order, dropout off); `cache`: the
-    validation split's prefix cache, when `loss` is the cached one."""
+    validation split's prefix cache, when `loss` is the cached one (aligned as it is); `align`: make_batch's."""
     import mlx.core as mx
 
     model.eval()
@@ -111,7 +111,7 @@ def validation_loss(model: nn.Module, dataset: Any, groups: list, config: Experi
     kw = dict(rank=world.rank(), world_size=world.size(), limit=config.validation.batches)
     msl = config.training.max_seq_length
     batches = (cached_eval_batches(cache, groups, msl, **kw) if cache is not None
-               else eval_batches(dataset, groups, msl, **kw))
+               else eval_batches(dataset, groups, msl, align=align, **kw))
     for i, (batch, lengths) in enumerate(batches):
         lvalue, toks = loss(model, batch, lengths)
         total, ntok = total + lvalue * toks, ntok + toks
@@ -160,8 +160,8 @@ class TrainingLoop:
         kw = dict(seed=t.seed, start=position_of(state.step * t.grad_accumulation, len(setup.train_groups)),
                   max_seq_length=t.max_seq_length, rank=world.rank(), world_size=world.size())
         cache = setup.train_cache
-        self.batches = (train_batches(setup.train_set, setup.train_groups, **kw) if cache is None
-                        else cached_train_batches(cache, setup.train_groups, **kw))
+        self.batches = (train_batches(setup.train_set, setup.train_groups, align=setup.align_tokens, **kw)
+                        if cache is None else cached_train_batches(cache, setup.train_groups, **kw))
         self.steps_ahead = steps_ahead
         self._next_step = state.step + 1  # the next step to queue
         self._gate: int | None = None  # a queued step whose bookkeeping must be done before more are queued
@@ -309,7 +309,7 @@ class TrainingLoop:
             return
         self.phases.lap("steps")
         val = validation_loss(self.setup.model, self.setup.valid_set, self.setup.valid_groups, cfg, self.loss,
-                              self.world, st.step, self.setup.valid_cache)
+                              self.world, st.step, self.setup.valid_cache, self.setup.align_tokens)
         reading = GapReading(val, st.window_loss_sum / max(st.window_steps, 1), st.window_steps)
         st.window_loss_sum, st.window_steps = 0.0, 0
         st.last_val_loss, st.last_gap = val, reading.gap

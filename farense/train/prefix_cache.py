@@ -221,8 +221,9 @@ class PrefixCache:
     """
 
     def __init__(self, model: Any, dataset: Any, max_seq_length: int, first: int | None = None, *,
-                 head_only_where_counted: bool = False) -> None:
+                 head_only_where_counted: bool = False, align: int = 0) -> None:
         self.model, self.dataset, self.max_seq_length = model, dataset, max_seq_length
+        self.align = align  # make_batch's: `fill` computes on the very batches the loop builds
         self.first = first_adapted_block(model) if first is None else first
         self.head_only_where_counted = head_only_where_counted
         self._hidden: dict[int, mx.array] = {}
@@ -284,7 +285,10 @@ class PrefixCache:
         out = (tokens, self.hidden(members, width))
         if not self.head_only_where_counted:
             return out
-        spans = [(it[1] if len(it) > 1 else 0, min(len(it[0]), self.max_seq_length))
+        # The counted positions end at stored_positions (at most max_seq_length - 1), as make_batch counts
+        # them; the same rows as min(length, max_seq_length) where the batch is not aligned (width - 1 is
+        # at most max_seq_length - 1 there), and no padding column of an aligned batch.
+        spans = [(it[1] if len(it) > 1 else 0, stored_positions(len(it[0]), self.max_seq_length))
                  for it in (self.dataset[i] for i in members)]
         rows, real = counted_rows(spans, width)
         self.positions += len(members) * width
@@ -297,7 +301,7 @@ class PrefixCache:
         for g in groups:
             members = list(g[rank::world_size])
             if any(i not in self._hidden for i in members):
-                tokens, _ = make_batch(self.dataset, members, self.max_seq_length)
+                tokens, _ = make_batch(self.dataset, members, self.max_seq_length, self.align)
                 self._store(members, tokens)
 
 
@@ -308,10 +312,11 @@ class PrefixCache:
 def cached_train_batches(cache: PrefixCache, groups: list[list[int]], *, seed: int, start: DataPosition,
                          max_seq_length: int, rank: int = 0,
                          world_size: int = 1) -> Iterator[tuple[DataPosition, tuple[Any, Any]]]:
-    """farense.batching.train_batches with each batch's tokens replaced by (tokens, hidden)."""
+    """farense.batching.train_batches with each batch's tokens replaced by (tokens, hidden) (aligned as the cache's)."""
     order, order_epoch = None, None
     for pos, (tokens, lengths) in train_batches(cache.dataset, groups, seed=seed, start=start,
-                                                max_seq_length=max_seq_length, rank=rank, world_size=world_size):
+                                                max_seq_length=max_seq_length, rank=rank, world_size=world_size,
+                                                align=cache.align):
         if order_epoch != pos.epoch:
             order, order_epoch = epoch_order(seed, pos.epoch, len(groups)), pos.epoch
         members = groups[order[pos.index]][rank::world_size]
@@ -325,7 +330,7 @@ def cached_eval_batches(cache: PrefixCache, groups: list[list[int]], max_seq_len
         if limit != -1 and n >= limit:
             return
         members = g[rank::world_size]
-        tokens, lengths = make_batch(cache.dataset, members, max_seq_length)
+        tokens, lengths = make_batch(cache.dataset, members, max_seq_length, cache.align)
         yield cache.batch(members, tokens), lengths
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -10,9 +11,9 @@ from farense import __version__
 from farense.config import ExperimentConfig, TrainingConfig
 from farense.errors import ConfigError
 from farense.model.blas import describe_blas
-from farense.model.compute import apply_compute, current_device, resolve_compute
+from farense.model.compute import apply_compute, cuda_device, current_device, resolve_compute, stored_float_dtype
 from farense.model.gguf import resolve_model_dir
-from farense.train.batching import batch_groups
+from farense.train.batching import batch_groups, choose_align
 from farense.train.data import count_too_long, make_datasets
 from farense.train.losses import cross_entropy_for, training_loss
 from farense.train.prefix_cache import PrefixCache, PrefixChoice, choose_prefix_cache, make_cached_loss
@@ -40,6 +41,7 @@ class Setup:
     loss: Callable | None = None  # loss(model, batch, lengths): farense.train.losses.training_loss, or the cached one
     train_cache: PrefixCache | None = None  # the frozen prefix's hidden states (None: the prefix cache is off)
     valid_cache: PrefixCache | None = None
+    align_tokens: int = 0  # training.align_tokens as chosen for this device: batches' inputs a multiple of it (0: off)
 
 
 def build_schedule(t: TrainingConfig, total_steps: int) -> Any:
@@ -115,8 +117,10 @@ def load_base_model(config: ExperimentConfig, log: Callable[[str], None] | None 
     return model, tokenizer
 
 
-def attach_adapters(model: nn.Module, config: ExperimentConfig) -> None:
-    """Freeze the base and add LoRA/DoRA layers (initialised from the seed)."""
+def attach_adapters(model: nn.Module, config: ExperimentConfig,
+                    log: Callable[[str], None] | None = None) -> LoraDtypeChoice:
+    """Freeze the base and add LoRA/DoRA layers (initialised from the seed), their matmuls in the dtype
+    `lora.matmul_dtype` resolves to on this device (said in the log)."""
     import mlx.core as mx
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -124,10 +128,80 @@ def attach_adapters(model: nn.Module, config: ExperimentConfig) -> None:
     if config.lora.num_layers > n_layers:  # check_inputs catches this first for local models
         raise ConfigError(f"lora.num_layers: requested to train {config.lora.num_layers} layers but the model "
                           f"only has {n_layers} layers (expected 1..{n_layers}, or -1 for all)", source=config.source)
+    choice = choose_lora_dtype(config.lora.matmul_dtype, device=current_device(), base_dtype=stored_float_dtype(model),
+                               lora_type=config.lora.type)
     mx.random.seed(config.training.seed)
     model.freeze()
     linear_to_lora_layers(model, config.lora.num_layers, adapter_config(config)["lora_parameters"],
                           use_dora=config.lora.type == "dora")
+    if choice.dtype != "float32":
+        set_lora_matmul_dtype(model, choice.dtype)
+    if log:
+        log(choice.describe())
+    return choice
+
+
+@dataclass(frozen=True)
+class LoraDtypeChoice:
+    """The dtype LoRA's matmuls run in, and why (for the run's log)."""
+
+    dtype: str
+    reason: str
+
+    def describe(self) -> str:
+        if self.dtype == "float32":
+            return f"LoRA matmuls: float32 ({self.reason}; mlx-lm's LoRA layer as it is)"
+        return (f"LoRA matmuls: {self.dtype} ({self.reason}; the input and the adapters cast inside the call, "
+                "the adapters and their optimizer state kept in float32)")
+
+
+def choose_lora_dtype(requested: str, *, device: str, base_dtype: str | None, lora_type: str = "lora") -> LoraDtypeChoice:
+    """`lora.matmul_dtype`: "auto", "float32" or "bfloat16"; `device`: "cpu" or "gpu"; `base_dtype`: the
+    dtype the base's floating weights have once its compute is applied (what its activations are in)."""
+    if requested != "auto":
+        return LoraDtypeChoice(requested, f"lora.matmul_dtype = '{requested}'")
+    if lora_type != "lora":
+        return LoraDtypeChoice("float32", f"auto: lora.type = '{lora_type}' keeps mlx-lm's matmuls")
+    if device == "cpu":
+        return LoraDtypeChoice("float32", "auto: on the CPU, where only float32 matmuls reach BLAS")
+    if base_dtype == "bfloat16":
+        return LoraDtypeChoice("bfloat16", "auto: the base computes in bfloat16 on this GPU")
+    return LoraDtypeChoice("float32", f"auto: the base computes in {base_dtype or 'an unknown dtype'}, "
+                                      "not bfloat16")
+
+
+@functools.cache
+def lora_cast_class(dtype: str) -> type:
+    """mlx-lm's LoRALinear with its two matmuls in `dtype`: the input (after dropout) and lora_a/lora_b are cast
+    inside the call, so the parameters, their gradients (the cast's vjp casts back) and the optimizer state stay
+    float32 and the adapter files are mlx-lm's. On a GPU with a bf16 base the input is bf16 already; mlx-lm's own
+    layer promotes it to float32 instead, for two thin matmuls and their backward."""
+    import mlx.core as mx
+    from mlx_lm.tuner.lora import LoRALinear
+
+    dt = getattr(mx, dtype)
+
+    class LoRALinearCast(LoRALinear):
+        def __call__(self, x: Any) -> Any:
+            y = self.linear(x)
+            z = (self.dropout(x).astype(dt) @ self.lora_a.astype(dt)) @ self.lora_b.astype(dt)
+            return y + (self.scale * z).astype(x.dtype)
+
+    LoRALinearCast.__name__ = LoRALinearCast.__qualname__ = f"LoRALinear_{dtype}"
+    return LoRALinearCast
+
+
+def set_lora_matmul_dtype(model: nn.Module, dtype: str) -> int:
+    """Make every mlx-lm LoRALinear of `model` multiply in `dtype` ("float32": mlx-lm's own layer); how many."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    cls = LoRALinear if dtype == "float32" else lora_cast_class(dtype)
+    n = 0
+    for _, m in model.named_modules():
+        if isinstance(m, LoRALinear):  # not DoRA's or the MoE layers: their own calls stay
+            m.__class__ = cls
+            n += 1
+    return n
 
 
 def set_grad_checkpoint(layer_type: type, enabled: bool) -> None:
@@ -189,7 +263,7 @@ def set_up(config: ExperimentConfig, loaded: dict, log: Callable[[str], None],
     if too_long:
         log(f"warning: {too_long} training examples exceed max_seq_length={t.max_seq_length} "
             f"(longest {longest} tokens) and will be truncated")
-    attach_adapters(model, config)
+    attach_adapters(model, config, log)
     set_grad_checkpoint(type(model.layers[0]), t.grad_checkpoint)
     train_groups = batch_groups([len(train_set[i][0]) for i in range(len(train_set))], t.batch_size)
     valid_groups = batch_groups([len(valid_set[i][0]) for i in range(len(valid_set))], t.batch_size)
@@ -197,6 +271,9 @@ def set_up(config: ExperimentConfig, loaded: dict, log: Callable[[str], None],
     optimizer = build_optimizer(config, total_steps)
     optimizer.init(model.trainable_parameters())
     setup = Setup(model, optimizer, train_set, valid_set, train_groups, valid_groups, total_steps)
+    align = choose_align(t.align_tokens, cuda=cuda_device())
+    log(align.describe())
+    setup.align_tokens = align.tokens
     attach_prefix_cache(setup, config, log)
     lap("data_adapters_optimizer")
     return setup
@@ -227,7 +304,7 @@ def attach_prefix_cache(setup: Setup, config: ExperimentConfig, log: Callable[[s
         setup.loss = make_cached_loss(choice.first, cross_entropy_for(device))
         # With mask_prompt the head (the tied 49152-word one of the demo: the largest part of a step) runs
         # only on the positions whose loss counts: exact (tests/test_prefix_cache.py).
-        kw = dict(first=choice.first, head_only_where_counted=t.mask_prompt)
+        kw = dict(first=choice.first, head_only_where_counted=t.mask_prompt, align=setup.align_tokens)
         setup.train_cache = PrefixCache(setup.model, setup.train_set, t.max_seq_length, **kw)
         setup.valid_cache = PrefixCache(setup.model, setup.valid_set, t.max_seq_length, **kw)
     return choice
