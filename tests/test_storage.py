@@ -63,6 +63,25 @@ def test_the_probe_writes_for_real(tmp_path, read_only):
     assert not any(p.name.startswith(".farense-write-probe") for p in tmp_path.iterdir())
 
 
+def test_a_probe_swept_away_meanwhile_still_counts_as_written(tmp_path, monkeypatch):
+    """Rank 1 probes the checkpoints directory while rank 0, resuming, sweeps the temporary files an
+    interrupted write left there: the probe (a temporary name) may vanish between its write and its
+    unlink. It was written, so the directory is writable (seen once in a loaded CI run)."""
+    import farense.run.fsutil as fsutil
+
+    flush = fsutil._flush_fd
+
+    def flush_then_sweep(fd: int) -> None:
+        flush(fd)
+        for leftover in tmp_path.iterdir():
+            if fsutil.TMP_MARK in leftover.name:
+                leftover.unlink()
+
+    monkeypatch.setattr(fsutil, "_flush_fd", flush_then_sweep)
+    assert write_problem(tmp_path) is None
+    assert not list(tmp_path.iterdir())
+
+
 def test_preflight_says_which_directory_is_read_only(tmp_path, make_config, read_only, capsys, monkeypatch):
     cfg = make_config(workspace=tmp_path)
     cfg_file = write_config_file(cfg, tmp_path / "exp.toml")

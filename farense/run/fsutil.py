@@ -263,7 +263,10 @@ def write_problem(directory: str | os.PathLike[str]) -> tuple[Path, str] | None:
             _flush_fd(fd)
         finally:
             os.close(fd)
-            os.unlink(probe)
+            try:
+                os.unlink(probe)
+            except FileNotFoundError:  # a sweep of temporary files (another rank's resume) took it: it was written
+                pass
     except OSError as e:
         if e.errno in DISK_FULL_ERRNOS:
             return None
